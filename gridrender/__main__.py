@@ -1,0 +1,3 @@
+from gridrender.cli import app
+
+app()

@@ -1,0 +1,106 @@
+"""Expanding a job into cells, naming cells by content, grouping them into calls."""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import asdict, dataclass
+from typing import Iterable, Iterator
+
+from . import samplers
+from .errors import Problem
+from .job import Job
+from .models import ModelSpec
+
+CELL_ID_HEX = 16  # 64 bits: a collision among 10^6 cells has odds of about 1 in 3.7e7
+PARAM_KEYS = ("model", "prompt", "negative_prompt", "clip_skip", "seed", "sampler", "steps", "guidance", "width", "height", "dtype")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One image: everything that changes its pixels, apart from the model."""
+
+    id: str
+    prompt: str
+    negative_prompt: str
+    clip_skip: int
+    seed: int
+    sampler: str
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    dtype: str
+
+    def params(self, model: ModelSpec) -> dict:
+        """The cell's parameters under the job file's own key names."""
+        data = asdict(self)
+        data.pop("id")
+        return {"model": model.source, **data}
+
+    def call_key(self) -> tuple:
+        """Cells with equal keys can share one pipeline call."""
+        return (self.sampler, self.steps, self.guidance, self.width, self.height, self.dtype)
+
+
+def cell_id(model: ModelSpec, **params) -> str:
+    canonical = json.dumps({"model": model.identity(), **params}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:CELL_ID_HEX]
+
+
+def make_cell(model: ModelSpec, **params) -> Cell:
+    return Cell(id=cell_id(model, **params), **params)
+
+
+def resolve_dtype(requested: str, cuda: bool) -> str:
+    """`auto` is fp16 on CUDA and fp32 elsewhere; the cell id holds the concrete dtype."""
+    if requested != "auto":
+        return requested
+    return "float16" if cuda else "float32"
+
+
+def check_against_model(job: Job, model: ModelSpec) -> tuple[list[Problem], list[Problem]]:
+    """(errors, warnings) that need the model: CLIP skip must lie within 1..L."""
+    errors, warnings = [], []
+    for skip in job.clip_skip:
+        if skip > model.clip_layers:
+            errors.append(job.problem("clip_skip", f"{skip} is outside 1..{model.clip_layers} ({model.source} has {model.clip_layers} CLIP layers)"))
+        elif skip > 2:
+            warnings.append(job.problem("clip_skip", f"{skip} skips {skip - 1} of {model.clip_layers} layers; images tend to look under-guided beyond 2"))
+    return errors, warnings
+
+
+def expand(job: Job, model: ModelSpec, dtype: str) -> Iterator[Cell]:
+    """Every cell of the job, in a stable order: prompt outermost, seed innermost."""
+    for prompt, negative, sampler, steps, guidance, (width, height), skip, seed in itertools.product(
+        job.prompts, job.negative_prompt, job.sampler, job.steps, job.guidance, job.sizes, job.clip_skip, job.seed_list
+    ):
+        yield make_cell(
+            model,
+            prompt=prompt,
+            negative_prompt=negative,
+            clip_skip=skip,
+            seed=seed,
+            sampler=sampler,
+            steps=steps,
+            guidance=guidance,
+            width=width,
+            height=height,
+            dtype=dtype,
+        )
+
+
+def batches(cells: Iterable[Cell], batch_size: int) -> list[list[Cell]]:
+    """Groups of at most `batch_size` cells that one pipeline call can render together.
+
+    Cells keep their order inside a group, so a prompt's CLIP skips and seeds stay
+    side by side and share one text-encoder pass.
+    """
+    groups: dict[tuple, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(cell.call_key(), []).append(cell)
+    out = []
+    for key, group in groups.items():
+        size = batch_size if samplers.lookup(key[0]).batch_invariant else 1
+        out.extend(group[i : i + size] for i in range(0, len(group), size))
+    return out

@@ -1,0 +1,214 @@
+"""Which model a job means, and its identity, resolved without loading it.
+
+The scheduler must know a model's identity (it is part of every cell id) and its
+number of CLIP layers (to validate `clip_skip`) without torch: both come from
+config files, safetensors headers and the Hugging Face cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import ModelError, ModelInputError
+from .settings import Settings
+
+CONFIG_ROOT = Path(__file__).parent / "modelconfigs"
+BUILTINS = {"tiny": "tiny-v1"}  # name -> version; bump the version when its weights change
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    source: str  # as written in the job file
+    kind: str  # builtin | folder | file | hub
+    location: str  # builtin name, absolute path, or hub id
+    revision: str | None  # resolved hub commit, or the builtin's version
+    sha256: str | None  # of a single file, or of a folder's files
+    clip_layers: int
+    config: str | None = None  # shipped config folder a single file is loaded with
+
+    def identity(self) -> dict:
+        """What makes two references the same model, independent of where it lies."""
+        if self.kind in ("builtin", "hub"):
+            return {"kind": self.kind, "name": self.location, "revision": self.revision}
+        return {"kind": "weights", "sha256": self.sha256}
+
+    def short_hash(self) -> str:
+        """A1111's "Model hash": the first 10 hex digits of the file's sha256."""
+        if self.sha256:
+            return self.sha256[:10]
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:10]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelSpec":
+        return cls(**data)
+
+
+def resolve(source: str, revision: str | None = None, settings: Settings | None = None) -> ModelSpec:
+    settings = settings or Settings()
+    if source.startswith("builtin:"):
+        name = source.removeprefix("builtin:")
+        if name not in BUILTINS:
+            raise ModelInputError(f"unknown builtin model {source!r}; builtins: " + ", ".join(f"builtin:{n}" for n in BUILTINS))
+        layers = _clip_layers_from_config(CONFIG_ROOT / name / "text_encoder" / "config.json")
+        return ModelSpec(source, "builtin", name, BUILTINS[name], None, layers)
+    path = _find_local(source, settings)
+    if path is not None:
+        if path.is_dir():
+            return _resolve_folder(source, path)
+        return _resolve_file(source, path)
+    if _HUB_ID.match(source) and not source.endswith(SINGLE_FILE_SUFFIXES):
+        return _resolve_hub(source, revision)
+    raise ModelInputError(f"no model file or folder {source!r} (looked in the working directory and GRIDRENDER_MODEL_DIR)")
+
+
+def _find_local(source: str, settings: Settings) -> Path | None:
+    candidates = [Path(source).expanduser()]
+    if settings.model_dir and not Path(source).is_absolute():
+        candidates.append(Path(settings.model_dir).expanduser() / source)
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate.resolve()
+    return None
+
+
+def _resolve_folder(source: str, path: Path) -> ModelSpec:
+    encoder_config = path / "text_encoder" / "config.json"
+    if not (path / "model_index.json").is_file() or not encoder_config.is_file():
+        raise ModelInputError(f"{source!r} is not a diffusers pipeline folder (needs model_index.json and text_encoder/config.json)")
+    return ModelSpec(source, "folder", str(path), None, folder_sha256(path), _clip_layers_from_config(encoder_config))
+
+
+def _resolve_file(source: str, path: Path) -> ModelSpec:
+    if path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise ModelInputError(f"{source!r}: a single-file model must end in .safetensors or .ckpt")
+    config = layers = None
+    if path.suffix == ".safetensors":
+        config, layers = _match_config(safetensors_shapes(path))
+    if config is None:
+        # A pickled .ckpt cannot be inspected without torch; SD 1.x is the common case.
+        config, layers = "sd15", 12
+    return ModelSpec(source, "file", str(path), None, file_sha256(path), layers, config)
+
+
+def _match_config(shapes: dict[str, list[int]]) -> tuple[str | None, int | None]:
+    """The shipped config whose text encoder and UNet widths match the checkpoint's."""
+    prefix = "cond_stage_model.transformer.text_model."
+    layers = {int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"encoder\.layers\.(\d+)\.", k))}
+    width = shapes.get(prefix + "embeddings.token_embedding.weight", [0, 0])[1]
+    conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight", [0])[0]
+    for config_dir in sorted(CONFIG_ROOT.iterdir()):
+        enc = json.loads((config_dir / "text_encoder" / "config.json").read_text())
+        unet = json.loads((config_dir / "unet" / "config.json").read_text())
+        if enc["hidden_size"] == width and unet["block_out_channels"][0] == conv_in:
+            return config_dir.name, (max(layers) + 1 if layers else enc["num_hidden_layers"])
+    return None, None
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor names and shapes from a .safetensors header (8-byte length + JSON)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelInputError(f"{str(path)!r} is not a safetensors file (too short)")
+        (size,) = struct.unpack("<Q", head)
+        if size > 100 << 20:
+            raise ModelInputError(f"{str(path)!r} is not a safetensors file (header of {size} bytes)")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError:
+            raise ModelInputError(f"{str(path)!r} is not a safetensors file (unreadable header)") from None
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+
+
+def _resolve_hub(source: str, revision: str | None) -> ModelSpec:
+    commit = revision if revision and _COMMIT.match(revision) else _hub_commit(source, revision)
+    config = _hub_file(source, commit, "text_encoder/config.json")
+    layers = _clip_layers_from_config(Path(config)) if config else 12
+    return ModelSpec(source, "hub", source, commit, None, layers)
+
+
+def _hub_commit(repo_id: str, revision: str | None) -> str:
+    from huggingface_hub import HfApi, constants
+
+    ref = revision or "main"
+    ref_file = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / ref
+    reason = "HF_HUB_OFFLINE is set"
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return HfApi().model_info(repo_id, revision=ref, timeout=10).sha
+        except Exception as exc:  # network down, private repo, unknown id: fall back to the cache
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if ref_file.is_file():
+        return ref_file.read_text().strip()
+    raise ModelError(
+        f"cannot resolve hub model {repo_id!r} at revision {ref!r}: the hub is unreachable ({reason}) "
+        "and the model is not in the local Hugging Face cache. Download it once with network, "
+        "or point `model:` at a local folder or .safetensors file."
+    )
+
+
+def _hub_file(repo_id: str, commit: str, filename: str) -> str | None:
+    from huggingface_hub import constants, hf_hub_download
+
+    try:
+        return hf_hub_download(repo_id, filename, revision=commit, local_files_only=constants.HF_HUB_OFFLINE)
+    except Exception:
+        return None
+
+
+def _clip_layers_from_config(path: Path) -> int:
+    try:
+        return int(json.loads(path.read_text())["num_hidden_layers"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelInputError(f"cannot read the CLIP layer count from {path}: {exc}") from None
+
+
+def file_sha256(path: Path) -> str:
+    return _cached_hash(path, lambda: _hash_file(path))
+
+
+def folder_sha256(path: Path) -> str:
+    """A hash over every file's relative path and content hash (weights and configs)."""
+
+    def compute() -> str:
+        h = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            h.update(f"{file.relative_to(path).as_posix()}\0{_cached_hash(file, lambda f=file: _hash_file(f))}\n".encode())
+        return h.hexdigest()
+
+    return compute()
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_HASH_CACHE: dict[tuple, str] = {}
+
+
+def _cached_hash(path: Path, compute) -> str:
+    """Hashing a 4 GB checkpoint takes seconds: remember it per (path, size, mtime)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASH_CACHE:
+        _HASH_CACHE[key] = compute()
+    return _HASH_CACHE[key]
+
+
+def config_dir(name: str) -> Path:
+    return CONFIG_ROOT / name
+

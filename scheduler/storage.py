@@ -1,0 +1,187 @@
+"""Where cells and job files live: a local folder, S3, or memory (tests), one shape.
+
+Layout (DESIGN.md): cells/<id>.png, cells/<id>.json, jobs/<name>/job.yaml,
+jobs/<name>/manifest.jsonl, jobs/<name>/sheets/*.png, jobs/<name>/index.html.
+Cells are written once: `put_new` never replaces an object that exists.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import threading
+import unicodedata
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Iterator
+
+from .errors import StorageError
+
+
+class NotFound(StorageError):
+    """The key is not in the store."""
+
+
+def cell_png(cell_id: str) -> str:
+    return f"cells/{cell_id}.png"
+
+
+def cell_record(cell_id: str) -> str:
+    return f"cells/{cell_id}.json"
+
+
+def job_key(name: str, leaf: str) -> str:
+    return f"jobs/{name}/{leaf}"
+
+
+_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_key(key: str) -> str:
+    """Keys are relative, ASCII, '/'-separated names that cannot climb out of the root."""
+    if unicodedata.normalize("NFKC", key) != key or not key.isascii():
+        raise StorageError(f"unsafe storage key {key!r}: only ASCII names are allowed")
+    parts = key.split("/")
+    if not key or any(not _SAFE_SEGMENT.match(p) or p in (".", "..") for p in parts):
+        raise StorageError(f"unsafe storage key {key!r}")
+    return key
+
+
+class Store(ABC):
+    """A flat key -> bytes store with write-once puts."""
+
+    root: str
+
+    @abstractmethod
+    def put_new(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
+        """Write `key` unless it exists; True if this call wrote it."""
+
+    @abstractmethod
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        """Write or replace `key` atomically (job files, manifests, sheets)."""
+
+    @abstractmethod
+    def get(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str) -> Iterator[str]:
+        """Keys under `prefix` (a folder-like prefix ending in '/')."""
+
+    def url(self, key: str) -> str:
+        return f"{self.root.rstrip('/')}/{key}"
+
+    def done_cells(self) -> set[str]:
+        """Ids of cells whose record exists (the record is written after the image)."""
+        return {k[len("cells/") : -len(".json")] for k in self.list("cells/") if k.endswith(".json")}
+
+
+class LocalStore(Store):
+    def __init__(self, root: str | os.PathLike):
+        self.path = Path(root).expanduser().resolve()
+        self.root = str(self.path)
+
+    def _file(self, key: str) -> Path:
+        return self.path / check_key(key)
+
+    def _write_temp(self, final: Path, data: bytes) -> Path:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return Path(tmp)
+
+    def put_new(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
+        final = self._file(key)
+        tmp = self._write_temp(final, data)
+        try:
+            os.link(tmp, final)  # atomic create-if-absent: a reader sees all or nothing
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise StorageError(f"cannot write {final}: {exc.strerror}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        final = self._file(key)
+        tmp = self._write_temp(final, data)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._file(key).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"{self.url(key)} does not exist") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.url(key)}: {exc.strerror}") from None
+
+    def exists(self, key: str) -> bool:
+        return self._file(key).is_file()
+
+    def list(self, prefix: str) -> Iterator[str]:
+        folder = self.path / prefix
+        if not folder.is_dir():
+            return iter(())
+        return (
+            f"{prefix}{entry.name}"
+            for entry in os.scandir(folder)
+            if entry.is_file() and not entry.name.startswith(".")
+        )
+
+
+class MemoryStore(Store):
+    """A working in-memory store for tests and dry runs."""
+
+    def __init__(self, root: str = "memory://"):
+        self.root = root
+        self.objects: dict[str, bytes] = {}
+        self.writes: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def put_new(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
+        with self._lock:
+            if check_key(key) in self.objects:
+                return False
+            self.objects[key] = data
+            self.writes[key] = self.writes.get(key, 0) + 1
+            return True
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        with self._lock:
+            self.objects[check_key(key)] = data
+            self.writes[key] = self.writes.get(key, 0) + 1
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self.objects[check_key(key)]
+        except KeyError:
+            raise NotFound(f"{self.url(key)} does not exist") from None
+
+    def exists(self, key: str) -> bool:
+        return check_key(key) in self.objects
+
+    def list(self, prefix: str) -> Iterator[str]:
+        return iter([k for k in self.objects if k.startswith(prefix) and "/" not in k[len(prefix) :]])
+
+
+def open_store(output: str) -> Store:
+    """The store behind a job's `output`: s3://bucket/prefix or a local folder."""
+    if output.startswith("s3://"):
+        from .s3 import S3Store
+
+        return S3Store.from_url(output)
+    return LocalStore(output)

@@ -1,0 +1,75 @@
+"""Cells: content-addressed ids, stable order, batches that share a pipeline call."""
+from __future__ import annotations
+
+from scheduler import grid
+from scheduler.job import parse_job
+from scheduler.models import ModelSpec, resolve
+
+JOB = b"""\
+name: g
+model: builtin:tiny
+prompts: [a cow, a dog]
+clip_skip: [1, 2]
+seeds: [1, 2, 3]
+sampler: [Euler a, DDIM]
+"""
+
+
+def cells(text=JOB, model=None, dtype="float32"):
+    return list(grid.expand(parse_job(text), model or resolve("builtin:tiny"), dtype))
+
+
+def test_same_parameters_same_id_in_any_job():
+    a = cells()
+    b = cells(JOB.replace(b"name: g", b"name: other").replace(b"seeds: [1, 2, 3]", b"seeds: [3, 9]"))
+    by_params = {(c.prompt, c.clip_skip, c.seed, c.sampler): c.id for c in a}
+    shared = [c for c in b if c.seed == 3]
+    assert shared and all(by_params[(c.prompt, c.clip_skip, c.seed, c.sampler)] == c.id for c in shared)
+
+
+def test_every_pixel_changing_parameter_changes_the_id():
+    base = dict(prompt="p", negative_prompt="", clip_skip=1, seed=1, sampler="Euler a", steps=4, guidance=7.0, width=64, height=64, dtype="float32")
+    tiny = resolve("builtin:tiny")
+    ref = grid.cell_id(tiny, **base)
+    changes = dict(prompt="q", negative_prompt="n", clip_skip=2, seed=2, sampler="DDIM", steps=5, guidance=7.5, width=72, height=72, dtype="float16")
+    for key, value in changes.items():
+        assert grid.cell_id(tiny, **{**base, key: value}) != ref, key
+    other_model = ModelSpec("x.safetensors", "file", "/x.safetensors", None, "ab" * 32, 12)
+    assert grid.cell_id(other_model, **base) != ref
+
+
+def test_model_identity_ignores_where_the_file_lies():
+    a = ModelSpec("./a/m.safetensors", "file", "/a/m.safetensors", None, "cd" * 32, 12)
+    b = ModelSpec("/b/m.safetensors", "file", "/b/m.safetensors", None, "cd" * 32, 12)
+    params = dict(prompt="p", negative_prompt="", clip_skip=1, seed=1, sampler="Euler", steps=4, guidance=7.0, width=64, height=64, dtype="float32")
+    assert grid.cell_id(a, **params) == grid.cell_id(b, **params)
+
+
+def test_expansion_order_is_stable_and_seed_is_innermost():
+    a, b = cells(), cells()
+    assert [c.id for c in a] == [c.id for c in b]
+    assert len({c.id for c in a}) == len(a) == 2 * 2 * 3 * 2
+    assert [c.seed for c in a[:3]] == [1, 2, 3]
+    assert a[0].prompt == "a cow" and a[-1].prompt == "a dog"
+
+
+def test_batches_share_call_parameters_and_respect_batch_size():
+    all_cells = cells()
+    batches = grid.batches(all_cells, 4)
+    assert sorted(c.id for b in batches for c in b) == sorted(c.id for c in all_cells)
+    for batch in batches:
+        assert 1 <= len(batch) <= 4
+        assert len({c.call_key() for c in batch}) == 1
+    # prompts and clip skips of one sampler mix inside a batch
+    assert any(len({(c.prompt, c.clip_skip) for c in b}) > 1 for b in batches)
+
+
+def test_batch_dependent_samplers_render_one_by_one():
+    sde = cells(JOB.replace(b"[Euler a, DDIM]", b"DPM++ SDE Karras"))
+    assert all(len(b) == 1 for b in grid.batches(sde, 8))
+
+
+def test_auto_dtype_is_resolved_per_device():
+    assert grid.resolve_dtype("auto", cuda=True) == "float16"
+    assert grid.resolve_dtype("auto", cuda=False) == "float32"
+    assert grid.resolve_dtype("bfloat16", cuda=False) == "bfloat16"

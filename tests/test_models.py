@@ -1,0 +1,104 @@
+"""Models: builtin:tiny, a local diffusers folder, a single .safetensors file, a hub id."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from scheduler.errors import JobError, ModelError
+from scheduler.grid import make_cell
+from scheduler.models import resolve
+from scheduler.plan import prepare
+from tests.support.singlefile import write_single_file
+
+
+def _cell(model, **kw):
+    params = dict(prompt="a red barn", negative_prompt="blurry", clip_skip=2, seed=3, sampler="DPM++ 2M Karras",
+                  steps=3, guidance=6.0, width=64, height=64, dtype="float32")
+    return make_cell(model, **{**params, **kw})
+
+
+def _pixels(renderer, model):
+    return np.asarray(renderer.render(model, [_cell(model)])[0].image).astype(int)
+
+
+def test_builtin_tiny_is_a_real_sd_pipeline_with_12_clip_layers(renderer, tiny):
+    pipe = renderer.cache.get(tiny, "float32").pipe
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert tiny.clip_layers == 12 and tiny.revision == "tiny-v1"
+    # our byte-level vocabulary: one token per character, words split on spaces, plus BOS/EOS
+    assert len(pipe.tokenizer("a cow").input_ids) == 2 + len("acow")
+    image = renderer.render(tiny, [_cell(tiny)])[0].image
+    assert image.size == (64, 64) and np.asarray(image).std() > 5  # not a flat colour
+
+
+def test_builtin_weights_are_the_same_every_time(tiny_folder):
+    """Weights come from a seeded PCG64 stream: rebuilding gives the saved tensors bit for bit."""
+    from safetensors.torch import load_file
+
+    from workers import builtin
+
+    saved = load_file(tiny_folder / "unet" / "diffusion_pytorch_model.safetensors")
+    rebuilt = builtin.build("tiny").unet.state_dict()
+    assert saved.keys() == rebuilt.keys()
+    assert all(torch.equal(saved[k], rebuilt[k]) for k in saved)
+
+
+def test_local_folder_loads_and_renders_like_the_builtin(renderer, tiny, tiny_folder):
+    folder = resolve(str(tiny_folder))
+    assert folder.kind == "folder" and folder.clip_layers == 12 and len(folder.sha256) == 64
+    assert (_pixels(renderer, folder) == _pixels(renderer, tiny)).all()
+
+
+def test_single_safetensors_file_loads_offline_with_identical_pixels(renderer, tiny, tiny_folder, tmp_path):
+    path = write_single_file(tiny_folder, tmp_path / "tiny-sd.safetensors")
+    model = resolve(str(path))
+    assert model.kind == "file" and model.config == "tiny" and model.clip_layers == 12
+    assert model.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert model.short_hash() == model.sha256[:10]
+    assert (_pixels(renderer, model) == _pixels(renderer, tiny)).all()
+    # the cell id follows the file's content, not its path
+    moved = tmp_path / "elsewhere.safetensors"
+    path.rename(moved)
+    assert _cell(resolve(str(moved))).id == _cell(model).id
+
+
+def test_model_dir_is_searched(tmp_path, tiny_folder, monkeypatch):
+    import shutil
+
+    shutil.copytree(tiny_folder, tmp_path / "models" / "my-sd")
+    monkeypatch.setenv("GRIDRENDER_MODEL_DIR", str(tmp_path / "models"))
+    assert resolve("my-sd").kind == "folder"
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
+        resolve("someone/some-model", "v1.0")
+
+
+def test_hub_id_pinned_to_a_commit_resolves_from_the_cache(monkeypatch, tmp_path):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    refs = tmp_path / "hf" / "models--someone--some-model" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("a" * 40)
+    model = resolve("someone/some-model")
+    assert model.kind == "hub" and model.revision == "a" * 40
+    assert model.identity() == {"kind": "hub", "name": "someone/some-model", "revision": "a" * 40}
+
+
+def test_bad_model_references_name_the_model_key(job_file):
+    for bad in ("builtin:huge", "./no/such/file.safetensors"):
+        with pytest.raises(JobError) as info:
+            prepare(job_file(model=bad), cuda=False)
+        assert [p.field for p in info.value.problems] == ["model"]
+        assert info.value.problems[0].line == 2

@@ -116,16 +116,135 @@ def finalize_cmd(
 def status(
     name: str = typer.Argument(..., help="Job name (or job file)."),
     output: Optional[str] = typer.Option(None, "--output", help="Output root (default $GRIDRENDER_OUTPUT or ./renders)."),
+    watch: bool = typer.Option(False, "--watch", help="Refresh every few seconds until the job is done."),
 ) -> None:
-    """Cells done out of the job's total."""
-    from scheduler import finalize
+    """Done / total, failures, rate and ETA."""
+    import time
+
+    from scheduler.status import job_status
 
     try:
         store, job_name = _locate(name, output)
-        done = finalize.progress(store, job_name)
+        while True:
+            st = job_status(store, job_name)
+            rate = f"{st.rate:.2f} cells/s" if st.rate else "rate unknown"
+            eta = f"ETA {st.eta / 60:.1f} min" if st.eta else "ETA unknown"
+            extra = ", cancelled" if st.cancelled else ""
+            out.print(f"{job_name}: {st.done:,}/{st.total:,} done, {len(st.failed):,} failed, "
+                      f"{st.missing - len(st.failed):,} pending, {rate}, {eta}{extra}", highlight=False)
+            if not watch or st.done + len(st.failed) >= st.total or st.cancelled:
+                break
+            time.sleep(5)
     except GridrenderError as exc:
         raise _fail(exc)
-    out.print(f"{job_name}: {done.done:,}/{done.total:,} done, {done.missing:,} missing", highlight=False)
+    if st.failed:
+        _show_failures(st.failed)
+
+
+@app.command()
+def submit(
+    job: Path = typer.Argument(..., help="The job file."),
+    wait: bool = typer.Option(False, "--wait", help="Show progress until every cell is stored, then finalize."),
+    queue: Optional[str] = typer.Option(None, "--queue", help="Queue to send to (default: the model's own queue)."),
+) -> None:
+    """Fan the job's missing cells out to workers through the broker."""
+    from scheduler.broker import shared_app
+    from scheduler.plan import check_output, prepare
+    from scheduler.submit import submit as fan_out
+
+    try:
+        plan = prepare(job, cuda=None)
+        store = check_output(plan)
+        _warn(plan.warnings)
+        sent = fan_out(plan, store, shared_app(), queue)
+    except GridrenderError as exc:
+        raise _fail(exc)
+    except Exception as exc:  # broker unreachable and the like
+        err.print(f"[red]error[/red]: cannot enqueue: {_redact(str(exc))}")
+        raise typer.Exit(EXIT_FAILED)
+    out.print(
+        f"{plan.job.name}: {sent.cells:,} cells in {sent.chunks:,} chunks on queue {sent.queue} "
+        f"({sent.already_done:,} of {len(plan.cells):,} already stored)",
+        highlight=False,
+    )
+    if sent.cells:
+        out.print(f"start workers with: gridrender worker -Q {sent.queue}", highlight=False)
+    if wait:
+        _wait(store, plan.job.name)
+
+
+def _wait(store, name: str, interval: float = 1.0) -> None:
+    import time
+
+    from scheduler import finalize
+    from scheduler.status import job_status
+
+    status = job_status(store, name)
+    with _progress() as bar:
+        task = bar.add_task(name, total=status.total, completed=status.done)
+        while status.done + len(status.failed) < status.total and not status.cancelled:
+            time.sleep(interval)
+            status = job_status(store, name)
+            bar.update(task, completed=status.done)
+    done = finalize.finalize(store, name)
+    out.print(f"{name}: {done.done:,}/{done.total:,} cells done; finalized", highlight=False)
+    if status.failed:
+        _show_failures(status.failed)
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _show_failures(failed: dict) -> None:
+    for cell_id, reason in list(failed.items())[:10]:
+        err.print(f"failed {cell_id}: {reason}", highlight=False)
+    if len(failed) > 10:
+        err.print(f"... and {len(failed) - 10:,} more", highlight=False)
+
+
+@app.command()
+def worker(
+    queues: Optional[str] = typer.Option(None, "-Q", "--queues", help="Comma-separated queues to consume (default: gridrender)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Also consume this model's queue (as `submit` names it)."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="Start one worker process per GPU, e.g. 0,1,2,3."),
+    loglevel: str = typer.Option("INFO", "--loglevel"),
+) -> None:
+    """A Celery worker (solo pool) that keeps its pipeline resident."""
+    from scheduler.chunks import queue_for
+    from scheduler.models import resolve
+    from workers.worker import run as run_worker
+
+    names = [q for q in (queues or "").split(",") if q]
+    if model:
+        try:
+            names.append(queue_for(resolve(model)))
+        except GridrenderError as exc:
+            raise _fail(exc)
+    raise typer.Exit(run_worker(names or ["gridrender"], gpus.split(",") if gpus else None, loglevel.upper()))
+
+
+@app.command()
+def cancel(
+    name: str = typer.Argument(..., help="Job name (or job file)."),
+    output: Optional[str] = typer.Option(None, "--output", help="Output root (default $GRIDRENDER_OUTPUT or ./renders)."),
+) -> None:
+    """Drop the job's pending chunks; chunks already running finish."""
+    from scheduler.submit import cancel as cancel_job
+
+    try:
+        store, job_name = _locate(name, output)
+        cancelled = cancel_job(store, job_name)
+    except GridrenderError as exc:
+        raise _fail(exc)
+    if cancelled is None:
+        out.print(f"{job_name} was never submitted to workers; nothing to cancel")
+    else:
+        out.print(f"{job_name}: submission {cancelled} cancelled; workers drop its pending chunks")
+
+
+def _redact(text: str) -> str:
+    """Hide passwords in URLs (redis://:secret@host) before they reach a terminal or log."""
+    import re
+
+    return re.sub(r"(://[^:/@\s]*:)[^@\s]+@", r"\1***@", text)
 
 
 def _locate(name: str, output: str | None):

@@ -20,10 +20,10 @@ def job_yaml(plan: Plan) -> bytes:
     return (header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)).encode()
 
 
-def write_job(store: Store, plan: Plan) -> None:
-    """job.yaml, and a manifest listing every cell as pending until finalize."""
+def write_job(store: Store, plan: Plan, done: set[str] | None = None) -> None:
+    """job.yaml, and a manifest listing every cell (missing ones as such until finalize)."""
     store.put(job_key(plan.job.name, "job.yaml"), job_yaml(plan), "application/yaml")
-    write_manifest(store, plan, done=store.done_cells())
+    write_manifest(store, plan, done=store.done_cells() if done is None else done)
 
 
 def manifest_lines(plan: Plan, done: set[str]) -> list[dict]:

@@ -90,17 +90,27 @@ def expand(job: Job, model: ModelSpec, dtype: str) -> Iterator[Cell]:
         )
 
 
+def by_call(cells: Iterable[Cell]) -> list[list[Cell]]:
+    """Cells grouped by call parameters, groups and cells in first-seen order."""
+    groups: dict[tuple, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(cell.call_key(), []).append(cell)
+    return list(groups.values())
+
+
+def split(cells: list[Cell], size: int) -> list[list[Cell]]:
+    """Runs of at most `size` cells that share call parameters."""
+    return [group[i : i + size] for group in by_call(cells) for i in range(0, len(group), size)]
+
+
 def batches(cells: Iterable[Cell], batch_size: int) -> list[list[Cell]]:
     """Groups of at most `batch_size` cells that one pipeline call can render together.
 
     Cells keep their order inside a group, so a prompt's CLIP skips and seeds stay
     side by side and share one text-encoder pass.
     """
-    groups: dict[tuple, list[Cell]] = {}
-    for cell in cells:
-        groups.setdefault(cell.call_key(), []).append(cell)
     out = []
-    for key, group in groups.items():
-        size = batch_size if samplers.lookup(key[0]).batch_invariant else 1
+    for group in by_call(cells):
+        size = batch_size if samplers.lookup(group[0].sampler).batch_invariant else 1
         out.extend(group[i : i + size] for i in range(0, len(group), size))
     return out

@@ -13,3 +13,8 @@ class Settings(BaseSettings):
     max_cells: int = 5_000_000  # a grid above this is almost always a typo in an axis
     # What `dtype: auto` means for `submit`, where the scheduler cannot see the workers' devices.
     auto_dtype: str = "float16"
+    # Cells per task message. A chunk must finish well within the visibility timeout:
+    # a crashed worker's chunk is redelivered only once that much time has passed.
+    chunk_cells: int = 32
+    visibility_timeout: int = 3600  # seconds
+    task_retries: int = 3  # attempts after the first, before a chunk's cells are recorded as failed

@@ -10,6 +10,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 import unicodedata
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -66,16 +67,24 @@ class Store(ABC):
     @abstractmethod
     def exists(self, key: str) -> bool: ...
 
-    @abstractmethod
     def list(self, prefix: str) -> Iterator[str]:
-        """Keys under `prefix` (a folder-like prefix ending in '/')."""
+        """Keys directly under `prefix` (a folder-like prefix ending in '/')."""
+        return (key for key, _ in self.list_with_times(prefix))
+
+    @abstractmethod
+    def list_with_times(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """(key, modification time as a Unix timestamp) for keys directly under `prefix`."""
 
     def url(self, key: str) -> str:
         return f"{self.root.rstrip('/')}/{key}"
 
     def done_cells(self) -> set[str]:
         """Ids of cells whose record exists (the record is written after the image)."""
-        return {k[len("cells/") : -len(".json")] for k in self.list("cells/") if k.endswith(".json")}
+        return set(self.done_cell_times())
+
+    def done_cell_times(self) -> dict[str, float]:
+        """Cell id -> when its record was written, for every finished cell."""
+        return {k[len("cells/") : -len(".json")]: t for k, t in self.list_with_times("cells/") if k.endswith(".json")}
 
 
 class LocalStore(Store):
@@ -132,12 +141,12 @@ class LocalStore(Store):
     def exists(self, key: str) -> bool:
         return self._file(key).is_file()
 
-    def list(self, prefix: str) -> Iterator[str]:
+    def list_with_times(self, prefix: str) -> Iterator[tuple[str, float]]:
         folder = self.path / prefix
         if not folder.is_dir():
             return iter(())
         return (
-            f"{prefix}{entry.name}"
+            (f"{prefix}{entry.name}", entry.stat().st_mtime)
             for entry in os.scandir(folder)
             if entry.is_file() and not entry.name.startswith(".")
         )
@@ -149,6 +158,7 @@ class MemoryStore(Store):
     def __init__(self, root: str = "memory://"):
         self.root = root
         self.objects: dict[str, bytes] = {}
+        self.times: dict[str, float] = {}
         self.writes: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -156,14 +166,17 @@ class MemoryStore(Store):
         with self._lock:
             if check_key(key) in self.objects:
                 return False
-            self.objects[key] = data
-            self.writes[key] = self.writes.get(key, 0) + 1
+            self._write(key, data)
             return True
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         with self._lock:
-            self.objects[check_key(key)] = data
-            self.writes[key] = self.writes.get(key, 0) + 1
+            self._write(check_key(key), data)
+
+    def _write(self, key: str, data: bytes) -> None:
+        self.objects[key] = data
+        self.times[key] = time.time()
+        self.writes[key] = self.writes.get(key, 0) + 1
 
     def get(self, key: str) -> bytes:
         try:
@@ -174,8 +187,10 @@ class MemoryStore(Store):
     def exists(self, key: str) -> bool:
         return check_key(key) in self.objects
 
-    def list(self, prefix: str) -> Iterator[str]:
-        return iter([k for k in self.objects if k.startswith(prefix) and "/" not in k[len(prefix) :]])
+    def list_with_times(self, prefix: str) -> Iterator[tuple[str, float]]:
+        with self._lock:
+            keys = [k for k in self.objects if k.startswith(prefix) and "/" not in k[len(prefix) :]]
+            return iter([(k, self.times[k]) for k in keys])
 
 
 def open_store(output: str) -> Store:

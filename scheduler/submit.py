@@ -1,0 +1,66 @@
+"""Fan-out: the missing cells of a plan become chunk messages on the model's queue."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from celery import Celery
+
+from . import finalize
+from .broker import RENDER_TASK
+from .chunks import Chunk, queue_for
+from .grid import split
+from .plan import Plan
+from .settings import Settings
+from .storage import NotFound, Store, job_key
+
+
+@dataclass
+class Submitted:
+    submission: str
+    queue: str
+    cells: int  # cells enqueued
+    chunks: int
+    already_done: int
+
+
+def submit(plan: Plan, store: Store, app: Celery, queue: str | None = None, settings: Settings | None = None) -> Submitted:
+    settings = settings or Settings()
+    done = store.done_cells()
+    missing = [c for c in plan.cells if c.id not in done]
+    finalize.write_job(store, plan, done=done)
+    submission = uuid.uuid4().hex[:16]
+    queue = queue or queue_for(plan.model)
+    store.put(
+        job_key(plan.job.name, "submission.json"),
+        json.dumps({"submission": submission, "queue": queue, "cells": len(missing), "at": time.time()}).encode(),
+        "application/json",
+    )
+    chunks = split(missing, settings.chunk_cells)
+    # One producer (one connection, one channel) for every message: per-call
+    # connection checkout is what makes naive fan-out slow.
+    with app.producer_or_acquire() as producer:
+        for cells in chunks:
+            message = Chunk(plan.job.name, submission, plan.job.output, plan.job.batch_size, plan.model, cells).to_message()
+            app.send_task(RENDER_TASK, args=[message], queue=queue, producer=producer)
+    return Submitted(submission, queue, len(missing), len(chunks), len(plan.cells) - len(missing))
+
+
+def cancel(store: Store, name: str) -> str | None:
+    """Mark the job's current submission cancelled: workers drop its pending chunks."""
+    try:
+        current = json.loads(store.get(job_key(name, "submission.json")))["submission"]
+    except NotFound:
+        return None
+    cancelled = cancelled_submissions(store, name) | {current}
+    store.put(job_key(name, "cancelled.json"), json.dumps(sorted(cancelled)).encode(), "application/json")
+    return current
+
+
+def cancelled_submissions(store: Store, name: str) -> set[str]:
+    try:
+        return set(json.loads(store.get(job_key(name, "cancelled.json"))))
+    except NotFound:
+        return set()

@@ -14,7 +14,8 @@ from .chunks import Chunk, queue_for
 from .grid import split
 from .plan import Plan
 from .settings import Settings
-from .storage import NotFound, Store, job_key
+from .status import cancelled_submissions, current_submission
+from .storage import Store, job_key
 
 
 @dataclass
@@ -50,17 +51,9 @@ def submit(plan: Plan, store: Store, app: Celery, queue: str | None = None, sett
 
 def cancel(store: Store, name: str) -> str | None:
     """Mark the job's current submission cancelled: workers drop its pending chunks."""
-    try:
-        current = json.loads(store.get(job_key(name, "submission.json")))["submission"]
-    except NotFound:
+    current = current_submission(store, name)
+    if current is None:
         return None
     cancelled = cancelled_submissions(store, name) | {current}
     store.put(job_key(name, "cancelled.json"), json.dumps(sorted(cancelled)).encode(), "application/json")
     return current
-
-
-def cancelled_submissions(store: Store, name: str) -> set[str]:
-    try:
-        return set(json.loads(store.get(job_key(name, "cancelled.json"))))
-    except NotFound:
-        return set()

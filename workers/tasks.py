@@ -13,9 +13,8 @@ from scheduler.chunks import Chunk
 from scheduler.errors import InputError, ModelError
 from scheduler.models import ModelSpec
 from scheduler.settings import Settings
-from scheduler.status import failure_key
+from scheduler.status import cancelled_submissions, failure_key
 from scheduler.storage import Store, cell_record, open_store
-from scheduler.submit import cancelled_submissions
 
 from .records import save
 from .render import Renderer
@@ -95,7 +94,7 @@ def render_cells(chunk: Chunk, store: Store) -> dict:
 
 def record_failures(store: Store, chunk: Chunk, failed: dict[str, str], attempts: int) -> None:
     for cell_id, error in failed.items():
-        body = {"cell_id": cell_id, "job": chunk.job, "error": error, "attempts": attempts,
+        body = {"cell_id": cell_id, "job": chunk.job, "submission": chunk.submission, "error": error, "attempts": attempts,
                 "host": socket.gethostname(), "at": time.time()}
         store.put(failure_key(chunk.job, cell_id), json.dumps(body).encode(), "application/json")
     log.error("chunk of %s: %d cells failed after %d attempts", chunk.job, len(failed), attempts)

@@ -1,0 +1,156 @@
+"""submit -> Redis -> worker processes -> S3 (moto server), all real."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import redis
+
+from tests.services import wait_for
+
+JOB = dict(prompts=["a cow standing in a field", "a lighthouse at dusk"], clip_skip=[1, 2], seeds=[1, 2, 3, 4],
+           dtype="float32", steps=2, batch_size=4)
+QUEUE = "gridrender.builtin-tiny-0920326f"
+
+
+def queued(cluster, queue=QUEUE) -> int:
+    return redis.Redis.from_url(cluster.env["GRIDRENDER_BROKER_URL"]).llen(queue)
+
+
+def submitted(result) -> tuple[int, int]:
+    match = re.search(r": ([\d,]+) cells in ([\d,]+) chunks", result.stdout)
+    assert match, result.stdout + result.stderr
+    return int(match[1].replace(",", "")), int(match[2].replace(",", ""))
+
+
+def test_two_workers_render_every_cell_once_into_s3(cluster, job_file):
+    path = job_file(output=cluster.output, **JOB)
+    cluster.worker(QUEUE)
+    cluster.worker(QUEUE)
+    result = cluster.cli("submit", str(path), "--wait", GRIDRENDER_CHUNK_CELLS="4")
+    assert result.returncode == 0, result.stderr
+    assert submitted(result) == (16, 4)
+
+    keys = cluster.keys()
+    assert len([k for k in keys if k.endswith(".png")]) == 16
+    assert len([k for k in keys if k.endswith(".json")]) == 16
+    assert all(count == 1 for count in cluster.versions("grid/cells/").values())
+    manifest = cluster.s3.get_object(Bucket=cluster.bucket, Key="grid/jobs/t/manifest.jsonl")["Body"].read().decode()
+    lines = [json.loads(line) for line in manifest.splitlines()]
+    assert len(lines) == 16 and {line["status"] for line in lines} == {"done"}
+    record = json.loads(cluster.s3.get_object(Bucket=cluster.bucket, Key=f"grid/{lines[0]['record']}")["Body"].read())
+    assert record["cell_id"] == lines[0]["cell_id"] and record["clip_layers"] == 12
+    # each worker loaded the model once, however many chunks it took
+    for proc in cluster.workers:
+        assert proc.text().count("model load #") <= 1
+        assert "model load #2" not in proc.text()
+
+
+def test_resubmitting_enqueues_nothing_and_new_seeds_only_new_cells(cluster, job_file):
+    path = job_file(output=cluster.output, **JOB)
+    cluster.worker(QUEUE)
+    assert cluster.cli("submit", str(path), "--wait").returncode == 0
+    for proc in cluster.workers:
+        proc.stop()
+
+    again = cluster.cli("submit", str(path))
+    assert submitted(again) == (0, 0)
+    assert queued(cluster) == 0
+
+    more = cluster.cli("submit", str(job_file(output=cluster.output, **{**JOB, "seeds": [1, 2, 3, 4, 5, 6]})), GRIDRENDER_CHUNK_CELLS="3")
+    assert submitted(more) == (8, 3)  # 2 prompts x 2 skips x 2 new seeds, in chunks of up to 3
+    assert queued(cluster) == 3
+
+
+def test_worker_killed_mid_chunk_loses_nothing_and_overwrites_nothing(cluster, job_file):
+    # One 12-cell chunk rendered one cell per call, so the kill lands inside it.
+    path = job_file(output=cluster.output, **{**JOB, "prompts": ["a cow"], "seeds": list(range(6)), "batch_size": 1, "steps": 6})
+    timeout = {"GRIDRENDER_VISIBILITY_TIMEOUT": "8"}
+    first = cluster.worker(QUEUE, **timeout)
+    assert submitted(cluster.cli("submit", str(path), **timeout)) == (12, 1)
+    wait_for(lambda: len([k for k in cluster.keys() if k.endswith(".json")]) >= 2, 90, "the first cells")
+    first.kill()
+    stored_before = {k: v for k, v in cluster.versions("grid/cells/").items()}
+    assert 2 <= len([k for k in stored_before if k.endswith(".json")]) < 12
+
+    # The unacked chunk is restored only once it is older than the visibility timeout.
+    time.sleep(9)
+    cluster.worker(QUEUE, **timeout)
+    wait_for(lambda: len([k for k in cluster.keys() if k.endswith(".json")]) == 12, 120, "all 12 cells")
+    versions = cluster.versions("grid/cells/")
+    assert len([k for k in versions if k.endswith(".png")]) == 12
+    assert all(count == 1 for count in versions.values()), {k: v for k, v in versions.items() if v > 1}
+    assert not [k for k in cluster.keys("grid/") if ".tmp" in k]
+
+
+def test_failed_cells_are_recorded_and_resubmitting_retries_only_them(cluster, job_file, tiny_folder, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_folder, model)
+    path = job_file(output=cluster.output, model=str(model), prompts=["a cow"], clip_skip=1, seeds=[1, 2], dtype="float32", steps=2)
+    queue = None
+    result = cluster.cli("submit", str(path))
+    queue = re.search(r"queue (\S+)", result.stdout)[1]
+    shutil.rmtree(model)  # the worker cannot find the model: every attempt fails
+    retries = {"GRIDRENDER_TASK_RETRIES": "1"}
+    cluster.worker(queue, **retries)
+    wait_for(lambda: len(cluster.keys("grid/jobs/t/failed/")) == 2, 60, "failure records")
+    status = cluster.cli("status", "t", "--output", cluster.output)
+    assert "0/2 done, 2 failed" in status.stdout, status.stdout
+    assert "ModelError" in status.stderr
+
+    shutil.copytree(tiny_folder, model)
+    again = cluster.cli("submit", str(path), "--wait")
+    assert again.returncode == 0, again.stderr
+    assert submitted(again) == (2, 1)
+    assert "2/2 done, 0 failed" in cluster.cli("status", "t", "--output", cluster.output).stdout
+
+
+def test_cancel_drops_pending_chunks(cluster, job_file):
+    path = job_file(output=cluster.output, **JOB)
+    assert submitted(cluster.cli("submit", str(path), GRIDRENDER_CHUNK_CELLS="4")) == (16, 4)
+    result = cluster.cli("cancel", "t", "--output", cluster.output)
+    assert result.returncode == 0 and "cancelled" in result.stdout
+    proc = cluster.worker(QUEUE)
+    wait_for(lambda: queued(cluster) == 0 and proc.text().count("succeeded") >= 4, 60, "the queue to drain")
+    assert [k for k in cluster.keys() if k.endswith(".json")] == []
+    status = cluster.cli("status", "t", "--output", cluster.output)
+    assert "0/16 done" in status.stdout and "cancelled" in status.stdout
+
+
+BLOCK_TORCH = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {'torch', 'diffusers', 'transformers', 'workers'}:
+            raise ImportError('blocked for this test: ' + name)
+sys.meta_path.insert(0, Block())
+sys.argv = ['gridrender'] + sys.argv[1:]
+from gridrender.cli import app
+try:
+    app()
+finally:
+    assert not {'torch', 'diffusers', 'transformers'} & set(sys.modules)
+"""
+
+
+def test_the_scheduler_side_runs_without_torch(cluster, job_file):
+    path = job_file(output=cluster.output, **JOB)
+    env = cluster.env
+    for args in (["validate", str(path)], ["submit", str(path)], ["status", "t", "--output", cluster.output],
+                 ["finalize", "t", "--output", cluster.output], ["cancel", "t", "--output", cluster.output]):
+        result = subprocess.run([sys.executable, "-c", BLOCK_TORCH, *args], env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, (args, result.stdout, result.stderr)
+    assert queued(cluster) == 1
+
+
+def test_scheduler_modules_do_not_import_torch():
+    code = ("import sys, scheduler.plan, scheduler.submit, scheduler.status, scheduler.s3, scheduler.broker, "
+            "scheduler.chunks, scheduler.finalize, gridrender.cli; "
+            "print(sorted({'torch', 'diffusers', 'transformers', 'workers'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "[]", result.stderr

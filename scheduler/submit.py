@@ -31,18 +31,20 @@ def submit(plan: Plan, store: Store, app: Celery, queue: str | None = None, sett
     settings = settings or Settings()
     done = store.done_cells()
     missing = [c for c in plan.cells if c.id not in done]
-    finalize.write_job(store, plan, done=done)
     submission = uuid.uuid4().hex[:16]
     queue = queue or queue_for(plan.model)
-    store.put(
-        job_key(plan.job.name, "submission.json"),
-        json.dumps({"submission": submission, "queue": queue, "cells": len(missing), "at": time.time()}).encode(),
-        "application/json",
-    )
     chunks = split(missing, settings.chunk_cells)
     # One producer (one connection, one channel) for every message: per-call
     # connection checkout is what makes naive fan-out slow.
     with app.producer_or_acquire() as producer:
+        if chunks:  # an unreachable broker fails here, before anything is written
+            producer.connection.ensure_connection(max_retries=2)
+        finalize.write_job(store, plan, done=done)
+        store.put(
+            job_key(plan.job.name, "submission.json"),
+            json.dumps({"submission": submission, "queue": queue, "cells": len(missing), "at": time.time()}).encode(),
+            "application/json",
+        )
         for cells in chunks:
             message = Chunk(plan.job.name, submission, plan.job.output, plan.job.batch_size, plan.model, cells).to_message()
             app.send_task(RENDER_TASK, args=[message], queue=queue, producer=producer)

@@ -154,3 +154,51 @@ def test_scheduler_modules_do_not_import_torch():
             "print(sorted({'torch', 'diffusers', 'transformers', 'workers'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_password_protected_redis_works_and_the_password_stays_out_of_logs(cluster, job_file, tmp_path):
+    from tests.services import Process, free_port
+
+    port = free_port()
+    server = Process(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                      "--requirepass", "pa55-w0rd-xyz"], cluster.env, tmp_path / "redis.log")
+    try:
+        wait_for(lambda: "Ready to accept connections" in server.text(), 20, "the password-protected Redis")
+        url = {"GRIDRENDER_BROKER_URL": f"redis://:pa55-w0rd-xyz@127.0.0.1:{port}/0"}
+        proc = cluster.worker(QUEUE, **url)
+        path = job_file(output=cluster.output, **{**JOB, "seeds": [1]})
+        result = cluster.cli("submit", str(path), "--wait", **url)
+        assert result.returncode == 0, result.stderr
+        assert len([k for k in cluster.keys() if k.endswith(".json")]) == 4
+        assert "pa55-w0rd-xyz" not in proc.text() + result.stdout + result.stderr
+        new_cells = job_file(output=cluster.output, **{**JOB, "seeds": [2]})
+        wrong = cluster.cli("submit", str(new_cells), GRIDRENDER_BROKER_URL=f"redis://:wrong-secret@127.0.0.1:{port}/0")
+        assert wrong.returncode == 1 and "cannot enqueue" in wrong.stderr, wrong.stderr
+        assert "wrong-secret" not in wrong.stdout + wrong.stderr
+    finally:
+        server.stop()
+
+
+def test_rediss_urls_verify_the_certificate():
+    import ssl
+
+    from scheduler.broker import make_app
+    from scheduler.settings import Settings
+
+    app = make_app(Settings(broker_url="rediss://:secret@redis.example:6380/0"))
+    assert app.conf.broker_use_ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    assert app.conf.accept_content == ["json"] and app.conf.result_accept_content == ["json"]
+    assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
+    assert app.conf.worker_prefetch_multiplier == 1
+
+
+def test_gpus_flag_starts_one_worker_process_per_gpu(cluster, tmp_path):
+    from tests.services import Process
+
+    proc = Process([sys.executable, "-m", "gridrender", "worker", "-Q", QUEUE, "--gpus", "0,1"], cluster.env, tmp_path / "gpus.log")
+    try:
+        wait_for(lambda: proc.text().count(" ready.") == 2, 90, "two workers")
+        names = set(re.findall(r"(gridrender-\d+-gpu[01])@", proc.text()))
+        assert {n[-4:] for n in names} == {"gpu0", "gpu1"}
+    finally:
+        assert proc.stop() == 0

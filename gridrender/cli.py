@@ -109,7 +109,9 @@ def finalize_cmd(
         done = finalize.finalize(store, job_name)
     except GridrenderError as exc:
         raise _fail(exc)
-    out.print(f"{job_name}: {done.done:,}/{done.total:,} cells done; manifest written", highlight=False)
+    out.print(f"{job_name}: {done.done:,}/{done.total:,} cells done; manifest, {done.sheets} sheets and index.html written", highlight=False)
+    if done.note:
+        _warn([done.note])
 
 
 @app.command()
@@ -238,6 +240,40 @@ def cancel(
         out.print(f"{job_name} was never submitted to workers; nothing to cancel")
     else:
         out.print(f"{job_name}: submission {cancelled} cancelled; workers drop its pending chunks")
+
+
+@app.command()
+def export(
+    name: str = typer.Argument(..., help="Job name (or job file)."),
+    dest: Path = typer.Argument(..., help="A new folder to write the dataset into."),
+    fmt: str = typer.Option(..., "--format", help="imagefolder (Hugging Face datasets) or webdataset (tar shards)."),
+    output: Optional[str] = typer.Option(None, "--output", help="Output root (default $GRIDRENDER_OUTPUT or ./renders)."),
+) -> None:
+    """Export the job's rendered cells as a dataset that training code loads."""
+    from scheduler.export import export as write_dataset
+
+    try:
+        store, job_name = _locate(name, output)
+        count = write_dataset(store, job_name, fmt, dest)
+    except GridrenderError as exc:
+        raise _fail(exc)
+    out.print(f"{job_name}: {count:,} cells exported to {dest} ({fmt})", highlight=False)
+
+
+@app.command()
+def reproduce(record: str = typer.Argument(..., help="A cell record: cells/<id>.json, a path or an s3:// URL.")) -> None:
+    """Render a cell again from its record alone and compare with the stored image."""
+    from workers.reproduce import TOLERANCE, reproduce as render_again
+
+    try:
+        result = render_again(record)
+    except GridrenderError as exc:
+        raise _fail(exc)
+    psnr = "inf" if result.psnr == float("inf") else f"{result.psnr:.2f}"
+    verdict = "reproduced" if result.ok else f"DIFFERENT (tolerance {TOLERANCE}/255)"
+    out.print(f"{result.cell_id}: max pixel difference {result.max_diff}/255, PSNR {psnr} dB: {verdict}", highlight=False)
+    if not result.ok:
+        raise typer.Exit(EXIT_FAILED)
 
 
 def _redact(text: str) -> str:

@@ -6,8 +6,11 @@ from dataclasses import dataclass
 
 import yaml
 
+from .gallery import render_gallery
 from .plan import Plan
-from .storage import Store, cell_png, cell_record, job_key
+from .settings import Settings
+from .sheets import build_sheets
+from .storage import NotFound, Store, cell_png, cell_record, job_key
 
 
 def job_yaml(plan: Plan) -> bytes:
@@ -69,11 +72,41 @@ def progress(store: Store, name: str) -> Progress:
     return Progress(sum(line["cell_id"] in done for line in lines), len(lines))
 
 
-def finalize(store: Store, name: str) -> Progress:
-    """Bring the manifest up to date with what storage holds; works mid-job too."""
+@dataclass
+class Finalized(Progress):
+    sheets: int = 0
+    note: str = ""
+
+
+def finalize(store: Store, name: str, settings: Settings | None = None) -> Finalized:
+    """Manifest, sheets and gallery from what storage holds; works mid-job too.
+
+    Never renders: cells not stored yet are placeholders on the sheets.
+    """
+    settings = settings or Settings()
     lines = read_manifest(store, name)
     done = store.done_cells()
     for line in lines:
         line["status"] = "done" if line["cell_id"] in done else "missing"
     _put_manifest(store, name, lines)
-    return Progress(sum(line["status"] == "done" for line in lines), len(lines))
+    note = ""
+    sheets = []
+    if len(lines) <= settings.sheet_max_cells:
+        sheets = build_sheets(store, name, lines, _layout(store, name))
+        for sheet in sheets:
+            store.put(job_key(name, f"sheets/{sheet.name}"), sheet.png, "image/png")
+    else:
+        note = f"sheets skipped: {len(lines):,} cells is over GRIDRENDER_SHEET_MAX_CELLS ({settings.sheet_max_cells:,})"
+    gallery_lines = lines[: settings.sheet_max_cells]
+    if len(gallery_lines) < len(lines):
+        note += f"; the gallery lists the first {len(gallery_lines):,} cells"
+    store.put(job_key(name, "index.html"), render_gallery(name, gallery_lines, sheets, note), "text/html; charset=utf-8")
+    count = sum(line["status"] == "done" for line in lines)
+    return Finalized(count, len(lines), len(sheets), note)
+
+
+def _layout(store: Store, name: str) -> dict | None:
+    try:
+        return (yaml.safe_load(store.get(job_key(name, "job.yaml"))) or {}).get("sheet")
+    except NotFound:
+        return None

@@ -59,6 +59,24 @@ def resolve_dtype(requested: str, cuda: bool) -> str:
     return "float16" if cuda else "float32"
 
 
+def check_axes(job: Job) -> list[Problem]:
+    """Warnings for a comparison that varies what its sheets do not lay out.
+
+    Two negative prompts sneaking in through a list, say, would otherwise put
+    different conditions side by side under one label.
+    """
+    layout = job.sheet.model_dump() if job.sheet else {"rows": "clip_skip", "cols": "seed", "pages": "prompt"}
+    warnings = []
+    for axis, values in job.axes().items():
+        if len(values) > 1 and axis not in layout.values():
+            key = {"prompt": "prompts", "seed": "seeds"}.get(axis, axis)
+            warnings.append(job.problem(
+                key, f"{axis} varies ({len(values)} values) but is not a sheet axis "
+                f"(rows: {layout['rows']}, cols: {layout['cols']}, pages: {layout['pages']}); "
+                "each of its values gets separate sheets. Declare it with `sheet:` if that is intended."))
+    return warnings
+
+
 def check_against_model(job: Job, model: ModelSpec) -> tuple[list[Problem], list[Problem]]:
     """(errors, warnings) that need the model: CLIP skip must lie within 1..L."""
     errors, warnings = [], []

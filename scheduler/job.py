@@ -34,11 +34,31 @@ class SeedRange(BaseModel):
         return self
 
 
+SHEET_AXES = ("prompt", "negative_prompt", "sampler", "steps", "guidance", "size", "clip_skip", "seed")
+_AXIS_ALIASES = {"prompts": "prompt", "seeds": "seed", "width": "size", "height": "size"}
+
+
 class SheetLayout(BaseModel):
+    """Which axis runs down the rows, across the columns, and over separate sheets."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
     rows: str = "clip_skip"
     cols: str = "seed"
     pages: str = "prompt"
+
+    @field_validator("rows", "cols", "pages")
+    @classmethod
+    def _an_axis(cls, value: str) -> str:
+        value = _AXIS_ALIASES.get(value, value)
+        if value not in SHEET_AXES:
+            raise ValueError(f"{value!r} is not an axis; axes: {', '.join(SHEET_AXES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "SheetLayout":
+        if len({self.rows, self.cols, self.pages}) < 3:
+            raise ValueError("rows, cols and pages must be three different axes")
+        return self
 
 
 def _as_list(value: Any) -> Any:

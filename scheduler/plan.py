@@ -50,6 +50,7 @@ def prepare(job: Job | str | Path, cuda: bool | None = None, settings: Settings 
     errors, warnings = grid.check_against_model(job, model)
     if errors:
         raise job.error(errors)
+    warnings += grid.check_axes(job)
     job = job.with_random_seeds_drawn()
     dtype = grid.resolve_dtype(job.dtype, cuda) if cuda is not None else (
         job.dtype if job.dtype != "auto" else settings.auto_dtype

@@ -17,4 +17,5 @@ class Settings(BaseSettings):
     # a crashed worker's chunk is redelivered only once that much time has passed.
     chunk_cells: int = 32
     visibility_timeout: int = 3600  # seconds
-    task_retries: int = 3  # attempts after the first, before a chunk's cells are recorded as failed
+    task_retries: int = 3
+    sheet_max_cells: int = 20_000  # finalize draws sheets for jobs up to this size  # attempts after the first, before a chunk's cells are recorded as failed

@@ -91,8 +91,7 @@ def run(job: Path = typer.Argument(..., help="The job file.")) -> None:
     done = finalize.finalize(store, plan.job.name)
     out.print(f"{plan.job.name}: {result.rendered:,} rendered, {done.done:,}/{done.total:,} cells done", highlight=False)
     if result.failed:
-        for cell_id, reason in list(result.failed.items())[:10]:
-            err.print(f"failed {cell_id}: {reason}", highlight=False)
+        _show_failures(result.failed)
         raise typer.Exit(EXIT_FAILED)
 
 

@@ -44,6 +44,7 @@ class PromptEncoder:
         self.model = text_transformer(encoder)
         self.layers = clip_layers(encoder)
         self.passes = 0  # text-encoder forward passes, for logs and benchmarks
+        self.texts = 0  # texts encoded over all passes
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         max_length = self.tokenizer.model_max_length
@@ -82,5 +83,6 @@ class PromptEncoder:
             for handle in handles:
                 handle.remove()
         self.passes += 1
+        self.texts += len(texts)
         norm = self.model.final_layer_norm
         return {skip: norm(captured[clip_layer_for(skip, self.layers)]) for skip in skips}

@@ -1,26 +1,16 @@
 """`gridrender run`: render a job's missing cells in this process, no broker."""
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
 from typing import Callable
 
 from scheduler import grid
-from scheduler.errors import GridrenderError
 from scheduler.plan import Plan
 from scheduler.storage import Store
 
-from .records import save
+from .chunk import ChunkResult, Writer, render_and_store
 from .render import Renderer
 
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunResult:
-    rendered: int = 0
-    skipped: int = 0  # already in storage when their turn came
-    failed: dict[str, str] = field(default_factory=dict)  # cell id -> error
+LOCAL_CHUNK = 256  # cells whose prompts are encoded together
 
 
 def run_plan(
@@ -28,19 +18,18 @@ def run_plan(
     store: Store,
     renderer: Renderer | None = None,
     on_batch: Callable[[int], None] = lambda n: None,
-) -> RunResult:
+) -> ChunkResult:
     renderer = renderer or Renderer()
-    result = RunResult()
-    for batch in grid.batches(plan.missing(store), plan.job.batch_size):
-        try:
-            for rendered in renderer.render(plan.model, batch):
-                if save(store, rendered, plan.model, renderer.device, plan.job.name, len(batch)):
-                    result.rendered += 1
-                else:
-                    result.skipped += 1
-        except (GridrenderError, RuntimeError, ValueError) as exc:
-            # One bad batch (say, out of memory) must not cost the rest of an overnight run.
-            log.error("batch of %d cells failed: %s", len(batch), exc)
-            result.failed.update({cell.id: f"{type(exc).__name__}: {exc}" for cell in batch})
-        on_batch(len(batch))
-    return result
+    total = ChunkResult()
+    writer = Writer()
+    try:
+        for cells in grid.split(plan.missing(store), LOCAL_CHUNK):
+            result = render_and_store(renderer, writer, store, plan.model, cells, plan.job.batch_size, plan.job.name, on_batch)
+            total.rendered += result.rendered
+            total.present += result.present
+            total.failed.update(result.failed)
+            total.oom_splits += result.oom_splits
+            total.encoder_passes += result.encoder_passes
+    finally:
+        writer.close()
+    return total

@@ -57,7 +57,7 @@ def encode_png(rendered: Rendered, model: ModelSpec) -> bytes:
     return buffer.getvalue()
 
 
-def build_record(rendered: Rendered, model: ModelSpec, image_sha256: str, device: torch.device, job: str, batch: int) -> dict:
+def build_record(rendered: Rendered, model: ModelSpec, image_sha256: str, device: torch.device, job: str) -> dict:
     cell = rendered.cell
     return {
         "cell_id": cell.id,
@@ -72,7 +72,7 @@ def build_record(rendered: Rendered, model: ModelSpec, image_sha256: str, device
         "versions": versions(),
         "device": device_info(device),
         "timings": {k: round(v, 6) for k, v in rendered.timings.items()},
-        "batch_size": batch,
+        "batch_size": rendered.batch_size,
         "image": cell_png(cell.id),
         "image_sha256": image_sha256,
         "job": job,
@@ -81,7 +81,7 @@ def build_record(rendered: Rendered, model: ModelSpec, image_sha256: str, device
     }
 
 
-def save(store: Store, rendered: Rendered, model: ModelSpec, device: torch.device, job: str, batch: int) -> bool:
+def save(store: Store, rendered: Rendered, model: ModelSpec, device: torch.device, job: str) -> bool:
     """Write the image, then the record (its presence marks the cell done). True if new."""
     start = time.perf_counter()
     png = encode_png(rendered, model)
@@ -89,6 +89,6 @@ def save(store: Store, rendered: Rendered, model: ModelSpec, device: torch.devic
         # An earlier attempt stored the image but not its record: that image is the cell's.
         png = store.get(cell_png(rendered.cell.id))
     rendered.timings["store"] = time.perf_counter() - start
-    record = build_record(rendered, model, hashlib.sha256(png).hexdigest(), device, job, batch)
+    record = build_record(rendered, model, hashlib.sha256(png).hexdigest(), device, job)
     data = json.dumps(record, indent=1, ensure_ascii=False).encode()
     return store.put_new(cell_record(rendered.cell.id), data, "application/json")

@@ -29,6 +29,7 @@ class Rendered:
     clip_layers: int
     sampler: dict
     timings: dict = field(default_factory=dict)
+    batch_size: int = 1  # cells in the pipeline call that rendered it
 
 
 class Renderer:
@@ -46,6 +47,26 @@ class Renderer:
     def encoder_passes(self) -> int:
         return sum(e.passes for e in self._encoders.values())
 
+    def encoder_texts(self) -> int:
+        return sum(e.texts for e in self._encoders.values())
+
+    @torch.inference_mode()
+    def encode(self, model: ModelSpec, cells: list[Cell]) -> dict[tuple[str, int], torch.Tensor]:
+        """Embeddings for every (text, clip skip) the cells need, from one encoder pass.
+
+        Call it once per chunk: every distinct prompt and negative prompt is encoded
+        once, and that pass yields every CLIP skip the chunk uses.
+        """
+        loaded = self.cache.get(model, cells[0].dtype)
+        encoder = self._encoder(loaded)
+        for cell in cells:
+            if not 1 <= cell.clip_skip <= encoder.layers:
+                raise RenderError(f"clip_skip {cell.clip_skip} is outside 1..{encoder.layers} for {model.source}")
+        texts = list(dict.fromkeys(t for c in cells for t in (c.prompt, c.negative_prompt)))
+        skips = {c.clip_skip for c in cells}
+        by_skip = encoder.encode(texts, skips)
+        return {(text, skip): by_skip[skip][i] for i, text in enumerate(texts) for skip in skips}
+
     def _encoder(self, loaded: Loaded) -> PromptEncoder:
         key = id(loaded.pipe)
         if key not in self._encoders:
@@ -55,7 +76,11 @@ class Renderer:
         return self._encoders[key]
 
     @torch.inference_mode()
-    def render(self, model: ModelSpec, cells: list[Cell]) -> list[Rendered]:
+    def render(self, model: ModelSpec, cells: list[Cell], embeddings: dict | None = None) -> list[Rendered]:
+        """Render cells that share call parameters in one pipeline call.
+
+        `embeddings` from `encode` (for a whole chunk) saves the encoder pass here.
+        """
         first = cells[0]
         if any(c.call_key() != first.call_key() for c in cells):
             raise RenderError("a batch must share sampler, steps, guidance, size and dtype")
@@ -67,21 +92,18 @@ class Renderer:
         pipe = loaded.pipe
         timings["load"] = loaded.load_seconds if self.cache.loads > loads_before else 0.0
         encoder = self._encoder(loaded)
-        for cell in cells:
-            if not 1 <= cell.clip_skip <= encoder.layers:
-                raise RenderError(f"clip_skip {cell.clip_skip} is outside 1..{encoder.layers} for {model.source}")
 
-        # 2. The sampler, built on the model's own scheduler config.
+        # 2. The sampler, built on the model's own scheduler config; VAE tiling for large images.
         pipe.scheduler = make_scheduler(first.sampler, self._base_configs[id(pipe)])
+        _size_vae(pipe, first.width * first.height, len(cells))
 
-        # 3. Text embeddings: one encoder pass per distinct prompt text yields every CLIP skip.
+        # 3. Text embeddings, unless the chunk's single encoder pass already made them.
         start = time.perf_counter()
-        texts = list(dict.fromkeys(t for c in cells for t in (c.prompt, c.negative_prompt)))
-        skips = {c.clip_skip for c in cells}
-        by_skip = encoder.encode(texts, skips)
-        row = {text: i for i, text in enumerate(texts)}
-        positive = torch.stack([by_skip[c.clip_skip][row[c.prompt]] for c in cells])
-        negative = torch.stack([by_skip[c.clip_skip][row[c.negative_prompt]] for c in cells])
+        needed = {(t, c.clip_skip) for c in cells for t in (c.prompt, c.negative_prompt)}
+        if embeddings is None or not needed <= embeddings.keys():
+            embeddings = self.encode(model, cells)
+        positive = torch.stack([embeddings[(c.prompt, c.clip_skip)] for c in cells])
+        negative = torch.stack([embeddings[(c.negative_prompt, c.clip_skip)] for c in cells])
         timings["encode"] = time.perf_counter() - start
 
         # 4. One CPU generator per cell: the seed fixes the noise, whatever the batch.
@@ -111,9 +133,19 @@ class Renderer:
         sampler = {"name": first.sampler, **describe(pipe.scheduler)}
         per_cell = {k: v / len(cells) for k, v in timings.items()}
         return [
-            Rendered(cell, image, clip_layer_for(cell.clip_skip, encoder.layers), encoder.layers, sampler, dict(per_cell))
+            Rendered(cell, image, clip_layer_for(cell.clip_skip, encoder.layers), encoder.layers, sampler, dict(per_cell), len(cells))
             for cell, image in zip(cells, images)
         ]
+
+
+LARGE_IMAGE = 1024 * 1024  # pixels above which the VAE decodes in tiles
+
+
+def _size_vae(pipe, pixels: int, batch: int) -> None:
+    """Tile and slice the VAE only when an image is large: it costs time on small ones."""
+    large = pixels > LARGE_IMAGE
+    (pipe.vae.enable_tiling if large else pipe.vae.disable_tiling)()
+    (pipe.vae.enable_slicing if large or batch > 8 else pipe.vae.disable_slicing)()
 
 
 def _sync(device: torch.device) -> None:

@@ -7,22 +7,23 @@ import socket
 import time
 from pathlib import Path
 
-from scheduler import grid, models
+from scheduler import models
 from scheduler.broker import RENDER_TASK, shared_app
 from scheduler.chunks import Chunk
 from scheduler.errors import InputError, ModelError
 from scheduler.models import ModelSpec
 from scheduler.settings import Settings
 from scheduler.status import cancelled_submissions, failure_key
-from scheduler.storage import Store, cell_record, open_store
+from scheduler.storage import Store, open_store
 
-from .records import save
+from .chunk import Writer, render_and_store
 from .render import Renderer
 
 log = logging.getLogger(__name__)
 app = shared_app()
 _settings = Settings()
 _renderer: Renderer | None = None
+_writer: Writer | None = None
 _local_models: dict[tuple, ModelSpec] = {}
 
 
@@ -32,6 +33,13 @@ def renderer() -> Renderer:
     if _renderer is None:
         _renderer = Renderer()
     return _renderer
+
+
+def writer() -> Writer:
+    global _writer
+    if _writer is None:
+        _writer = Writer()
+    return _writer
 
 
 def local_model(spec: ModelSpec) -> ModelSpec:
@@ -60,7 +68,11 @@ def render_chunk(self, message: dict) -> dict:
     if chunk.submission in cancelled_submissions(store, chunk.job):
         log.info("job %s was cancelled: dropping %d cells", chunk.job, len(chunk.cells))
         return {"cancelled": len(chunk.cells)}
-    result = render_cells(chunk, store)
+    try:
+        result = render_cells(chunk, store)
+    except Exception as exc:  # a bug or an outage: retried, then recorded, never silently acked
+        log.exception("chunk of %s failed", chunk.job)
+        result = {"rendered": 0, "present": 0, "failed": {c.id: f"{type(exc).__name__}: {exc}" for c in chunk.cells}}
     if result["failed"]:
         attempt = self.request.retries + 1
         if self.request.retries < self.max_retries:
@@ -72,24 +84,12 @@ def render_chunk(self, message: dict) -> dict:
 
 
 def render_cells(chunk: Chunk, store: Store) -> dict:
-    todo = [c for c in chunk.cells if not store.exists(cell_record(c.id))]
-    result = {"rendered": 0, "present": len(chunk.cells) - len(todo), "failed": {}}
-    if not todo:
-        return result
-    worker = renderer()
     try:
         model = local_model(chunk.model)
     except ModelError as exc:
-        result["failed"] = {c.id: f"ModelError: {exc}" for c in todo}
-        return result
-    for batch in grid.batches(todo, chunk.batch_size):
-        try:
-            for rendered in worker.render(model, batch):
-                result["rendered"] += save(store, rendered, model, worker.device, chunk.job, len(batch))
-        except Exception as exc:  # one batch's failure (OOM, storage) must not sink the chunk
-            log.exception("batch of %d cells of %s failed", len(batch), chunk.job)
-            result["failed"].update({c.id: f"{type(exc).__name__}: {exc}" for c in batch})
-    return result
+        return {"rendered": 0, "present": 0, "failed": {c.id: f"ModelError: {exc}" for c in chunk.cells}}
+    result = render_and_store(renderer(), writer(), store, model, chunk.cells, chunk.batch_size, chunk.job)
+    return {"rendered": result.rendered, "present": result.present, "failed": result.failed, "oom_splits": result.oom_splits}
 
 
 def record_failures(store: Store, chunk: Chunk, failed: dict[str, str], attempts: int) -> None:

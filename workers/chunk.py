@@ -1,0 +1,121 @@
+"""Rendering a chunk of cells and storing them, with I/O beside the GPU.
+
+Used by `gridrender run` and by the Celery task alike:
+1. check which cells are already stored (in parallel: each check is a round trip),
+2. encode every distinct prompt once for the whole chunk,
+3. render batches; PNG encoding and uploads run on a small thread pool with a
+   bounded queue while the GPU renders the next batch,
+4. wait for every write: a failed upload fails its cell; nothing is dropped.
+A batch that runs out of GPU memory is split in half and retried.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from scheduler import grid
+from scheduler.grid import Cell
+from scheduler.models import ModelSpec
+from scheduler.storage import Store, cell_record
+
+from .records import save
+from .render import Rendered, Renderer
+
+log = logging.getLogger(__name__)
+
+IO_THREADS = 8
+IO_QUEUE = 32  # writes in flight before the render loop waits: bounds memory held by images
+
+
+@dataclass
+class ChunkResult:
+    rendered: int = 0
+    present: int = 0  # stored before we got to them
+    failed: dict[str, str] = field(default_factory=dict)
+    oom_splits: int = 0
+    encoder_passes: int = 0
+
+
+class Writer:
+    """A bounded background pool for PNG encoding and uploads."""
+
+    def __init__(self, threads: int = IO_THREADS, depth: int = IO_QUEUE):
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="gridrender-io")
+        self.slots = threading.BoundedSemaphore(depth)
+
+    def submit(self, fn: Callable, *args) -> Future:
+        self.slots.acquire()  # back-pressure: the GPU loop waits when uploads fall behind
+        future = self.pool.submit(fn, *args)
+        future.add_done_callback(lambda _: self.slots.release())
+        return future
+
+    def map(self, fn: Callable, items: list) -> list:
+        return list(self.pool.map(fn, items))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)  # pending writes finish: nothing is lost on shutdown
+
+
+def render_and_store(
+    renderer: Renderer,
+    writer: Writer,
+    store: Store,
+    model: ModelSpec,
+    cells: list[Cell],
+    batch_size: int,
+    job: str,
+    on_batch: Callable[[int], None] = lambda n: None,
+) -> ChunkResult:
+    result = ChunkResult()
+    stored = writer.map(lambda c: store.exists(cell_record(c.id)), cells)
+    todo = [c for c, done in zip(cells, stored) if not done]
+    result.present = len(cells) - len(todo)
+    on_batch(result.present)
+    if not todo:
+        return result
+    passes = renderer.encoder_passes()
+    try:
+        embeddings = renderer.encode(model, todo)
+    except Exception as exc:
+        result.failed = {c.id: f"{type(exc).__name__}: {exc}" for c in todo}
+        on_batch(len(todo))
+        return result
+    pending: list[tuple[Cell, Future]] = []
+    for batch in grid.batches(todo, batch_size):
+        try:
+            for rendered in _render_splitting(renderer, model, batch, embeddings, result):
+                pending.append((rendered.cell, writer.submit(save, store, rendered, model, renderer.device, job)))
+        except Exception as exc:  # this batch fails; the rest of the chunk goes on
+            log.error("batch of %d cells of %s failed: %s", len(batch), job, exc)
+            result.failed.update({c.id: f"{type(exc).__name__}: {exc}" for c in batch})
+        on_batch(len(batch))
+    for cell, future in pending:
+        try:
+            result.rendered += bool(future.result())
+        except Exception as exc:
+            result.failed[cell.id] = f"{type(exc).__name__}: {exc}"
+    result.encoder_passes = renderer.encoder_passes() - passes
+    log.info("chunk of %s: %d cells rendered, %d already stored, %d failed; %d encoder pass(es)",
+             job, result.rendered, result.present, len(result.failed), result.encoder_passes)
+    return result
+
+
+def _render_splitting(renderer: Renderer, model: ModelSpec, batch: list[Cell], embeddings, result: ChunkResult) -> list[Rendered]:
+    try:
+        return renderer.render(model, batch, embeddings)
+    except torch.OutOfMemoryError:
+        if len(batch) == 1:
+            raise
+        result.oom_splits += 1
+        log.warning("out of GPU memory with a batch of %d; retrying as two of %d", len(batch), len(batch) // 2)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(batch) // 2
+        return _render_splitting(renderer, model, batch[:half], embeddings, result) + _render_splitting(
+            renderer, model, batch[half:], embeddings, result
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from . import samplers
@@ -34,9 +34,12 @@ class Cell:
 
     def params(self, model: ModelSpec) -> dict:
         """The cell's parameters under the job file's own key names."""
-        data = asdict(self)
-        data.pop("id")
-        return {"model": model.source, **data}
+        # Written out rather than dataclasses.asdict: this runs once per cell on submit.
+        return {
+            "model": model.source, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
+            "clip_skip": self.clip_skip, "seed": self.seed, "sampler": self.sampler, "steps": self.steps,
+            "guidance": self.guidance, "width": self.width, "height": self.height, "dtype": self.dtype,
+        }
 
     def call_key(self) -> tuple:
         """Cells with equal keys can share one pipeline call."""

@@ -47,7 +47,9 @@ def submit(plan: Plan, store: Store, app: Celery, queue: str | None = None, sett
         )
         for cells in chunks:
             message = Chunk(plan.job.name, submission, plan.job.output, plan.job.batch_size, plan.model, cells).to_message()
-            app.send_task(RENDER_TASK, args=[message], queue=queue, producer=producer)
+            # argsrepr given: Celery would otherwise build a repr of every message for its logs.
+            app.send_task(RENDER_TASK, args=[message], queue=queue, producer=producer,
+                          argsrepr=f"[chunk of {plan.job.name}: {len(cells)} cells]", kwargsrepr="{}")
     return Submitted(submission, queue, len(missing), len(chunks), len(plan.cells) - len(missing))
 
 

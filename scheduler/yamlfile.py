@@ -30,8 +30,9 @@ def decode(raw: bytes, source: str) -> str:
 
 def load(text: str, source: str) -> tuple[Any, dict[Path, int]]:
     """Parse one YAML document; return the data and a map key path -> 1-based line."""
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # the reader rejects control characters right here
         node = loader.get_single_node()
         if node is None:
             return None, {}
@@ -47,7 +48,8 @@ def load(text: str, source: str) -> tuple[Any, dict[Path, int]]:
     except RecursionError:
         raise JobError("YAML nests too deeply", source) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return data, lines
 
 

@@ -90,3 +90,77 @@ def start_worker(env: dict, log: Path, queues: str) -> Process:
     if not proc.alive():
         raise RuntimeError("worker exited:\n" + proc.text())
     return proc
+
+
+class TcpProxy:
+    """A loopback TCP proxy that can refuse connections for a while (an S3 outage)."""
+
+    def __init__(self, target_port: int):
+        import threading
+
+        self.target_port = target_port
+        self.port = free_port()
+        self._up = threading.Event()
+        self._up.set()
+        self._stop = threading.Event()
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._listener = self._listen()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _listen(self) -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(64)
+        sock.settimeout(0.2)
+        return sock
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                continue
+            if not self._up.is_set():
+                client.close()  # the endpoint is "down": connection reset
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def down(self) -> None:
+        self._up.clear()
+        with self._lock:
+            for conn in self._conns:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                    conn.close()
+                except OSError:
+                    pass
+            self._conns.clear()
+
+    def up(self) -> None:
+        self._up.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.down()
+        self._listener.close()

@@ -1,0 +1,102 @@
+"""Bad input: every malformed job file is refused with exit 2, named, and leaves no trace."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from gridrender.cli import app
+from scheduler.errors import JobError
+from scheduler.job import parse_job
+from tests.conftest import ROOT
+
+BAD = sorted((ROOT / "tests" / "data" / "bad").glob("*.yaml"))
+
+
+def expectation(path: Path) -> str:
+    first = path.read_bytes().split(b"\n", 1)[0].decode()
+    assert first.startswith("# expect: "), path
+    return first.removeprefix("# expect: ")
+
+
+def test_the_corpus_has_at_least_40_files():
+    assert len(BAD) >= 40
+
+
+@pytest.fixture
+def sandbox(tmp_path, monkeypatch, redis_url):
+    """Default output and broker point at places this test can inspect."""
+    from scheduler.broker import shared_app
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("GRIDRENDER_OUTPUT", str(tmp_path / "out"))
+    monkeypatch.setenv("GRIDRENDER_BROKER_URL", redis_url)
+    shared_app.cache_clear()
+    yield tmp_path / "out", redis.Redis.from_url(redis_url)
+    shared_app.cache_clear()
+
+
+@pytest.mark.parametrize("path", BAD, ids=[p.stem for p in BAD])
+def test_each_bad_file_is_refused_by_every_command(path, sandbox):
+    output, broker = sandbox
+    runner = CliRunner()
+    expected = expectation(path)
+    for command in ("validate", "run", "submit"):
+        result = runner.invoke(app, [command, str(path)])
+        assert result.exit_code == 2, (command, result.output)
+        assert expected in result.output, (command, expected, result.output)
+        assert "Traceback" not in result.output
+    assert not output.exists()  # nothing written
+    assert broker.dbsize() == 0  # nothing enqueued
+    assert not Path("/tmp/gridrender-pwned").exists()
+
+
+def test_oversized_file_is_refused(tmp_path, sandbox):
+    path = tmp_path / "huge.yaml"
+    path.write_text("name: bad\nmodel: builtin:tiny\nprompts:\n" + "  - a prompt that goes on and on\n" * 40_000)
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2 and "at most" in result.output
+
+
+def test_missing_job_file(tmp_path, sandbox):
+    result = CliRunner().invoke(app, ["validate", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2 and "cannot read" in result.output
+
+
+KEYS = ["name", "model", "revision", "dtype", "prompts", "negative_prompt", "clip_skip", "seeds", "sampler", "steps",
+        "guidance", "width", "height", "size", "batch_size", "output", "sheet", "bogus"]
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=True), st.text(max_size=20))
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(KEYS), values, max_size=10))
+def test_random_documents_raise_only_job_errors(document):
+    text = yaml.safe_dump(document, allow_unicode=True)
+    try:
+        parse_job(text)
+    except JobError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab:-[]{},&*!|>'\"#%@`\n\t 0123456789.~?")), max_size=200))
+def test_random_yaml_text_raises_only_job_errors(text):
+    try:
+        parse_job(text)
+    except JobError:
+        pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_raise_only_job_errors(raw):
+    try:
+        parse_job(raw)
+    except JobError:
+        pass

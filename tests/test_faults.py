@@ -1,0 +1,161 @@
+"""Faults: killed workers, a flushed Redis, an S3 outage, OOM, a poison cell, SIGTERM.
+
+Each test runs real worker processes against real Redis and a real S3 endpoint and
+checks the promises: no cell lost, none rendered twice, nothing overwritten.
+"""
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import pytest
+import redis
+import torch
+
+from tests.services import TcpProxy, wait_for
+
+pytestmark = pytest.mark.faults
+
+QUEUE = "gridrender.builtin-tiny-0920326f"
+SMALL = dict(dtype="float32", steps=2, batch_size=4, clip_skip=[1, 2], prompts=["a cow", "a barn"])
+
+
+def done(cluster, prefix="grid/cells/") -> int:
+    return len([k for k in cluster.keys(prefix) if k.endswith(".json")])
+
+
+def assert_each_cell_once(cluster, expected: int) -> None:
+    versions = cluster.versions("grid/cells/")
+    pngs = [k for k in versions if k.endswith(".png")]
+    records = [k for k in versions if k.endswith(".json")]
+    assert len(pngs) == len(records) == expected, (len(pngs), len(records))
+    overwritten = {k: v for k, v in versions.items() if v > 1}
+    assert not overwritten, overwritten
+    assert not [k for k in cluster.keys("grid/") if "tmp" in k.rsplit("/", 1)[-1]]
+
+
+def test_workers_killed_repeatedly_during_a_200_cell_job(cluster, job_file):
+    """SIGKILL four workers mid-job; the fifth finishes. Every cell exactly once."""
+    env = {"GRIDRENDER_VISIBILITY_TIMEOUT": "6", "GRIDRENDER_CHUNK_CELLS": "8"}
+    path = job_file(output=cluster.output, **SMALL, seeds={"start": 0, "count": 50})
+    result = cluster.cli("submit", str(path), **env)
+    assert "200 cells in 25 chunks" in result.stdout, result.stdout
+    kills = []
+    for _ in range(4):
+        worker = cluster.worker(QUEUE, **env)
+        before = done(cluster)
+        wait_for(lambda: done(cluster) > before, 60, "progress before the kill", interval=0.05)
+        time.sleep(0.3)  # land inside a chunk
+        worker.kill()
+        kills.append(done(cluster))
+    assert kills[-1] < 200, "the job finished before the last kill; make chunks slower"
+    time.sleep(7)  # older than the visibility timeout: the killed workers' chunks come back
+    cluster.worker(QUEUE, **env)
+    wait_for(lambda: done(cluster) == 200, 180, "all 200 cells")
+    assert_each_cell_once(cluster, 200)
+    print(f"cells stored at each kill: {kills}")
+
+
+def test_redis_flushed_mid_job_then_resubmit_finishes_only_the_missing(cluster, job_file):
+    env = {"GRIDRENDER_CHUNK_CELLS": "8"}
+    path = job_file(output=cluster.output, **SMALL, seeds={"start": 0, "count": 50})
+    cluster.cli("submit", str(path), **env)
+    cluster.worker(QUEUE, **env)
+    wait_for(lambda: done(cluster) >= 40, 120, "40 cells")
+    redis.Redis.from_url(cluster.env["GRIDRENDER_BROKER_URL"]).flushdb()  # a restart without persistence
+    time.sleep(2)  # the chunk in hand finishes; nothing else is queued
+    stored = done(cluster)
+    status = cluster.cli("status", "t", "--output", cluster.output)
+    reported = int(re.search(r"t: (\d+)/200 done", status.stdout)[1])
+    assert reported <= done(cluster)  # status counts storage, never the queue
+    again = cluster.cli("submit", str(path), "--wait", **env)
+    assert again.returncode == 0, again.stderr
+    enqueued = int(re.search(r": ([\d,]+) cells in", again.stdout)[1])
+    assert enqueued <= 200 - stored
+    assert_each_cell_once(cluster, 200)
+
+
+def test_s3_down_for_20_seconds_mid_job(cluster, job_file):
+    """Uploads retry with backoff through a 20 s outage; no cell is rendered twice."""
+    port = int(cluster.env["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1])
+    proxy = TcpProxy(port)
+    try:
+        env = {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}", "GRIDRENDER_CHUNK_CELLS": "40"}
+        path = job_file(output=cluster.output, **SMALL, seeds={"start": 0, "count": 20})
+        cluster.cli("submit", str(path), **env)
+        worker = cluster.worker(QUEUE, **env)
+        wait_for(lambda: done(cluster) >= 10, 120, "10 cells")
+        proxy.down()
+        time.sleep(20)
+        proxy.up()
+        wait_for(lambda: done(cluster) == 80, 240, "all 80 cells")
+        assert_each_cell_once(cluster, 80)
+        log = worker.text()
+        rendered = sum(int(n) for n in re.findall(r"chunk of t: (\d+) cells rendered", log))
+        assert rendered == 80, f"{rendered} renders for 80 cells"
+        assert "failed after" not in log
+    finally:
+        proxy.close()
+
+
+def test_out_of_memory_splits_the_batch_and_the_worker_lives(renderer, tiny, tmp_path):
+    from scheduler.grid import make_cell
+    from scheduler.storage import LocalStore
+    from workers.chunk import Writer, render_and_store
+
+    pipe = renderer.cache.get(tiny, "float32").pipe
+    real_forward = pipe.unet.forward
+
+    def forward(sample, *args, **kwargs):
+        if sample.shape[0] > 2:  # more than one cell (CFG doubles the batch)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated by the test)")
+        return real_forward(sample, *args, **kwargs)
+
+    cells = [make_cell(tiny, prompt="a cow", negative_prompt="", clip_skip=1, seed=s, sampler="Euler a", steps=2,
+                       guidance=7.0, width=64, height=64, dtype="float32") for s in range(4)]
+    store, writer = LocalStore(tmp_path), Writer()
+    pipe.unet.forward = forward
+    try:
+        result = render_and_store(renderer, writer, store, tiny, cells, 4, "oom")
+    finally:
+        pipe.unet.forward = real_forward
+        writer.close()
+    assert result.rendered == 4 and not result.failed
+    assert result.oom_splits == 3  # 4 -> 2+2 -> 1+1, 1+1
+    import json
+
+    assert {json.loads(store.get(f"cells/{c.id}.json"))["batch_size"] for c in cells} == {1}
+
+
+def test_poison_cell_fails_a_bounded_number_of_times_and_the_rest_completes(cluster, job_file, tmp_path):
+    output = tmp_path / "out"
+    path = job_file(output=str(output), **{**SMALL, "clip_skip": 1}, seeds=[1, 2, 3, 4, 5, 6])
+    from scheduler.plan import prepare
+
+    poison = prepare(path, cuda=None).cells[2]
+    (output / "cells" / f"{poison.id}.png").mkdir(parents=True)  # its image can never be written or read
+    env = {"GRIDRENDER_TASK_RETRIES": "2", "GRIDRENDER_CHUNK_CELLS": "3"}
+    cluster.cli("submit", str(path), **env)
+    worker = cluster.worker(QUEUE, **env)
+    wait_for(lambda: (output / "jobs" / "t" / "failed" / f"{poison.id}.json").exists(), 90, "the failure record")
+    status = cluster.cli("status", "t", "--output", str(output))
+    assert "5/6 done, 1 failed" in status.stdout, status.stdout
+    assert "StorageError" in status.stderr
+    log = worker.text()
+    assert log.count("failed (attempt") == 2  # two retries ...
+    assert log.count("1 cells failed after 3 attempts") == 1  # ... then recorded, once
+    assert worker.alive()
+
+
+def test_sigterm_mid_chunk_finishes_the_chunk(cluster, job_file):
+    env = {"GRIDRENDER_CHUNK_CELLS": "24"}
+    path = job_file(output=cluster.output, **{**SMALL, "batch_size": 1, "steps": 4}, seeds={"start": 0, "count": 6})
+    worker = cluster.worker(QUEUE, **env)
+    cluster.cli("submit", str(path), **env)
+    wait_for(lambda: done(cluster) >= 2, 60, "the chunk to start")
+    worker.signal(signal.SIGTERM)
+    assert worker.proc.wait(120) == 0
+    assert done(cluster) == 24  # warm shutdown: the chunk in hand was finished, not dropped
+    assert redis.Redis.from_url(cluster.env["GRIDRENDER_BROKER_URL"]).llen(QUEUE) == 0
+    assert_each_cell_once(cluster, 24)

@@ -140,7 +140,7 @@ def test_poison_cell_fails_a_bounded_number_of_times_and_the_rest_completes(clus
     worker = cluster.worker(QUEUE, **env)
     wait_for(lambda: (output / "jobs" / "t" / "failed" / f"{poison.id}.json").exists(), 90, "the failure record")
     status = cluster.cli("status", "t", "--output", str(output))
-    assert "5/6 done, 1 failed" in status.stdout, status.stdout
+    assert "11/12 done, 1 failed" in status.stdout, status.stdout
     assert "StorageError" in status.stderr
     log = worker.text()
     assert log.count("failed (attempt") == 2  # two retries ...

@@ -204,7 +204,8 @@ def _show_failures(failed: dict) -> None:
 @app.command()
 def worker(
     queues: Optional[str] = typer.Option(None, "-Q", "--queues", help="Comma-separated queues to consume (default: gridrender)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Also consume this model's queue (as `submit` names it)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Consume this model's queue (as `submit` names it) and load it before taking tasks."),
+    preload: Optional[str] = typer.Option(None, "--preload", hidden=True),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="Start one worker process per GPU, e.g. 0,1,2,3."),
     loglevel: str = typer.Option("INFO", "--loglevel"),
 ) -> None:
@@ -219,7 +220,7 @@ def worker(
             names.append(queue_for(resolve(model)))
         except GridrenderError as exc:
             raise _fail(exc)
-    raise typer.Exit(run_worker(names or ["gridrender"], gpus.split(",") if gpus else None, loglevel.upper()))
+    raise typer.Exit(run_worker(names or ["gridrender"], gpus.split(",") if gpus else None, loglevel.upper(), model or preload))
 
 
 @app.command()

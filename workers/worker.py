@@ -9,16 +9,38 @@ import subprocess
 import sys
 
 
-def run(queues: list[str], gpus: list[str] | None, loglevel: str = "INFO") -> int:
+READY_FILE = os.environ.get("GRIDRENDER_READY_FILE", "/tmp/gridrender-ready")
+
+
+def run(queues: list[str], gpus: list[str] | None, loglevel: str = "INFO", preload: str | None = None) -> int:
     if gpus:
-        return _spawn_per_gpu(queues, gpus, loglevel)
-    return _run_here(queues, loglevel)
+        return _spawn_per_gpu(queues, gpus, loglevel, preload)
+    return _run_here(queues, loglevel, preload)
 
 
-def _run_here(queues: list[str], loglevel: str) -> int:
+def _preload(source: str) -> None:
+    """Load the model before taking tasks, then say so in a file (a readiness probe)."""
+    from scheduler.grid import resolve_dtype
+    from scheduler.models import resolve
+    from scheduler.settings import Settings
+
+    from . import tasks
+
+    settings = Settings()
+    renderer = tasks.renderer()
+    auto = resolve_dtype("auto", renderer.device.type == "cuda")
+    dtype = os.environ.get("GRIDRENDER_PRELOAD_DTYPE") or (auto if renderer.device.type == "cuda" else settings.auto_dtype)
+    renderer.cache.get(tasks.local_model(resolve(source, settings=settings)), dtype)
+    with open(READY_FILE, "w") as f:
+        f.write(f"{source} {dtype}\n")
+
+
+def _run_here(queues: list[str], loglevel: str, preload: str | None) -> int:
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     from . import tasks
 
+    if preload:
+        _preload(preload)
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
     name = f"gridrender-{os.getpid()}{'-gpu' + gpu if gpu else ''}@{socket.gethostname()}"
     argv = [
@@ -31,15 +53,21 @@ def _run_here(queues: list[str], loglevel: str) -> int:
         "--without-gossip",
         "--without-mingle",
     ]
-    tasks.app.worker_main(argv)
+    try:
+        tasks.app.worker_main(argv)
+    finally:
+        if preload and os.path.exists(READY_FILE):
+            os.unlink(READY_FILE)
     return 0
 
 
-def _spawn_per_gpu(queues: list[str], gpus: list[str], loglevel: str) -> int:
+def _spawn_per_gpu(queues: list[str], gpus: list[str], loglevel: str, preload: str | None) -> int:
     children = []
     for gpu in gpus:
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu, "GRIDRENDER_READY_FILE": f"{READY_FILE}-gpu{gpu}"}
         cmd = [sys.executable, "-m", "gridrender", "worker", "-Q", ",".join(queues), "--loglevel", loglevel]
+        if preload:
+            cmd += ["--preload", preload]
         children.append(subprocess.Popen(cmd, env=env))
 
     def forward(signum, _frame):

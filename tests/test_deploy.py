@@ -1,0 +1,143 @@
+"""deploy/ validated offline: compose against compose-spec, manifests against the
+Kubernetes schemas, Dockerfiles parse and copy files that exist, and every
+environment variable deploy/ sets is one the code reads."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+DEPLOY = ROOT / "deploy"
+K8S_VERSION = "1.33.0"
+CODE = [p for d in ("gridrender", "scheduler", "workers") for p in (ROOT / d).rglob("*.py")]
+
+
+def compose_schema() -> dict:
+    import check_jsonschema
+
+    path = Path(check_jsonschema.__file__).parent / "builtin_schemas" / "vendor" / "compose-spec.json"
+    return json.loads(path.read_text())
+
+
+def test_compose_file_matches_the_compose_spec():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    jsonschema.validate(compose, compose_schema())
+    services = compose["services"]
+    assert {"redis", "minio", "minio-init", "flower", "submit"} <= services.keys()
+    workers = [s for name, s in services.items() if name.startswith("worker")]
+    assert len(workers) >= 2
+    gpus = [w["deploy"]["resources"]["reservations"]["devices"][0] for w in workers]
+    assert all(d["driver"] == "nvidia" and len(d["device_ids"]) == 1 for d in gpus)
+    assert len({d["device_ids"][0] for d in gpus}) == len(gpus)  # one GPU each
+    assert "--appendonly" in services["redis"]["command"] and "yes" in services["redis"]["command"]
+    assert "mc mb" in services["minio-init"]["command"][0]
+    assert services["submit"]["profiles"] == ["submit"]
+
+
+def test_compose_takes_secrets_from_the_env_file_only():
+    text = (DEPLOY / "compose.yaml").read_text()
+    example = dict(line.split("=", 1) for line in (DEPLOY / ".env.example").read_text().splitlines() if "=" in line and not line.startswith("#"))
+    for name, value in example.items():
+        if "PASSWORD" in name:
+            assert value not in text, f"{name}'s example value is baked into compose.yaml"
+    for secret in ("REDIS_PASSWORD", "MINIO_ROOT_PASSWORD"):
+        assert f"${{{secret}" in text
+
+
+def k8s_documents():
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                yield pytest.param(doc, id=f"{path.name}:{doc['kind']}")
+
+
+@pytest.mark.parametrize("doc", list(k8s_documents()))
+def test_kubernetes_manifests_match_their_schemas(doc):
+    import kubernetes_validate
+
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_worker_deployment_requests_one_gpu_and_is_ready_when_the_pipeline_is_loaded():
+    docs = {d["kind"]: d for d in yaml.safe_load_all((DEPLOY / "k8s" / "worker.yaml").read_text())}
+    container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["resources"]["limits"]["memory"]
+    assert container["readinessProbe"]["exec"]["command"] == ["test", "-f", "/tmp/gridrender-ready"]
+    assert "--model" in container["args"]  # --model loads the pipeline, then writes the ready file
+    assert container["envFrom"] == [{"secretRef": {"name": "gridrender"}}]
+    from workers.worker import READY_FILE
+
+    assert READY_FILE == "/tmp/gridrender-ready"
+
+
+def test_keda_scaled_object_points_at_the_worker_deployment():
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "optional" / "keda-scaledobject.yaml").read_text()))
+    scaled = next(d for d in docs if d["kind"] == "ScaledObject")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "gridrender-worker"
+    assert scaled["spec"]["triggers"][0]["metadata"]["listName"].startswith("gridrender.")
+
+
+@pytest.mark.parametrize("name", ["worker.Dockerfile", "cli.Dockerfile"])
+def test_dockerfiles_parse_and_copy_files_that_exist(name):
+    from dockerfile_parse import DockerfileParser
+
+    with open(DEPLOY / "docker" / name, "rb") as f:
+        parser = DockerfileParser(fileobj=f)
+        instructions = [i for i in parser.structure if i["instruction"] != "COMMENT"]
+        content = parser.content
+    assert instructions[0]["instruction"] == "FROM"
+    known = {"FROM", "RUN", "COPY", "ENV", "WORKDIR", "USER", "VOLUME", "ENTRYPOINT", "CMD", "HEALTHCHECK", "ARG", "LABEL", "EXPOSE", "COMMENT"}
+    assert {i["instruction"] for i in instructions} <= known
+    for copy in (i for i in instructions if i["instruction"] == "COPY"):
+        *sources, _ = copy["value"].split()
+        for source in sources:
+            assert (ROOT / source).exists(), f"{name} copies {source}, which is not in the build context"
+    users = [i["value"] for i in instructions if i["instruction"] == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    assert any('"gridrender"' in i["value"] for i in instructions if i["instruction"] == "ENTRYPOINT")
+    if name == "cli.Dockerfile":
+        assert "[worker]" not in content  # the scheduler image has no torch
+    else:
+        assert instructions[0]["value"].startswith("nvidia/cuda:") and '".[worker]"' in content
+
+
+def variables_read_by_the_code() -> set[str]:
+    from scheduler.settings import Settings
+
+    names = {f"GRIDRENDER_{field.upper()}" for field in Settings.model_fields}
+    for path in CODE:
+        names |= set(re.findall(r'"(GRIDRENDER_[A-Z_]+)"', path.read_text()))
+    # what boto3 reads for S3 (the "standard AWS variables")
+    names |= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+              "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"}
+    return names
+
+
+def test_environment_variables_in_deploy_are_the_ones_the_code_reads():
+    used = set()
+    for path in DEPLOY.rglob("*"):
+        if path.is_file():
+            used |= set(re.findall(r"\b((?:GRIDRENDER|AWS)_[A-Z0-9_]+)\b", path.read_text()))
+    unknown = used - variables_read_by_the_code()
+    assert not unknown, f"deploy/ sets variables the code never reads: {sorted(unknown)}"
+    assert {"GRIDRENDER_BROKER_URL", "AWS_ENDPOINT_URL_S3", "AWS_SECRET_ACCESS_KEY"} <= used
+
+
+def test_the_validators_do_reject_broken_files():
+    """Guards the tests above: a schema that accepts anything would prove nothing."""
+    import kubernetes_validate
+
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"services": {"worker": {"image": "x", "gpus_please": True}}}, compose_schema())
+    deployment = next(d for d in yaml.safe_load_all((DEPLOY / "k8s" / "worker.yaml").read_text()) if d["kind"] == "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["resourcez"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)

@@ -208,8 +208,13 @@ def worker(
     preload: Optional[str] = typer.Option(None, "--preload", hidden=True),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="Start one worker process per GPU, e.g. 0,1,2,3."),
     loglevel: str = typer.Option("INFO", "--loglevel"),
+    compile_unet: bool = typer.Option(False, "--compile", help="torch.compile the UNet on CUDA (slow first call per shape)."),
 ) -> None:
     """A Celery worker (solo pool) that keeps its pipeline resident."""
+    import os
+
+    if compile_unet:
+        os.environ["GRIDRENDER_COMPILE"] = "1"  # read where pipelines are loaded, here and in --gpus children
     from scheduler.chunks import queue_for
     from scheduler.models import resolve
     from workers.worker import run as run_worker

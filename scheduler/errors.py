@@ -53,7 +53,15 @@ class ModelInputError(ModelError, InputError):
 
 
 class StorageError(GridrenderError):
-    """Reading or writing the output store failed."""
+    """Reading or writing the output store failed.
+
+    `transient` marks failures worth retrying: a connection that broke, a 5xx,
+    throttling. A missing bucket or a path that is a directory is not.
+    """
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class RenderError(GridrenderError):

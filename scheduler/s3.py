@@ -16,6 +16,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from .errors import StorageError
 from .storage import NotFound, Store, check_key
 
+_THROTTLING = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError", "ServiceUnavailable"}
 _URL = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>.*))?$")
 
 # Standard retry mode backs off exponentially with jitter on throttling, 5xx and
@@ -46,10 +47,12 @@ class S3Store(Store):
     def _fail(self, action: str, key: str, exc: Exception) -> StorageError:
         if isinstance(exc, ClientError):
             error = exc.response.get("Error", {})
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
             reason = f"{error.get('Code', '?')}: {error.get('Message', '')}"
-        else:
-            reason = type(exc).__name__
-        return StorageError(f"cannot {action} {self.url(key)} ({reason})")
+            transient = status >= 500 or status == 429 or error.get("Code") in _THROTTLING
+        else:  # connection refused, reset or timed out
+            reason, transient = type(exc).__name__, True
+        return StorageError(f"cannot {action} {self.url(key)} ({reason})", transient=transient)
 
     def put_new(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
         try:

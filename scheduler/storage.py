@@ -6,7 +6,9 @@ Cells are written once: `put_new` never replaces an object that exists.
 """
 from __future__ import annotations
 
+import logging
 import os
+import random
 import re
 import tempfile
 import threading
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import StorageError
+
+log = logging.getLogger(__name__)
 
 
 class NotFound(StorageError):
@@ -191,6 +195,49 @@ class MemoryStore(Store):
         with self._lock:
             keys = [k for k in self.objects if k.startswith(prefix) and "/" not in k[len(prefix) :]]
             return iter([(k, self.times[k]) for k in keys])
+
+
+class RetryingStore(Store):
+    """Wraps a store so that transient failures are retried with backoff, up to a deadline.
+
+    Workers hold rendered images while their uploads retry: an S3 outage shorter than
+    the deadline costs time, never a second render. Only transient errors are retried;
+    NotFound is an answer, not a failure.
+    """
+
+    def __init__(self, inner: Store, deadline: float = 600.0, first_delay: float = 0.5, max_delay: float = 20.0):
+        self.inner, self.root = inner, inner.root
+        self.deadline, self.first_delay, self.max_delay = deadline, first_delay, max_delay
+
+    def _retry(self, fn, *args):
+        give_up = time.monotonic() + self.deadline
+        delay = self.first_delay
+        while True:
+            try:
+                return fn(*args)
+            except NotFound:
+                raise
+            except StorageError as exc:
+                if not exc.transient or time.monotonic() + delay > give_up:
+                    raise
+                log.warning("%s; retrying in %.1fs", exc, delay)
+                time.sleep(delay * (0.5 + random.random() / 2))
+                delay = min(delay * 2, self.max_delay)
+
+    def put_new(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
+        return self._retry(self.inner.put_new, key, data, content_type)
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self._retry(self.inner.put, key, data, content_type)
+
+    def get(self, key: str) -> bytes:
+        return self._retry(self.inner.get, key)
+
+    def exists(self, key: str) -> bool:
+        return self._retry(self.inner.exists, key)
+
+    def list_with_times(self, prefix: str) -> Iterator[tuple[str, float]]:
+        return iter(self._retry(lambda: list(self.inner.list_with_times(prefix))))
 
 
 def open_store(output: str) -> Store:

@@ -51,3 +51,42 @@ def test_local_writes_leave_no_temp_files(tmp_path):
     store.put("jobs/j/manifest.jsonl", b"z")
     files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     assert files == ["cells/a.png", "jobs/j/manifest.jsonl"]
+
+
+class Flaky(MemoryStore):
+    """A store whose next `failures` calls raise the given error."""
+
+    def __init__(self, failures: int, transient: bool):
+        super().__init__()
+        self.failures, self.transient, self.calls = failures, transient, 0
+
+    def put_new(self, key, data, content_type="application/octet-stream"):
+        self.calls += 1
+        if self.failures:
+            self.failures -= 1
+            raise StorageError("connection reset", transient=self.transient)
+        return super().put_new(key, data, content_type)
+
+
+def test_retrying_store_rides_out_transient_errors():
+    from scheduler.storage import RetryingStore
+
+    inner = Flaky(3, transient=True)
+    store = RetryingStore(inner, deadline=5, first_delay=0.01)
+    assert store.put_new("cells/a.png", b"x") is True
+    assert inner.calls == 4 and inner.get("cells/a.png") == b"x"
+
+
+def test_retrying_store_gives_up_on_permanent_errors_at_once_and_on_transient_ones_at_the_deadline():
+    from scheduler.storage import RetryingStore
+
+    permanent = Flaky(1, transient=False)
+    with pytest.raises(StorageError):
+        RetryingStore(permanent, deadline=5, first_delay=0.01).put_new("cells/a.png", b"x")
+    assert permanent.calls == 1
+    endless = Flaky(10**6, transient=True)
+    with pytest.raises(StorageError):
+        RetryingStore(endless, deadline=0.2, first_delay=0.01, max_delay=0.05).put_new("cells/a.png", b"x")
+    assert 2 < endless.calls < 100
+    with pytest.raises(NotFound):
+        RetryingStore(MemoryStore(), deadline=5).get("cells/none.json")

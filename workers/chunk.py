@@ -34,7 +34,8 @@ IO_QUEUE = 32  # writes in flight before the render loop waits: bounds memory he
 
 @dataclass
 class ChunkResult:
-    rendered: int = 0
+    rendered: int = 0  # cells the GPU rendered
+    stored: int = 0  # cells this call wrote (a redelivered chunk may find some written)
     present: int = 0  # stored before we got to them
     failed: dict[str, str] = field(default_factory=dict)
     oom_splits: int = 0
@@ -89,6 +90,7 @@ def render_and_store(
     for batch in grid.batches(todo, batch_size):
         try:
             for rendered in _render_splitting(renderer, model, batch, embeddings, result):
+                result.rendered += 1
                 pending.append((rendered.cell, writer.submit(save, store, rendered, model, renderer.device, job)))
         except Exception as exc:  # this batch fails; the rest of the chunk goes on
             log.error("batch of %d cells of %s failed: %s", len(batch), job, exc)
@@ -96,12 +98,12 @@ def render_and_store(
         on_batch(len(batch))
     for cell, future in pending:
         try:
-            result.rendered += bool(future.result())
+            result.stored += bool(future.result())
         except Exception as exc:
             result.failed[cell.id] = f"{type(exc).__name__}: {exc}"
     result.encoder_passes = renderer.encoder_passes() - passes
-    log.info("chunk of %s: %d cells rendered, %d already stored, %d failed; %d encoder pass(es)",
-             job, result.rendered, result.present, len(result.failed), result.encoder_passes)
+    log.info("chunk of %s: %d cells rendered, %d stored, %d already stored, %d failed; %d encoder pass(es)",
+             job, result.rendered, result.stored, result.present, len(result.failed), result.encoder_passes)
     return result
 
 

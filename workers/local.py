@@ -26,6 +26,7 @@ def run_plan(
         for cells in grid.split(plan.missing(store), LOCAL_CHUNK):
             result = render_and_store(renderer, writer, store, plan.model, cells, plan.job.batch_size, plan.job.name, on_batch)
             total.rendered += result.rendered
+            total.stored += result.stored
             total.present += result.present
             total.failed.update(result.failed)
             total.oom_splits += result.oom_splits

@@ -14,7 +14,8 @@ from scheduler.errors import InputError, ModelError
 from scheduler.models import ModelSpec
 from scheduler.settings import Settings
 from scheduler.status import cancelled_submissions, failure_key
-from scheduler.storage import Store, open_store
+from scheduler.errors import StorageError
+from scheduler.storage import RetryingStore, Store, open_store
 
 from .chunk import Writer, render_and_store
 from .render import Renderer
@@ -22,6 +23,7 @@ from .render import Renderer
 log = logging.getLogger(__name__)
 app = shared_app()
 _settings = Settings()
+STORAGE_DEADLINE = 600.0  # seconds a worker keeps retrying storage before giving the chunk back
 _renderer: Renderer | None = None
 _writer: Writer | None = None
 _local_models: dict[tuple, ModelSpec] = {}
@@ -64,14 +66,20 @@ def render_chunk(self, message: dict) -> dict:
         # A message we cannot trust is dropped (acknowledged), never half-run or retried.
         log.error("dropping task %s: %s", self.request.id, exc)
         return {"rejected": str(exc)}
-    store = open_store(chunk.output)
-    if chunk.submission in cancelled_submissions(store, chunk.job):
-        log.info("job %s was cancelled: dropping %d cells", chunk.job, len(chunk.cells))
-        return {"cancelled": len(chunk.cells)}
+    # Storage calls retry through outages of up to STORAGE_DEADLINE seconds.
+    store = RetryingStore(open_store(chunk.output), deadline=STORAGE_DEADLINE)
     try:
+        if chunk.submission in cancelled_submissions(store, chunk.job):
+            log.info("job %s was cancelled: dropping %d cells", chunk.job, len(chunk.cells))
+            return {"cancelled": len(chunk.cells)}
         result = render_cells(chunk, store)
-    except Exception as exc:  # a bug or an outage: retried, then recorded, never silently acked
-        log.exception("chunk of %s failed", chunk.job)
+    except Exception as exc:
+        if isinstance(exc, StorageError) and exc.transient:
+            # Storage still unreachable after the deadline: keep the chunk (it comes back
+            # later) rather than acknowledge it unrendered or record failures we cannot write.
+            log.error("chunk of %s: storage unreachable (%s); retrying the chunk later", chunk.job, exc)
+            raise self.retry(countdown=60, max_retries=None) from None
+        log.exception("chunk of %s failed", chunk.job)  # retried, then recorded, never silently acknowledged
         result = {"rendered": 0, "present": 0, "failed": {c.id: f"{type(exc).__name__}: {exc}" for c in chunk.cells}}
     if result["failed"]:
         attempt = self.request.retries + 1
@@ -89,7 +97,8 @@ def render_cells(chunk: Chunk, store: Store) -> dict:
     except ModelError as exc:
         return {"rendered": 0, "present": 0, "failed": {c.id: f"ModelError: {exc}" for c in chunk.cells}}
     result = render_and_store(renderer(), writer(), store, model, chunk.cells, chunk.batch_size, chunk.job)
-    return {"rendered": result.rendered, "present": result.present, "failed": result.failed, "oom_splits": result.oom_splits}
+    return {"rendered": result.rendered, "stored": result.stored, "present": result.present, "failed": result.failed,
+            "oom_splits": result.oom_splits}
 
 
 def record_failures(store: Store, chunk: Chunk, failed: dict[str, str], attempts: int) -> None:

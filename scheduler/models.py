@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import struct
 from dataclasses import asdict, dataclass
@@ -197,15 +198,37 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
-_HASH_CACHE: dict[tuple, str] = {}
+def _hash_cache_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gridrender" / "sha256.json"
+
+
+_HASH_CACHE: dict[str, str] | None = None
 
 
 def _cached_hash(path: Path, compute) -> str:
-    """Hashing a 4 GB checkpoint takes seconds: remember it per (path, size, mtime)."""
+    """Hashing a 4 GB checkpoint takes seconds: remember it per (path, size, mtime).
+
+    Kept on disk too, so `validate`, `submit` and every worker do not hash it again.
+    """
+    global _HASH_CACHE
+    cache_file = _hash_cache_file()
+    if _HASH_CACHE is None:
+        try:
+            _HASH_CACHE = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            _HASH_CACHE = {}
     st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
     if key not in _HASH_CACHE:
         _HASH_CACHE[key] = compute()
+        try:  # best effort: a read-only home only costs the next process a re-hash
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(_HASH_CACHE))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass
     return _HASH_CACHE[key]
 
 

@@ -16,7 +16,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Render Stabl
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
 
 def _fail(exc: GridrenderError) -> "typer.Exit":
@@ -47,7 +47,7 @@ def validate(job: Path = typer.Argument(..., help="The job file.")) -> None:
     _warn(plan.warnings)
     out.print(f"job [bold]{plan.job.name}[/bold]: {len(plan.cells):,} cells, model {plan.model.source} "
               f"({plan.model.clip_layers} CLIP layers), output {plan.job.output}", highlight=False)
-    for axis, values in plan.axes().items():
+    for axis, values in plan.job.axes().items():
         shown = ", ".join(repr(v) if isinstance(v, str) else str(v) for v in values[:8])
         more = f", … ({len(values):,} in all)" if len(values) > 8 else ""
         kind = "varies" if len(values) > 1 else "locked"

@@ -28,11 +28,6 @@ class Plan:
         done = store.done_cells()
         return [c for c in self.cells if c.id not in done]
 
-    def axes(self) -> dict[str, list]:
-        axes = self.job.axes()
-        axes["seed"] = self.job.seed_list
-        return axes
-
 
 def prepare(job: Job | str | Path, cuda: bool | None = None, settings: Settings | None = None) -> Plan:
     """Validate everything that can be checked before rendering; raise JobError if not.

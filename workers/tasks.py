@@ -10,11 +10,10 @@ from pathlib import Path
 from scheduler import models
 from scheduler.broker import RENDER_TASK, shared_app
 from scheduler.chunks import Chunk
-from scheduler.errors import InputError, ModelError
+from scheduler.errors import InputError, ModelError, StorageError
 from scheduler.models import ModelSpec
 from scheduler.settings import Settings
 from scheduler.status import cancelled_submissions, failure_key
-from scheduler.errors import StorageError
 from scheduler.storage import RetryingStore, Store, open_store
 
 from .chunk import Writer, render_and_store

@@ -74,6 +74,7 @@ def test_redis_flushed_mid_job_then_resubmit_finishes_only_the_missing(cluster, 
     enqueued = int(re.search(r": ([\d,]+) cells in", again.stdout)[1])
     assert enqueued <= 200 - stored
     assert_each_cell_once(cluster, 200)
+    print(f"redis flush: {stored} cells stored at the flush, status said {reported}, resubmit enqueued {enqueued}")
 
 
 def test_s3_down_for_20_seconds_mid_job(cluster, job_file):
@@ -95,6 +96,7 @@ def test_s3_down_for_20_seconds_mid_job(cluster, job_file):
         rendered = sum(int(n) for n in re.findall(r"chunk of t: (\d+) cells rendered", log))
         assert rendered == 80, f"{rendered} renders for 80 cells"
         assert "failed after" not in log
+        print(f"s3 outage: 80 cells, {rendered} GPU renders, {log.count('retrying in')} storage retries logged")
     finally:
         proxy.close()
 
@@ -126,6 +128,7 @@ def test_out_of_memory_splits_the_batch_and_the_worker_lives(renderer, tiny, tmp
     import json
 
     assert {json.loads(store.get(f"cells/{c.id}.json"))["batch_size"] for c in cells} == {1}
+    print(f"oom: {result.oom_splits} splits, {result.rendered} cells rendered, {len(result.failed)} failed")
 
 
 def test_poison_cell_fails_a_bounded_number_of_times_and_the_rest_completes(cluster, job_file, tmp_path):
@@ -146,6 +149,7 @@ def test_poison_cell_fails_a_bounded_number_of_times_and_the_rest_completes(clus
     assert log.count("failed (attempt") == 2  # two retries ...
     assert log.count("1 cells failed after 3 attempts") == 1  # ... then recorded, once
     assert worker.alive()
+    print(f"poison: {status.stdout.strip()}")
 
 
 def test_sigterm_mid_chunk_finishes_the_chunk(cluster, job_file):
@@ -159,3 +163,4 @@ def test_sigterm_mid_chunk_finishes_the_chunk(cluster, job_file):
     assert done(cluster) == 24  # warm shutdown: the chunk in hand was finished, not dropped
     assert redis.Redis.from_url(cluster.env["GRIDRENDER_BROKER_URL"]).llen(QUEUE) == 0
     assert_each_cell_once(cluster, 24)
+    print("sigterm: worker exited 0 with 24/24 cells stored, queue empty")

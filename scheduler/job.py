@@ -91,9 +91,10 @@ class Job(BaseModel):
     _source: str = PrivateAttr(default="<job>")
     _lines: dict = PrivateAttr(default_factory=dict)
 
-    _axis = field_validator("prompts", "negative_prompt", "clip_skip", "sampler", "steps", "guidance", mode="before")(
-        classmethod(lambda cls, v: _as_list(v))
-    )
+    @field_validator("prompts", "negative_prompt", "clip_skip", "sampler", "steps", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return _as_list(value)
 
     @field_validator("seeds", mode="before")
     @classmethod

@@ -49,9 +49,10 @@ def test_one_pass_yields_every_skip(pipe):
 def test_skip_1_equals_the_pipelines_own_embedding(pipe):
     encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
     ours = encoder.encode(["a cow standing in a field", "lowres, blurry"], {1})[1]
-    positive, negative = pipe.encode_prompt(
-        "a cow standing in a field", torch.device("cpu"), 1, True, negative_prompt="lowres, blurry"
-    )
+    with torch.no_grad():  # the shared pipeline has run under inference_mode: no autograd here
+        positive, negative = pipe.encode_prompt(
+            "a cow standing in a field", torch.device("cpu"), 1, True, negative_prompt="lowres, blurry"
+        )
     torch.testing.assert_close(ours[0], positive[0], rtol=0, atol=0)
     torch.testing.assert_close(ours[1], negative[0], rtol=0, atol=0)
 

@@ -120,3 +120,25 @@ def test_file_hashes_are_cached_on_disk_per_size_and_mtime(tmp_path, monkeypatch
     weights.write_bytes(b"y" * 100)  # changed content, new size/mtime: hashed anew
     monkeypatch.setattr(models, "_hash_file", lambda p: "new")
     assert models.file_sha256(weights) == "new"
+
+
+def test_a_folder_laid_out_by_other_tools_loads(renderer, tiny, tiny_folder, tmp_path):
+    """Older transformers' layout (pytorch_model.bin, `text_model.` keys) and a
+    model_index.json that lists a safety checker and feature extractor it lacks."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "foreign"
+    shutil.copytree(tiny_folder, folder, ignore=shutil.ignore_patterns(".complete"))
+    encoder = folder / "text_encoder"
+    state = load_file(encoder / "model.safetensors")
+    torch.save({"text_model." + k: v for k, v in state.items()}, encoder / "pytorch_model.bin")
+    (encoder / "model.safetensors").unlink()
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"], requires_safety_checker=True)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    model = resolve(str(folder))
+    assert (_pixels(renderer, model) == _pixels(renderer, tiny)).all()

@@ -110,7 +110,9 @@ def json_key(model: ModelSpec) -> tuple:
 def load(model: ModelSpec, dtype: torch.dtype, device: torch.device):
     from diffusers import StableDiffusionPipeline
 
-    common = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    # No safety checker (it blanks research grids) and so no feature extractor: folders
+    # that list them in model_index.json but lack their files load all the same.
+    common = dict(torch_dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
         if model.kind == "builtin":
             pipe = StableDiffusionPipeline.from_pretrained(builtin_folder(model.location), local_files_only=True, **common)

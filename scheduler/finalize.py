@@ -66,12 +66,6 @@ class Progress:
         return self.total - self.done
 
 
-def progress(store: Store, name: str) -> Progress:
-    lines = read_manifest(store, name)
-    done = store.done_cells()
-    return Progress(sum(line["cell_id"] in done for line in lines), len(lines))
-
-
 @dataclass
 class Finalized(Progress):
     sheets: int = 0

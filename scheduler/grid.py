@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 
 from . import samplers
 from .errors import Problem
-from .job import Job
+from .job import Job, SheetLayout
 from .models import ModelSpec
 
 CELL_ID_HEX = 16  # 64 bits: a collision among 10^6 cells has odds of about 1 in 3.7e7
@@ -68,7 +68,7 @@ def check_axes(job: Job) -> list[Problem]:
     Two negative prompts sneaking in through a list, say, would otherwise put
     different conditions side by side under one label.
     """
-    layout = job.sheet.model_dump() if job.sheet else {"rows": "clip_skip", "cols": "seed", "pages": "prompt"}
+    layout = (job.sheet or SheetLayout()).model_dump()
     warnings = []
     for axis, values in job.axes().items():
         if len(values) > 1 and axis not in layout.values():

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .job import SHEET_AXES, SheetLayout
 from .storage import NotFound, Store, cell_png
 
-AXES = ("prompt", "negative_prompt", "sampler", "steps", "guidance", "size", "clip_skip", "seed")
-DEFAULT_LAYOUT = {"rows": "clip_skip", "cols": "seed", "pages": "prompt"}
+AXES = SHEET_AXES
+DEFAULT_LAYOUT = SheetLayout().model_dump()
 MIN_WIDTH = 640  # room for the header on sheets of small images
 MAX_PIXELS = 40_000_000  # per sheet; A1111's X/Y/Z plot caps grids the same way
 

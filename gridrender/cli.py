@@ -17,6 +17,7 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+OUTPUT_OPTION = typer.Option(None, "--output", help="Output root (default $GRIDRENDER_OUTPUT or ./renders).")
 
 
 def _fail(exc: GridrenderError) -> "typer.Exit":
@@ -98,7 +99,7 @@ def run(job: Path = typer.Argument(..., help="The job file.")) -> None:
 @app.command("finalize")
 def finalize_cmd(
     name: str = typer.Argument(..., help="Job name (or job file)."),
-    output: Optional[str] = typer.Option(None, "--output", help="Output root (default $GRIDRENDER_OUTPUT or ./renders)."),
+    output: Optional[str] = OUTPUT_OPTION,
 ) -> None:
     """Write the manifest (and sheets, gallery) from what storage holds."""
     from scheduler import finalize
@@ -116,7 +117,7 @@ def finalize_cmd(
 @app.command()
 def status(
     name: str = typer.Argument(..., help="Job name (or job file)."),
-    output: Optional[str] = typer.Option(None, "--output", help="Output root (default $GRIDRENDER_OUTPUT or ./renders)."),
+    output: Optional[str] = OUTPUT_OPTION,
     watch: bool = typer.Option(False, "--watch", help="Refresh every few seconds until the job is done."),
 ) -> None:
     """Done / total, failures, rate and ETA."""
@@ -231,7 +232,7 @@ def worker(
 @app.command()
 def cancel(
     name: str = typer.Argument(..., help="Job name (or job file)."),
-    output: Optional[str] = typer.Option(None, "--output", help="Output root (default $GRIDRENDER_OUTPUT or ./renders)."),
+    output: Optional[str] = OUTPUT_OPTION,
 ) -> None:
     """Drop the job's pending chunks; chunks already running finish."""
     from scheduler.submit import cancel as cancel_job
@@ -252,7 +253,7 @@ def export(
     name: str = typer.Argument(..., help="Job name (or job file)."),
     dest: Path = typer.Argument(..., help="A new folder to write the dataset into."),
     fmt: str = typer.Option(..., "--format", help="imagefolder (Hugging Face datasets) or webdataset (tar shards)."),
-    output: Optional[str] = typer.Option(None, "--output", help="Output root (default $GRIDRENDER_OUTPUT or ./renders)."),
+    output: Optional[str] = OUTPUT_OPTION,
 ) -> None:
     """Export the job's rendered cells as a dataset that training code loads."""
     from scheduler.export import export as write_dataset

@@ -94,11 +94,7 @@ class PipelineCache:
 
     def put(self, model: ModelSpec, dtype: str, pipe) -> Loaded:
         """Make an already built pipeline resident (benchmarks with random full-size weights)."""
-        pipe.set_progress_bar_config(disable=True)
-        pipe = pipe.to(self.device)
-        if self.device.type == "cuda":
-            tune_for_cuda(pipe)
-        loaded = Loaded(pipe, model, dtype, 0.0)
+        loaded = Loaded(make_resident(pipe, self.device), model, dtype, 0.0)
         self.loaded[(json_key(model), dtype)] = loaded
         return loaded
 
@@ -130,6 +126,11 @@ def load(model: ModelSpec, dtype: torch.dtype, device: torch.device):
         raise
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ModelError(f"cannot load model {model.source!r}: {exc}") from exc
+    return make_resident(pipe, device)
+
+
+def make_resident(pipe, device: torch.device):
+    """Quiet, on the device, and tuned for it: every pipeline goes through here."""
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
     if device.type == "cuda":

@@ -14,12 +14,12 @@ import time
 import redis
 import yaml
 
-from scheduler.broker import RENDER_TASK, make_app
-from scheduler.chunks import queue_for
-from scheduler.plan import prepare
-from scheduler.settings import Settings
-from scheduler.storage import LocalStore
-from scheduler.submit import submit
+from gridrender.scheduler.broker import RENDER_TASK, make_app
+from gridrender.scheduler.chunks import queue_for
+from gridrender.scheduler.plan import prepare
+from gridrender.scheduler.settings import Settings
+from gridrender.scheduler.storage import LocalStore
+from gridrender.scheduler.submit import submit
 
 
 def main() -> None:

@@ -30,8 +30,8 @@ def build(device, dtype):
     from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from scheduler.models import config_dir
-    from workers.builtin import tokenizer_vocab
+    from gridrender.scheduler.models import config_dir
+    from gridrender.workers.builtin import tokenizer_vocab
 
     src = config_dir("sd15")
     torch.manual_seed(0)
@@ -49,12 +49,12 @@ def build(device, dtype):
 def main() -> None:
     import torch
 
-    from scheduler.grid import make_cell
-    from scheduler.models import ModelSpec
-    from scheduler.storage import LocalStore
-    from workers.chunk import Writer, render_and_store
-    from workers.pipelines import PipelineCache, quiet_libraries
-    from workers.render import Renderer
+    from gridrender.scheduler.grid import make_cell
+    from gridrender.scheduler.models import ModelSpec
+    from gridrender.scheduler.storage import LocalStore
+    from gridrender.workers.chunk import Writer, render_and_store
+    from gridrender.workers.pipelines import PipelineCache, quiet_libraries
+    from gridrender.workers.render import Renderer
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=25)

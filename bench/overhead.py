@@ -32,7 +32,7 @@ def direct(args, plan, folder: Path) -> float:
     import torch
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
-    from workers.pipelines import builtin_folder, quiet_libraries
+    from gridrender.workers.pipelines import builtin_folder, quiet_libraries
 
     quiet_libraries()
     pipe = StableDiffusionPipeline.from_pretrained(builtin_folder("tiny"), safety_checker=None, requires_safety_checker=False)
@@ -53,9 +53,9 @@ def direct(args, plan, folder: Path) -> float:
 
 
 def gridrender_run(plan, root: Path) -> float:
-    from scheduler.storage import LocalStore
-    from workers.local import run_plan
-    from workers.render import Renderer
+    from gridrender.scheduler.storage import LocalStore
+    from gridrender.workers.local import run_plan
+    from gridrender.workers.render import Renderer
 
     renderer = Renderer()
     renderer.cache.get(plan.model, plan.dtype)  # load before timing, as (a) does
@@ -70,11 +70,11 @@ def distributed(args, job_path: Path, warm_path: Path, tmp: Path) -> float:
     import boto3
     import redis
 
-    from scheduler.broker import make_app
-    from scheduler.plan import prepare
-    from scheduler.settings import Settings
-    from scheduler.storage import open_store
-    from scheduler.submit import submit
+    from gridrender.scheduler.broker import make_app
+    from gridrender.scheduler.plan import prepare
+    from gridrender.scheduler.settings import Settings
+    from gridrender.scheduler.storage import open_store
+    from gridrender.scheduler.submit import submit
     from tests.services import start_moto, start_worker, wait_for
 
     moto, endpoint = start_moto(tmp / "moto.log")
@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/14")
     args = parser.parse_args()
-    from scheduler.plan import prepare
+    from gridrender.scheduler.plan import prepare
 
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)

@@ -9,8 +9,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from scheduler.errors import GridrenderError, InputError
-from scheduler.settings import Settings
+from gridrender.scheduler.errors import GridrenderError, InputError
+from gridrender.scheduler.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Render Stable Diffusion grids as batch jobs.")
 out = Console(soft_wrap=True)
@@ -39,7 +39,7 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what w
 @app.command()
 def validate(job: Path = typer.Argument(..., help="The job file.")) -> None:
     """Parse and expand a job file; print its axes and grid size. Exit 2 on error."""
-    from scheduler.plan import prepare
+    from gridrender.scheduler.plan import prepare
 
     try:
         plan = prepare(job, cuda=None)
@@ -58,8 +58,8 @@ def validate(job: Path = typer.Argument(..., help="The job file.")) -> None:
 @app.command()
 def run(job: Path = typer.Argument(..., help="The job file.")) -> None:
     """Render every missing cell in this process (no broker), then finalize."""
-    from scheduler import finalize
-    from scheduler.plan import check_output, prepare
+    from gridrender.scheduler import finalize
+    from gridrender.scheduler.plan import check_output, prepare
 
     try:
         import torch
@@ -69,7 +69,7 @@ def run(job: Path = typer.Argument(..., help="The job file.")) -> None:
     except GridrenderError as exc:
         raise _fail(exc)
     _warn(plan.warnings)
-    from workers.local import run_plan
+    from gridrender.workers.local import run_plan
 
     missing = len(plan.missing(store))
     total = len(plan.cells)
@@ -102,7 +102,7 @@ def finalize_cmd(
     output: Optional[str] = OUTPUT_OPTION,
 ) -> None:
     """Write the manifest (and sheets, gallery) from what storage holds."""
-    from scheduler import finalize
+    from gridrender.scheduler import finalize
 
     try:
         store, job_name = _locate(name, output)
@@ -123,7 +123,7 @@ def status(
     """Done / total, failures, rate and ETA."""
     import time
 
-    from scheduler.status import job_status
+    from gridrender.scheduler.status import job_status
 
     try:
         store, job_name = _locate(name, output)
@@ -150,9 +150,9 @@ def submit(
     queue: Optional[str] = typer.Option(None, "--queue", help="Queue to send to (default: the model's own queue)."),
 ) -> None:
     """Fan the job's missing cells out to workers through the broker."""
-    from scheduler.broker import shared_app
-    from scheduler.plan import check_output, prepare
-    from scheduler.submit import submit as fan_out
+    from gridrender.scheduler.broker import shared_app
+    from gridrender.scheduler.plan import check_output, prepare
+    from gridrender.scheduler.submit import submit as fan_out
 
     try:
         plan = prepare(job, cuda=None)
@@ -178,8 +178,8 @@ def submit(
 def _wait(store, name: str, interval: float = 1.0) -> None:
     import time
 
-    from scheduler import finalize
-    from scheduler.status import job_status
+    from gridrender.scheduler import finalize
+    from gridrender.scheduler.status import job_status
 
     status = job_status(store, name)
     with _progress() as bar:
@@ -216,9 +216,9 @@ def worker(
 
     if compile_unet:
         os.environ["GRIDRENDER_COMPILE"] = "1"  # read where pipelines are loaded, here and in --gpus children
-    from scheduler.chunks import queue_for
-    from scheduler.models import resolve
-    from workers.worker import run as run_worker
+    from gridrender.scheduler.chunks import queue_for
+    from gridrender.scheduler.models import resolve
+    from gridrender.workers.worker import run as run_worker
 
     names = [q for q in (queues or "").split(",") if q]
     if model:
@@ -235,7 +235,7 @@ def cancel(
     output: Optional[str] = OUTPUT_OPTION,
 ) -> None:
     """Drop the job's pending chunks; chunks already running finish."""
-    from scheduler.submit import cancel as cancel_job
+    from gridrender.scheduler.submit import cancel as cancel_job
 
     try:
         store, job_name = _locate(name, output)
@@ -256,7 +256,7 @@ def export(
     output: Optional[str] = OUTPUT_OPTION,
 ) -> None:
     """Export the job's rendered cells as a dataset that training code loads."""
-    from scheduler.export import export as write_dataset
+    from gridrender.scheduler.export import export as write_dataset
 
     try:
         store, job_name = _locate(name, output)
@@ -269,7 +269,7 @@ def export(
 @app.command()
 def reproduce(record: str = typer.Argument(..., help="A cell record: cells/<id>.json, a path or an s3:// URL.")) -> None:
     """Render a cell again from its record alone and compare with the stored image."""
-    from workers.reproduce import TOLERANCE, reproduce as render_again
+    from gridrender.workers.reproduce import TOLERANCE, reproduce as render_again
 
     try:
         result = render_again(record)
@@ -291,8 +291,8 @@ def _redact(text: str) -> str:
 
 def _locate(name: str, output: str | None):
     """(store, job name) for a NAME under the output root, or for a job file path."""
-    from scheduler.job import NAME_PATTERN, load_job
-    from scheduler.storage import NotFound, job_key, open_store
+    from gridrender.scheduler.job import NAME_PATTERN, load_job
+    from gridrender.scheduler.storage import NotFound, job_key, open_store
     import re
 
     if name.endswith((".yaml", ".yml")) or Path(name).is_file():

@@ -28,21 +28,21 @@ def private_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def renderer(private_cache):
-    from workers.render import Renderer
+    from gridrender.workers.render import Renderer
 
     return Renderer()
 
 
 @pytest.fixture(scope="session")
 def tiny(private_cache):
-    from scheduler.models import resolve
+    from gridrender.scheduler.models import resolve
 
     return resolve("builtin:tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_folder(private_cache):
-    from workers.pipelines import builtin_folder
+    from gridrender.workers.pipelines import builtin_folder
 
     return builtin_folder("tiny")
 

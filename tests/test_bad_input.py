@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from gridrender.cli import app
-from scheduler.errors import JobError
-from scheduler.job import parse_job
+from gridrender.scheduler.errors import JobError
+from gridrender.scheduler.job import parse_job
 from tests.conftest import ROOT
 
 BAD = sorted((ROOT / "tests" / "data" / "bad").glob("*.yaml"))
@@ -31,7 +31,7 @@ def test_the_corpus_has_at_least_40_files():
 @pytest.fixture
 def sandbox(tmp_path, monkeypatch, redis_url):
     """Default output and broker point at places this test can inspect."""
-    from scheduler.broker import shared_app
+    from gridrender.scheduler.broker import shared_app
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("GRIDRENDER_OUTPUT", str(tmp_path / "out"))

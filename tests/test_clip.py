@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from scheduler.errors import JobError
-from scheduler.grid import make_cell
-from scheduler.models import resolve
-from scheduler.plan import prepare
-from workers.clip import PromptEncoder, clip_layer_for, text_transformer
+from gridrender.scheduler.errors import JobError
+from gridrender.scheduler.grid import make_cell
+from gridrender.scheduler.models import resolve
+from gridrender.scheduler.plan import prepare
+from gridrender.workers.clip import PromptEncoder, clip_layer_for, text_transformer
 
 PROMPTS = ["a cow standing in a field", "lowres, blurry", ""]
 

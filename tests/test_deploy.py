@@ -72,7 +72,7 @@ def test_worker_deployment_requests_one_gpu_and_is_ready_when_the_pipeline_is_lo
     assert container["readinessProbe"]["exec"]["command"] == ["test", "-f", "/tmp/gridrender-ready"]
     assert "--model" in container["args"]  # --model loads the pipeline, then writes the ready file
     assert container["envFrom"] == [{"secretRef": {"name": "gridrender"}}]
-    from workers.worker import READY_FILE
+    from gridrender.workers.worker import READY_FILE
 
     assert READY_FILE == "/tmp/gridrender-ready"
 
@@ -110,7 +110,7 @@ def test_dockerfiles_parse_and_copy_files_that_exist(name):
 
 
 def variables_read_by_the_code() -> set[str]:
-    from scheduler.settings import Settings
+    from gridrender.scheduler.settings import Settings
 
     names = {f"GRIDRENDER_{field.upper()}" for field in Settings.model_fields}
     for path in CODE:

@@ -126,7 +126,7 @@ BLOCK_TORCH = """
 import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in {'torch', 'diffusers', 'transformers', 'workers'}:
+        if name.split('.')[0] in {'torch', 'diffusers', 'transformers'} or name.startswith('gridrender.workers'):
             raise ImportError('blocked for this test: ' + name)
 sys.meta_path.insert(0, Block())
 sys.argv = ['gridrender'] + sys.argv[1:]
@@ -149,9 +149,10 @@ def test_the_scheduler_side_runs_without_torch(cluster, job_file):
 
 
 def test_scheduler_modules_do_not_import_torch():
-    code = ("import sys, scheduler.plan, scheduler.submit, scheduler.status, scheduler.s3, scheduler.broker, "
-            "scheduler.chunks, scheduler.finalize, gridrender.cli; "
-            "print(sorted({'torch', 'diffusers', 'transformers', 'workers'} & set(sys.modules)))")
+    code = ("import sys, gridrender.scheduler.plan, gridrender.scheduler.submit, gridrender.scheduler.status, "
+            "gridrender.scheduler.s3, gridrender.scheduler.broker, gridrender.scheduler.chunks, "
+            "gridrender.scheduler.finalize, gridrender.cli; "
+            "print(sorted({'torch', 'diffusers', 'transformers', 'gridrender.workers'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[]", result.stderr
 
@@ -182,8 +183,8 @@ def test_password_protected_redis_works_and_the_password_stays_out_of_logs(clust
 def test_rediss_urls_verify_the_certificate():
     import ssl
 
-    from scheduler.broker import make_app
-    from scheduler.settings import Settings
+    from gridrender.scheduler.broker import make_app
+    from gridrender.scheduler.settings import Settings
 
     app = make_app(Settings(broker_url="rediss://:secret@redis.example:6380/0"))
     assert app.conf.broker_use_ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}

@@ -102,9 +102,9 @@ def test_s3_down_for_20_seconds_mid_job(cluster, job_file):
 
 
 def test_out_of_memory_splits_the_batch_and_the_worker_lives(renderer, tiny, tmp_path):
-    from scheduler.grid import make_cell
-    from scheduler.storage import LocalStore
-    from workers.chunk import Writer, render_and_store
+    from gridrender.scheduler.grid import make_cell
+    from gridrender.scheduler.storage import LocalStore
+    from gridrender.workers.chunk import Writer, render_and_store
 
     pipe = renderer.cache.get(tiny, "float32").pipe
     real_forward = pipe.unet.forward
@@ -134,7 +134,7 @@ def test_out_of_memory_splits_the_batch_and_the_worker_lives(renderer, tiny, tmp
 def test_poison_cell_fails_a_bounded_number_of_times_and_the_rest_completes(cluster, job_file, tmp_path):
     output = tmp_path / "out"
     path = job_file(output=str(output), **{**SMALL, "clip_skip": 1}, seeds=[1, 2, 3, 4, 5, 6])
-    from scheduler.plan import prepare
+    from gridrender.scheduler.plan import prepare
 
     poison = prepare(path, cuda=None).cells[2]
     (output / "cells" / f"{poison.id}.png").mkdir(parents=True)  # its image can never be written or read

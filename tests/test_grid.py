@@ -1,9 +1,9 @@
 """Cells: content-addressed ids, stable order, batches that share a pipeline call."""
 from __future__ import annotations
 
-from scheduler import grid
-from scheduler.job import parse_job
-from scheduler.models import ModelSpec, resolve
+from gridrender.scheduler import grid
+from gridrender.scheduler.job import parse_job
+from gridrender.scheduler.models import ModelSpec, resolve
 
 JOB = b"""\
 name: g

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.errors import JobError
-from scheduler.job import MAX_SEED, parse_job
-from scheduler.settings import Settings
+from gridrender.scheduler.errors import JobError
+from gridrender.scheduler.job import MAX_SEED, parse_job
+from gridrender.scheduler.settings import Settings
 from tests.conftest import cli
 
 DESIGN_EXAMPLE = b"""\

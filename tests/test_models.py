@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from scheduler.errors import JobError, ModelError
-from scheduler.grid import make_cell
-from scheduler.models import resolve
-from scheduler.plan import prepare
+from gridrender.scheduler.errors import JobError, ModelError
+from gridrender.scheduler.grid import make_cell
+from gridrender.scheduler.models import resolve
+from gridrender.scheduler.plan import prepare
 from tests.support.singlefile import write_single_file
 
 
@@ -38,7 +38,7 @@ def test_builtin_weights_are_the_same_every_time(tiny_folder):
     """Weights come from a seeded PCG64 stream: rebuilding gives the saved tensors bit for bit."""
     from safetensors.torch import load_file
 
-    from workers import builtin
+    from gridrender.workers import builtin
 
     saved = load_file(tiny_folder / "unet" / "diffusion_pytorch_model.safetensors")
     rebuilt = builtin.build("tiny").unet.state_dict()
@@ -105,7 +105,7 @@ def test_bad_model_references_name_the_model_key(job_file):
 
 
 def test_file_hashes_are_cached_on_disk_per_size_and_mtime(tmp_path, monkeypatch):
-    from scheduler import models
+    from gridrender.scheduler import models
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(models, "_HASH_CACHE", None)

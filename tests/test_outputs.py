@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from scheduler.finalize import read_manifest
-from scheduler.sheets import build_sheets
-from scheduler.storage import LocalStore
+from gridrender.scheduler.finalize import read_manifest
+from gridrender.scheduler.sheets import build_sheets
+from gridrender.scheduler.storage import LocalStore
 from tests.conftest import ROOT, cli
 
 ARTIFACTS = ROOT / "test-artifacts"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scheduler.grid import make_cell
+from gridrender.scheduler.grid import make_cell
 
 
 def cells(tiny, seeds, sampler="Euler a", **kw):

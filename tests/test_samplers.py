@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from scheduler import samplers
-from scheduler.models import config_dir
-from workers.samplers import make_scheduler
+from gridrender.scheduler import samplers
+from gridrender.scheduler.models import config_dir
+from gridrender.workers.samplers import make_scheduler
 
 BASE = json.loads((config_dir("sd15") / "scheduler" / "scheduler_config.json").read_text())
 

@@ -11,8 +11,8 @@ import pytest
 import redis
 from celery import Celery
 
-from scheduler.errors import StorageError
-from scheduler.s3 import S3Store
+from gridrender.scheduler.errors import StorageError
+from gridrender.scheduler.s3 import S3Store
 from tests.services import wait_for
 
 QUEUE = "gridrender.builtin-tiny-0920326f"
@@ -43,8 +43,8 @@ def test_a_pickled_message_is_refused_and_never_unpickled(cluster, tmp_path):
 
 
 def test_a_tampered_message_cannot_write_another_cells_key(cluster, job_file, tmp_path):
-    from scheduler.chunks import Chunk
-    from scheduler.plan import prepare
+    from gridrender.scheduler.chunks import Chunk
+    from gridrender.scheduler.plan import prepare
 
     path = job_file(output=cluster.output, seeds=[1, 2], clip_skip=1, dtype="float32", steps=2)
     plan = prepare(path, cuda=None)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.errors import StorageError
-from scheduler.storage import LocalStore, MemoryStore, NotFound
+from gridrender.scheduler.errors import StorageError
+from gridrender.scheduler.storage import LocalStore, MemoryStore, NotFound
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -69,7 +69,7 @@ class Flaky(MemoryStore):
 
 
 def test_retrying_store_rides_out_transient_errors():
-    from scheduler.storage import RetryingStore
+    from gridrender.scheduler.storage import RetryingStore
 
     inner = Flaky(3, transient=True)
     store = RetryingStore(inner, deadline=5, first_delay=0.01)
@@ -78,7 +78,7 @@ def test_retrying_store_rides_out_transient_errors():
 
 
 def test_retrying_store_gives_up_on_permanent_errors_at_once_and_on_transient_ones_at_the_deadline():
-    from scheduler.storage import RetryingStore
+    from gridrender.scheduler.storage import RetryingStore
 
     permanent = Flaky(1, transient=False)
     with pytest.raises(StorageError):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scheduler.models import BUILTINS, config_dir
+from gridrender.scheduler.models import BUILTINS, config_dir
 
 SEED = 20260101
 

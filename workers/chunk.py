@@ -18,10 +18,10 @@ from typing import Callable
 
 import torch
 
-from scheduler import grid
-from scheduler.grid import Cell
-from scheduler.models import ModelSpec
-from scheduler.storage import Store, cell_record
+from gridrender.scheduler import grid
+from gridrender.scheduler.grid import Cell
+from gridrender.scheduler.models import ModelSpec
+from gridrender.scheduler.storage import Store, cell_record
 
 from .records import save
 from .render import Rendered, Renderer

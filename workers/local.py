@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from scheduler import grid
-from scheduler.plan import Plan
-from scheduler.storage import Store
+from gridrender.scheduler import grid
+from gridrender.scheduler.plan import Plan
+from gridrender.scheduler.storage import Store
 
 from .chunk import ChunkResult, Writer, render_and_store
 from .render import Renderer

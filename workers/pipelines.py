@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from scheduler.errors import ModelError
-from scheduler.models import BUILTINS, ModelSpec, config_dir
+from gridrender.scheduler.errors import ModelError
+from gridrender.scheduler.models import BUILTINS, ModelSpec, config_dir
 
 from . import builtin
 

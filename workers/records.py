@@ -13,9 +13,9 @@ from datetime import datetime, timezone
 import torch
 from PIL import PngImagePlugin
 
-from scheduler import infotext
-from scheduler.models import ModelSpec
-from scheduler.storage import Store, cell_png, cell_record
+from gridrender.scheduler import infotext
+from gridrender.scheduler.models import ModelSpec
+from gridrender.scheduler.storage import Store, cell_png, cell_record
 
 from .render import Rendered
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from scheduler.errors import RenderError
-from scheduler.grid import Cell
-from scheduler.models import ModelSpec
+from gridrender.scheduler.errors import RenderError
+from gridrender.scheduler.grid import Cell
+from gridrender.scheduler.models import ModelSpec
 
 from .clip import PromptEncoder, clip_layer_for
 from .pipelines import Loaded, PipelineCache

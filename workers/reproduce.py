@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from scheduler import models
-from scheduler.errors import InputError, StorageError
-from scheduler.grid import PARAM_KEYS, make_cell
-from scheduler.s3 import S3Store
+from gridrender.scheduler import models
+from gridrender.scheduler.errors import InputError, StorageError
+from gridrender.scheduler.grid import PARAM_KEYS, make_cell
+from gridrender.scheduler.s3 import S3Store
 
 from .render import Renderer
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import diffusers
 
-from scheduler import samplers
+from gridrender.scheduler import samplers
 
 
 def make_scheduler(name: str, base_config: dict):

@@ -7,14 +7,14 @@ import socket
 import time
 from pathlib import Path
 
-from scheduler import models
-from scheduler.broker import RENDER_TASK, shared_app
-from scheduler.chunks import Chunk
-from scheduler.errors import InputError, ModelError, StorageError
-from scheduler.models import ModelSpec
-from scheduler.settings import Settings
-from scheduler.status import cancelled_submissions, failure_key
-from scheduler.storage import RetryingStore, Store, open_store
+from gridrender.scheduler import models
+from gridrender.scheduler.broker import RENDER_TASK, shared_app
+from gridrender.scheduler.chunks import Chunk
+from gridrender.scheduler.errors import InputError, ModelError, StorageError
+from gridrender.scheduler.models import ModelSpec
+from gridrender.scheduler.settings import Settings
+from gridrender.scheduler.status import cancelled_submissions, failure_key
+from gridrender.scheduler.storage import RetryingStore, Store, open_store
 
 from .chunk import Writer, render_and_store
 from .render import Renderer

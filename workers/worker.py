@@ -20,9 +20,9 @@ def run(queues: list[str], gpus: list[str] | None, loglevel: str = "INFO", prelo
 
 def _preload(source: str) -> None:
     """Load the model before taking tasks, then say so in a file (a readiness probe)."""
-    from scheduler.grid import resolve_dtype
-    from scheduler.models import resolve
-    from scheduler.settings import Settings
+    from gridrender.scheduler.grid import resolve_dtype
+    from gridrender.scheduler.models import resolve
+    from gridrender.scheduler.settings import Settings
 
     from . import tasks
 

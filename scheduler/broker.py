@@ -1,19 +1,28 @@
-"""The Celery app both sides share: configuration only, no task code.
+"""The Celery app both sides share, and queue naming: configuration only, no task code.
 
 The scheduler sends tasks by name, so submitting needs neither torch nor the
 worker package; `workers.tasks` registers the task bodies on this same app.
 """
 from __future__ import annotations
 
+import re
 import ssl
-from functools import lru_cache
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
 
 from celery import Celery
+from kombu.exceptions import KombuError
+from redis.exceptions import RedisError
 
+from .errors import BrokerError
+from .models import ModelSpec
 from .settings import Settings
 
 RENDER_TASK = "gridrender.render_chunk"
-DEFAULT_QUEUE = "gridrender"
+SHARED_QUEUE = "gridrender"  # every worker consumes it: chunks of models no worker has loaded
+_QUEUE_SAFE = re.compile(r"[^a-z0-9]+")
+_PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
 
 
 def make_app(settings: Settings | None = None) -> Celery:
@@ -36,7 +45,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},
-        task_default_queue=DEFAULT_QUEUE,
+        task_default_queue=SHARED_QUEUE,
         task_create_missing_queues=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
@@ -47,6 +56,27 @@ def make_app(settings: Settings | None = None) -> Celery:
     return app
 
 
-@lru_cache(maxsize=None)
+@cache
 def shared_app() -> Celery:
     return make_app()
+
+
+def model_queue(model: ModelSpec) -> str:
+    """One queue per model, so a worker keeps one pipeline hot: gridrender.<name>-<hash>."""
+    stem = model.source.rsplit("/", 1)[-1].lower().removesuffix(".safetensors")
+    name = _QUEUE_SAFE.sub("-", stem).strip("-")[:40]
+    return f"{SHARED_QUEUE}.{name or 'model'}-{model.short_hash()[:8]}"
+
+
+def redact(text: str) -> str:
+    """Hide passwords in URLs (redis://:secret@host) before they reach a terminal or log."""
+    return _PASSWORD_IN_URL.sub(r"\1***@", text)
+
+
+@contextmanager
+def reaching_broker(action: str) -> Iterator[None]:
+    """Turns the broker's connection errors (kombu, redis, amqp) into one BrokerError, redacted."""
+    try:
+        yield
+    except (KombuError, RedisError, OSError) as exc:
+        raise BrokerError(f"cannot {action}: {redact(str(exc)) or type(exc).__name__}") from None

@@ -66,3 +66,7 @@ class StorageError(GridrenderError):
 
 class RenderError(GridrenderError):
     """A cell could not be rendered."""
+
+
+class BrokerError(GridrenderError):
+    """The broker (Redis) cannot be reached or refused us. Messages are redacted."""

@@ -2,26 +2,27 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import tarfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from . import layout
 from .errors import InputError
-from .finalize import read_manifest
-from .grid import PARAM_KEYS
-from .storage import Store, cell_png
+from .finalize import manifest_lines, stored_plan
+from .params import NAMES
+from .storage import Store
 
 FORMATS = ("imagefolder", "webdataset")
 SHARD_SIZE = 1000  # samples per tar shard
 
 
-def _rows(store: Store, name: str) -> list[dict]:
-    done = store.done_cells()
-    return [
-        {"cell_id": line["cell_id"], **{k: line[k] for k in PARAM_KEYS}}
-        for line in read_manifest(store, name)
-        if line["cell_id"] in done
-    ]
+def _rows(store: Store, name: str) -> Iterator[dict]:
+    """The job's stored cells with their parameters, streamed (statuses from progress records)."""
+    for line in manifest_lines(store, stored_plan(store, name)):
+        if line["status"] == "done":
+            yield {"cell_id": line["cell_id"], **{k: line[k] for k in NAMES}}
 
 
 def export(store: Store, name: str, fmt: str, dest: Path) -> int:
@@ -34,29 +35,37 @@ def export(store: Store, name: str, fmt: str, dest: Path) -> int:
     dest.mkdir(parents=True, exist_ok=True)
     rows = _rows(store, name)
     if fmt == "imagefolder":
-        _imagefolder(store, rows, dest)
-    else:
-        _webdataset(store, rows, dest, name)
-    return len(rows)
+        return _imagefolder(store, rows, dest)
+    return _webdataset(store, rows, dest, name)
 
 
-def _imagefolder(store: Store, rows: list[dict], dest: Path) -> None:
+def _imagefolder(store: Store, rows: Iterable[dict], dest: Path) -> int:
     """Images plus metadata.jsonl: `load_dataset("imagefolder", data_dir=dest)` reads the params as columns."""
+    count = 0
     with open(dest / "metadata.jsonl", "w", encoding="utf-8") as meta:
         for row in rows:
             file_name = f"{row['cell_id']}.png"
-            (dest / file_name).write_bytes(store.get(cell_png(row["cell_id"])))
+            (dest / file_name).write_bytes(store.get(layout.cell_image(row["cell_id"])))
             meta.write(json.dumps({"file_name": file_name, **row}, ensure_ascii=False) + "\n")
+            count += 1
+    return count
 
 
-def _webdataset(store: Store, rows: list[dict], dest: Path, name: str) -> None:
+def _webdataset(store: Store, rows: Iterable[dict], dest: Path, name: str) -> int:
     """Tar shards of `<key>.png` + `<key>.json` pairs, as the webdataset package reads them."""
-    for shard, start in enumerate(range(0, len(rows), SHARD_SIZE)):
+    count = 0
+    iterator = iter(rows)
+    for shard in itertools.count():
+        batch = list(itertools.islice(iterator, SHARD_SIZE))
+        if not batch:
+            break
         with tarfile.open(dest / f"{name}-{shard:06d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
-            for row in rows[start : start + SHARD_SIZE]:
+            for row in batch:
                 key = row["cell_id"]
-                _add(tar, f"{key}.png", store.get(cell_png(key)))
+                _add(tar, f"{key}.png", store.get(layout.cell_image(key)))
                 _add(tar, f"{key}.json", json.dumps(row, ensure_ascii=False).encode())
+        count += len(batch)
+    return count
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

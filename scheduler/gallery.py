@@ -8,7 +8,9 @@ from __future__ import annotations
 import html
 import json
 
-from .sheets import AXES, Sheet, axis_value, axis_values
+from . import layout
+from .params import AXES
+from .sheets import Sheet, axis_label, axis_values
 
 _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5rem;color:#222;background:#fafafa}
@@ -28,9 +30,9 @@ const data = JSON.parse(document.getElementById('cells-data').textContent);
 const grid = document.getElementById('cells');
 const detail = document.getElementById('detail');
 const selects = Array.from(document.querySelectorAll('select[data-axis]'));
-function valueOf(cell, axis) { return axis === 'size' ? cell.width + 'x' + cell.height : String(cell[axis]); }
+function valueOf(cell, axis) { return cell.axes[axis]; }
 function describe(cell) {
-  return Object.entries(cell).filter(([k]) => k !== 'status').map(([k, v]) => k + ': ' + v).join('\\n');
+  return Object.entries(cell).filter(([k]) => !['status', 'axes', 'href'].includes(k)).map(([k, v]) => k + ': ' + v).join('\\n');
 }
 for (const cell of data.cells) {
   const fig = document.createElement('figure');
@@ -39,7 +41,7 @@ for (const cell of data.cells) {
   const img = document.createElement('img');
   img.loading = 'lazy';
   img.alt = cell.prompt;
-  img.src = '../../cells/' + cell.cell_id + '.png';
+  img.src = cell.href;
   const cap = document.createElement('figcaption');
   cap.textContent = data.varying.map(a => a + '=' + valueOf(cell, a)).join(' ') || cell.cell_id;
   fig.append(img, cap);
@@ -73,10 +75,17 @@ def render_gallery(job_name: str, lines: list[dict], sheets: list[Sheet], note: 
         + "</select></label>"
         for axis in varying
     )
-    cells = [{k: v for k, v in line.items() if k not in ("image", "record")} for line in lines if line.get("status") == "done"]
-    payload = json.dumps({"cells": cells, "varying": varying}, ensure_ascii=False).replace("</", "<\\/")
+    page_key = layout.gallery(job_name)
+    cells = [
+        {**{k: v for k, v in line.items() if k not in ("image", "record")},
+         "href": layout.relative(page_key, line["image"]), "axes": {a: axis_label(line, a) for a in varying}}
+        for line in lines if line.get("status") == "done"
+    ]
+    # "<" as \u003c: no prompt can close the script element or open a comment in it.
+    payload = json.dumps({"cells": cells, "varying": varying}, ensure_ascii=False).replace("<", "\\u003c")
     sheet_tags = "".join(
-        f'<figure><img src="sheets/{html.escape(s.name)}" alt="{html.escape(s.title)}"><figcaption>{html.escape(s.title)}</figcaption></figure>'
+        f'<figure><img src="{html.escape(layout.relative(page_key, layout.sheet(job_name, s.name)))}" '
+        f'alt="{html.escape(s.title)}"><figcaption>{html.escape(s.title)}</figcaption></figure>'
         for s in sheets
     )
     page = f"""<!doctype html>

@@ -1,114 +1,101 @@
-"""Expanding a job into cells, naming cells by content, grouping them into calls."""
+"""Cells: one image each, named by its content, expanded from the job's axes as a stream."""
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from . import samplers
-from .errors import Problem
-from .job import Job, SheetLayout
-from .models import ModelSpec
+from .params import CALL, INDEX, NAMES, PARAMS, public_params
 
 CELL_ID_HEX = 16  # 64 bits: a collision among 10^6 cells has odds of about 1 in 3.7e7
-PARAM_KEYS = ("model", "prompt", "negative_prompt", "clip_skip", "seed", "sampler", "steps", "guidance", "width", "height", "dtype")
+CHUNK_ID_HEX = 16
 
 
-@dataclass(frozen=True)
 class Cell:
-    """One image: everything that changes its pixels, apart from the model."""
+    """One image: its id and a value for every parameter of `params.PARAMS`.
 
-    id: str
-    prompt: str
-    negative_prompt: str
-    clip_skip: int
-    seed: int
-    sampler: str
-    steps: int
-    guidance: float
-    width: int
-    height: int
-    dtype: str
+    Attribute access by parameter name (`cell.prompt`, `cell.seed`); values are kept
+    in a tuple so that streams of a million cells stay small.
+    """
 
-    def params(self, model: ModelSpec) -> dict:
+    __slots__ = ("id", "values")
+
+    def __init__(self, values: tuple, id: str | None = None):
+        self.values = values
+        self.id = id or cell_id(values)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[INDEX[name]]
+        except KeyError:
+            raise AttributeError(f"Cell has no parameter {name!r}") from None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Cell) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __repr__(self) -> str:
+        return f"Cell({self.id}, seed={self.seed}, clip_skip={self.clip_skip}, prompt={self.prompt[:30]!r})"
+
+    def params(self) -> dict:
         """The cell's parameters under the job file's own key names."""
-        # Written out rather than dataclasses.asdict: this runs once per cell on submit.
-        return {
-            "model": model.source, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
-            "clip_skip": self.clip_skip, "seed": self.seed, "sampler": self.sampler, "steps": self.steps,
-            "guidance": self.guidance, "width": self.width, "height": self.height, "dtype": self.dtype,
-        }
+        return public_params(self.values)
 
     def call_key(self) -> tuple:
         """Cells with equal keys can share one pipeline call."""
-        return (self.sampler, self.steps, self.guidance, self.width, self.height, self.dtype)
+        return tuple(self.values[INDEX[p.name]] for p in CALL)
+
+    def replace(self, **changes: Any) -> Cell:
+        values = list(self.values)
+        for name, value in changes.items():
+            values[INDEX[name]] = value
+        return Cell(tuple(values))
 
 
-def cell_id(model: ModelSpec, **params) -> str:
-    canonical = json.dumps({"model": model.identity(), **params}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+def cell_id(values: tuple) -> str:
+    identity = {p.name: p.identity(v) for p, v in zip(PARAMS, values)}
+    canonical = json.dumps(identity, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:CELL_ID_HEX]
 
 
-def make_cell(model: ModelSpec, **params) -> Cell:
-    return Cell(id=cell_id(model, **params), **params)
+def make_cell(model: Any, **params: Any) -> Cell:
+    """A cell from its model and keyword parameters (every name in `params.NAMES`; schedule may be left out)."""
+    params = {"model": model, "schedule": samplers.AUTOMATIC, **params}
+    missing = set(NAMES) - params.keys()
+    if missing:
+        raise TypeError(f"missing cell parameters: {', '.join(sorted(missing))}")
+    params["sampler"], params["schedule"] = samplers.canonical(params["sampler"], params["schedule"])
+    return Cell(tuple(params[name] for name in NAMES))
 
 
-def resolve_dtype(requested: str, cuda: bool) -> str:
-    """`auto` is fp16 on CUDA and fp32 elsewhere; the cell id holds the concrete dtype."""
-    if requested != "auto":
-        return requested
-    return "float16" if cuda else "float32"
+def expand(values: Mapping[str, Sequence]) -> Iterator[Cell]:
+    """Every cell of a grid, in a stable order: parameters in table order, outermost first.
 
-
-def check_axes(job: Job) -> list[Problem]:
-    """Warnings for a comparison that varies what its sheets do not lay out.
-
-    Two negative prompts sneaking in through a list, say, would otherwise put
-    different conditions side by side under one label.
+    `values` maps each parameter name to its list of values, except parameters that
+    share an axis (width and height), which are listed under the axis as tuples.
     """
-    layout = (job.sheet or SheetLayout()).model_dump()
-    warnings = []
-    for axis, values in job.axes().items():
-        if len(values) > 1 and axis not in layout.values():
-            key = {"prompt": "prompts", "seed": "seeds"}.get(axis, axis)
-            warnings.append(job.problem(
-                key, f"{axis} varies ({len(values)} values) but is not a sheet axis "
-                f"(rows: {layout['rows']}, cols: {layout['cols']}, pages: {layout['pages']}); "
-                "each of its values gets separate sheets. Declare it with `sheet:` if that is intended."))
-    return warnings
-
-
-def check_against_model(job: Job, model: ModelSpec) -> tuple[list[Problem], list[Problem]]:
-    """(errors, warnings) that need the model: CLIP skip must lie within 1..L."""
-    errors, warnings = [], []
-    for skip in job.clip_skip:
-        if skip > model.clip_layers:
-            errors.append(job.problem("clip_skip", f"{skip} is outside 1..{model.clip_layers} ({model.source} has {model.clip_layers} CLIP layers)"))
-        elif skip > 2:
-            warnings.append(job.problem("clip_skip", f"{skip} skips {skip - 1} of {model.clip_layers} layers; images tend to look under-guided beyond 2"))
-    return errors, warnings
-
-
-def expand(job: Job, model: ModelSpec, dtype: str) -> Iterator[Cell]:
-    """Every cell of the job, in a stable order: prompt outermost, seed innermost."""
-    for prompt, negative, sampler, steps, guidance, (width, height), skip, seed in itertools.product(
-        job.prompts, job.negative_prompt, job.sampler, job.steps, job.guidance, job.sizes, job.clip_skip, job.seed_list
-    ):
-        yield make_cell(
-            model,
-            prompt=prompt,
-            negative_prompt=negative,
-            clip_skip=skip,
-            seed=seed,
-            sampler=sampler,
-            steps=steps,
-            guidance=guidance,
-            width=width,
-            height=height,
-            dtype=dtype,
-        )
+    dimensions: list[tuple[tuple[int, ...], Sequence]] = []
+    seen = set()
+    for param in PARAMS:
+        if param.axis in seen:
+            continue
+        seen.add(param.axis)
+        members = tuple(INDEX[p.name] for p in PARAMS if p.axis == param.axis)
+        listed = values[param.axis] if len(members) > 1 else [(v,) for v in values[param.name]]
+        dimensions.append((members, listed))
+    slots: list[Any] = [None] * len(PARAMS)
+    sampler_at, schedule_at = INDEX["sampler"], INDEX["schedule"]
+    for combo in itertools.product(*(listed for _, listed in dimensions)):
+        for (members, _), value in zip(dimensions, combo):
+            for index, part in zip(members, value):
+                slots[index] = part
+        slots[sampler_at], slots[schedule_at] = samplers.canonical(slots[sampler_at], slots[schedule_at])
+        yield Cell(tuple(slots))
 
 
 def by_call(cells: Iterable[Cell]) -> list[list[Cell]]:
@@ -119,9 +106,28 @@ def by_call(cells: Iterable[Cell]) -> list[list[Cell]]:
     return list(groups.values())
 
 
-def split(cells: list[Cell], size: int) -> list[list[Cell]]:
-    """Runs of at most `size` cells that share call parameters."""
-    return [group[i : i + size] for group in by_call(cells) for i in range(0, len(group), size)]
+def chunked(cells: Iterable[Cell], size: int) -> Iterator[list[Cell]]:
+    """Runs of at most `size` consecutive cells that share call parameters.
+
+    Streams: expansion yields a call group's cells together, so a run ends where the
+    call parameters change or the size is reached.
+    """
+    run: list[Cell] = []
+    for cell in cells:
+        if run and (len(run) == size or cell.call_key() != run[0].call_key()):
+            yield run
+            run = []
+        run.append(cell)
+    if run:
+        yield run
+
+
+def chunk_id(cells: list[Cell]) -> str:
+    """Deterministic from the cells, so a resubmit finds the progress of the same chunk."""
+    h = hashlib.sha256()
+    for cell in cells:
+        h.update(cell.id.encode())
+    return h.hexdigest()[:CHUNK_ID_HEX]
 
 
 def batches(cells: Iterable[Cell], batch_size: int) -> list[list[Cell]]:
@@ -130,7 +136,7 @@ def batches(cells: Iterable[Cell], batch_size: int) -> list[list[Cell]]:
     Cells keep their order inside a group, so a prompt's CLIP skips and seeds stay
     side by side and share one text-encoder pass.
     """
-    out = []
+    out: list[list[Cell]] = []
     for group in by_call(cells):
         size = batch_size if samplers.lookup(group[0].sampler).batch_invariant else 1
         out.extend(group[i : i + size] for i in range(0, len(group), size))

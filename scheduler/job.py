@@ -4,22 +4,54 @@ from __future__ import annotations
 import math
 import re
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from . import samplers, yamlfile
+from . import prompts, samplers, yamlfile
 from .errors import JobError, Problem
+from .params import AXES, AXIS_NAMES, PARAMS
 from .settings import Settings
+from .storage import S3_URL
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
 MAX_SEED = 2**32 - 1
 RANDOM_SEED = -1
+# git's ref-name rules (git check-ref-format), or a commit hash: what a hub revision can be.
+_REF = re.compile(r"^(?!-)(?!.*\.\.)(?!.*@\{)(?!.*//)(?!.*\.lock$)(?!.*[./]$)[^\x00-\x20~^:?*\[\\\x7f]{1,255}$")
+# Lines that would end a prompt early in A1111's "parameters" text.
+_INFOTEXT_LINE = re.compile(r"^\s*(Negative prompt:|Steps:)", re.M)
+
+
+def _prompt_text(text: str) -> str:
+    """A prompt gridrender can render as A1111 reads it and write into infotext intact."""
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+        raise ValueError("contains a lone surrogate (invalid Unicode); fix the escape sequence")
+    if match := _INFOTEXT_LINE.search(text):
+        raise ValueError(f"a line may not start with {match.group(1)!r}: it would corrupt the PNG's parameters text")
+    if "\0" in text:
+        raise ValueError("must not contain NUL")
+    reason = prompts.unsupported_syntax(text)
+    if reason:
+        raise ValueError(reason)
+    return text
+
 
 Positive = Annotated[int, Field(ge=1)]
 Side = Annotated[int, Field(ge=8, le=8192)]
+PromptText = Annotated[str, AfterValidator(_prompt_text)]
 
 
 class SeedRange(BaseModel):
@@ -28,14 +60,15 @@ class SeedRange(BaseModel):
     count: Annotated[int, Field(ge=1)]
 
     @model_validator(mode="after")
-    def _fits(self) -> "SeedRange":
+    def _fits(self) -> SeedRange:
         if self.start + self.count - 1 > MAX_SEED:
             raise ValueError(f"start + count - 1 must be at most {MAX_SEED}")
         return self
 
 
-SHEET_AXES = ("prompt", "negative_prompt", "sampler", "steps", "guidance", "size", "clip_skip", "seed")
-_AXIS_ALIASES = {"prompts": "prompt", "seeds": "seed", "width": "size", "height": "size"}
+SHEET_AXES = tuple(AXES)
+# Job-file keys that take one value or a list (an axis); `seeds` and `size` have forms of their own.
+_LISTS = tuple(dict.fromkeys(p.key for p in PARAMS if p.key not in ("model", "dtype", "seeds", "size")))
 
 
 class SheetLayout(BaseModel):
@@ -49,13 +82,13 @@ class SheetLayout(BaseModel):
     @field_validator("rows", "cols", "pages")
     @classmethod
     def _an_axis(cls, value: str) -> str:
-        value = _AXIS_ALIASES.get(value, value)
+        value = AXIS_NAMES.get(value, value)
         if value not in SHEET_AXES:
             raise ValueError(f"{value!r} is not an axis; axes: {', '.join(SHEET_AXES)}")
         return value
 
     @model_validator(mode="after")
-    def _distinct(self) -> "SheetLayout":
+    def _distinct(self) -> SheetLayout:
         if len({self.rows, self.cols, self.pages}) < 3:
             raise ValueError("rows, cols and pages must be three different axes")
         return self
@@ -74,11 +107,12 @@ class Job(BaseModel):
     model: Annotated[str, Field(min_length=1)]
     revision: str | None = None
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
-    prompts: list[str]
-    negative_prompt: list[str] = [""]
+    prompts: list[PromptText]
+    negative_prompt: list[PromptText] = [""]
     clip_skip: list[Positive] = [1]
     seeds: list[Annotated[int, Field(ge=RANDOM_SEED, le=MAX_SEED)]] | SeedRange = [0]
     sampler: list[str] = ["Euler a"]
+    schedule: list[str] = [samplers.AUTOMATIC]
     steps: list[Annotated[int, Field(ge=1, le=1000)]] = [25]
     guidance: list[Annotated[float, Field(ge=0, le=100)]] = [7.0]
     width: Side | None = None
@@ -91,7 +125,7 @@ class Job(BaseModel):
     _source: str = PrivateAttr(default="<job>")
     _lines: dict = PrivateAttr(default_factory=dict)
 
-    @field_validator("prompts", "negative_prompt", "clip_skip", "sampler", "steps", mode="before")
+    @field_validator(*(k for k in _LISTS if k != "guidance"), mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return _as_list(value)
@@ -116,7 +150,7 @@ class Job(BaseModel):
             return [tuple(v) if isinstance(v, list) else v for v in value]
         return value
 
-    @field_validator("prompts", "negative_prompt", "clip_skip", "seeds", "sampler", "steps", "guidance", "size")
+    @field_validator(*_LISTS, "seeds", "size")
     @classmethod
     def _axis_well_formed(cls, value: Any) -> Any:
         if isinstance(value, list):
@@ -129,16 +163,34 @@ class Job(BaseModel):
                 seen.add(item)
         return value
 
-    @field_validator("sampler")
+    @field_validator("sampler", mode="before")
     @classmethod
-    def _known_samplers(cls, value: list[str]) -> list[str]:
+    def _known_samplers(cls, value: Any) -> Any:
+        """Canonical spellings before duplicates are looked for ("euler  A" is "Euler a")."""
         names = []
-        for name in value:
-            try:
-                names.append(samplers.lookup(name).name)
-            except KeyError:
-                raise ValueError(f"unknown sampler {name!r}; valid: " + ", ".join(samplers.valid_names())) from None
+        for name in _as_list(value):
+            if not isinstance(name, str):
+                return value  # the type check reports it
+            base, implied = samplers.split_name(name)  # raises UnknownName, a ValueError
+            names.append(f"{base.name} {implied.label}" if implied else base.name)
         return names
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _known_schedules(cls, value: Any) -> Any:
+        labels = []
+        for label in _as_list(value):
+            if not isinstance(label, str):
+                return value
+            labels.append(samplers.schedule(label).label)
+        return labels
+
+    @field_validator("revision")
+    @classmethod
+    def _git_ref(cls, value: str | None) -> str | None:
+        if value is not None and not _REF.match(value):
+            raise ValueError(f"{value!r} is not a valid git revision (a branch, tag or commit hash)")
+        return value
 
     @field_validator("width", "height")
     @classmethod
@@ -160,14 +212,32 @@ class Job(BaseModel):
     def _output_root(cls, value: str) -> str:
         if "\0" in value:
             raise ValueError("must not contain NUL")
-        if value.startswith("s3://") and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", value):
+        if value.startswith("s3://") and not S3_URL.match(value):
             raise ValueError(f"{value!r} is not an s3://bucket/prefix URL")
         return value
 
     @model_validator(mode="after")
-    def _one_way_to_give_size(self) -> "Job":
+    def _one_way_to_give_size(self) -> Job:
         if self.size is not None and (self.width is not None or self.height is not None):
             raise PydanticCustomError("conflict", "give either `size` or `width`/`height`, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _samplers_and_schedules_agree(self) -> Job:
+        """Every sampler x schedule pair is a different, possible cell ("DPM++ 2M Karras" = "DPM++ 2M" + Karras)."""
+        seen: dict[tuple[str, str], tuple[str, str]] = {}
+        for name in self.sampler:
+            for label in self.schedule:
+                try:
+                    pair = samplers.canonical(name, label)
+                except ValueError as exc:
+                    raise PydanticCustomError("sampler_schedule", str(exc)) from None
+                if pair in seen:
+                    raise PydanticCustomError(
+                        "sampler_schedule",
+                        f"sampler {name!r} with schedule {label!r} is the same as {seen[pair][0]!r} with "
+                        f"{seen[pair][1]!r} ({pair[0]}, {pair[1]}); list each combination once")
+                seen[pair] = (name, label)
         return self
 
     def problem(self, field: str, message: str) -> Problem:
@@ -183,29 +253,34 @@ class Job(BaseModel):
         return list(self.size) if self.size else [(self.width or 512, self.height or 512)]
 
     @property
-    def seed_list(self) -> list[int]:
+    def seed_list(self) -> Sequence[int]:
         if isinstance(self.seeds, SeedRange):
-            return list(range(self.seeds.start, self.seeds.start + self.seeds.count))
+            return range(self.seeds.start, self.seeds.start + self.seeds.count)
         return list(self.seeds)
 
-    def axes(self) -> dict[str, list]:
-        """Every axis with its values, in expansion order (outermost first)."""
-        return {
-            "prompt": self.prompts,
-            "negative_prompt": self.negative_prompt,
-            "sampler": self.sampler,
-            "steps": self.steps,
-            "guidance": self.guidance,
-            "size": [f"{w}x{h}" for w, h in self.sizes],
-            "clip_skip": self.clip_skip,
-            "seed": self.seed_list,
-        }
+    def values_of(self, key: str) -> Sequence:
+        """The values the job lists under a job-file key, as a sequence (an axis)."""
+        if key == "seeds":
+            return self.seed_list
+        if key == "size":
+            return self.sizes
+        return _as_list(getattr(self, key))
+
+    def axes(self) -> dict[str, Sequence]:
+        """Every axis with the values the job lists, in expansion order (outermost first)."""
+        return {axis.name: self.values_of(axis.key) for axis in AXES.values()}
+
+    def grid_values(self) -> dict[str, Sequence]:
+        """Values per parameter (per axis for width x height), as `grid.expand` takes them."""
+        values: dict[str, Sequence] = {}
+        for param in PARAMS:
+            values[param.axis if param.key == "size" else param.name] = self.values_of(param.key)
+        return values
 
     def cell_count(self) -> int:
-        seeds = self.seeds.count if isinstance(self.seeds, SeedRange) else len(self.seeds)
-        return math.prod(len(v) for k, v in self.axes().items() if k != "seed") * seeds
+        return math.prod(len(v) for v in self.axes().values())
 
-    def with_random_seeds_drawn(self) -> "Job":
+    def with_random_seeds_drawn(self) -> Job:
         """Replace every seed -1 by a random seed, drawn once (recorded in job.yaml)."""
         if isinstance(self.seeds, SeedRange) or RANDOM_SEED not in self.seeds:
             return self
@@ -217,6 +292,18 @@ class Job(BaseModel):
                 seed = RANDOM_SEED if seed in taken else seed
             drawn.append(seed)
         return self.model_copy(update={"seeds": drawn})
+
+    def with_output(self, output: str | None) -> Job:
+        """The job writing under another output root (the CLI's --output)."""
+        if output is None:
+            return self
+        try:
+            checked = Job._output_root(output)
+        except ValueError as exc:
+            raise self.error([Problem("output", str(exc))]) from None
+        job = self.model_copy(update={"output": checked})
+        job._source, job._lines = self._source, self._lines
+        return job
 
     def normalized(self) -> dict:
         """The job as job.yaml stores it: every key, axes as lists, no defaults hidden."""
@@ -256,13 +343,14 @@ def parse_job(raw: bytes | str, source: str = "<job>", settings: Settings | None
     job._source, job._lines = source, lines
     if job.cell_count() > settings.max_cells:
         raise JobError(
-            [Problem("", f"the grid has {job.cell_count():,} cells, over the limit of {settings.max_cells:,} (GRIDRENDER_MAX_CELLS)")],
+            [Problem("", f"the grid has {job.cell_count():,} cells, over the limit of {settings.max_cells:,} "
+                         "(GRIDRENDER_MAX_CELLS)")],
             source,
         )
     return job
 
 
-def _branch_applies(err: dict, data: dict) -> bool:
+def _branch_applies(err: Any, data: dict) -> bool:
     """`seeds` is a list or a {start, count} mapping: report only the branch the user wrote."""
     loc = err["loc"]
     if len(loc) >= 2 and loc[0] == "seeds" and isinstance(loc[1], str):
@@ -271,10 +359,12 @@ def _branch_applies(err: dict, data: dict) -> bool:
     return True
 
 
-def _problem(err: dict, lines: dict) -> Problem:
+def _problem(err: Any, lines: dict) -> Problem:
     loc = [p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p == "SeedRange"))]
     if err["type"] == "conflict":
         loc = ["size"]
+    elif err["type"] == "sampler_schedule":
+        loc = ["sampler"]
     field = ".".join(str(p) for p in loc)
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":

@@ -6,18 +6,17 @@ Cells are written with `IfNoneMatch="*"`: a 412 means another attempt wrote it f
 """
 from __future__ import annotations
 
-import re
-from typing import Iterator
+from collections.abc import Iterator
+from typing import IO, Any
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .errors import StorageError
-from .storage import NotFound, Store, check_key
+from .storage import NotFound, Store, check_key, parse_s3_url
 
 _THROTTLING = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError", "ServiceUnavailable"}
-_URL = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>.*))?$")
 
 # Standard retry mode backs off exponentially with jitter on throttling, 5xx and
 # connection errors; 10 attempts ride out a restart of a MinIO node.
@@ -34,11 +33,9 @@ class S3Store(Store):
         self.client = client or boto3.client("s3", config=_CONFIG)
 
     @classmethod
-    def from_url(cls, url: str) -> "S3Store":
-        match = _URL.match(url)
-        if not match:
-            raise StorageError(f"{url!r} is not an s3://bucket/prefix URL")
-        return cls(match["bucket"], match["prefix"] or "")
+    def from_url(cls, url: str) -> S3Store:
+        bucket, prefix = parse_s3_url(url)
+        return cls(bucket, prefix)
 
     def _key(self, key: str) -> str:
         check_key(key)
@@ -77,13 +74,33 @@ class S3Store(Store):
         except (ClientError, BotoCoreError) as exc:
             raise self._fail("write", key, exc) from None
 
-    def get(self, key: str) -> bytes:
+    def _put_file(self, key: str, file: IO[bytes], content_type: str) -> None:
+        try:  # multipart above 8 MB: a manifest of a million lines never sits in memory
+            self.client.upload_fileobj(file, self.bucket, self._key(key), ExtraArgs={"ContentType": content_type})
+        except (ClientError, BotoCoreError) as exc:
+            raise self._fail("write", key, exc) from None
+
+    def _body(self, key: str) -> Any:
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise NotFound(f"{self.url(key)} does not exist") from None
             raise self._fail("read", key, exc) from None
+        except BotoCoreError as exc:
+            raise self._fail("read", key, exc) from None
+
+    def get(self, key: str) -> bytes:
+        body = self._body(key)
+        try:
+            return body.read()
+        except BotoCoreError as exc:
+            raise self._fail("read", key, exc) from None
+
+    def lines(self, key: str) -> Iterator[bytes]:
+        body = self._body(key)
+        try:
+            yield from body.iter_lines(keepends=True)
         except BotoCoreError as exc:
             raise self._fail("read", key, exc) from None
 

@@ -1,21 +1,59 @@
-"""Configuration from the environment (GRIDRENDER_* and the standard AWS variables)."""
+"""Configuration: every environment variable gridrender reads, in one class.
+
+GRIDRENDER_* variables plus XDG_CACHE_HOME; the AWS variables are read by boto3
+itself (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...). README lists them all.
+"""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DTYPES = ("float16", "bfloat16", "float32")
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GRIDRENDER_", extra="ignore")
 
     broker_url: str = "redis://localhost:6379/0"
-    output: str = "./renders"
-    model_dir: str | None = None
+    output: str = "./renders"  # default output root of jobs and of the NAME commands
+    model_dir: str | None = None  # where relative model paths are also looked up
+    lora_dir: str | None = None  # where <lora:NAME:W> tags are looked up
+    wildcard_dir: str | None = None  # __name__ wildcard files of dynamic prompts
     max_cells: int = 5_000_000  # a grid above this is almost always a typo in an axis
     # What `dtype: auto` means for `submit`, where the scheduler cannot see the workers' devices.
     auto_dtype: str = "float16"
-    # Cells per task message. A chunk must finish well within the visibility timeout:
-    # a crashed worker's chunk is redelivered only once that much time has passed.
+    # Cells per task message (grown for huge jobs so a job has at most max_chunks chunks).
     chunk_cells: int = 32
-    visibility_timeout: int = 3600  # seconds
-    task_retries: int = 3
-    sheet_max_cells: int = 20_000  # finalize draws sheets for jobs up to this size  # attempts after the first, before a chunk's cells are recorded as failed
+    max_chunks: int = 4096
+    # Chunks whose cells a resubmit checks one by one in storage; above it workers check them.
+    presence_check_cells: int = 20_000
+    visibility_timeout: int = 3600  # seconds before Redis redelivers an unacknowledged chunk
+    heartbeat_interval: float = 2.0  # seconds between a worker's heartbeats
+    heartbeat_ttl: float = 10.0  # a worker silent this long is dead; its chunk is re-enqueued
+    task_retries: int = 3  # attempts after the first, before a chunk's cells are recorded as failed
+    sheet_max_cells: int = 20_000  # finalize draws sheets for jobs up to this size
+    device: str | None = None  # torch device for workers and `run` (default: cuda if present, else cpu)
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile UNet and VAE decoder: auto = on CUDA only
+    compile_mode: str = "default"  # torch.compile mode; "max-autotune" spends minutes per shape
+    ready_file: str = "/tmp/gridrender-ready"  # written once `worker --model` has loaded its pipeline
+    cache_dir: str | None = None  # default $XDG_CACHE_HOME/gridrender or ~/.cache/gridrender
+    xdg_cache_home: str | None = Field(default=None, validation_alias="XDG_CACHE_HOME")
+
+    def cache_root(self) -> Path:
+        """Builtin models, model file hashes, config folders, compiled kernels."""
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        base = Path(self.xdg_cache_home).expanduser() if self.xdg_cache_home else Path.home() / ".cache"
+        return base / "gridrender"
+
+
+def concrete_dtype(requested: str, cuda: bool | None, settings: Settings | None = None) -> str:
+    """What `dtype: auto` means: fp16 on CUDA, fp32 on CPU; for a submit (devices unknown), auto_dtype."""
+    if requested != "auto":
+        return requested
+    if cuda is None:
+        return (settings or Settings()).auto_dtype
+    return "float16" if cuda else "float32"

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .job import SHEET_AXES, SheetLayout
-from .storage import NotFound, Store, cell_png
+from . import layout
+from .job import SheetLayout
+from .params import AXES
+from .storage import NotFound, Store
 
-AXES = SHEET_AXES
 DEFAULT_LAYOUT = SheetLayout().model_dump()
 MIN_WIDTH = 640  # room for the header on sheets of small images
 MAX_PIXELS = 40_000_000  # per sheet; A1111's X/Y/Z plot caps grids the same way
@@ -24,13 +25,14 @@ MAX_PIXELS = 40_000_000  # per sheet; A1111's X/Y/Z plot caps grids the same way
 BACKGROUND, INK, MUTED, PLACEHOLDER = (255, 255, 255), (20, 20, 20), (110, 110, 110), (225, 225, 225)
 
 
-def axis_value(line: dict, axis: str):
-    return f"{line['width']}x{line['height']}" if axis == "size" else line[axis]
+def axis_label(line: dict, axis: str) -> str:
+    """How a cell's value on `axis` is written on sheets and in the gallery."""
+    return AXES[axis].label(AXES[axis].value(line))
 
 
-def axis_values(lines: list[dict]) -> dict[str, list]:
-    """Each axis with its distinct values, in manifest order."""
-    return {axis: list(dict.fromkeys(axis_value(line, axis) for line in lines)) for axis in AXES}
+def axis_values(lines: list[dict]) -> dict[str, list[str]]:
+    """Each axis with the labels of its distinct values, in manifest order."""
+    return {axis: list(dict.fromkeys(axis_label(line, axis) for line in lines)) for axis in AXES}
 
 
 def undeclared_axes(values: dict[str, list], layout: dict) -> list[str]:
@@ -47,7 +49,7 @@ class Sheet:
     rendered: int
 
 
-def _font(size: int) -> ImageFont.FreeTypeFont:
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
@@ -81,13 +83,12 @@ def build_sheets(store: Store, job_name: str, lines: list[dict], layout: dict | 
     values = axis_values(lines)
     rows_axis, cols_axis, page_axis = layout["rows"], layout["cols"], layout["pages"]
     extra = undeclared_axes(values, layout)  # they split pages further
-    locked = {"model": lines[0]["model"], **{a: v[0] for a, v in values.items() if len(v) == 1 and a not in (rows_axis, cols_axis)},
-              "dtype": lines[0]["dtype"]} if lines else {}
+    locked = {a: v[0] for a, v in values.items() if len(v) == 1 and a not in (rows_axis, cols_axis)}
     page_axes = [page_axis, *extra]
     pages: dict[tuple, dict[tuple, dict]] = {}
     for line in lines:
-        page = tuple(axis_value(line, a) for a in page_axes)
-        pages.setdefault(page, {})[(axis_value(line, rows_axis), axis_value(line, cols_axis))] = line
+        page = tuple(axis_label(line, a) for a in page_axes)
+        pages.setdefault(page, {})[(axis_label(line, rows_axis), axis_label(line, cols_axis))] = line
 
     sheets = []
     for page_index, combo in enumerate(itertools.product(*(values[a] for a in page_axes)), 1):
@@ -119,7 +120,8 @@ def _render_pages(store, job_name, base, title, locked, rows_axis, cols_axis, ro
         suffix = f"  (part {part} of {len(parts)})" if len(parts) > 1 else ""
         text_w = image.width - 2 * pad
         draw.text((pad, pad), _fit(draw, f"{job_name}  |  {title}{suffix}", big, text_w), font=big, fill=INK)
-        header = [f"rows: {rows_axis}   columns: {cols_axis}"] + _wrap(draw, "locked: " + ", ".join(f"{k}={v}" for k, v in locked.items()), small, text_w)
+        locked_text = "locked: " + ", ".join(f"{k}={v}" for k, v in locked.items())
+        header = [f"rows: {rows_axis}   columns: {cols_axis}"] + _wrap(draw, locked_text, small, text_w)
         for n, text in enumerate(header[:4]):
             draw.text((pad, pad + unit + pad + n * (unit + 2)), _fit(draw, text, small, text_w), font=small, fill=MUTED)
         rendered = 0
@@ -128,7 +130,8 @@ def _render_pages(store, job_name, base, title, locked, rows_axis, cols_axis, ro
             draw.text((x, header_h), _fit(draw, f"{cols_axis}: {col}", small, cw), font=small, fill=INK)
         for i, row in enumerate(part_rows):
             y = header_h + label_h + i * (ch + pad)
-            draw.text((pad, y + ch // 2 - unit // 2), _fit(draw, f"{rows_axis}: {row}", small, label_w - 2 * pad), font=small, fill=INK)
+            label = _fit(draw, f"{rows_axis}: {row}", small, label_w - 2 * pad)
+            draw.text((pad, y + ch // 2 - unit // 2), label, font=small, fill=INK)
             for j, col in enumerate(part_cols):
                 x = label_w + j * (cw + pad)
                 line = grid.get((row, col))
@@ -148,7 +151,7 @@ def _render_pages(store, job_name, base, title, locked, rows_axis, cols_axis, ro
 
 def _tile(store: Store, line: dict, width: int, height: int) -> Image.Image | None:
     try:
-        tile = Image.open(io.BytesIO(store.get(cell_png(line["cell_id"])))).convert("RGB")
+        tile = Image.open(io.BytesIO(store.get(layout.cell_image(line["cell_id"])))).convert("RGB")
     except NotFound:
         return None
     return tile if tile.size == (width, height) else tile.resize((width, height))

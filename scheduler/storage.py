@@ -1,8 +1,7 @@
 """Where cells and job files live: a local folder, S3, or memory (tests), one shape.
 
-Layout (DESIGN.md): cells/<id>.png, cells/<id>.json, jobs/<name>/job.yaml,
-jobs/<name>/manifest.jsonl, jobs/<name>/sheets/*.png, jobs/<name>/index.html.
-Cells are written once: `put_new` never replaces an object that exists.
+The keys are `layout`'s. Cells are written once: `put_new` never replaces an
+object that exists. Large job files (manifests) stream in and out line by line.
 """
 from __future__ import annotations
 
@@ -15,28 +14,27 @@ import threading
 import time
 import unicodedata
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Any
 
 from .errors import StorageError
 
 log = logging.getLogger(__name__)
+
+S3_URL = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<key>.*))?$")
 
 
 class NotFound(StorageError):
     """The key is not in the store."""
 
 
-def cell_png(cell_id: str) -> str:
-    return f"cells/{cell_id}.png"
-
-
-def cell_record(cell_id: str) -> str:
-    return f"cells/{cell_id}.json"
-
-
-def job_key(name: str, leaf: str) -> str:
-    return f"jobs/{name}/{leaf}"
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """(bucket, key or prefix) of an s3:// URL."""
+    match = S3_URL.match(url)
+    if not match:
+        raise StorageError(f"{url!r} is not an s3://bucket/prefix URL")
+    return match["bucket"], match["key"] or ""
 
 
 _SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -79,16 +77,23 @@ class Store(ABC):
     def list_with_times(self, prefix: str) -> Iterator[tuple[str, float]]:
         """(key, modification time as a Unix timestamp) for keys directly under `prefix`."""
 
+    def put_lines(self, key: str, lines: Iterable[bytes], content_type: str = "application/x-ndjson") -> None:
+        """Write or replace `key` from a stream of lines, without holding them all in memory."""
+        with tempfile.SpooledTemporaryFile(max_size=16 << 20) as spool:
+            for line in lines:
+                spool.write(line)
+            spool.seek(0)
+            self._put_file(key, spool, content_type)
+
+    def _put_file(self, key: str, file: IO[bytes], content_type: str) -> None:
+        self.put(key, file.read(), content_type)
+
+    def lines(self, key: str) -> Iterator[bytes]:
+        """The lines of `key`, streamed."""
+        yield from self.get(key).splitlines(keepends=True)
+
     def url(self, key: str) -> str:
         return f"{self.root.rstrip('/')}/{key}"
-
-    def done_cells(self) -> set[str]:
-        """Ids of cells whose record exists (the record is written after the image)."""
-        return set(self.done_cell_times())
-
-    def done_cell_times(self) -> dict[str, float]:
-        """Cell id -> when its record was written, for every finished cell."""
-        return {k[len("cells/") : -len(".json")]: t for k, t in self.list_with_times("cells/") if k.endswith(".json")}
 
 
 class LocalStore(Store):
@@ -99,7 +104,7 @@ class LocalStore(Store):
     def _file(self, key: str) -> Path:
         return self.path / check_key(key)
 
-    def _write_temp(self, final: Path, data: bytes) -> Path:
+    def _write_temp_file(self, final: Path, data: bytes) -> Path:
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
         try:
@@ -130,13 +135,50 @@ class LocalStore(Store):
         tmp = self._write_temp(final, data)
         try:
             os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"cannot write {final}: {exc.strerror}") from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
 
+    def _write_temp(self, final: Path, data: bytes) -> Path:
+        try:
+            return self._write_temp_file(final, data)
+        except OSError as exc:
+            raise StorageError(f"cannot write {final}: {exc.strerror}") from None
+
     def get(self, key: str) -> bytes:
         try:
             return self._file(key).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"{self.url(key)} does not exist") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.url(key)}: {exc.strerror}") from None
+
+    def put_lines(self, key: str, lines: Iterable[bytes], content_type: str = "application/x-ndjson") -> None:
+        final = self._file(key)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot write {final}: {exc.strerror}") from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for line in lines:
+                    f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except OSError as exc:
+            raise StorageError(f"cannot write {final}: {exc.strerror}") from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def lines(self, key: str) -> Iterator[bytes]:
+        try:
+            with open(self._file(key), "rb") as f:
+                yield from f
         except FileNotFoundError:
             raise NotFound(f"{self.url(key)} does not exist") from None
         except OSError as exc:
@@ -163,7 +205,6 @@ class MemoryStore(Store):
         self.root = root
         self.objects: dict[str, bytes] = {}
         self.times: dict[str, float] = {}
-        self.writes: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def put_new(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
@@ -180,7 +221,6 @@ class MemoryStore(Store):
     def _write(self, key: str, data: bytes) -> None:
         self.objects[key] = data
         self.times[key] = time.time()
-        self.writes[key] = self.writes.get(key, 0) + 1
 
     def get(self, key: str) -> bytes:
         try:
@@ -209,7 +249,7 @@ class RetryingStore(Store):
         self.inner, self.root = inner, inner.root
         self.deadline, self.first_delay, self.max_delay = deadline, first_delay, max_delay
 
-    def _retry(self, fn, *args):
+    def _retry(self, fn: Callable[..., Any], *args: Any) -> Any:
         give_up = time.monotonic() + self.deadline
         delay = self.first_delay
         while True:
@@ -238,6 +278,12 @@ class RetryingStore(Store):
 
     def list_with_times(self, prefix: str) -> Iterator[tuple[str, float]]:
         return iter(self._retry(lambda: list(self.inner.list_with_times(prefix))))
+
+    def put_lines(self, key: str, lines: Iterable[bytes], content_type: str = "application/x-ndjson") -> None:
+        self.inner.put_lines(key, lines, content_type)  # a stream cannot be replayed; callers retry whole
+
+    def lines(self, key: str) -> Iterator[bytes]:
+        return self.inner.lines(key)
 
 
 def open_store(output: str) -> Store:

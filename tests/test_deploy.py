@@ -72,9 +72,9 @@ def test_worker_deployment_requests_one_gpu_and_is_ready_when_the_pipeline_is_lo
     assert container["readinessProbe"]["exec"]["command"] == ["test", "-f", "/tmp/gridrender-ready"]
     assert "--model" in container["args"]  # --model loads the pipeline, then writes the ready file
     assert container["envFrom"] == [{"secretRef": {"name": "gridrender"}}]
-    from gridrender.workers.worker import READY_FILE
+    from gridrender.scheduler.settings import Settings
 
-    assert READY_FILE == "/tmp/gridrender-ready"
+    assert Settings.model_fields["ready_file"].default == "/tmp/gridrender-ready"
 
 
 def test_keda_scaled_object_points_at_the_worker_deployment():

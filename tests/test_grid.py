@@ -11,12 +11,12 @@ model: builtin:tiny
 prompts: [a cow, a dog]
 clip_skip: [1, 2]
 seeds: [1, 2, 3]
-sampler: [Euler a, DDIM]
+sampler: [Euler a, DDIMScheduler]
 """
 
 
 def cells(text=JOB, model=None, dtype="float32"):
-    return list(grid.expand(parse_job(text), model or resolve("builtin:tiny"), dtype))
+    return list(grid.expand({**parse_job(text).grid_values(), "model": [model or resolve("builtin:tiny")], "dtype": [dtype]}))
 
 
 def test_same_parameters_same_id_in_any_job():
@@ -28,21 +28,23 @@ def test_same_parameters_same_id_in_any_job():
 
 
 def test_every_pixel_changing_parameter_changes_the_id():
-    base = dict(prompt="p", negative_prompt="", clip_skip=1, seed=1, sampler="Euler a", steps=4, guidance=7.0, width=64, height=64, dtype="float32")
     tiny = resolve("builtin:tiny")
-    ref = grid.cell_id(tiny, **base)
-    changes = dict(prompt="q", negative_prompt="n", clip_skip=2, seed=2, sampler="DDIM", steps=5, guidance=7.5, width=72, height=72, dtype="float16")
-    for key, value in changes.items():
-        assert grid.cell_id(tiny, **{**base, key: value}) != ref, key
+    base = dict(model=tiny, prompt="p", negative_prompt="", clip_skip=1, seed=1, sampler="Euler a", schedule="Automatic",
+                steps=4, guidance=7.0, width=64, height=64, dtype="float32")
+    ref = grid.make_cell(**base).id
     other_model = ModelSpec("x.safetensors", "file", "/x.safetensors", None, "ab" * 32, 12)
-    assert grid.cell_id(other_model, **base) != ref
+    changes = dict(model=other_model, prompt="q", negative_prompt="n", clip_skip=2, seed=2, sampler="DDIMScheduler",
+                   schedule="Karras", steps=5, guidance=7.5, width=72, height=72, dtype="float16")
+    for key, value in changes.items():
+        assert grid.make_cell(**{**base, key: value}).id != ref, key
 
 
 def test_model_identity_ignores_where_the_file_lies():
     a = ModelSpec("./a/m.safetensors", "file", "/a/m.safetensors", None, "cd" * 32, 12)
     b = ModelSpec("/b/m.safetensors", "file", "/b/m.safetensors", None, "cd" * 32, 12)
-    params = dict(prompt="p", negative_prompt="", clip_skip=1, seed=1, sampler="Euler", steps=4, guidance=7.0, width=64, height=64, dtype="float32")
-    assert grid.cell_id(a, **params) == grid.cell_id(b, **params)
+    params = dict(prompt="p", negative_prompt="", clip_skip=1, seed=1, sampler="Euler", schedule="Automatic", steps=4,
+                  guidance=7.0, width=64, height=64, dtype="float32")
+    assert grid.make_cell(model=a, **params).id == grid.make_cell(model=b, **params).id
 
 
 def test_expansion_order_is_stable_and_seed_is_innermost():
@@ -51,6 +53,7 @@ def test_expansion_order_is_stable_and_seed_is_innermost():
     assert len({c.id for c in a}) == len(a) == 2 * 2 * 3 * 2
     assert [c.seed for c in a[:3]] == [1, 2, 3]
     assert a[0].prompt == "a cow" and a[-1].prompt == "a dog"
+    assert a[0].sampler == "Euler a" and a[-1].sampler == "DDIMScheduler"  # call parameters outermost
 
 
 def test_batches_share_call_parameters_and_respect_batch_size():
@@ -65,11 +68,34 @@ def test_batches_share_call_parameters_and_respect_batch_size():
 
 
 def test_batch_dependent_samplers_render_one_by_one():
-    sde = cells(JOB.replace(b"[Euler a, DDIM]", b"DPM++ SDE Karras"))
-    assert all(len(b) == 1 for b in grid.batches(sde, 8))
+    diffusers_sde = cells(JOB.replace(b"[Euler a, DDIMScheduler]", b"DPMSolverSDEScheduler"))
+    assert all(len(b) == 1 for b in grid.batches(diffusers_sde, 8))
+    a1111_sde = cells(JOB.replace(b"[Euler a, DDIMScheduler]", b"DPM++ SDE Karras"))  # a Brownian tree per cell
+    assert max(len(b) for b in grid.batches(a1111_sde, 8)) == 8
 
 
 def test_auto_dtype_is_resolved_per_device():
-    assert grid.resolve_dtype("auto", cuda=True) == "float16"
-    assert grid.resolve_dtype("auto", cuda=False) == "float32"
-    assert grid.resolve_dtype("bfloat16", cuda=False) == "bfloat16"
+    from gridrender.scheduler.settings import Settings, concrete_dtype
+
+    assert concrete_dtype("auto", cuda=True) == "float16"
+    assert concrete_dtype("auto", cuda=False) == "float32"
+    assert concrete_dtype("auto", cuda=None, settings=Settings(auto_dtype="bfloat16")) == "bfloat16"
+    assert concrete_dtype("bfloat16", cuda=False) == "bfloat16"
+
+
+def test_combined_sampler_names_are_the_same_cells_as_sampler_plus_schedule():
+    combined = cells(JOB.replace(b"[Euler a, DDIMScheduler]", b"DPM++ 2M Karras"))
+    separate = cells(JOB.replace(b"[Euler a, DDIMScheduler]", b"DPM++ 2M\nschedule: Karras"))
+    assert [c.id for c in combined] == [c.id for c in separate]
+    assert {(c.sampler, c.schedule) for c in combined} == {("DPM++ 2M", "Karras")}
+    plain = cells(JOB.replace(b"[Euler a, DDIMScheduler]", b"DPM++ 2M"))
+    assert {c.schedule for c in plain} == {"Uniform"}  # Automatic: what the name meant before A1111 1.9
+    assert not {c.id for c in plain} & {c.id for c in combined}
+
+
+def test_chunks_are_runs_of_one_call_and_their_ids_are_stable():
+    all_cells = cells()
+    chunks = list(grid.chunked(all_cells, 5))
+    assert [c.id for chunk in chunks for c in chunk] == [c.id for c in all_cells]
+    assert all(len({c.call_key() for c in chunk}) == 1 and len(chunk) <= 5 for chunk in chunks)
+    assert [grid.chunk_id(c) for c in chunks] == [grid.chunk_id(c) for c in grid.chunked(cells(), 5)]

@@ -40,11 +40,11 @@ def test_design_example_parses_into_a_16_cell_grid():
 def test_every_axis_may_be_a_list_and_the_grid_is_their_product():
     job = parse_job(
         b"name: g\nmodel: builtin:tiny\nprompts: [a, b, c]\nnegative_prompt: [x, y]\nclip_skip: [1, 2]\n"
-        b"seeds: {start: 10, count: 5}\nsampler: [Euler, DDIM]\nsteps: [4, 8]\nguidance: [5, 7.5]\n"
+        b"seeds: {start: 10, count: 5}\nsampler: [Euler, DDIMScheduler]\nsteps: [4, 8]\nguidance: [5, 7.5]\n"
         b"size: [[64, 64], [128, 64]]\n"
     )
     assert job.cell_count() == 3 * 2 * 2 * 5 * 2 * 2 * 2 * 2
-    assert job.seed_list == [10, 11, 12, 13, 14]
+    assert list(job.seed_list) == [10, 11, 12, 13, 14]
     assert job.guidance == [5.0, 7.5]
     assert job.sizes == [(64, 64), (128, 64)]
 

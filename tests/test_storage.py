@@ -24,12 +24,19 @@ def test_put_replaces(store):
     assert store.get("jobs/j/job.yaml") == b"b"
 
 
-def test_list_and_done_cells(store):
+def test_list(store):
     store.put_new("cells/a.png", b"")
     store.put_new("cells/a.json", b"{}")
-    store.put_new("cells/b.png", b"")  # an image without its record is not done
+    store.put_new("cells/b.png", b"")
+    store.put("jobs/j/job.yaml", b"")
     assert sorted(store.list("cells/")) == ["cells/a.json", "cells/a.png", "cells/b.png"]
-    assert store.done_cells() == {"a"}
+
+
+def test_lines_stream_in_and_out(store):
+    store.put_lines("jobs/j/manifest.jsonl", (f"{i}\n".encode() for i in range(1000)))
+    assert [int(line) for line in store.lines("jobs/j/manifest.jsonl")] == list(range(1000))
+    with pytest.raises(NotFound):
+        list(store.lines("jobs/j/none.jsonl"))
 
 
 def test_missing_key(store):

@@ -1,0 +1,71 @@
+"""Static checks: ruff (lint and import order), mypy, and the import contract.
+
+mypy and import-linter read packages from disk by module name, and the installed
+gridrender maps scheduler/ and workers/ into it with an import hook they cannot
+see; so they check a copy of the sources laid out as installed.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+BIN = Path(sys.executable).parent
+
+
+def installed_layout(dest: Path) -> Path:
+    """gridrender/, gridrender/scheduler/, gridrender/workers/ as pip installs them."""
+    package = dest / "gridrender"
+    package.mkdir(parents=True)
+    for file in (ROOT / "gridrender").glob("*.py"):
+        shutil.copy(file, package / file.name)
+    for sub in ("scheduler", "workers"):
+        shutil.copytree(ROOT / sub, package / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def run(*cmd: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
+
+
+def test_ruff():
+    result = run(str(BIN / "ruff"), "check", "gridrender", "scheduler", "workers", "tests", "bench")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy(tmp_path):
+    tree = installed_layout(tmp_path / "src")
+    result = run(str(BIN / "mypy"), "--config-file", str(ROOT / "pyproject.toml"), "--cache-dir", str(tmp_path / "cache"),
+                 "-p", "gridrender", cwd=tree, env={"MYPYPATH": str(tree)})
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def lint_imports(tree: Path) -> subprocess.CompletedProcess:
+    return run(str(BIN / "lint-imports"), "--config", str(ROOT / "pyproject.toml"), "--no-cache", cwd=tree,
+               env={"PYTHONPATH": str(tree)})
+
+
+def test_import_contract_holds(tmp_path):
+    result = lint_imports(installed_layout(tmp_path / "src"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 kept, 0 broken" in result.stdout
+
+
+@pytest.mark.parametrize("module, line", [
+    ("scheduler/progress.py", "import torch"),  # directly
+    ("scheduler/plan.py", "from gridrender.workers import builtin"),  # indirectly: builtin imports torch
+    ("workers/chunk.py", "from gridrender import cli"),
+])
+def test_the_import_contract_catches_a_violation(tmp_path, module, line):
+    tree = installed_layout(tmp_path / "src")
+    target = tree / "gridrender" / module
+    target.write_text(target.read_text().replace("from __future__ import annotations\n",
+                                                 f"from __future__ import annotations\n\n{line}  # noqa\n", 1))
+    result = lint_imports(tree)
+    assert result.returncode != 0 and "BROKEN" in result.stdout, result.stdout

@@ -1,7 +1,15 @@
-"""A1111's "parameters" PNG text: what its PNG-info tab and civitai read back."""
+"""A1111's "parameters" PNG text: what its PNG-info tab and civitai read back.
+
+Written so that A1111 before and after 1.9 read the same sampler: the old combined
+name where the schedule is not Uniform ("DPM++ 2M Karras"), and "Schedule type".
+"""
 from __future__ import annotations
 
 import json
+
+from . import samplers
+from .models import ModelSpec
+from .params import short_model_name
 
 
 def _quote(value: object) -> str:
@@ -12,22 +20,21 @@ def _quote(value: object) -> str:
     return text
 
 
-def _number(value: float) -> str:
-    return f"{value:g}"
-
-
-def parameters(params: dict, model_hash: str, model_name: str) -> str:
+def parameters(params: dict, model: ModelSpec) -> str:
     """`<prompt>\\nNegative prompt: ...\\nSteps: .., Sampler: .., ...` for one cell."""
     pairs = {
         "Steps": params["steps"],
-        "Sampler": params["sampler"],
-        "CFG scale": _number(params["guidance"]),
+        "Sampler": samplers.infotext_name(params["sampler"], params["schedule"]),
+        "Schedule type": params["schedule"],
+        "CFG scale": f"{params['guidance']:g}",
         "Seed": params["seed"],
         "Size": f"{params['width']}x{params['height']}",
-        "Model hash": model_hash,
-        "Model": model_name,
+        "Model hash": model.short_hash(),
+        "Model": short_model_name(model.source),
         "Clip skip": params["clip_skip"],
     }
+    if samplers.lookup(params["sampler"]).family == "diffusers":
+        del pairs["Schedule type"]  # the class's own config decides; A1111 has no such type
     last = ", ".join(f"{k}: {_quote(v)}" for k, v in pairs.items())
     lines = [params["prompt"]]
     if params["negative_prompt"]:

@@ -6,11 +6,13 @@ config files, safetensors headers and the Hugging Face cache.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,8 +51,14 @@ class ModelSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def record(self) -> dict:
+        """What a cell's record says about its model; `identity` is what reproduce compares."""
+        return {"source": self.source, "kind": self.kind, "identity": self.identity(), "revision": self.revision,
+                "sha256": self.sha256, "hash": self.short_hash(), "config": self.config,
+                "clip_layers": self.clip_layers}
+
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelSpec":
+    def from_dict(cls, data: dict) -> ModelSpec:
         return cls(**data)
 
 
@@ -85,25 +93,49 @@ def _find_local(source: str, settings: Settings) -> Path | None:
 def _resolve_folder(source: str, path: Path) -> ModelSpec:
     encoder_config = path / "text_encoder" / "config.json"
     if not (path / "model_index.json").is_file() or not encoder_config.is_file():
-        raise ModelInputError(f"{source!r} is not a diffusers pipeline folder (needs model_index.json and text_encoder/config.json)")
+        raise ModelInputError(f"{source!r} is not a diffusers pipeline folder "
+                              "(needs model_index.json and text_encoder/config.json)")
     return ModelSpec(source, "folder", str(path), None, folder_sha256(path), _clip_layers_from_config(encoder_config))
 
 
 def _resolve_file(source: str, path: Path) -> ModelSpec:
     if path.suffix not in SINGLE_FILE_SUFFIXES:
         raise ModelInputError(f"{source!r}: a single-file model must end in .safetensors or .ckpt")
-    config = layers = None
-    if path.suffix == ".safetensors":
-        config, layers = _match_config(safetensors_shapes(path))
-    if config is None:
-        # A pickled .ckpt cannot be inspected without torch; SD 1.x is the common case.
-        config, layers = "sd15", 12
+    if path.suffix == ".ckpt":
+        # A pickled .ckpt cannot be inspected without torch (nor safely); SD 1.x is the common case.
+        return ModelSpec(source, "file", str(path), None, file_sha256(path), 12, "sd15")
+    shapes = safetensors_shapes(path)
+    family = checkpoint_family(shapes)
+    if family != "SD 1.x":
+        raise ModelInputError(f"{source!r} is {family}, not an SD 1.x checkpoint; gridrender renders SD 1.x models")
+    config, layers = _match_config(shapes)
+    if config is None or layers is None:
+        raise ModelInputError(f"{source!r} is an SD 1.x checkpoint whose text encoder and UNet widths match "
+                              "no shipped config (scheduler/modelconfigs)")
     return ModelSpec(source, "file", str(path), None, file_sha256(path), layers, config)
+
+
+_SD1_TEXT = ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
+
+
+def checkpoint_family(shapes: dict[str, list[int]]) -> str:
+    """What an original-layout checkpoint is, from its tensor names alone."""
+    if any(k.startswith("conditioner.embedders.") for k in shapes):
+        return "an SDXL checkpoint"
+    if any(k.startswith("cond_stage_model.model.") for k in shapes):
+        return "an SD 2.x checkpoint (OpenCLIP text encoder)"
+    if not any(k.startswith("model.diffusion_model.") for k in shapes):
+        if any("lora" in k for k in shapes):
+            return "a LoRA, not a model"
+        return "not a Stable Diffusion checkpoint (it has no UNet weights)"
+    if not any(k.startswith(_SD1_TEXT) for k in shapes):
+        return "a checkpoint without a CLIP text encoder"
+    return "SD 1.x"
 
 
 def _match_config(shapes: dict[str, list[int]]) -> tuple[str | None, int | None]:
     """The shipped config whose text encoder and UNet widths match the checkpoint's."""
-    prefix = "cond_stage_model.transformer.text_model."
+    prefix = next((p for p in _SD1_TEXT if p + "embeddings.token_embedding.weight" in shapes), _SD1_TEXT[0])
     layers = {int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"encoder\.layers\.(\d+)\.", k))}
     width = shapes.get(prefix + "embeddings.token_embedding.weight", [0, 0])[1]
     conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight", [0])[0]
@@ -134,8 +166,7 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]]:
 def _resolve_hub(source: str, revision: str | None) -> ModelSpec:
     commit = revision if revision and _COMMIT.match(revision) else _hub_commit(source, revision)
     config = _hub_file(source, commit, "text_encoder/config.json")
-    layers = _clip_layers_from_config(Path(config)) if config else 12
-    return ModelSpec(source, "hub", source, commit, None, layers)
+    return ModelSpec(source, "hub", source, commit, None, _clip_layers_from_config(config))
 
 
 def _hub_commit(repo_id: str, revision: str | None) -> str:
@@ -146,8 +177,10 @@ def _hub_commit(repo_id: str, revision: str | None) -> str:
     reason = "HF_HUB_OFFLINE is set"
     if not constants.HF_HUB_OFFLINE:
         try:
-            return HfApi().model_info(repo_id, revision=ref, timeout=10).sha
-        except Exception as exc:  # network down, private repo, unknown id: fall back to the cache
+            sha = HfApi().model_info(repo_id, revision=ref, timeout=10).sha
+            if sha:
+                return sha
+        except (OSError, ValueError) as exc:  # network down, private repo, unknown id: fall back to the cache
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if ref_file.is_file():
         return ref_file.read_text().strip()
@@ -158,13 +191,17 @@ def _hub_commit(repo_id: str, revision: str | None) -> str:
     )
 
 
-def _hub_file(repo_id: str, commit: str, filename: str) -> str | None:
+def _hub_file(repo_id: str, commit: str, filename: str) -> Path:
     from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return hf_hub_download(repo_id, filename, revision=commit, local_files_only=constants.HF_HUB_OFFLINE)
-    except Exception:
-        return None
+        return Path(hf_hub_download(repo_id, filename, revision=commit, local_files_only=constants.HF_HUB_OFFLINE))
+    except (LocalEntryNotFoundError, OSError) as exc:  # not in the cache (offline), or the network failed
+        raise ModelError(f"cannot read {filename} of hub model {repo_id!r} at {commit}: {exc}") from None
+    except (EntryNotFoundError, RepositoryNotFoundError) as exc:
+        raise ModelInputError(f"hub model {repo_id!r} at {commit} has no {filename}: not a diffusers SD pipeline "
+                              f"({type(exc).__name__})") from None
 
 
 def _clip_layers_from_config(path: Path) -> int:
@@ -184,7 +221,8 @@ def folder_sha256(path: Path) -> str:
     def compute() -> str:
         h = hashlib.sha256()
         for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            h.update(f"{file.relative_to(path).as_posix()}\0{_cached_hash(file, lambda f=file: _hash_file(f))}\n".encode())
+            digest = _cached_hash(file, functools.partial(_hash_file, file))
+            h.update(f"{file.relative_to(path).as_posix()}\0{digest}\n".encode())
         return h.hexdigest()
 
     return compute()
@@ -199,14 +237,13 @@ def _hash_file(path: Path) -> str:
 
 
 def _hash_cache_file() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gridrender" / "sha256.json"
+    return Settings().cache_root() / "sha256.json"
 
 
 _HASH_CACHE: dict[str, str] | None = None
 
 
-def _cached_hash(path: Path, compute) -> str:
+def _cached_hash(path: Path, compute: Callable[[], str]) -> str:
     """Hashing a 4 GB checkpoint takes seconds: remember it per (path, size, mtime).
 
     Kept on disk too, so `validate`, `submit` and every worker do not hash it again.
@@ -218,6 +255,7 @@ def _cached_hash(path: Path, compute) -> str:
             _HASH_CACHE = json.loads(cache_file.read_text())
         except (OSError, ValueError):
             _HASH_CACHE = {}
+    assert _HASH_CACHE is not None
     st = path.stat()
     key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
     if key not in _HASH_CACHE:

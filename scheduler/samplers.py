@@ -1,78 +1,202 @@
-"""Sampler names as users write them, mapped to diffusers scheduler classes.
+"""Sampler and schedule names as users write them, resolved without diffusers or torch.
 
-Pure data, so the scheduler side can validate a job without diffusers. The worker
-side (`workers.samplers`) turns a `SamplerSpec` into a scheduler instance.
+Two families:
+- A1111 names ("Euler a", "DPM++ 2M", ...): A1111's k-diffusion sampler with A1111's
+  default options and its CPU random-number source; sigmas from the model's own
+  `alphas_cumprod` (`workers/sigmas.py`), whatever the model's scheduler config says.
+  A1111 1.9+ names the schedule apart ("Sampler: DPM++ 2M, Schedule type: Karras");
+  the older combined names ("DPM++ 2M Karras") are the same cells. `Automatic`
+  means what a name without a schedule meant before 1.9: Uniform, i.e. k-diffusion's
+  discretization of the model's own sigmas.
+- diffusers class names ("EulerDiscreteScheduler"): that class, built on the model's
+  own scheduler config, as diffusers' pipelines run it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
+
+# Bump when what an A1111 name renders changes: it is part of every such cell's id.
+A1111_SEMANTICS = "a1111-kdiffusion-1"
+DIFFUSERS_SEMANTICS = "diffusers-class-1"
+AUTOMATIC = "Automatic"
+UNIFORM = "Uniform"
 
 
 @dataclass(frozen=True)
-class SamplerSpec:
-    name: str  # canonical spelling, part of the cell id
-    cls: str  # diffusers scheduler class name
-    config: dict = field(default_factory=dict)  # overrides of the model's scheduler config
-    # Samplers whose noise is drawn for the whole batch at once (a Brownian tree seeded
-    # once per call) give different images in a batch than alone: render them one by one.
+class Schedule:
+    label: str  # as A1111 writes it in infotext ("Schedule type: Karras")
+    name: str  # A1111's internal name
+    aliases: tuple[str, ...] = ()
+
+
+SCHEDULES = [
+    Schedule(AUTOMATIC, "automatic"),
+    Schedule(UNIFORM, "uniform"),
+    Schedule("Karras", "karras"),
+    Schedule("Exponential", "exponential"),
+    Schedule("Polyexponential", "polyexponential"),
+    Schedule("SGM Uniform", "sgm_uniform", ("SGMUniform",)),
+    Schedule("KL Optimal", "kl_optimal"),
+    Schedule("Align Your Steps", "align_your_steps"),
+    Schedule("Simple", "simple"),
+    Schedule("Normal", "normal"),
+    Schedule("DDIM", "ddim"),
+    Schedule("Beta", "beta"),
+]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str  # canonical spelling: the A1111 label or the diffusers class name
+    family: str  # "a1111" | "diffusers"
+    function: str  # k-diffusion sampling function, or the diffusers class name
+    aliases: tuple[str, ...] = ()
+    discard_penultimate_sigma: bool = False  # A1111's discard_next_to_last_sigma
+    noise: str = "none"  # "ancestral": per-cell CPU draws; "brownian": per-cell Brownian tree
+    options: dict = field(default_factory=dict, hash=False)  # keyword arguments of the function
+    # Samplers whose noise is drawn for the whole call at once render one cell per call.
     batch_invariant: bool = True
 
+    @property
+    def semantics(self) -> str:
+        return A1111_SEMANTICS if self.family == "a1111" else DIFFUSERS_SEMANTICS
 
-def _spec(name: str, cls: str, batch_invariant: bool = True, **config) -> SamplerSpec:
-    return SamplerSpec(name, cls, config, batch_invariant)
+
+def _a1111(name: str, function: str, aliases: tuple[str, ...] = (), **kw) -> Sampler:
+    return Sampler(name, "a1111", function, aliases, **kw)
 
 
-_KARRAS = {"use_karras_sigmas": True}
+# A1111's k-diffusion samplers (modules/sd_samplers_kdiffusion.py) with its defaults:
+# eta 1 for ancestral and SDE samplers, s_churn 0, s_noise 1. DDIM, PLMS, UniPC, LCM
+# and DPM fast/adaptive are not matched exactly and are not in this table; their
+# diffusers classes stay available under the class names.
+A1111 = [
+    _a1111("Euler a", "sample_euler_ancestral", ("k_euler_a", "k_euler_ancestral"), noise="ancestral"),
+    _a1111("Euler", "sample_euler", ("k_euler",)),
+    _a1111("LMS", "sample_lms", ("k_lms",)),
+    _a1111("Heun", "sample_heun", ("k_heun",)),
+    _a1111("DPM2", "sample_dpm_2", ("k_dpm_2",), discard_penultimate_sigma=True),
+    _a1111("DPM2 a", "sample_dpm_2_ancestral", ("k_dpm_2_a",), discard_penultimate_sigma=True, noise="ancestral"),
+    _a1111("DPM++ 2S a", "sample_dpmpp_2s_ancestral", ("k_dpmpp_2s_a",), noise="ancestral"),
+    _a1111("DPM++ 2M", "sample_dpmpp_2m", ("k_dpmpp_2m",)),
+    _a1111("DPM++ SDE", "sample_dpmpp_sde", ("k_dpmpp_sde",), noise="brownian"),
+    _a1111("DPM++ 2M SDE", "sample_dpmpp_2m_sde", ("k_dpmpp_2m_sde",), noise="brownian",
+           options={"solver_type": "midpoint"}),
+    _a1111("DPM++ 2M SDE Heun", "sample_dpmpp_2m_sde", ("k_dpmpp_2m_sde_heun",), noise="brownian",
+           options={"solver_type": "heun"}),
+    _a1111("DPM++ 3M SDE", "sample_dpmpp_3m_sde", ("k_dpmpp_3m_sde",), discard_penultimate_sigma=True,
+           noise="brownian"),
+]
 
-# A1111 / civitai names. Where A1111's sampler has no exact diffusers twin it is left
-# out rather than approximated under the same name.
-A1111 = {
-    spec.name: spec
-    for spec in [
-        _spec("Euler", "EulerDiscreteScheduler"),
-        _spec("Euler a", "EulerAncestralDiscreteScheduler"),
-        _spec("Heun", "HeunDiscreteScheduler"),
-        _spec("LMS", "LMSDiscreteScheduler"),
-        _spec("LMS Karras", "LMSDiscreteScheduler", **_KARRAS),
-        _spec("DPM2", "KDPM2DiscreteScheduler"),
-        _spec("DPM2 Karras", "KDPM2DiscreteScheduler", **_KARRAS),
-        _spec("DPM2 a", "KDPM2AncestralDiscreteScheduler"),
-        _spec("DPM2 a Karras", "KDPM2AncestralDiscreteScheduler", **_KARRAS),
-        _spec("DPM++ 2M", "DPMSolverMultistepScheduler"),
-        _spec("DPM++ 2M Karras", "DPMSolverMultistepScheduler", **_KARRAS),
-        _spec("DPM++ 2M SDE", "DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++"),
-        _spec(
-            "DPM++ 2M SDE Karras",
-            "DPMSolverMultistepScheduler",
-            algorithm_type="sde-dpmsolver++",
-            **_KARRAS,
-        ),
-        _spec("DPM++ SDE", "DPMSolverSDEScheduler", batch_invariant=False),
-        _spec("DPM++ SDE Karras", "DPMSolverSDEScheduler", batch_invariant=False, **_KARRAS),
-        _spec("DDIM", "DDIMScheduler"),
-        _spec("PLMS", "PNDMScheduler", skip_prk_steps=True),
-        _spec("UniPC", "UniPCMultistepScheduler"),
-        _spec("DEIS", "DEISMultistepScheduler"),
-        _spec("DDPM", "DDPMScheduler"),
-        _spec("LCM", "LCMScheduler"),
-    ]
+# diffusers classes accepted under their own names, with the model's own config.
+# DPMSolverSDEScheduler seeds one Brownian tree per call: one cell per call, seeded by it.
+DIFFUSERS = [
+    Sampler(cls, "diffusers", cls, batch_invariant=cls != "DPMSolverSDEScheduler")
+    for cls in sorted([
+        "DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
+        "DPMSolverSDEScheduler", "DPMSolverSinglestepScheduler", "EulerAncestralDiscreteScheduler",
+        "EulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+        "KDPM2DiscreteScheduler", "LCMScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "TCDScheduler",
+        "UniPCMultistepScheduler",
+    ])
+]
+
+# Names A1111 users bring that gridrender cannot render as A1111 does.
+NOT_MATCHED = {
+    "ddim": "DDIMScheduler", "plms": "PNDMScheduler", "unipc": "UniPCMultistepScheduler",
+    "lcm": "LCMScheduler", "ddpm": "DDPMScheduler", "deis": "DEISMultistepScheduler",
+    "dpm fast": None, "dpm adaptive": None, "restart": None,
 }
 
-# diffusers class names accepted as they are, with the model's own scheduler config.
-CLASSES = sorted({spec.cls for spec in A1111.values()} | {"DPMSolverSinglestepScheduler", "TCDScheduler"})
-_NOT_BATCH_INVARIANT = {"DPMSolverSDEScheduler"}
 
-_BY_FOLDED = {name.casefold(): spec for name, spec in A1111.items()}
-_BY_FOLDED.update(
-    {cls.casefold(): SamplerSpec(cls, cls, {}, cls not in _NOT_BATCH_INVARIANT) for cls in CLASSES}
-)
+def _fold(name: str) -> str:
+    return " ".join(name.split()).casefold()
 
 
-def valid_names() -> list[str]:
-    return [*A1111, *CLASSES]
+_SAMPLERS = {_fold(s.name): s for s in [*A1111, *DIFFUSERS]}
+_SAMPLERS.update({_fold(a): s for s in A1111 for a in s.aliases})
+_SCHEDULES = {_fold(n): s for s in SCHEDULES for n in (s.label, s.name, *s.aliases)}
 
 
-def lookup(name: str) -> SamplerSpec:
-    """The sampler called `name` (case and spacing forgiven); KeyError if unknown."""
-    folded = " ".join(name.split()).casefold()
-    return _BY_FOLDED[folded]
+def valid_samplers() -> list[str]:
+    return [s.name for s in A1111] + [s.name for s in DIFFUSERS]
+
+
+def valid_schedules() -> list[str]:
+    return [s.label for s in SCHEDULES]
+
+
+class UnknownName(ValueError):
+    """A sampler or schedule name that is not in the tables (the message teaches)."""
+
+
+def lookup(name: str) -> Sampler:
+    """The sampler called exactly `name` (case and spacing forgiven); no schedule suffix."""
+    try:
+        return _SAMPLERS[_fold(name)]
+    except KeyError:
+        raise UnknownName(_unknown_sampler(name)) from None
+
+
+def schedule(label: str) -> Schedule:
+    try:
+        return _SCHEDULES[_fold(label)]
+    except KeyError:
+        raise UnknownName(f"unknown schedule {label!r}; valid: {', '.join(valid_schedules())}") from None
+
+
+@cache
+def split_name(name: str) -> tuple[Sampler, Schedule | None]:
+    """A sampler name, possibly with A1111's schedule suffix ("DPM++ 2M Karras")."""
+    folded = _fold(name)
+    if folded in _SAMPLERS:
+        return _SAMPLERS[folded], None
+    for spelling, sched in _SCHEDULES.items():
+        base = folded.removesuffix(" " + spelling)
+        if base != folded and base in _SAMPLERS and _SAMPLERS[base].family == "a1111" and sched.label != AUTOMATIC:
+            return _SAMPLERS[base], sched
+    raise UnknownName(_unknown_sampler(name))
+
+
+@cache
+def canonical(name: str, schedule_label: str = AUTOMATIC) -> tuple[str, str]:
+    """(sampler, schedule) as cells hold them: "DPM++ 2M Karras" + Automatic -> ("DPM++ 2M", "Karras").
+
+    Raises UnknownName, or ValueError for a name and schedule that contradict each other.
+    """
+    sampler, implied = split_name(name)
+    chosen = schedule(schedule_label)
+    if sampler.family == "diffusers":
+        if chosen.label != AUTOMATIC:
+            raise ValueError(f"schedule {chosen.label!r} applies to A1111 sampler names; {sampler.name} "
+                             "uses the model's own scheduler config (write schedule: Automatic)")
+        return sampler.name, AUTOMATIC
+    if implied is not None and chosen.label not in (AUTOMATIC, implied.label):
+        raise ValueError(f"sampler {name!r} already names its schedule ({implied.label}) but schedule is "
+                         f"{chosen.label!r}; write sampler {sampler.name!r} with the schedule you want")
+    resolved = implied or (chosen if chosen.label != AUTOMATIC else schedule(UNIFORM))
+    return sampler.name, resolved.label
+
+
+def identity(name: str) -> dict:
+    """A canonical sampler's part of the cell id: its name and what the name means."""
+    return {"name": name, "semantics": lookup(name).semantics}
+
+
+def infotext_name(name: str, schedule_label: str) -> str:
+    """"Sampler:" as both A1111 generations read it: the old combined name where one existed."""
+    sampler = lookup(name)
+    if sampler.family == "a1111" and schedule_label not in (UNIFORM, AUTOMATIC):
+        return f"{sampler.name} {schedule_label}"
+    return sampler.name
+
+
+def _unknown_sampler(name: str) -> str:
+    folded = _fold(name)
+    for base in (folded, *(folded.removesuffix(" " + s) for s in _SCHEDULES)):
+        if base in NOT_MATCHED:
+            cls = NOT_MATCHED[base]
+            alternative = f"; use the diffusers class {cls} (the model's own config, not A1111's sampler)" if cls else ""
+            return f"sampler {name!r} is A1111's, but gridrender cannot render it exactly as A1111 does{alternative}"
+    return f"unknown sampler {name!r}; valid: " + ", ".join(valid_samplers())

@@ -88,12 +88,18 @@ def test_hub_id_pinned_to_a_commit_resolves_from_the_cache(monkeypatch, tmp_path
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    refs = tmp_path / "hf" / "models--someone--some-model" / "refs"
-    refs.mkdir(parents=True)
-    (refs / "main").write_text("a" * 40)
+    repo = tmp_path / "hf" / "models--someone--some-model"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("a" * 40)
+    config = repo / "snapshots" / ("a" * 40) / "text_encoder" / "config.json"
+    config.parent.mkdir(parents=True)
+    config.write_text('{"num_hidden_layers": 12}')
     model = resolve("someone/some-model")
-    assert model.kind == "hub" and model.revision == "a" * 40
+    assert model.kind == "hub" and model.revision == "a" * 40 and model.clip_layers == 12
     assert model.identity() == {"kind": "hub", "name": "someone/some-model", "revision": "a" * 40}
+    config.unlink()  # a cache that lacks the text encoder's config: a clear error, not a guessed 12 layers
+    with pytest.raises(ModelError, match="text_encoder/config.json"):
+        resolve("someone/some-model")
 
 
 def test_bad_model_references_name_the_model_key(job_file):

@@ -66,7 +66,7 @@ def test_sheets_one_per_prompt_with_placeholders_for_missing_cells(rendered_job,
     # finalize on a copy with one cell gone: the sheet keeps its shape and shows a placeholder
     copy = tmp_path / "copy"
     shutil.copytree(store.root, copy)
-    lines = read_manifest(LocalStore(copy), "sheet-test")
+    lines = list(read_manifest(LocalStore(copy), "sheet-test"))
     (copy / "cells" / f"{lines[0]['cell_id']}.json").unlink()
     (copy / "cells" / f"{lines[0]['cell_id']}.png").unlink()
     result = cli("finalize", "sheet-test", "--output", str(copy))
@@ -79,7 +79,7 @@ def test_sheets_one_per_prompt_with_placeholders_for_missing_cells(rendered_job,
 
 def test_sheet_layout_and_pixel_cap(rendered_job):
     _, store = rendered_job
-    lines = read_manifest(store, "sheet-test")
+    lines = list(read_manifest(store, "sheet-test"))
     default = build_sheets(store, "sheet-test", lines)
     swapped = build_sheets(store, "sheet-test", lines, {"rows": "seed", "cols": "clip_skip", "pages": "prompt"})
     by_seed = build_sheets(store, "sheet-test", lines, {"rows": "prompt", "cols": "clip_skip", "pages": "seed"})
@@ -161,7 +161,7 @@ def test_export_round_trips_through_datasets_and_webdataset(rendered_job, tmp_pa
 
 def test_reproduce_from_the_record_alone(rendered_job, tmp_path):
     _, store = rendered_job
-    line = read_manifest(store, "sheet-test")[4]
+    line = list(read_manifest(store, "sheet-test"))[4]
     record = Path(store.root) / line["record"]
     result = cli("reproduce", str(record))
     assert result.returncode == 0, result.stderr

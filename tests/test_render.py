@@ -20,7 +20,7 @@ def cells(tiny, seeds, sampler="Euler a", **kw):
     return [make_cell(tiny, **{**base, "seed": s, **kw}) for s in seeds]
 
 
-@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M Karras", "DDIM"])
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M Karras", "DDIMScheduler"])
 def test_a_cell_alone_equals_the_same_cell_in_a_batch_of_8(renderer, tiny, sampler):
     batch = cells(tiny, range(100, 108), sampler)
     # mix prompts and clip skips inside the batch, as the worker does
@@ -57,5 +57,5 @@ def test_rendering_again_gives_the_same_pixels(renderer, tiny):
 def test_pipeline_stays_resident(renderer, tiny):
     renderer.render(tiny, cells(tiny, [1]))
     loads = renderer.cache.loads
-    renderer.render(tiny, cells(tiny, [2, 3], "DDIM"))
+    renderer.render(tiny, cells(tiny, [2, 3], "DDIMScheduler"))
     assert renderer.cache.loads == loads

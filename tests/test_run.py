@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,8 @@ from PIL import Image
 from tests.conftest import ROOT, cli
 
 RECORD_KEYS = {"cell_id", "params", "model", "clip_skip", "clip_layer", "clip_layers", "versions", "device", "timings", "image_sha256", "sampler"}
-PARAM_KEYS = {"model", "prompt", "negative_prompt", "clip_skip", "seed", "sampler", "steps", "guidance", "width", "height", "dtype"}
+PARAM_KEYS = {"model", "prompt", "negative_prompt", "clip_skip", "seed", "sampler", "schedule", "steps", "guidance", "width",
+              "height", "dtype"}
 
 
 def snapshot(root: Path) -> dict[str, int]:
@@ -52,7 +52,8 @@ def test_run_writes_cells_records_job_and_manifest(job_file, tmp_path):
         assert record["cell_id"] == line["cell_id"]
         assert record["clip_layers"] == 12 and record["clip_layer"] == 12 - record["clip_skip"] + 1
         assert record["params"]["clip_skip"] == record["clip_skip"] == line["clip_skip"]
-        assert record["sampler"]["class"] == "EulerAncestralDiscreteScheduler"
+        assert record["sampler"]["class"] == "k-diffusion:sample_euler_ancestral"
+        assert record["sampler"]["sigmas"][0] > 14.6 and record["sampler"]["sigmas"][-1] == 0  # A1111 starts at t=999
         assert record["generator"]["device"] == "cpu"
         png = (out / line["image"]).read_bytes()
         import hashlib
@@ -62,7 +63,8 @@ def test_run_writes_cells_records_job_and_manifest(job_file, tmp_path):
         prompt_line, negative_line, params_line = text.split("\n")
         assert prompt_line == line["prompt"]
         assert negative_line == "Negative prompt: lowres, blurry"
-        assert params_line.startswith(f"Steps: 3, Sampler: Euler a, CFG scale: 7, Seed: {line['seed']}, Size: 64x64, Model hash: ")
+        assert params_line.startswith(f"Steps: 3, Sampler: Euler a, Schedule type: Uniform, CFG scale: 7, "
+                                      f"Seed: {line['seed']}, Size: 64x64, Model hash: ")
         assert params_line.endswith(f"Clip skip: {line['clip_skip']}")
 
 

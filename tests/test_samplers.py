@@ -1,58 +1,74 @@
-"""A1111 sampler names and diffusers class names map to the right schedulers."""
+"""Sampler and schedule names: A1111's table, its combined names, diffusers classes."""
 from __future__ import annotations
-
-import json
 
 import pytest
 
 from gridrender.scheduler import samplers
-from gridrender.scheduler.models import config_dir
-from gridrender.workers.samplers import make_scheduler
-
-BASE = json.loads((config_dir("sd15") / "scheduler" / "scheduler_config.json").read_text())
-
-EXPECTED = {
-    "Euler": ("EulerDiscreteScheduler", {}),
-    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
-    "DDIM": ("DDIMScheduler", {}),
-    "DPM++ 2M": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False, "algorithm_type": "dpmsolver++"}),
-    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++"}),
-    "DPM++ 2M SDE Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
-    "DPM++ SDE Karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
-    "Heun": ("HeunDiscreteScheduler", {}),
-    "LMS": ("LMSDiscreteScheduler", {"use_karras_sigmas": False}),
-    "LMS Karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
-    "UniPC": ("UniPCMultistepScheduler", {}),
-    "PLMS": ("PNDMScheduler", {"skip_prk_steps": True}),
-}
+from gridrender.scheduler.errors import JobError
+from gridrender.scheduler.job import parse_job
 
 
-@pytest.mark.parametrize("name", EXPECTED)
-def test_a1111_names(name):
-    cls, config = EXPECTED[name]
-    scheduler = make_scheduler(name, BASE)
-    assert type(scheduler).__name__ == cls
-    for key, value in config.items():
-        assert scheduler.config[key] == value, key
-    # the model's own noise schedule is kept
-    assert scheduler.config["beta_schedule"] == "scaled_linear"
-    assert scheduler.config["beta_end"] == BASE["beta_end"]
+@pytest.mark.parametrize(
+    "name, schedule, expected",
+    [
+        ("Euler a", "Automatic", ("Euler a", "Uniform")),
+        ("euler  A", "automatic", ("Euler a", "Uniform")),
+        ("DPM++ 2M", "Automatic", ("DPM++ 2M", "Uniform")),
+        ("DPM++ 2M Karras", "Automatic", ("DPM++ 2M", "Karras")),
+        ("DPM++ 2M", "Karras", ("DPM++ 2M", "Karras")),
+        ("DPM++ 2M Karras", "karras", ("DPM++ 2M", "Karras")),
+        ("DPM++ SDE Karras", "Automatic", ("DPM++ SDE", "Karras")),
+        ("DPM++ 2M SDE Exponential", "Automatic", ("DPM++ 2M SDE", "Exponential")),
+        ("DPM++ 2M SDE Heun", "Automatic", ("DPM++ 2M SDE Heun", "Uniform")),
+        ("Euler", "SGMUniform", ("Euler", "SGM Uniform")),
+        ("k_dpmpp_2m", "Automatic", ("DPM++ 2M", "Uniform")),
+        ("EulerDiscreteScheduler", "Automatic", ("EulerDiscreteScheduler", "Automatic")),
+    ],
+)
+def test_names_resolve_to_one_canonical_sampler_and_schedule(name, schedule, expected):
+    assert samplers.canonical(name, schedule) == expected
 
 
-@pytest.mark.parametrize("name", samplers.valid_names())
-def test_every_listed_name_builds(name):
-    assert make_scheduler(name, BASE) is not None
+def test_contradicting_names_and_schedules_are_errors():
+    with pytest.raises(ValueError, match="already names its schedule"):
+        samplers.canonical("DPM++ 2M Karras", "Exponential")
+    with pytest.raises(ValueError, match="model's own scheduler config"):
+        samplers.canonical("EulerDiscreteScheduler", "Karras")
 
 
-def test_class_names_work_as_they_are():
-    assert type(make_scheduler("EulerDiscreteScheduler", BASE)).__name__ == "EulerDiscreteScheduler"
+@pytest.mark.parametrize("name, hint", [("DDIM", "DDIMScheduler"), ("UniPC", "UniPCMultistepScheduler"),
+                                        ("PLMS", "PNDMScheduler"), ("DPM fast", "exactly")])
+def test_a1111_names_that_are_not_matched_teach_the_alternative(name, hint):
+    with pytest.raises(samplers.UnknownName, match=hint):
+        samplers.split_name(name)
 
 
-def test_karras_does_not_leak_into_the_next_sampler():
-    make_scheduler("DPM++ 2M Karras", BASE)
-    assert make_scheduler("DPM++ 2M", BASE).config["use_karras_sigmas"] is False
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(samplers.UnknownName, match="Euler a"):
+        samplers.split_name("Warp Drive")
+    with pytest.raises(samplers.UnknownName, match="Karras"):
+        samplers.schedule("Wobbly")
 
 
-def test_unknown_name_raises():
-    with pytest.raises(KeyError):
-        samplers.lookup("Warp Drive")
+def test_infotext_names_read_the_same_in_old_and_new_a1111():
+    assert samplers.infotext_name("DPM++ 2M", "Karras") == "DPM++ 2M Karras"
+    assert samplers.infotext_name("DPM++ 2M", "Uniform") == "DPM++ 2M"
+    assert samplers.infotext_name("EulerDiscreteScheduler", "Automatic") == "EulerDiscreteScheduler"
+
+
+def test_job_schedule_axis_and_duplicates_after_canonicalization():
+    job = parse_job(b"name: g\nmodel: builtin:tiny\nprompts: a\nsampler: [DPM++ 2M, Euler]\nschedule: [Uniform, Karras]\n")
+    assert job.cell_count() == 4 and job.schedule == ["Uniform", "Karras"]
+    for text in (b"sampler: [DPM++ 2M Karras, dpm++ 2m karras]\n",
+                 b"sampler: [DPM++ 2M, DPM++ 2M Karras]\nschedule: [Automatic, Karras]\n"):
+        with pytest.raises(JobError) as info:
+            parse_job(b"name: g\nmodel: builtin:tiny\nprompts: a\n" + text)
+        assert info.value.problems[0].field == "sampler"
+    with pytest.raises(JobError, match="schedule"):
+        parse_job(b"name: g\nmodel: builtin:tiny\nprompts: a\nschedule: Wobbly\n")
+
+
+def test_every_a1111_sampler_has_a_kdiffusion_function():
+    from gridrender.workers.ksampling import FUNCTIONS
+
+    assert {s.function for s in samplers.A1111} <= FUNCTIONS.keys()

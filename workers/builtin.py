@@ -12,28 +12,9 @@ import numpy as np
 import torch
 
 from gridrender.scheduler.models import BUILTINS, config_dir
+from gridrender.scheduler.tokens import byte_vocab
 
 SEED = 20260101
-
-
-def _byte_alphabet() -> list[str]:
-    """CLIP's (and GPT-2's) printable stand-in character for each of the 256 bytes."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
-def tokenizer_vocab() -> dict[str, int]:
-    """A byte-level CLIP BPE vocabulary with no merges: every character is a token."""
-    chars = _byte_alphabet()
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    return {tok: i for i, tok in enumerate(tokens)}
 
 
 def materialize(name: str, folder: Path) -> Path:
@@ -60,7 +41,7 @@ def build(name: str):
     encoder = CLIPTextModel(CLIPTextConfig.from_json_file(src / "text_encoder" / "config.json"))
     for module in (unet, vae, encoder):
         _fill(module, rng)
-    tokenizer = CLIPTokenizer(vocab=tokenizer_vocab(), merges=[], model_max_length=77)
+    tokenizer = CLIPTokenizer(vocab=byte_vocab(), merges=[], model_max_length=77)
     scheduler = PNDMScheduler.from_config(PNDMScheduler.load_config(src / "scheduler"))
     return StableDiffusionPipeline(
         vae=vae,

@@ -1,27 +1,39 @@
-"""Prompt encoding with A1111's CLIP skip, done by gridrender rather than diffusers.
+"""Prompt encoding as A1111 does it, with CLIP skip, done by gridrender rather than diffusers.
 
-`clip_skip: N` takes the output of encoder layer L-N+1 (1-based, of L layers) and
-applies the encoder's final LayerNorm: 1 is the last layer, 2 the penultimate.
+A prompt becomes 75-token chunks (`scheduler.prompts`), each wrapped in BOS/EOS and
+encoded on its own; `clip_skip: N` takes the output of encoder layer L-N+1 (1-based,
+of L layers) and applies the encoder's final LayerNorm: 1 is the last layer, 2 the
+penultimate. Each token's output is multiplied by its emphasis weight, then the
+chunk is rescaled to its original mean (A1111's "Original" emphasis), and the
+chunks are concatenated: a prompt of k chunks gives a (77k, width) conditioning.
 diffusers' own `clip_skip` counts from 0, skips the negative prompt, and breaks on
 transformers >= 5.6, where CLIPTextModel lost its `.text_model` wrapper.
 
-One pass yields every requested skip: forward hooks capture the layers we need and
-stop the pass after the deepest of them, so skipping layers really skips work.
+One pass yields everything a chunk of cells needs: every chunk of every distinct
+text goes through the encoder in one batch, forward hooks capture the layers the
+CLIP skips need, and the pass stops after the deepest of them. The batch always
+has ROWS rows (padded with empty chunks; more rows take more passes): kernels pick
+their blocking by shape, so a fixed shape makes a text's encoding bit-identical
+whatever other texts share the pass.
 """
 from __future__ import annotations
 
-import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
+from gridrender.scheduler.prompts import Encoding, Vocabulary, chunk_prompt
+
+ROWS = 8  # 77-token rows per encoder pass
 
 
 class _Enough(Exception):
     """Raised from a hook once every needed layer has been captured."""
 
 
-def text_transformer(encoder: torch.nn.Module) -> torch.nn.Module:
+def text_transformer(encoder: torch.nn.Module) -> Any:
     """The module holding embeddings, encoder.layers and final_layer_norm (any transformers)."""
     return getattr(encoder, "text_model", encoder)
 
@@ -37,27 +49,62 @@ def clip_layer_for(skip: int, layers: int) -> int:
     return layers - skip + 1
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """A text's conditioning for one CLIP skip, and how A1111 counts its tokens."""
+
+    embedding: torch.Tensor  # (77 * chunks, width)
+    tokens: int
+    chunks: int
+
+
 class PromptEncoder:
-    def __init__(self, tokenizer, encoder: torch.nn.Module):
+    def __init__(self, tokenizer: Any, encoder: torch.nn.Module):
         self.tokenizer = tokenizer
         self.encoder = encoder
-        self.model = text_transformer(encoder)
+        self.model: Any = text_transformer(encoder)
         self.layers = clip_layers(encoder)
+        vocab = tokenizer.get_vocab()
+        self.vocab = Vocabulary(tokenizer.bos_token_id, tokenizer.eos_token_id, vocab.get(",</w>"))
         self.passes = 0  # text-encoder forward passes, for logs and benchmarks
-        self.texts = 0  # texts encoded over all passes
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        max_length = self.tokenizer.model_max_length
-        tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-        for text in texts:
-            if len(self.tokenizer(text).input_ids) > max_length:
-                log.warning("prompt longer than %d tokens is truncated: %r", max_length, text[:80])
-        return tokens
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.tokenizer(list(texts), truncation=False, add_special_tokens=False)["input_ids"]
+
+    def chunk(self, text: str) -> Encoding:
+        return chunk_prompt(text, self.tokenize, self.vocab)
 
     @torch.no_grad()
-    def encode(self, texts: list[str], skips: set[int]) -> dict[int, torch.Tensor]:
-        """Embeddings of `texts` for each CLIP skip in `skips`, from one encoder pass."""
-        wanted = {clip_layer_for(skip, self.layers) for skip in skips}
+    def encode(self, texts: Sequence[str], skips: set[int]) -> dict[tuple[str, int], Encoded]:
+        """(text, clip skip) -> conditioning, for every text and skip, from one encoder pass."""
+        texts = list(dict.fromkeys(texts))
+        encodings = [self.chunk(text) for text in texts]
+        rows = [chunk for encoding in encodings for chunk in encoding.chunks]
+        hidden = self._layers([row.tokens for row in rows], {clip_layer_for(s, self.layers) for s in skips})
+        weights = torch.tensor([row.weights for row in rows], dtype=torch.float32, device=self.model.device)
+        result = {}
+        for skip in skips:
+            z = self.model.final_layer_norm(hidden[clip_layer_for(skip, self.layers)])
+            z = emphasize(z, weights)
+            start = 0
+            for text, encoding in zip(texts, encodings):
+                count = len(encoding.chunks)
+                embedding = z[start : start + count].reshape(-1, z.shape[-1])
+                result[(text, skip)] = Encoded(embedding, encoding.token_count, count)
+                start += count
+        return result
+
+    def _layers(self, tokens: list[list[int]], wanted: set[int]) -> dict[int, torch.Tensor]:
+        """The outputs of the `wanted` 1-based encoder layers for rows of 77 token ids."""
+        empty = [self.vocab.bos] + [self.vocab.eos] * (len(tokens[0]) - 1)
+        parts = []
+        for start in range(0, len(tokens), ROWS):
+            rows = tokens[start : start + ROWS]
+            outputs = self._pass(rows + [empty] * (ROWS - len(rows)), wanted)
+            parts.append({layer: out[: len(rows)] for layer, out in outputs.items()})
+        return {layer: torch.cat([part[layer] for part in parts]) for layer in wanted}
+
+    def _pass(self, tokens: list[list[int]], wanted: set[int]) -> dict[int, torch.Tensor]:
         deepest = max(wanted)
         captured: dict[int, torch.Tensor] = {}
 
@@ -69,20 +116,20 @@ class PromptEncoder:
 
             return hook
 
-        device = self.model.device
-        tokens = self.tokenize(texts)
-        kwargs = {"input_ids": tokens.input_ids.to(device)}
-        if getattr(self.encoder.config, "use_attention_mask", False):
-            kwargs["attention_mask"] = tokens.attention_mask.to(device)
         handles = [self.model.encoder.layers[layer - 1].register_forward_hook(capture(layer)) for layer in wanted]
         try:
-            self.model(**kwargs)
+            self.model(input_ids=torch.tensor(tokens, device=self.model.device))
         except _Enough:
             pass
         finally:
             for handle in handles:
                 handle.remove()
         self.passes += 1
-        self.texts += len(texts)
-        norm = self.model.final_layer_norm
-        return {skip: norm(captured[clip_layer_for(skip, self.layers)]) for skip in skips}
+        return captured
+
+
+def emphasize(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111's "Original" emphasis, per 77-token row: weight each token, then restore the row's mean."""
+    original = z.mean(dim=(1, 2), keepdim=True)
+    z = z * weights.unsqueeze(-1)  # float32 weights: fp16 outputs are weighted in float32, as in A1111
+    return z * (original / z.mean(dim=(1, 2), keepdim=True))

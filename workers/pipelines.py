@@ -1,34 +1,36 @@
 """Loading Stable Diffusion pipelines and keeping them resident.
 
 A worker loads each (model, dtype) once and reuses it for every chunk; loads are
-counted so tests and logs can show that the pipeline stayed hot.
+counted so tests and logs can show that the pipeline stayed hot. What rendering
+needs beside the pipeline (the prompt encoder, the model's own scheduler config and
+its sigmas) is built once at load and lives with it.
 """
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from gridrender.scheduler.errors import ModelError
 from gridrender.scheduler.models import BUILTINS, ModelSpec, config_dir
+from gridrender.scheduler.settings import Settings
+from gridrender.scheduler.tokens import cached_sd15_tokenizer
 
 from . import builtin
+from .clip import PromptEncoder
+from .compiled import EAGER, Compiled, enabled, use_cache_dir
+from .sigmas import ModelSigmas, alphas_cumprod
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-# Where SD 1.x's CLIP tokenizer may already lie in the Hugging Face cache.
-SD15_TOKENIZER_REPOS = [
-    ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer/"),
-    ("runwayml/stable-diffusion-v1-5", "tokenizer/"),
-    ("openai/clip-vit-large-patch14", ""),
-]
 
 
 def quiet_libraries() -> None:
@@ -46,12 +48,11 @@ def quiet_libraries() -> None:
 
 
 def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gridrender"
+    return Settings().cache_root()
 
 
 def default_device() -> torch.device:
-    wanted = os.environ.get("GRIDRENDER_DEVICE")
+    wanted = Settings().device
     if wanted:
         return torch.device(wanted)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,21 +60,59 @@ def default_device() -> torch.device:
 
 @dataclass
 class Loaded:
-    pipe: object
+    """A resident pipeline and what rendering with it needs, built once."""
+
+    pipe: Any  # a diffusers StableDiffusionPipeline
     model: ModelSpec
     dtype: str
     load_seconds: float
+    encoder: PromptEncoder
+    scheduler_config: dict  # the model's own, before any sampler replaced pipe.scheduler
+    sigmas: ModelSigmas | None  # None: the model's noise schedule is not one A1111's samplers know
+    unet: Callable[..., Any]  # pipe.unet, compiled where compiling is on
+    decode: Callable[..., Any]  # pipe.vae.decode, likewise
+
+    @classmethod
+    def wrap(cls, pipe, model: ModelSpec, dtype: str, load_seconds: float, compile_mode: str | None = None) -> Loaded:
+        config = dict(pipe.scheduler.config)
+        try:
+            sigmas = ModelSigmas(alphas_cumprod(config))
+        except (KeyError, ValueError):
+            sigmas = None
+        unet, decode = pipe.unet, pipe.vae.decode
+        if compile_mode:
+            unet, decode = Compiled(unet, "UNet", compile_mode), Compiled(decode, "VAE decoder", compile_mode)
+        return cls(pipe, model, dtype, load_seconds, PromptEncoder(pipe.tokenizer, pipe.text_encoder), config, sigmas,
+                   unet, decode)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether calls are compiled: then shapes should stay static (short batches padded)."""
+        return isinstance(self.unet, Compiled) and self.unet.state != EAGER
+
+    def compile_state(self) -> dict:
+        """What a record says about compilation: the mode each module ran in."""
+        return {name: (module.state if isinstance(module, Compiled) else EAGER)
+                for name, module in (("unet", self.unet), ("vae_decode", self.decode))}
 
 
 class PipelineCache:
     """The resident pipelines of one worker process (normally exactly one)."""
 
-    def __init__(self, device: torch.device | None = None, keep: int = 1):
+    def __init__(self, device: torch.device | None = None, keep: int = 1, compile_mode: str | None = None):
+        """`compile_mode`: None decides from GRIDRENDER_COMPILE and the device; "eager" never compiles."""
         quiet_libraries()
+        settings = Settings()
         self.device = device or default_device()
         self.keep = keep
         self.loaded: dict[tuple, Loaded] = {}
         self.loads = 0
+        if compile_mode is None:
+            compile_mode = settings.compile_mode if enabled(self.device, settings) else EAGER
+        self.compile_mode = None if compile_mode == EAGER else compile_mode
+        if self.compile_mode:
+            log.info("compiling the UNet and VAE decoder (mode %s); kernels cached in %s",
+                     self.compile_mode, use_cache_dir(settings))
 
     def get(self, model: ModelSpec, dtype: str) -> Loaded:
         key = (json_key(model), dtype)
@@ -86,15 +125,14 @@ class PipelineCache:
         start = time.perf_counter()
         pipe = load(model, DTYPES[dtype], self.device)
         self.loads += 1
-        loaded = Loaded(pipe, model, dtype, time.perf_counter() - start)
+        loaded = Loaded.wrap(pipe, model, dtype, time.perf_counter() - start, self.compile_mode)
         log.info("model load #%d: %s (%s) on %s in %.2fs", self.loads, model.source, dtype, self.device, loaded.load_seconds)
         self.loaded[key] = loaded
         return loaded
 
-
     def put(self, model: ModelSpec, dtype: str, pipe) -> Loaded:
         """Make an already built pipeline resident (benchmarks with random full-size weights)."""
-        loaded = Loaded(make_resident(pipe, self.device), model, dtype, 0.0)
+        loaded = Loaded.wrap(make_resident(pipe, self.device), model, dtype, 0.0, self.compile_mode)
         self.loaded[(json_key(model), dtype)] = loaded
         return loaded
 
@@ -124,7 +162,7 @@ def load(model: ModelSpec, dtype: torch.dtype, device: torch.device):
             raise ModelError(f"unknown model kind {model.kind!r}")
     except ModelError:
         raise
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {model.source!r}: {exc}") from exc
     return make_resident(pipe, device)
 
@@ -139,19 +177,12 @@ def make_resident(pipe, device: torch.device):
 
 
 def tune_for_cuda(pipe) -> None:
-    """Settings that pay off on a GPU: cuDNN autotuning, channels_last, SDPA, optional compile."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
+    """Only settings a measurement justified (BENCHMARKS.md, H100, SD 1.5 fp16 batch 8).
 
+    cuDNN autotuning: 5.16 -> 5.24 img/s. Not set: channels_last (4.53, -13%), TF32
+    (5.14; fp16 matmuls do not use it), an explicit SDPA processor (diffusers' default).
+    """
     torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    pipe.unet.set_attn_processor(AttnProcessor2_0())  # PyTorch's fused scaled-dot-product attention
-    pipe.vae.set_attn_processor(AttnProcessor2_0())
-    pipe.unet.to(memory_format=torch.channels_last)
-    pipe.vae.to(memory_format=torch.channels_last)
-    if os.environ.get("GRIDRENDER_COMPILE", "") not in ("", "0"):
-        # Compiles on the first call of each shape (minutes), then saves 10-30% per step.
-        pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=True)
 
 
 def builtin_folder(name: str) -> Path:
@@ -180,7 +211,7 @@ def single_file_config(name: str) -> Path:
     folder = cache_root() / "configs" / name
     if (folder / "tokenizer" / ".complete").is_file():
         return folder
-    tokenizer = _cached_sd15_tokenizer()
+    tokenizer = cached_sd15_tokenizer()
     if tokenizer is None:
         raise ModelError(
             "loading a single-file SD 1.x checkpoint needs the CLIP tokenizer (vocab.json, merges.txt), "
@@ -192,13 +223,3 @@ def single_file_config(name: str) -> Path:
         shutil.copy(file, folder / "tokenizer" / file.name)
     (folder / "tokenizer" / ".complete").write_text("")
     return folder
-
-
-def _cached_sd15_tokenizer() -> list[Path] | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    for repo, sub in SD15_TOKENIZER_REPOS:
-        files = [try_to_load_from_cache(repo, f"{sub}{name}") for name in ("vocab.json", "merges.txt")]
-        if all(isinstance(f, str) for f in files):
-            return [Path(f) for f in files]
-    return None

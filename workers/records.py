@@ -9,27 +9,28 @@ import platform
 import socket
 import time
 from datetime import datetime, timezone
+from functools import cache
+from importlib import metadata
 
 import torch
 from PIL import PngImagePlugin
 
-from gridrender.scheduler import infotext
+from gridrender.scheduler import infotext, layout
 from gridrender.scheduler.models import ModelSpec
-from gridrender.scheduler.storage import Store, cell_png, cell_record
+from gridrender.scheduler.storage import Store
 
 from .render import Rendered
 
 _PNG_COMPRESS_LEVEL = 4  # zlib level: ~3x faster than 9 for a few % larger files
 
 
+@cache
 def versions() -> dict:
     import diffusers
     import transformers
 
-    import gridrender
-
     return {
-        "gridrender": gridrender.__version__,
+        "gridrender": metadata.version("gridrender"),
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
         "torch": torch.__version__,
@@ -42,16 +43,10 @@ def device_info(device: torch.device) -> dict:
     return {"type": device.type, "name": name}
 
 
-def model_name(model: ModelSpec) -> str:
-    if model.kind in ("file", "folder"):
-        return os.path.splitext(os.path.basename(model.location.rstrip("/")))[0]
-    return model.source
-
-
 def encode_png(rendered: Rendered, model: ModelSpec) -> bytes:
-    params = rendered.cell.params(model)
+    params = rendered.cell.params()
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", infotext.parameters(params, model.short_hash(), model_name(model)))
+    info.add_text("parameters", infotext.parameters(params, model))
     buffer = io.BytesIO()
     rendered.image.save(buffer, format="PNG", pnginfo=info, compress_level=_PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
@@ -61,19 +56,20 @@ def build_record(rendered: Rendered, model: ModelSpec, image_sha256: str, device
     cell = rendered.cell
     return {
         "cell_id": cell.id,
-        "params": cell.params(model),
+        "params": cell.params(),
         "clip_skip": cell.clip_skip,
         "clip_layer": rendered.clip_layer,
         "clip_layers": rendered.clip_layers,
-        "model": {**model.identity(), "source": model.source, "kind": model.kind, "revision": model.revision,
-                  "sha256": model.sha256, "hash": model.short_hash(), "config": model.config},
+        "prompt_tokens": rendered.prompt_tokens,
+        "model": model.record(),
         "sampler": rendered.sampler,
         "generator": {"device": "cpu", "seed": cell.seed},
         "versions": versions(),
         "device": device_info(device),
         "timings": {k: round(v, 6) for k, v in rendered.timings.items()},
         "batch_size": rendered.batch_size,
-        "image": cell_png(cell.id),
+        "compile": rendered.compile,
+        "image": layout.cell_image(cell.id),
         "image_sha256": image_sha256,
         "job": job,
         "worker": {"host": socket.gethostname(), "pid": os.getpid()},
@@ -85,10 +81,10 @@ def save(store: Store, rendered: Rendered, model: ModelSpec, device: torch.devic
     """Write the image, then the record (its presence marks the cell done). True if new."""
     start = time.perf_counter()
     png = encode_png(rendered, model)
-    if not store.put_new(cell_png(rendered.cell.id), png, "image/png"):
+    if not store.put_new(layout.cell_image(rendered.cell.id), png, "image/png"):
         # An earlier attempt stored the image but not its record: that image is the cell's.
-        png = store.get(cell_png(rendered.cell.id))
+        png = store.get(layout.cell_image(rendered.cell.id))
     rendered.timings["store"] = time.perf_counter() - start
     record = build_record(rendered, model, hashlib.sha256(png).hexdigest(), device, job)
     data = json.dumps(record, indent=1, ensure_ascii=False).encode()
-    return store.put_new(cell_record(rendered.cell.id), data, "application/json")
+    return store.put_new(layout.cell_record(rendered.cell.id), data, "application/json")

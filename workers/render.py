@@ -1,24 +1,31 @@
 """Rendering a batch of cells that share one pipeline call.
 
-Every cell gets its own CPU generator seeded with its seed, so its starting noise
-(and, for ancestral samplers, every noise draw) is the same alone or in a batch,
-on any device.
+Every cell gets its own CPU generator seeded with its seed: its starting noise and
+every later draw (ancestral samplers), or its Brownian tree (SDE samplers), are the
+same alone or in a batch, on any device.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 
+from gridrender.scheduler import samplers
 from gridrender.scheduler.errors import RenderError
-from gridrender.scheduler.grid import Cell
+from gridrender.scheduler.grid import Cell, make_cell
 from gridrender.scheduler.models import ModelSpec
 
-from .clip import PromptEncoder, clip_layer_for
+from .clip import Encoded, clip_layer_for
+from .denoise import Guided, a1111_sample, diffusers_sample
 from .pipelines import Loaded, PipelineCache
-from .samplers import describe, make_scheduler
+
+log = logging.getLogger(__name__)
+Embeddings = dict[tuple[str, int], Encoded]
+LARGE_IMAGE = 1024 * 1024  # pixels above which the VAE decodes in tiles
 
 
 @dataclass
@@ -27,125 +34,197 @@ class Rendered:
     image: Image.Image
     clip_layer: int
     clip_layers: int
-    sampler: dict
+    sampler: dict  # what the record says about the sampler: family, function or class, config, sigmas
+    prompt_tokens: dict  # {"prompt": {"tokens": n, "chunks": k}, "negative_prompt": {...}}
     timings: dict = field(default_factory=dict)
-    batch_size: int = 1  # cells in the pipeline call that rendered it
+    batch_size: int = 1  # cells in the pipeline call that rendered it (padding included)
+    compile: dict = field(default_factory=dict)  # the mode the UNet and VAE decoder ran in
 
 
 class Renderer:
     """Renders batches on one device, keeping pipelines and prompt encoders resident."""
 
-    def __init__(self, cache: PipelineCache | None = None):
-        self.cache = cache or PipelineCache()
-        self._encoders: dict[int, PromptEncoder] = {}
-        self._base_configs: dict[int, dict] = {}
+    def __init__(self, cache: PipelineCache | None = None, compile_mode: str | None = None):
+        self.cache = cache or PipelineCache(compile_mode=compile_mode)
 
     @property
     def device(self) -> torch.device:
         return self.cache.device
 
     def encoder_passes(self) -> int:
-        return sum(e.passes for e in self._encoders.values())
-
-    def encoder_texts(self) -> int:
-        return sum(e.texts for e in self._encoders.values())
+        return sum(loaded.encoder.passes for loaded in self.cache.loaded.values())
 
     @torch.inference_mode()
-    def encode(self, model: ModelSpec, cells: list[Cell]) -> dict[tuple[str, int], torch.Tensor]:
-        """Embeddings for every (text, clip skip) the cells need, from one encoder pass.
+    def encode(self, model: ModelSpec, cells: list[Cell]) -> Embeddings:
+        """Conditioning for every (text, clip skip) the cells need, from one encoder pass.
 
         Call it once per chunk: every distinct prompt and negative prompt is encoded
         once, and that pass yields every CLIP skip the chunk uses.
         """
-        loaded = self.cache.get(model, cells[0].dtype)
-        encoder = self._encoder(loaded)
+        encoder = self.cache.get(model, cells[0].dtype).encoder
         for cell in cells:
             if not 1 <= cell.clip_skip <= encoder.layers:
                 raise RenderError(f"clip_skip {cell.clip_skip} is outside 1..{encoder.layers} for {model.source}")
-        texts = list(dict.fromkeys(t for c in cells for t in (c.prompt, c.negative_prompt)))
-        skips = {c.clip_skip for c in cells}
-        by_skip = encoder.encode(texts, skips)
-        return {(text, skip): by_skip[skip][i] for i, text in enumerate(texts) for skip in skips}
+        texts = [t for c in cells for t in (c.prompt, c.negative_prompt)]
+        return encoder.encode(texts, {c.clip_skip for c in cells})
 
-    def _encoder(self, loaded: Loaded) -> PromptEncoder:
-        key = id(loaded.pipe)
-        if key not in self._encoders:
-            self._encoders[key] = PromptEncoder(loaded.pipe.tokenizer, loaded.pipe.text_encoder)
-            # Every sampler is built on the model's own scheduler config, never on the last one set.
-            self._base_configs[key] = dict(loaded.pipe.scheduler.config)
-        return self._encoders[key]
+    def warm_up(self, model: ModelSpec, dtype: str, width: int, height: int, batch: int) -> float:
+        """Render one throwaway batch at this shape: compiles (or loads compiled kernels) before real work."""
+        start = time.perf_counter()
+        cells = [make_cell(model, prompt="", negative_prompt="", clip_skip=1, seed=seed, sampler="Euler", steps=1,
+                           guidance=7.0, width=width, height=height, dtype=dtype) for seed in range(batch)]
+        self.render(model, cells, pad_to=batch)
+        seconds = time.perf_counter() - start
+        log.info("warm-up at %dx%d, batch %d: %.1fs (%s)", width, height, batch, seconds,
+                 self.cache.get(model, dtype).compile_state())
+        return seconds
+
+    def batches(self, cells: list[Cell], batch_size: int, embeddings: Embeddings) -> list[list[Cell]]:
+        """Groups that one call renders: same call parameters and conditioning lengths, in order.
+
+        A cell is never padded to another cell's prompt length (A1111 would change
+        its image for it), and samplers that draw noise per call render one cell each.
+        """
+        groups: dict[tuple, list[Cell]] = {}
+        for cell in cells:
+            lengths = (embeddings[(cell.prompt, cell.clip_skip)].chunks,
+                       embeddings[(cell.negative_prompt, cell.clip_skip)].chunks)
+            groups.setdefault((cell.call_key(), lengths), []).append(cell)
+        out: list[list[Cell]] = []
+        for group in groups.values():
+            size = batch_size if samplers.lookup(group[0].sampler).batch_invariant else 1
+            out.extend(group[i : i + size] for i in range(0, len(group), size))
+        return out
 
     @torch.inference_mode()
-    def render(self, model: ModelSpec, cells: list[Cell], embeddings: dict | None = None) -> list[Rendered]:
-        """Render cells that share call parameters in one pipeline call.
+    def render(self, model: ModelSpec, cells: list[Cell], embeddings: Embeddings | None = None,
+               pad_to: int | None = None) -> list[Rendered]:
+        """Render cells that share call parameters and prompt lengths in one call.
 
         `embeddings` from `encode` (for a whole chunk) saves the encoder pass here.
+        With compiled modules a short batch is padded to `pad_to` cells (copies of its
+        last cell, whose images are dropped): one shape, one compilation.
         """
         first = cells[0]
         if any(c.call_key() != first.call_key() for c in cells):
-            raise RenderError("a batch must share sampler, steps, guidance, size and dtype")
+            raise RenderError("a batch must share model, sampler, schedule, steps, guidance, size and dtype")
         timings: dict[str, float] = {}
 
-        # 1. The resident pipeline for this model and dtype.
+        # 1. The resident pipeline for this model and dtype; a static shape when compiled.
         loads_before = self.cache.loads
         loaded = self.cache.get(model, first.dtype)
-        pipe = loaded.pipe
         timings["load"] = loaded.load_seconds if self.cache.loads > loads_before else 0.0
-        encoder = self._encoder(loaded)
+        real = len(cells)
+        if pad_to and loaded.compiled and real < pad_to:
+            cells = cells + [cells[-1]] * (pad_to - real)
 
-        # 2. The sampler, built on the model's own scheduler config; VAE tiling for large images.
-        pipe.scheduler = make_scheduler(first.sampler, self._base_configs[id(pipe)])
-        _size_vae(pipe, first.width * first.height, len(cells))
-
-        # 3. Text embeddings, unless the chunk's single encoder pass already made them.
+        # 2. Conditioning, unless the chunk's single encoder pass already made it.
         start = time.perf_counter()
         needed = {(t, c.clip_skip) for c in cells for t in (c.prompt, c.negative_prompt)}
         if embeddings is None or not needed <= embeddings.keys():
             embeddings = self.encode(model, cells)
-        positive = torch.stack([embeddings[(c.prompt, c.clip_skip)] for c in cells])
-        negative = torch.stack([embeddings[(c.negative_prompt, c.clip_skip)] for c in cells])
+        unet_dtype = loaded.pipe.unet.dtype
+        cond = _stack([embeddings[(c.prompt, c.clip_skip)].embedding for c in cells], unet_dtype)
+        uncond = _stack([embeddings[(c.negative_prompt, c.clip_skip)].embedding for c in cells], unet_dtype)
         timings["encode"] = time.perf_counter() - start
 
-        # 4. One CPU generator per cell: the seed fixes the noise, whatever the batch.
+        # 3. One CPU generator per cell: the seed fixes the noise, whatever the batch.
         generators = [torch.Generator("cpu").manual_seed(c.seed) for c in cells]
+        latent_shape = _latent_shape(loaded, first)
 
-        # 5. Denoise.
+        # 4. Denoise.
         start = time.perf_counter()
-        latents = pipe(
-            prompt_embeds=positive,
-            negative_prompt_embeds=negative,
-            num_inference_steps=first.steps,
-            guidance_scale=first.guidance,
-            width=first.width,
-            height=first.height,
-            generator=generators,
-            output_type="latent",
-        ).images
+        sampler = samplers.lookup(first.sampler)
+        if sampler.family == "a1111":
+            latents, described = self._a1111(loaded, first, cond, uncond, generators, latent_shape, [c.seed for c in cells])
+        else:
+            latents, described = self._diffusers(loaded, first, cond, uncond, generators, latent_shape, unet_dtype)
         _sync(self.device)
         timings["denoise"] = time.perf_counter() - start
 
-        # 6. Decode to pixels.
+        # 5. Decode to pixels, rounded the way the sampler family's reference does.
         start = time.perf_counter()
-        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-        images = pipe.image_processor.postprocess(decoded, output_type="pil")
+        images = _decode(loaded, latents, truncate=sampler.family == "a1111")
         timings["decode"] = time.perf_counter() - start
 
-        sampler = {"name": first.sampler, **describe(pipe.scheduler)}
-        per_cell = {k: v / len(cells) for k, v in timings.items()}
+        layers = loaded.encoder.layers
+        per_cell = {k: v / real for k, v in timings.items()}
+        compile_state = loaded.compile_state()
         return [
-            Rendered(cell, image, clip_layer_for(cell.clip_skip, encoder.layers), encoder.layers, sampler, dict(per_cell), len(cells))
-            for cell, image in zip(cells, images)
+            Rendered(cell, image, clip_layer_for(cell.clip_skip, layers), layers, described,
+                     _token_counts(embeddings, cell), dict(per_cell), len(cells), compile_state)
+            for cell, image in zip(cells[:real], images)
         ]
 
+    def _a1111(self, loaded: Loaded, first: Cell, cond, uncond, generators, shape, seeds) -> tuple[torch.Tensor, dict]:
+        if loaded.sigmas is None or loaded.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
+            raise RenderError(f"{first.sampler!r} needs an epsilon-prediction model with a standard noise schedule; "
+                              f"use a diffusers scheduler class for {loaded.model.source}")
+        noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
+        guided = Guided(loaded.unet, cond, uncond, uncond_first=False)
+        latents, sigmas = a1111_sample(guided, loaded.sigmas, first.sampler, first.schedule, first.steps,
+                                       first.guidance, noise, generators, seeds)
+        sampler = samplers.lookup(first.sampler)
+        described = {"family": "a1111", "name": first.sampler, "schedule": first.schedule,
+                     "class": f"k-diffusion:{sampler.function}", "semantics": sampler.semantics,
+                     "config": {"discard_penultimate_sigma": sampler.discard_penultimate_sigma, "noise": sampler.noise,
+                                "eta": 1.0 if sampler.noise != "none" else 0.0, "s_noise": 1.0, **sampler.options,
+                                "rng": "cpu"},
+                     "sigmas": [round(float(s), 6) for s in sigmas.cpu()]}
+        return latents, described
 
-LARGE_IMAGE = 1024 * 1024  # pixels above which the VAE decodes in tiles
+    def _diffusers(self, loaded: Loaded, first: Cell, cond, uncond, generators, shape, dtype) -> tuple[torch.Tensor, dict]:
+        import diffusers
+
+        cls = getattr(diffusers, first.sampler)
+        extra = {"noise_sampler_seed": first.seed} if first.sampler == "DPMSolverSDEScheduler" else {}
+        scheduler = cls.from_config(loaded.scheduler_config, **extra)
+        noise = torch.cat([torch.randn((1, *shape), generator=g, dtype=dtype) for g in generators]).to(self.device)
+        guided = Guided(loaded.unet, cond, uncond, uncond_first=True)
+        latents = diffusers_sample(guided, scheduler, first.steps, first.guidance, noise, generators)
+        config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+        return latents, {"family": "diffusers", "name": first.sampler, "schedule": first.schedule,
+                         "class": type(scheduler).__name__, "semantics": samplers.DIFFUSERS_SEMANTICS, "config": config}
 
 
-def _size_vae(pipe, pixels: int, batch: int) -> None:
+def _stack(embeddings: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return torch.stack(embeddings).to(dtype)
+
+
+def _latent_shape(loaded: Loaded, cell: Cell) -> tuple[int, int, int]:
+    pipe = loaded.pipe
+    factor = pipe.vae_scale_factor
+    if cell.width % factor or cell.height % factor:
+        raise RenderError(f"{cell.width}x{cell.height} is not a multiple of the VAE's scale factor {factor}")
+    return (pipe.unet.config.in_channels, cell.height // factor, cell.width // factor)
+
+
+def _decode(loaded: Loaded, latents: torch.Tensor, truncate: bool) -> list[Image.Image]:
+    """VAE decode; A1111 truncates to uint8 (astype), diffusers rounds (numpy_to_pil)."""
+    pipe, vae = loaded.pipe, loaded.pipe.vae
+    _size_vae(vae, latents.shape[-1] * latents.shape[-2] * pipe.vae_scale_factor**2, latents.shape[0])
+    if truncate:
+        decoded = loaded.decode(latents.to(vae.dtype) * (1.0 / vae.config.scaling_factor), return_dict=False)[0]
+        pixels = torch.clamp((decoded.float() + 1.0) / 2.0, min=0.0, max=1.0)
+        arrays = (255.0 * np.moveaxis(pixels.cpu().numpy(), 1, 3)).astype(np.uint8)
+        return [Image.fromarray(a) for a in arrays]
+    decoded = loaded.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(decoded, output_type="pil")
+
+
+def _size_vae(vae, pixels: int, batch: int) -> None:
     """Tile and slice the VAE only when an image is large: it costs time on small ones."""
     large = pixels > LARGE_IMAGE
-    (pipe.vae.enable_tiling if large else pipe.vae.disable_tiling)()
-    (pipe.vae.enable_slicing if large or batch > 8 else pipe.vae.disable_slicing)()
+    (vae.enable_tiling if large else vae.disable_tiling)()
+    (vae.enable_slicing if large or batch > 8 else vae.disable_slicing)()
+
+
+def _token_counts(embeddings: Embeddings, cell: Cell) -> dict:
+    out = {}
+    for name, text in (("prompt", cell.prompt), ("negative_prompt", cell.negative_prompt)):
+        encoded = embeddings[(text, cell.clip_skip)]
+        out[name] = {"tokens": encoded.tokens, "chunks": encoded.chunks}
+    return out
 
 
 def _sync(device: torch.device) -> None:

@@ -10,11 +10,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from gridrender.scheduler import models
+from gridrender.scheduler import layout, models
 from gridrender.scheduler.errors import InputError, StorageError
-from gridrender.scheduler.grid import PARAM_KEYS, make_cell
+from gridrender.scheduler.grid import Cell, make_cell
+from gridrender.scheduler.models import ModelSpec
+from gridrender.scheduler.params import NAMES
 from gridrender.scheduler.s3 import S3Store
+from gridrender.scheduler.storage import parse_s3_url
 
+from .compiled import EAGER
 from .render import Renderer
 
 TOLERANCE = 1  # out of 255: what batching and kernel choice may move a pixel
@@ -25,6 +29,7 @@ class Comparison:
     cell_id: str
     max_diff: int  # 0..255
     psnr: float  # dB; inf when identical
+    compile_mode: str = EAGER  # how the UNet ran this time: as the record says it ran
 
     @property
     def ok(self) -> bool:
@@ -34,39 +39,52 @@ class Comparison:
 def _read(ref: str) -> tuple[bytes, bytes]:
     """The record and the image stored beside it."""
     if ref.startswith("s3://"):
-        bucket, _, key = ref[5:].partition("/")
+        bucket, key = parse_s3_url(ref)
         store = S3Store(bucket)
-        return store.get(key), store.get(key.removesuffix(".json") + ".png")
+        return store.get(key), store.get(layout.record_image(key))
     path = Path(ref)
     try:
-        return path.read_bytes(), path.with_suffix(".png").read_bytes()
+        return path.read_bytes(), Path(layout.record_image(str(path))).read_bytes()
     except OSError as exc:
         raise StorageError(f"cannot read {exc.filename}: {exc.strerror}") from None
+
+
+def recorded_cell(record: dict, ref: str = "record") -> tuple[ModelSpec, Cell]:
+    """The record's model, found again and checked, and its cell, checked against the id."""
+    try:
+        params = {k: record["params"][k] for k in NAMES}
+        recorded = record["model"]
+        identity = recorded["identity"]
+    except (KeyError, TypeError) as exc:
+        raise InputError(f"{ref} is not a gridrender cell record (missing {exc})") from None
+    model = models.resolve(recorded["source"], recorded.get("revision") if recorded.get("kind") == "hub" else None)
+    if model.identity() != identity:
+        raise InputError(f"the model found now is not the recorded one: {model.identity()} != {identity}")
+    cell = make_cell(**{**params, "model": model})
+    if cell.id != record["cell_id"]:
+        raise InputError(f"record {record['cell_id']} does not match its own parameters (they hash to {cell.id})")
+    return model, cell
 
 
 def reproduce(ref: str, renderer: Renderer | None = None) -> Comparison:
     raw, png = _read(ref)
     try:
         record = json.loads(raw)
-        params = {k: record["params"][k] for k in PARAM_KEYS}
-        recorded_model = record["model"]
-    except (ValueError, KeyError, TypeError) as exc:
+    except ValueError as exc:
         raise InputError(f"{ref} is not a gridrender cell record ({exc})") from None
-    model = models.resolve(params.pop("model"), recorded_model.get("revision") if recorded_model.get("kind") == "hub" else None)
-    identity = {k: recorded_model.get(k) for k in model.identity()}
-    if identity != model.identity():
-        raise InputError(f"the model found now is not the recorded one: {model.identity()} != {identity}")
-    cell = make_cell(model, **params)
-    if cell.id != record["cell_id"]:
-        raise InputError(f"record {record['cell_id']} does not match its own parameters (they hash to {cell.id})")
-    # Kernels round differently for different batch shapes; rendering the cell in a batch
-    # of the recorded size (every slot the same cell, same seed) reproduces it exactly.
+    model, cell = recorded_cell(record, ref)
+    # Kernels round differently for different batch shapes and compile modes; rendering the
+    # cell in a batch of the recorded size (every slot the same cell), compiled as recorded,
+    # reproduces it exactly on the same kind of device.
     batch = max(1, min(int(record.get("batch_size") or 1), 64))
-    rendered = (renderer or Renderer()).render(model, [cell] * batch)[0]
+    mode = (record.get("compile") or {}).get("unet", EAGER)
+    renderer = renderer or Renderer(compile_mode=mode)
+    rendered = renderer.render(model, [cell] * batch)[0]
     stored = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int64)
     again = np.asarray(rendered.image.convert("RGB"), dtype=np.int64)
+    used = rendered.compile.get("unet", EAGER)
     if stored.shape != again.shape:
-        return Comparison(cell.id, 255, 0.0)
+        return Comparison(cell.id, 255, 0.0, used)
     diff = stored - again
     mse = float((diff**2).mean())
-    return Comparison(cell.id, int(np.abs(diff).max()), math.inf if mse == 0 else 10 * math.log10(255**2 / mse))
+    return Comparison(cell.id, int(np.abs(diff).max()), math.inf if mse == 0 else 10 * math.log10(255**2 / mse), used)

@@ -1,0 +1,185 @@
+"""Prompts as A1111 reads them: emphasis, BREAK, 75-token chunks with comma backtrack.
+
+Pure Python on purpose: the scheduler counts tokens and chunks at `validate`, the
+worker builds the encoder's input from the same functions, so both sides agree on
+what a prompt means. Tokenizing is the caller's (a function text -> token ids).
+
+A1111 reference: modules/prompt_parser.py (parse_prompt_attention) and
+modules/sd_hijack_clip.py (tokenize_line), with its defaults: "Original" emphasis,
+comma padding backtrack 20, chunks of 75 tokens wrapped in BOS/EOS.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+CHUNK_TOKENS = 75  # tokens of text per chunk; BOS and EOS make it 77
+COMMA_BACKTRACK = 20  # A1111's "comma_padding_backtrack" default
+ROUND, SQUARE = 1.1, 1 / 1.1
+BREAK_MARK = -1.0  # the weight A1111 gives its BREAK pseudo-segment
+
+_ATTENTION = re.compile(
+    r"""
+\\\(|
+\\\)|
+\\\[|
+\\]|
+\\\\|
+\\|
+\(|
+\[|
+:\s*([+-]?[.\d]+)\s*\)|
+\)|
+]|
+[^\\()\[\]:]+|
+:
+""",
+    re.X,
+)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+# A1111's scheduling syntax: [from:to:when], [to:when], [a|b]. Brackets are never
+# nested across these tokens in real prompts; escaped brackets are not syntax.
+_SCHEDULED = re.compile(r"(?<!\\)\[[^\[\]]*:\s*[+-]?(?:\d+\.?\d*|\.\d+)\s*(?<!\\)\]")
+_ALTERNATE = re.compile(r"(?<!\\)\[[^\[\]]*(?<!\\)\|[^\[\]]*(?<!\\)\]")
+_ESCAPE = "escape the brackets as \\[ \\] for literal text"
+# A1111 reads an `AND` between words as composable diffusion (several conditionings).
+_AND = re.compile(r"\bAND\b")
+
+
+def parse_attention(text: str) -> list[tuple[str, float]]:
+    """(text, weight) segments of a prompt, as A1111's parse_prompt_attention.
+
+    `(x)` multiplies by 1.1, `[x]` divides by 1.1, `(x:1.3)` multiplies by 1.3,
+    `\\(` is a literal bracket, `BREAK` becomes ("BREAK", -1). Unclosed brackets
+    apply to the rest of the prompt; runs of equal weights are merged.
+    """
+    res: list[list] = []
+    round_brackets: list[int] = []
+    square_brackets: list[int] = []
+
+    def multiply_range(start: int, multiplier: float) -> None:
+        for p in range(start, len(res)):
+            res[p][1] *= multiplier
+
+    for match in _ATTENTION.finditer(text):
+        token, weight = match.group(0), match.group(1)
+        if token.startswith("\\"):
+            res.append([token[1:], 1.0])
+        elif token == "(":
+            round_brackets.append(len(res))
+        elif token == "[":
+            square_brackets.append(len(res))
+        elif weight is not None and round_brackets:
+            multiply_range(round_brackets.pop(), float(weight))
+        elif token == ")" and round_brackets:
+            multiply_range(round_brackets.pop(), ROUND)
+        elif token == "]" and square_brackets:
+            multiply_range(square_brackets.pop(), SQUARE)
+        else:
+            for i, part in enumerate(_BREAK.split(token)):
+                if i > 0:
+                    res.append(["BREAK", BREAK_MARK])
+                res.append([part, 1.0])
+    for start in round_brackets:
+        multiply_range(start, ROUND)
+    for start in square_brackets:
+        multiply_range(start, SQUARE)
+    if not res:
+        res = [["", 1.0]]
+    i = 0
+    while i + 1 < len(res):
+        if res[i][1] == res[i + 1][1]:
+            res[i][0] += res[i + 1][0]
+            res.pop(i + 1)
+        else:
+            i += 1
+    return [(segment, weight) for segment, weight in res]
+
+
+@dataclass
+class Chunk:
+    """77 token ids (BOS, 75 of text or EOS padding, EOS) and a weight per token."""
+
+    tokens: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Encoding:
+    chunks: list[Chunk]
+    token_count: int  # text tokens, as A1111's "N/75" counter shows them
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The token ids chunking needs from a CLIP tokenizer."""
+
+    bos: int
+    eos: int
+    comma: int | None  # id of ",</w>", for the comma backtrack
+
+
+def chunk_prompt(text: str, tokenize: Callable[[Sequence[str]], list[list[int]]], vocab: Vocabulary) -> Encoding:
+    """A1111's tokenize_line: weighted segments -> chunks of 75 tokens + BOS/EOS.
+
+    A chunk that fills up moves the words after its last comma (if that comma lies
+    within the last 20 tokens) into the next chunk; BREAK closes a chunk early.
+    """
+    parsed = parse_attention(text)
+    tokenized = tokenize([segment for segment, _ in parsed])
+    chunks: list[Chunk] = []
+    current = Chunk()
+    token_count = 0
+    last_comma = -1
+
+    def next_chunk(is_last: bool = False) -> None:
+        nonlocal token_count, last_comma, current
+        token_count += len(current.tokens) if is_last else CHUNK_TOKENS
+        padding = CHUNK_TOKENS - len(current.tokens)
+        if padding > 0:
+            current.tokens += [vocab.eos] * padding
+            current.weights += [1.0] * padding
+        current.tokens = [vocab.bos, *current.tokens, vocab.eos]
+        current.weights = [1.0, *current.weights, 1.0]
+        last_comma = -1
+        chunks.append(current)
+        current = Chunk()
+
+    for tokens, (segment, weight) in zip(tokenized, parsed):
+        if segment == "BREAK" and weight == BREAK_MARK:
+            next_chunk()
+            continue
+        for token in tokens:
+            if token == vocab.comma:
+                last_comma = len(current.tokens)
+            elif (len(current.tokens) == CHUNK_TOKENS and last_comma != -1
+                  and len(current.tokens) - last_comma <= COMMA_BACKTRACK):
+                cut = last_comma + 1
+                moved_tokens, moved_weights = current.tokens[cut:], current.weights[cut:]
+                current.tokens, current.weights = current.tokens[:cut], current.weights[:cut]
+                next_chunk()
+                current.tokens, current.weights = moved_tokens, moved_weights
+            if len(current.tokens) == CHUNK_TOKENS:
+                next_chunk()
+            current.tokens.append(token)
+            current.weights.append(weight)
+    if current.tokens or not chunks:
+        next_chunk(is_last=True)
+    return Encoding(chunks, token_count)
+
+
+def unsupported_syntax(text: str) -> str | None:
+    """Why A1111 syntax in `text` cannot be rendered as A1111 would, or None.
+
+    Prompt editing ([from:to:when]), alternation ([a|b]) and composable `AND`
+    change the conditioning during sampling; gridrender refuses them rather than
+    read their brackets as emphasis.
+    """
+    if match := _SCHEDULED.search(text):
+        return f"prompt editing {match.group(0)!r} ([from:to:when]) is not supported; {_ESCAPE}"
+    if match := _ALTERNATE.search(text):
+        return f"prompt alternation {match.group(0)!r} ([a|b]) is not supported; {_ESCAPE}"
+    if _AND.search(text):
+        return "composable prompts (`AND` between prompts) are not supported; write `and` for the word"
+    return None

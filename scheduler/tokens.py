@@ -1,0 +1,117 @@
+"""CLIP tokenizers found without transformers: token and chunk counts at `validate`.
+
+The tokenizer is built with HF `tokenizers` the way transformers' CLIPTokenizer
+builds it (NFC, whitespace collapsed, lower case, CLIP's split pattern, byte-level
+BPE with "</w>"), from the model's own vocab.json and merges.txt, so the scheduler
+counts what the worker will encode. Where no tokenizer is at hand (a single file
+whose tokenizer is not cached yet), counts are simply unavailable.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+
+from .models import ModelSpec
+from .prompts import Encoding, Vocabulary, chunk_prompt
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# Where SD 1.x's CLIP tokenizer may already lie in the Hugging Face cache.
+SD15_TOKENIZER_REPOS = [
+    ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer/"),
+    ("runwayml/stable-diffusion-v1-5", "tokenizer/"),
+    ("openai/clip-vit-large-patch14", ""),
+]
+_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def byte_alphabet() -> list[str]:
+    """CLIP's (and GPT-2's) printable stand-in character for each of the 256 bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def byte_vocab() -> dict[str, int]:
+    """builtin:tiny's vocabulary: byte-level CLIP BPE with no merges, every character a token."""
+    chars = byte_alphabet()
+    tokens = chars + [c + "</w>" for c in chars] + [BOS, EOS]
+    return {tok: i for i, tok in enumerate(tokens)}
+
+
+class ClipTokenizer:
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        vocab = tokenizer.get_vocab()
+        self.vocab = Vocabulary(vocab[BOS], vocab[EOS], vocab.get(",</w>"))
+
+    @classmethod
+    def from_vocab(cls, vocab: dict[str, int], merges: list[str]) -> ClipTokenizer:
+        pairs = [(a, b) for a, _, b in (m.partition(" ") for m in merges)]
+        model = BPE(vocab=vocab, merges=pairs, continuing_subword_prefix="",
+                    end_of_word_suffix="</w>", fuse_unk=False, unk_token=EOS)
+        tokenizer = Tokenizer(model)
+        tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(_SPLIT), behavior="removed", invert=True),
+             pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tokenizer.add_special_tokens([BOS, EOS])
+        return cls(tokenizer)
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode(self, text: str) -> Encoding:
+        return chunk_prompt(text, self.tokenize, self.vocab)
+
+    @classmethod
+    def from_files(cls, vocab_json: Path, merges_txt: Path) -> ClipTokenizer:
+        vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
+        lines = Path(merges_txt).read_text(encoding="utf-8").splitlines()
+        merges = [line for line in lines if line and not line.startswith("#version")]
+        return cls.from_vocab(vocab, merges)
+
+
+def _files_of(model: ModelSpec) -> tuple[Path, Path] | None:
+    if model.kind == "folder":
+        folder = Path(model.location) / "tokenizer"
+        return folder / "vocab.json", folder / "merges.txt"
+    from huggingface_hub import try_to_load_from_cache
+
+    repos = [(model.location, "tokenizer/")] if model.kind == "hub" else SD15_TOKENIZER_REPOS
+    for repo, sub in repos:
+        revision = model.revision if model.kind == "hub" else None
+        vocab, merges = (try_to_load_from_cache(repo, f"{sub}{name}", revision=revision) for name in ("vocab.json", "merges.txt"))
+        if isinstance(vocab, str) and isinstance(merges, str):
+            return Path(vocab), Path(merges)
+    return None
+
+
+@cache
+def tokenizer_for(model: ModelSpec) -> ClipTokenizer | None:
+    """The model's CLIP tokenizer, or None when its files are not on this machine."""
+    if model.kind == "builtin":
+        return ClipTokenizer.from_vocab(byte_vocab(), [])
+    if model.kind == "folder" and (Path(model.location) / "tokenizer" / "tokenizer.json").is_file():
+        # transformers >= 5 saves the fast tokenizer only: the same pipeline, serialized
+        return ClipTokenizer(Tokenizer.from_file(str(Path(model.location) / "tokenizer" / "tokenizer.json")))
+    files = _files_of(model)
+    if files is None or not all(f.is_file() for f in files):
+        return None
+    return ClipTokenizer.from_files(*files)
+
+
+def cached_sd15_tokenizer() -> tuple[Path, Path] | None:
+    """vocab.json and merges.txt of SD 1.x's tokenizer from the Hugging Face cache, if there."""
+    return _files_of(ModelSpec("sd15", "file", "", None, None, 12))

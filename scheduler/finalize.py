@@ -1,73 +1,83 @@
-"""Per-job files: job.yaml (normalized), manifest.jsonl (one line per cell)."""
+"""Per-job files: job.yaml (normalized), manifest.jsonl (one line per cell), sheets, gallery.
+
+The manifest streams out a line at a time. A cell's status comes from its chunk's
+progress record; only the cells of incomplete chunks are checked one by one.
+"""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import yaml
 
+from . import layout, progress, submissions
+from .errors import InputError
 from .gallery import render_gallery
+from .job import Job, parse_job
 from .plan import Plan
 from .settings import Settings
 from .sheets import build_sheets
-from .storage import NotFound, Store, cell_png, cell_record, job_key
+from .storage import NotFound, Store
+
+CHECK_THREADS = 16
 
 
 def job_yaml(plan: Plan) -> bytes:
     data = plan.job.normalized()
     data["dtype"] = plan.dtype
+    if plan.model.kind == "hub":
+        data["revision"] = plan.model.revision  # the resolved commit: a branch moves, a commit does not
     header = (
-        f"# normalized by gridrender: {len(plan.cells)} cells\n"
+        f"# normalized by gridrender: {plan.total} cells\n"
         f"# model identity: {json.dumps(plan.model.identity(), sort_keys=True)}\n"
     )
     return (header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)).encode()
 
 
-def write_job(store: Store, plan: Plan, done: set[str] | None = None) -> None:
-    """job.yaml, and a manifest listing every cell (missing ones as such until finalize)."""
-    store.put(job_key(plan.job.name, "job.yaml"), job_yaml(plan), "application/yaml")
-    write_manifest(store, plan, done=store.done_cells() if done is None else done)
+def write_job(store: Store, plan: Plan) -> None:
+    store.put(layout.job_file(plan.job.name), job_yaml(plan), "application/yaml")
 
 
-def manifest_lines(plan: Plan, done: set[str]) -> list[dict]:
-    return [
-        {
-            "cell_id": cell.id,
-            "status": "done" if cell.id in done else "missing",
-            "image": cell_png(cell.id),
-            "record": cell_record(cell.id),
-            **cell.params(plan.model),
-        }
-        for cell in plan.cells
-    ]
+def stored_plan(store: Store, name: str) -> Plan:
+    """The job as its last submit or run saw it, expanded without the model files."""
+    record = submissions.latest(store, name)
+    if record is None:
+        raise InputError(f"job {name!r} under {store.root} was never run or submitted")
+    job = parse_job(store.get(layout.job_file(name)), layout.job_file(name))
+    return Plan.from_resolved(job, record.resolved)
 
 
-def write_manifest(store: Store, plan: Plan, done: set[str]) -> None:
-    _put_manifest(store, plan.job.name, manifest_lines(plan, done))
+def manifest_lines(store: Store, plan: Plan, verify: bool = False) -> Iterator[dict]:
+    """One line per cell, in expansion order, with `status` done or missing.
+
+    A complete chunk's record answers for its cells; `verify` checks every cell
+    anyway (worth it where sheets read every image regardless).
+    """
+    done = progress.read(store, plan.job.name, plan.partition)
+    with ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="gridrender-check") as pool:
+        for chunk in plan.chunks():
+            record = done.get(chunk.id)
+            if not verify and record is not None and record.stored == len(chunk.cells):
+                stored = [True] * len(chunk.cells)
+            else:
+                stored = list(pool.map(lambda cell: store.exists(layout.cell_record(cell.id)), chunk.cells))
+            for cell, is_stored in zip(chunk.cells, stored):
+                yield {"cell_id": cell.id, "status": "done" if is_stored else "missing",
+                       "image": layout.cell_image(cell.id), "record": layout.cell_record(cell.id), **cell.params()}
 
 
-def _put_manifest(store: Store, name: str, lines: list[dict]) -> None:
-    body = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
-    store.put(job_key(name, "manifest.jsonl"), body.encode(), "application/x-ndjson")
-
-
-def read_manifest(store: Store, name: str) -> list[dict]:
-    raw = store.get(job_key(name, "manifest.jsonl")).decode()
-    return [json.loads(line) for line in raw.splitlines() if line.strip()]
+def read_manifest(store: Store, name: str) -> Iterator[dict]:
+    for line in store.lines(layout.manifest(name)):
+        if line.strip():
+            yield json.loads(line)
 
 
 @dataclass
-class Progress:
+class Finalized:
     done: int
     total: int
-
-    @property
-    def missing(self) -> int:
-        return self.total - self.done
-
-
-@dataclass
-class Finalized(Progress):
     sheets: int = 0
     note: str = ""
 
@@ -78,29 +88,38 @@ def finalize(store: Store, name: str, settings: Settings | None = None) -> Final
     Never renders: cells not stored yet are placeholders on the sheets.
     """
     settings = settings or Settings()
-    lines = read_manifest(store, name)
-    done = store.done_cells()
-    for line in lines:
-        line["status"] = "done" if line["cell_id"] in done else "missing"
-    _put_manifest(store, name, lines)
-    note = ""
-    sheets = []
-    if len(lines) <= settings.sheet_max_cells:
-        sheets = build_sheets(store, name, lines, _layout(store, name))
+    plan = stored_plan(store, name)
+    kept: list[dict] = []  # the lines sheets and the gallery draw, at most sheet_max_cells
+    counts = {"done": 0, "total": 0}
+
+    def encoded() -> Iterator[bytes]:
+        for line in manifest_lines(store, plan, verify=plan.total <= settings.sheet_max_cells):
+            counts["total"] += 1
+            counts["done"] += line["status"] == "done"
+            if len(kept) < settings.sheet_max_cells:
+                kept.append(line)
+            yield (json.dumps(line, ensure_ascii=False) + "\n").encode()
+
+    store.put_lines(layout.manifest(name), encoded())
+    note, sheets = "", []
+    if counts["total"] <= settings.sheet_max_cells:
+        sheets = build_sheets(store, name, kept, _layout(plan.job))
         for sheet in sheets:
-            store.put(job_key(name, f"sheets/{sheet.name}"), sheet.png, "image/png")
+            store.put(layout.sheet(name, sheet.name), sheet.png, "image/png")
     else:
-        note = f"sheets skipped: {len(lines):,} cells is over GRIDRENDER_SHEET_MAX_CELLS ({settings.sheet_max_cells:,})"
-    gallery_lines = lines[: settings.sheet_max_cells]
-    if len(gallery_lines) < len(lines):
-        note += f"; the gallery lists the first {len(gallery_lines):,} cells"
-    store.put(job_key(name, "index.html"), render_gallery(name, gallery_lines, sheets, note), "text/html; charset=utf-8")
-    count = sum(line["status"] == "done" for line in lines)
-    return Finalized(count, len(lines), len(sheets), note)
+        note = (f"sheets skipped: {counts['total']:,} cells is over GRIDRENDER_SHEET_MAX_CELLS "
+                f"({settings.sheet_max_cells:,}); the gallery lists the first {len(kept):,} cells")
+    page = render_gallery(name, kept, sheets, note)
+    store.put(layout.gallery(name), page, "text/html; charset=utf-8")
+    return Finalized(counts["done"], counts["total"], len(sheets), note)
 
 
-def _layout(store: Store, name: str) -> dict | None:
+def _layout(job: Job) -> dict | None:
+    return job.sheet.model_dump() if job.sheet else None
+
+
+def exists(store: Store, name: str) -> bool:
     try:
-        return (yaml.safe_load(store.get(job_key(name, "job.yaml"))) or {}).get("sheet")
+        return store.exists(layout.job_file(name))
     except NotFound:
-        return None
+        return False

@@ -1,14 +1,25 @@
-"""How far a job is: done / total from storage, failures, rate and ETA."""
+"""How far a job is, from its own files: done / total, failures, rate, ETA; and following it.
+
+Costs what the job costs: the newest submission record, a listing of the job's
+progress records and of its cancellations. Never a listing of `cells/`.
+"""
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .finalize import read_manifest
-from .storage import NotFound, Store, job_key
+from . import progress, submissions
+from .errors import GridrenderError, InputError
+from .settings import Settings
+from .storage import Store
 
 RATE_WINDOW = 300.0  # seconds of recent completions the rate is measured over
+SHOWN_FAILURES = 10
+
+
+class Stalled(GridrenderError):
+    """No worker took any of the job's chunks within the idle timeout."""
 
 
 @dataclass
@@ -16,51 +27,85 @@ class Status:
     name: str
     done: int
     total: int
-    failed: dict[str, str] = field(default_factory=dict)  # cell id -> error, for cells not done
+    failed: int = 0
+    failures: dict[str, str] = field(default_factory=dict)  # cell id -> error, the first few
     rate: float | None = None  # cells per second, recently
     cancelled: bool = False
 
     @property
-    def missing(self) -> int:
-        return self.total - self.done
+    def pending(self) -> int:
+        return max(self.total - self.done - self.failed, 0)
+
+    @property
+    def finished(self) -> bool:
+        return self.pending == 0
 
     @property
     def eta(self) -> float | None:
-        pending = self.missing - len(self.failed)
-        return pending / self.rate if self.rate and pending > 0 else None
-
-
-def failure_key(name: str, cell_id: str) -> str:
-    return job_key(name, f"failed/{cell_id}.json")
+        return self.pending / self.rate if self.rate and self.pending else None
 
 
 def job_status(store: Store, name: str, now: float | None = None) -> Status:
-    now = now or time.time()
-    ids = {line["cell_id"] for line in read_manifest(store, name)}
-    times = {cid: t for cid, t in store.done_cell_times().items() if cid in ids}
-    recent = sorted(t for t in times.values() if t >= now - RATE_WINDOW)
-    rate = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 2 and recent[-1] > recent[0] else None
-    current = current_submission(store, name)
-    failed = {}
-    for key in store.list(job_key(name, "failed/")):
-        cell_id = key.rsplit("/", 1)[-1].removesuffix(".json")
-        if cell_id in ids and cell_id not in times:
-            failure = json.loads(store.get(key))
-            if failure.get("submission") == current:  # older failures were retried by this submission
-                failed[cell_id] = failure.get("error", "?")
-    cancelled = current is not None and current in cancelled_submissions(store, name)
-    return Status(name, len(times), len(ids), failed, rate, cancelled)
+    record = submissions.latest(store, name)
+    if record is None:
+        raise InputError(f"job {name!r} under {store.root} was never run or submitted")
+    records = progress.read(store, name, record.partition)
+    tally = progress.tally(records, record.id)
+    current = [r for r in records.values() if r.submission == record.id]
+    failures = progress.failures(store, current, SHOWN_FAILURES) if tally.failed else {}
+    cancelled = record.id in submissions.cancelled(store, name)
+    return Status(name, min(tally.stored, record.cells), record.cells, tally.failed, failures,
+                  tally.rate(now or time.time(), RATE_WINDOW), cancelled)
 
 
-def current_submission(store: Store, name: str) -> str | None:
-    try:
-        return json.loads(store.get(job_key(name, "submission.json")))["submission"]
-    except NotFound:
-        return None
+def follow(store: Store, name: str, on_update: Callable[[Status], None], interval: float = 1.0,
+           max_interval: float = 15.0, idle_timeout: float | None = None,
+           working: Callable[[], bool] = lambda: False, tick: Callable[[], None] = lambda: None,
+           until: Callable[[Status], bool] = lambda s: s.finished or s.cancelled) -> Status:
+    """Poll the job's status until `until`; polling backs off while nothing changes.
+
+    `working()` says whether a worker holds one of the job's chunks right now; with no
+    progress and no such worker for `idle_timeout` seconds, raises Stalled. `tick()`
+    runs every poll (`submit --wait` reaps dead workers' chunks there).
+    """
+    status = job_status(store, name)
+    on_update(status)
+    last_change = time.monotonic()
+    delay = interval
+    while not until(status):
+        time.sleep(delay)
+        tick()
+        now = job_status(store, name)
+        if (now.done, now.failed) != (status.done, status.failed) or working():
+            last_change, delay = time.monotonic(), interval
+        else:
+            delay = min(delay * 1.5, max_interval)
+        status = now
+        on_update(status)
+        if idle_timeout is not None and time.monotonic() - last_change > idle_timeout:
+            raise Stalled(f"no worker took a chunk of {name} in {idle_timeout:.0f} s "
+                          f"({status.done:,}/{status.total:,} done); is a worker consuming its queue?")
+    return status
 
 
-def cancelled_submissions(store: Store, name: str) -> set[str]:
-    try:
-        return set(json.loads(store.get(job_key(name, "cancelled.json"))))
-    except NotFound:
-        return set()
+def wait(store: Store, name: str, idle_timeout: float | None, on_update: Callable[[Status], None],
+         settings: Settings | None = None) -> Status:
+    """`submit --wait`: follow the job, reaping dead workers' chunks, until it finishes or stalls."""
+    from . import liveness
+    from .broker import reaching_broker, shared_app
+
+    settings = settings or Settings()
+    client = liveness.connect(settings)
+
+    def tick() -> None:
+        if client is not None:
+            with reaching_broker("reap dead workers' chunks"):
+                liveness.reap_dead(client, shared_app())
+
+    def working() -> bool:
+        if client is None:
+            return True  # without heartbeats there is no telling; never call the job stalled
+        with reaching_broker("list the workers"):
+            return liveness.held_by_job(client, name) > 0
+
+    return follow(store, name, on_update, idle_timeout=idle_timeout, working=working, tick=tick)

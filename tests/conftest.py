@@ -144,9 +144,10 @@ def cluster(tmp_path, moto_endpoint, redis_url, private_cache, tiny_folder):
             self.env, self.bucket, self.s3, self.workers = env, bucket, s3, []
             self.output = f"s3://{bucket}/grid"
 
-        def worker(self, queue: str, **extra_env) -> "object":
+        def worker(self, queue: str | None = None, *args: str, **extra_env) -> object:
+            """A worker process on `queue`, or a bare one (`gridrender worker`: the shared queue)."""
             log = tmp_path / f"worker-{len(self.workers)}.log"
-            proc = start_worker({**self.env, **extra_env}, log, queue)
+            proc = start_worker({**self.env, **extra_env}, log, queue, *args)
             self.workers.append(proc)
             return proc
 

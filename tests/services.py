@@ -84,8 +84,10 @@ def start_moto(log: Path) -> tuple[Process, str]:
     return proc, endpoint
 
 
-def start_worker(env: dict, log: Path, queues: str) -> Process:
-    proc = Process([sys.executable, "-m", "gridrender", "worker", "-Q", queues], env, log)
+def start_worker(env: dict, log: Path, queues: str | None = None, *args: str) -> Process:
+    """A `gridrender worker` process: bare (the shared queue) unless queues are given."""
+    cmd = [sys.executable, "-m", "gridrender", "worker", *(["-Q", queues] if queues else []), *args]
+    proc = Process(cmd, env, log)
     wait_for(lambda: " ready." in proc.text() or not proc.alive(), 60, "the worker to be ready")
     if not proc.alive():
         raise RuntimeError("worker exited:\n" + proc.text())

@@ -58,11 +58,13 @@ def test_resubmitting_enqueues_nothing_and_new_seeds_only_new_cells(cluster, job
 
     again = cluster.cli("submit", str(path))
     assert submitted(again) == (0, 0)
-    assert queued(cluster) == 0
+    assert queued(cluster) == 0 and queued(cluster, "gridrender") == 0
 
     more = cluster.cli("submit", str(job_file(output=cluster.output, **{**JOB, "seeds": [1, 2, 3, 4, 5, 6]})), GRIDRENDER_CHUNK_CELLS="3")
-    assert submitted(more) == (8, 3)  # 2 prompts x 2 skips x 2 new seeds, in chunks of up to 3
-    assert queued(cluster) == 3
+    # 2 prompts x 2 skips x 2 new seeds; the job's chunks of 3 are seeds 1-3 (all stored: not sent) and 4-6
+    assert submitted(more) == (8, 4)
+    assert "no worker consumes queue gridrender" in more.stderr  # no worker runs: the shared queue, and a hint
+    assert queued(cluster, "gridrender") == 4
 
 
 def test_worker_killed_mid_chunk_loses_nothing_and_overwrites_nothing(cluster, job_file):
@@ -98,9 +100,10 @@ def test_failed_cells_are_recorded_and_resubmitting_retries_only_them(cluster, j
     shutil.rmtree(model)  # the worker cannot find the model: every attempt fails
     retries = {"GRIDRENDER_TASK_RETRIES": "1"}
     cluster.worker(queue, **retries)
-    wait_for(lambda: len(cluster.keys("grid/jobs/t/failed/")) == 2, 60, "failure records")
+    wait_for(lambda: "0/2 done, 2 failed" in cluster.cli("status", "t", "--output", cluster.output).stdout, 60,
+             "failures in the progress record")
     status = cluster.cli("status", "t", "--output", cluster.output)
-    assert "0/2 done, 2 failed" in status.stdout, status.stdout
+    assert status.returncode == 1  # a job with failed cells
     assert "ModelError" in status.stderr
 
     shutil.copytree(tiny_folder, model)
@@ -115,8 +118,8 @@ def test_cancel_drops_pending_chunks(cluster, job_file):
     assert submitted(cluster.cli("submit", str(path), GRIDRENDER_CHUNK_CELLS="4")) == (16, 4)
     result = cluster.cli("cancel", "t", "--output", cluster.output)
     assert result.returncode == 0 and "cancelled" in result.stdout
-    proc = cluster.worker(QUEUE)
-    wait_for(lambda: queued(cluster) == 0 and proc.text().count("succeeded") >= 4, 60, "the queue to drain")
+    proc = cluster.worker("gridrender")  # no worker ran at submit: the chunks went to the shared queue
+    wait_for(lambda: queued(cluster, "gridrender") == 0 and proc.text().count("succeeded") >= 4, 60, "the queue to drain")
     assert [k for k in cluster.keys() if k.endswith(".json")] == []
     status = cluster.cli("status", "t", "--output", cluster.output)
     assert "0/16 done" in status.stdout and "cancelled" in status.stdout
@@ -145,12 +148,12 @@ def test_the_scheduler_side_runs_without_torch(cluster, job_file):
                  ["finalize", "t", "--output", cluster.output], ["cancel", "t", "--output", cluster.output]):
         result = subprocess.run([sys.executable, "-c", BLOCK_TORCH, *args], env=env, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, (args, result.stdout, result.stderr)
-    assert queued(cluster) == 1
+    assert queued(cluster, "gridrender") == 1  # no worker listens: the shared queue
 
 
 def test_scheduler_modules_do_not_import_torch():
     code = ("import sys, gridrender.scheduler.plan, gridrender.scheduler.submit, gridrender.scheduler.status, "
-            "gridrender.scheduler.s3, gridrender.scheduler.broker, gridrender.scheduler.chunks, "
+            "gridrender.scheduler.s3, gridrender.scheduler.broker, gridrender.scheduler.messages, "
             "gridrender.scheduler.finalize, gridrender.cli; "
             "print(sorted({'torch', 'diffusers', 'transformers', 'gridrender.workers'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -3,9 +3,7 @@ leaked secrets, no cell written under another cell's key."""
 from __future__ import annotations
 
 import base64
-import json
 import os
-import uuid
 
 import pytest
 import redis
@@ -43,13 +41,14 @@ def test_a_pickled_message_is_refused_and_never_unpickled(cluster, tmp_path):
 
 
 def test_a_tampered_message_cannot_write_another_cells_key(cluster, job_file, tmp_path):
-    from gridrender.scheduler.chunks import Chunk
+    from gridrender.scheduler.messages import ChunkMessage
     from gridrender.scheduler.plan import prepare
 
     path = job_file(output=cluster.output, seeds=[1, 2], clip_skip=1, dtype="float32", steps=2)
     plan = prepare(path, cuda=None)
-    message = Chunk("t", "s1", cluster.output, 4, plan.model, plan.cells).to_message()
-    message["cells"][0][0] = plan.cells[1].id  # claims cell 2's id for cell 1's parameters
+    (chunk,) = plan.chunks()
+    message = ChunkMessage("t", "s1", cluster.output, 4, plan.partition, chunk.id, chunk.cells).to_message()
+    message["cells"][0][0] = chunk.cells[1].id  # claims cell 2's id for cell 1's parameters
     sender = Celery("attacker", broker=cluster.env["GRIDRENDER_BROKER_URL"])
     sender.send_task("gridrender.render_chunk", args=[message], queue=QUEUE)
     worker = cluster.worker(QUEUE)

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from gridrender.scheduler import grid
+from gridrender.scheduler import layout
 from gridrender.scheduler.grid import Cell
 from gridrender.scheduler.models import ModelSpec
-from gridrender.scheduler.storage import Store, cell_record
+from gridrender.scheduler.storage import Store
 
 from .records import save
 from .render import Rendered, Renderer
@@ -35,11 +35,19 @@ IO_QUEUE = 32  # writes in flight before the render loop waits: bounds memory he
 @dataclass
 class ChunkResult:
     rendered: int = 0  # cells the GPU rendered
-    stored: int = 0  # cells this call wrote (a redelivered chunk may find some written)
-    present: int = 0  # stored before we got to them
+    stored: list[str] = field(default_factory=list)  # cells this call wrote or found written by an earlier attempt
+    present: int = 0  # cells stored before we got to them
     failed: dict[str, str] = field(default_factory=dict)
     oom_splits: int = 0
     encoder_passes: int = 0
+
+    def add(self, other: ChunkResult) -> None:
+        self.rendered += other.rendered
+        self.stored += other.stored
+        self.present += other.present
+        self.failed.update(other.failed)
+        self.oom_splits += other.oom_splits
+        self.encoder_passes += other.encoder_passes
 
 
 class Writer:
@@ -73,10 +81,9 @@ def render_and_store(
     on_batch: Callable[[int], None] = lambda n: None,
 ) -> ChunkResult:
     result = ChunkResult()
-    stored = writer.map(lambda c: store.exists(cell_record(c.id)), cells)
+    stored = writer.map(lambda c: store.exists(layout.cell_record(c.id)), cells)
     todo = [c for c, done in zip(cells, stored) if not done]
     result.present = len(cells) - len(todo)
-    on_batch(result.present)
     if not todo:
         return result
     passes = renderer.encoder_passes()
@@ -87,9 +94,9 @@ def render_and_store(
         on_batch(len(todo))
         return result
     pending: list[tuple[Cell, Future]] = []
-    for batch in grid.batches(todo, batch_size):
+    for batch in renderer.batches(todo, batch_size, embeddings):
         try:
-            for rendered in _render_splitting(renderer, model, batch, embeddings, result):
+            for rendered in _render_splitting(renderer, model, batch, embeddings, result, batch_size):
                 result.rendered += 1
                 pending.append((rendered.cell, writer.submit(save, store, rendered, model, renderer.device, job)))
         except Exception as exc:  # this batch fails; the rest of the chunk goes on
@@ -98,18 +105,21 @@ def render_and_store(
         on_batch(len(batch))
     for cell, future in pending:
         try:
-            result.stored += bool(future.result())
+            future.result()
+            result.stored.append(cell.id)
         except Exception as exc:
             result.failed[cell.id] = f"{type(exc).__name__}: {exc}"
     result.encoder_passes = renderer.encoder_passes() - passes
     log.info("chunk of %s: %d cells rendered, %d stored, %d already stored, %d failed; %d encoder pass(es)",
-             job, result.rendered, result.stored, result.present, len(result.failed), result.encoder_passes)
+             job, result.rendered, len(result.stored), result.present, len(result.failed), result.encoder_passes)
     return result
 
 
-def _render_splitting(renderer: Renderer, model: ModelSpec, batch: list[Cell], embeddings, result: ChunkResult) -> list[Rendered]:
+def _render_splitting(renderer: Renderer, model: ModelSpec, batch: list[Cell], embeddings, result: ChunkResult,
+                      pad_to: int | None = None) -> list[Rendered]:
+    """Render a batch (padded to `pad_to` when compiled); on OOM, as two halves, unpadded."""
     try:
-        return renderer.render(model, batch, embeddings)
+        return renderer.render(model, batch, embeddings, pad_to)
     except torch.OutOfMemoryError:
         if len(batch) == 1:
             raise

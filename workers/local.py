@@ -1,36 +1,96 @@
-"""`gridrender run`: render a job's missing cells in this process, no broker."""
+"""`gridrender run`: render a job's missing cells in this process, no broker.
+
+The same files as a distributed run: job.yaml, a submission record, a progress
+record per chunk, then the manifest, sheets and gallery; so `status`, `finalize`
+and a later `submit` of the same job all see what `run` did.
+"""
 from __future__ import annotations
 
-from typing import Callable
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
-from gridrender.scheduler import grid
-from gridrender.scheduler.plan import Plan
+from gridrender.scheduler import finalize, progress, submissions
+from gridrender.scheduler.job import Job
+from gridrender.scheduler.plan import Plan, check_output, prepare
+from gridrender.scheduler.settings import Settings
 from gridrender.scheduler.storage import Store
 
 from .chunk import ChunkResult, Writer, render_and_store
 from .render import Renderer
 
-LOCAL_CHUNK = 256  # cells whose prompts are encoded together
+
+@dataclass
+class Started:
+    plan: Plan
+    store: Store
+    todo: int  # cells to render (as far as storage told before rendering)
 
 
-def run_plan(
-    plan: Plan,
-    store: Store,
-    renderer: Renderer | None = None,
-    on_batch: Callable[[int], None] = lambda n: None,
-) -> ChunkResult:
+@dataclass
+class RunResult:
+    started: Started
+    chunk: ChunkResult
+    finalized: finalize.Finalized
+    interrupted: bool = False  # Ctrl-C: what was stored is kept, finalized, and skipped next time
+
+
+def start(job: Job | str | Path, output: str | None = None, renderer: Renderer | None = None,
+          settings: Settings | None = None) -> tuple[Started, Renderer]:
+    """Validate, open the output and count what is missing; nothing is rendered yet."""
+    settings = settings or Settings()
     renderer = renderer or Renderer()
+    plan = prepare(job, cuda=renderer.device.type == "cuda", settings=settings, output=output)
+    store = check_output(plan)
+    check_each = progress.worth_checking(store, plan, settings)
+    record_id = submissions.new_id()
+    todo = sum(len(missing) for _, missing in progress.pending(plan, store, check_each, record_id))
+    record = submissions.Submission(record_id, "local", None, plan.total, 0, todo, 0, plan.total - todo,
+                                    plan.resolved(), time.time())
+    finalize.write_job(store, plan)
+    submissions.write(store, plan.job.name, record)
+    return Started(plan, store, todo), renderer
+
+
+def render_missing(started: Started, renderer: Renderer,
+                   on_batch: Callable[[int], None] = lambda n: None) -> ChunkResult:
+    """Render every chunk not yet complete, writing a progress record after each."""
+    plan, store = started.plan, started.store
+    record = submissions.latest(store, plan.job.name)
+    submission = record.id if record else "local"
     total = ChunkResult()
     writer = Writer()
     try:
-        for cells in grid.split(plan.missing(store), LOCAL_CHUNK):
-            result = render_and_store(renderer, writer, store, plan.model, cells, plan.job.batch_size, plan.job.name, on_batch)
-            total.rendered += result.rendered
-            total.stored += result.stored
-            total.present += result.present
-            total.failed.update(result.failed)
-            total.oom_splits += result.oom_splits
-            total.encoder_passes += result.encoder_passes
+        for chunk, missing in progress.pending(plan, store, False, submission):
+            if not missing:
+                continue
+            result = render_and_store(renderer, writer, store, plan.model, chunk.cells, plan.job.batch_size,
+                                      plan.job.name, on_batch)
+            progress.write(store, plan.job.name, plan.partition, chunk.id, result.stored, result.present,
+                           result.failed, submission, "run")
+            total.add(result)
     finally:
         writer.close()
     return total
+
+
+def finish(started: Started, renderer: Renderer, on_batch: Callable[[int], None] = lambda n: None,
+           settings: Settings | None = None) -> RunResult:
+    """Render what is missing, then write manifest, sheets and gallery (also after Ctrl-C)."""
+    interrupted = False
+    result = ChunkResult()
+    try:
+        if started.todo:
+            result = render_missing(started, renderer, on_batch)
+    except KeyboardInterrupt:
+        interrupted = True
+    done = finalize.finalize(started.store, started.plan.job.name, settings)
+    return RunResult(started, result, done, interrupted)
+
+
+def run_job(job: Job | str | Path, output: str | None = None, renderer: Renderer | None = None,
+            on_batch: Callable[[int], None] = lambda n: None, settings: Settings | None = None) -> RunResult:
+    """Render the job's missing cells here, then write manifest, sheets and gallery."""
+    started, renderer = start(job, output, renderer, settings)
+    return finish(started, renderer, on_batch, settings)

@@ -1,11 +1,17 @@
-"""SD 1.5 on a GPU: images/s and share of the card's FLOP limit, diffusers vs gridrender.
+"""SD 1.5 on a GPU: images/s of a plain diffusers call against gridrender's worker path.
 
-Run by hand on a CUDA machine:  python bench/gpu.py [--steps 25] [--batches 1,4,8]
-Nothing is downloaded: the pipeline is SD 1.5's architecture (configs shipped in
-scheduler/modelconfigs/sd15) with random weights, which run at the same speed as
-trained ones. 512x512, fp16, CFG on. (a) a plain diffusers call per batch, images
-kept as PIL; (b) gridrender's worker path (own prompt encoding, per-cell
-generators, background PNG encoding and storage into a local folder).
+Run on a CUDA machine:  python bench/gpu.py [--steps 25] [--batches 1,8,16] [--repeat 3]
+Nothing is downloaded: SD 1.5's architecture (scheduler/modelconfigs/sd15) with
+random weights, which run at the speed trained ones do. 512x512, fp16, CFG 7,
+Euler a. In one process, at each batch size:
+  (a) a fresh, untouched diffusers pipeline called the way its docs show;
+  (b) gridrender's worker path (A1111 prompt encoding, per-cell generators, k-diffusion
+      sampler, PNG encoding and storage into a local folder), eager;
+  (c) the same path compiled (torch.compile, default mode), after a warm-up that is
+      timed and reported apart.
+Prints images/s, the share of the card's fp16 peak (47 TFLOP per image), ratios to
+(a), and how far compiled pixels are from eager ones on the same cells.
+`--tiny --device cpu` runs the same code on builtin:tiny at 64x64 (a smoke test).
 """
 from __future__ import annotations
 
@@ -15,9 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-FLOP_PER_IMAGE = 47e12  # SD 1.5, 512x512, 25 steps with CFG (the figure issue 4 works with)
+FLOP_PER_IMAGE = 47e12  # SD 1.5, 512x512, 25 steps with CFG
 PEAK_FP16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12}
 
 
@@ -25,25 +33,37 @@ def peak(name: str) -> float | None:
     return next((v for k, v in PEAK_FP16.items() if k in name), None)
 
 
-def build(device, dtype):
+def build(config: str, device, dtype):
+    """An untouched StableDiffusionPipeline of the shipped architecture, random weights."""
     import torch
     from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from gridrender.scheduler.models import config_dir
-    from gridrender.workers.builtin import tokenizer_vocab
+    from gridrender.scheduler.tokens import byte_vocab
 
-    src = config_dir("sd15")
+    src = config_dir(config)
     torch.manual_seed(0)
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(src / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(src / "vae"))
         encoder = CLIPTextModel(CLIPTextConfig.from_json_file(src / "text_encoder" / "config.json"))
     scheduler = EulerAncestralDiscreteScheduler.from_config(EulerAncestralDiscreteScheduler.load_config(src / "scheduler"))
-    tokenizer = CLIPTokenizer(vocab=tokenizer_vocab(), merges=[], model_max_length=77)
+    tokenizer = CLIPTokenizer(vocab=byte_vocab(), merges=[], model_max_length=77)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, dtype)
+
+
+def timed(fn, repeat: int, sync) -> float:
+    """Seconds per call over `repeat` calls, after the caller's warm-up."""
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeat
 
 
 def main() -> None:
@@ -58,56 +78,71 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--batches", default="1,4,8")
-    parser.add_argument("--repeat", type=int, default=3, help="timed calls per batch size")
+    parser.add_argument("--batches", default="1,8,16")
+    parser.add_argument("--repeat", type=int, default=3, help="timed calls per batch size and path")
+    parser.add_argument("--compile-mode", default="default")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="builtin:tiny's architecture at 64x64 (a smoke test)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/gpu.py needs a CUDA device")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench/gpu.py needs a CUDA device (or --device cpu --tiny)")
     quiet_libraries()
-    device, name = torch.device("cuda"), torch.cuda.get_device_name(0)
-    pipe = build(device, torch.float16)
-    pipe.set_progress_bar_config(disable=True)
-    model = ModelSpec("sd15-random", "builtin", "sd15-random", "bench", None, 12)
-    cache = PipelineCache(device)
-    cache.put(model, "float16", pipe)
-    renderer = Renderer(cache)
-    print(f"{name}, torch {torch.__version__}, SD 1.5 architecture (random weights), 512x512, {args.steps} steps, fp16")
-    limit = peak(name)
-    for batch in [int(b) for b in args.batches.split(",")]:
-        prompts = ["a cow standing in a field"] * batch
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize()) if cuda else (lambda: None)
+    name = torch.cuda.get_device_name(0) if cuda else "cpu"
+    dtype, dtype_name = (torch.float16, "float16") if cuda else (torch.float32, "float32")
+    config, size = ("tiny", 64) if args.tiny else ("sd15", 512)
+    limit = peak(name) if not args.tiny else None
+    import diffusers
 
-        def plain():
-            pipe(prompt=prompts, negative_prompt=["lowres"] * batch, num_inference_steps=args.steps,
-                 generator=[torch.Generator("cpu").manual_seed(i) for i in range(batch)]).images
+    print(f"{name}, torch {torch.__version__}, diffusers {diffusers.__version__}, {config} architecture "
+          f"(random weights), {size}x{size}, {args.steps} steps, {dtype_name}, CFG 7, Euler a")
+    plain_pipe = build(config, device, dtype)  # (a) stays untouched: nothing gridrender sets reaches it first
+    ours_pipe = build(config, device, dtype)
+    model = ModelSpec(f"{config}-random", "builtin", f"{config}-random", "bench", None, 12)
+    eager = Renderer(PipelineCache(device, compile_mode="eager"))
+    eager.cache.put(model, dtype_name, ours_pipe)
+    compiled = Renderer(PipelineCache(device, compile_mode=args.compile_mode))
+    compiled.cache.put(model, dtype_name, ours_pipe)  # the same weights, compiled forward
+    seeds = iter(range(10**9))
 
-        plain()  # warm up (cuDNN autotuning, allocator)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(args.repeat):
-            plain()
-        torch.cuda.synchronize()
-        a = batch * args.repeat / (time.perf_counter() - start)
+    def cells(batch: int):
+        return [make_cell(model, prompt="a cow standing in a field", negative_prompt="lowres", clip_skip=1 + i % 2,
+                          seed=next(seeds), sampler="Euler a", steps=args.steps, guidance=7.0, width=size, height=size,
+                          dtype=dtype_name) for i in range(batch)]
 
-        with tempfile.TemporaryDirectory() as tmp:
-            store, writer = LocalStore(tmp), Writer()
-            seed = iter(range(10**6))
+    share = (lambda rate: f"{rate * FLOP_PER_IMAGE / limit:.0%} of peak") if limit else (lambda rate: "peak n/a")
+    with tempfile.TemporaryDirectory() as tmp:
+        store, writer = LocalStore(tmp), Writer()
+        for batch in [int(b) for b in args.batches.split(",")]:
+            def plain(batch=batch):
+                return plain_pipe(prompt=["a cow standing in a field"] * batch, negative_prompt=["lowres"] * batch,
+                                  num_inference_steps=args.steps, guidance_scale=7.0, height=size, width=size,
+                                  generator=[torch.Generator("cpu").manual_seed(i) for i in range(batch)]).images
 
-            def ours():
-                cells = [make_cell(model, prompt=prompts[0], negative_prompt="lowres", clip_skip=1 + i % 2, seed=next(seed),
-                                   sampler="Euler a", steps=args.steps, guidance=7.0, width=512, height=512, dtype="float16")
-                         for i in range(batch)]
-                result = render_and_store(renderer, writer, store, model, cells, batch, "bench")
+            def worker(renderer, batch=batch):
+                result = render_and_store(renderer, writer, store, model, cells(batch), batch, "bench")
                 assert not result.failed, result.failed
 
-            ours()
+            plain()  # warm-up: cuDNN autotuning, allocator
+            a = batch / timed(plain, args.repeat, sync)
+            worker(eager)
+            b = batch / timed(lambda: worker(eager), args.repeat, sync)
             start = time.perf_counter()
-            for _ in range(args.repeat):
-                ours()
-            torch.cuda.synchronize()
-            b = batch * args.repeat / (time.perf_counter() - start)
-            writer.close()
-        share = lambda rate: f"{rate * FLOP_PER_IMAGE / limit:.0%} of peak" if limit else "peak unknown"
-        print(f"batch {batch}: diffusers {a:.2f} img/s ({share(a)}), gridrender {b:.2f} img/s ({share(b)}), ratio {b / a:.3f}")
+            worker(compiled)  # compiles (or loads cached kernels) for this shape
+            sync()
+            warmup = time.perf_counter() - start
+            c = batch / timed(lambda: worker(compiled), args.repeat, sync)
+            print(f"batch {batch:>2}: (a) diffusers {a:6.2f} img/s ({share(a)}) | (b) gridrender eager {b:6.2f} "
+                  f"({b / a:.2f}x a) | (c) compiled {c:6.2f} ({c / a:.2f}x a, {share(c)}; warm-up {warmup:.0f}s)")
+        writer.close()
+    same = cells(max(int(b) for b in args.batches.split(",")))
+    diffs = [np.abs(np.asarray(x.image, dtype=int) - np.asarray(y.image, dtype=int))
+             for x, y in zip(eager.render(model, same), compiled.render(model, same))]
+    worst = max(int(d.max()) for d in diffs)
+    changed = float(np.mean([(d > 0).mean() for d in diffs]))
+    print(f"compiled vs eager on the same {len(same)} cells: max {worst}/255, {changed:.2%} of values differ")
 
 
 if __name__ == "__main__":

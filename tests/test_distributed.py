@@ -161,13 +161,10 @@ def test_scheduler_modules_do_not_import_torch():
 
 
 def test_password_protected_redis_works_and_the_password_stays_out_of_logs(cluster, job_file, tmp_path):
-    from tests.services import Process, free_port
+    from tests.services import start_redis
 
-    port = free_port()
-    server = Process(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                      "--requirepass", "pa55-w0rd-xyz"], cluster.env, tmp_path / "redis.log")
+    server, port = start_redis(tmp_path / "redis.log", "--requirepass", "pa55-w0rd-xyz")
     try:
-        wait_for(lambda: "Ready to accept connections" in server.text(), 20, "the password-protected Redis")
         url = {"GRIDRENDER_BROKER_URL": f"redis://:pa55-w0rd-xyz@127.0.0.1:{port}/0"}
         proc = cluster.worker(QUEUE, **url)
         path = job_file(output=cluster.output, **{**JOB, "seeds": [1]})

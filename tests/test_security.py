@@ -79,13 +79,10 @@ def test_job_names_on_the_command_line_cannot_climb_out(name, tmp_path):
 
 
 def test_credentials_never_reach_records_job_files_logs_or_errors(cluster, job_file, tmp_path):
-    from tests.services import Process, free_port
+    from tests.services import start_redis
 
-    port = free_port()
-    server = Process(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                      "--requirepass", BROKER_PASSWORD], cluster.env, tmp_path / "redis.log")
+    server, port = start_redis(tmp_path / "redis.log", "--requirepass", BROKER_PASSWORD)
     try:
-        wait_for(lambda: "Ready to accept connections" in server.text(), 20, "Redis")
         secrets = {"AWS_SECRET_ACCESS_KEY": SECRET_KEY, "GRIDRENDER_BROKER_URL": f"redis://:{BROKER_PASSWORD}@127.0.0.1:{port}/0"}
         # the moto server accepts any key; the worker and CLI sign with ours
         worker = cluster.worker(QUEUE, **secrets)

@@ -38,7 +38,7 @@ def direct(args, plan, folder: Path) -> float:
     pipe = StableDiffusionPipeline.from_pretrained(builtin_folder("tiny"), safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    cells = plan.cells
+    cells = list(plan.cells())
     folder.mkdir(parents=True)
     pipe("warm up", num_inference_steps=1, width=args.size, height=args.size)
     start = time.perf_counter()
@@ -52,17 +52,17 @@ def direct(args, plan, folder: Path) -> float:
     return time.perf_counter() - start
 
 
-def gridrender_run(plan, root: Path) -> float:
-    from gridrender.scheduler.storage import LocalStore
-    from gridrender.workers.local import run_plan
+def gridrender_run(job_path: Path, plan) -> float:
+    from gridrender.workers import local
     from gridrender.workers.render import Renderer
 
     renderer = Renderer()
     renderer.cache.get(plan.model, plan.dtype)  # load before timing, as (a) does
+    started, renderer = local.start(job_path, renderer=renderer)
     start = time.perf_counter()
-    result = run_plan(plan, LocalStore(root), renderer)
+    result = local.render_missing(started, renderer)
     elapsed = time.perf_counter() - start
-    assert result.rendered == len(plan.cells) and not result.failed, result
+    assert result.rendered == plan.total and not result.failed, result
     return elapsed
 
 
@@ -70,6 +70,7 @@ def distributed(args, job_path: Path, warm_path: Path, tmp: Path) -> float:
     import boto3
     import redis
 
+    from gridrender.scheduler import layout
     from gridrender.scheduler.broker import make_app
     from gridrender.scheduler.plan import prepare
     from gridrender.scheduler.settings import Settings
@@ -88,16 +89,17 @@ def distributed(args, job_path: Path, warm_path: Path, tmp: Path) -> float:
     worker = None
     try:
         warm = prepare(warm_path, cuda=None, settings=settings)
-        worker = start_worker(env, tmp / "worker.log", "gridrender.builtin-tiny-0920326f")
+        worker = start_worker(env, tmp / "worker.log")
         submit(warm, open_store(warm.job.output), app, settings=settings)
         store = open_store(warm.job.output)
-        wait_for(lambda: warm.cells[0].id in store.done_cells(), 120, "the warm-up cell")
+        warm_id = next(warm.cells()).id
+        wait_for(lambda: store.exists(layout.cell_record(warm_id)), 120, "the warm-up cell")
 
         start = time.perf_counter()
         plan = prepare(job_path, cuda=None, settings=settings)
         store = open_store(plan.job.output)
         submit(plan, store, app, settings=settings)
-        ids = {c.id for c in plan.cells}
+        ids = {c.id for c in plan.cells()}
         # The worker logs each chunk once its cells are stored; watching that log costs
         # the S3 server nothing (polling it with LISTs stole CPU from the renderer on a
         # 2-core machine). Storage is checked once at the end.
@@ -106,7 +108,7 @@ def distributed(args, job_path: Path, warm_path: Path, tmp: Path) -> float:
 
         wait_for(lambda: stored() >= len(ids), 600, "every cell", interval=0.02)
         elapsed = time.perf_counter() - start
-        assert ids <= store.done_cells()
+        assert all(store.exists(layout.cell_record(i)) for i in ids)
         return elapsed
     finally:
         if worker:
@@ -138,9 +140,9 @@ def main() -> None:
             paths[key] = tmp / f"{key}.yaml"
             paths[key].write_text(yaml.safe_dump(data))
         plan = prepare(paths["local"], cuda=False)
-        n = len(plan.cells)
+        n = plan.total
         a = direct(args, plan, tmp / "a")
-        b = gridrender_run(plan, tmp / "b")
+        b = gridrender_run(paths["local"], plan)
         c = distributed(args, paths["s3"], paths["warm"], tmp)
     print(f"grid: {n} cells, builtin:tiny {args.size}x{args.size}, {args.steps} steps, batch {args.batch}, CPU")
     print(f"(a) diffusers loop:        {a:7.2f} s  {n / a:6.2f} img/s")

@@ -4,12 +4,15 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import operator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from . import samplers
-from .params import CALL, INDEX, NAMES, PARAMS, public_params
+from .params import CALL, INDEX, NAMES, PARAMS, REQUIRED, public_params
+from .prompts import encoder_text
 
+_call_values = operator.itemgetter(*(INDEX[p.name] for p in CALL))
 CELL_ID_HEX = 16  # 64 bits: a collision among 10^6 cells has odds of about 1 in 3.7e7
 CHUNK_ID_HEX = 16
 
@@ -46,9 +49,18 @@ class Cell:
         """The cell's parameters under the job file's own key names."""
         return public_params(self.values)
 
+    @property
+    def text(self) -> str:
+        """The prompt as the text encoder reads it (S/R applied, LoRA tags removed)."""
+        return encoder_text(self.prompt, self.prompt_sr)
+
+    @property
+    def negative_text(self) -> str:
+        return encoder_text(self.negative_prompt, self.prompt_sr)
+
     def call_key(self) -> tuple:
         """Cells with equal keys can share one pipeline call."""
-        return tuple(self.values[INDEX[p.name]] for p in CALL)
+        return _call_values(self.values)
 
     def replace(self, **changes: Any) -> Cell:
         values = list(self.values)
@@ -57,15 +69,53 @@ class Cell:
         return Cell(tuple(values))
 
 
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+# The id hashes the canonical JSON of {name: identity} with sorted keys. It is built from
+# per-parameter fragments, and the fragments of call parameters (a handful of values per
+# job) are cached: expanding a million cells is then mostly the per-cell values.
+_ORDER = sorted(range(len(PARAMS)), key=lambda i: PARAMS[i].name)
+_KEYS = [canonical_json(PARAMS[i].name) for i in _ORDER]
+_CACHED = {i for i in _ORDER if PARAMS[i].call}
+_fragments: dict[tuple[int, Any], str] = {}
+
+
+_PROMPT, _NEGATIVE, _SR = INDEX["prompt"], INDEX["negative_prompt"], INDEX["prompt_sr"]
+
+
 def cell_id(values: tuple) -> str:
-    identity = {p.name: p.identity(v) for p, v in zip(PARAMS, values)}
-    canonical = json.dumps(identity, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    """A hash of everything that changes the cell's pixels: the texts as the encoder reads them
+    (S/R applied, LoRA tags removed: the LoRAs are in `loras`), each component's identity."""
+    sr = values[_SR]
+    texts = {_PROMPT: encoder_text(values[_PROMPT], sr), _NEGATIVE: encoder_text(values[_NEGATIVE], sr)}
+    parts = []
+    for key, i in zip(_KEYS, _ORDER):
+        value = texts.get(i, values[i])
+        if type(value) is int and i not in _CACHED:
+            fragment = str(value)  # what json.dumps writes for an int
+        else:
+            cached = _fragments.get((i, value)) if (i in _CACHED or type(value) is str) else None
+            if cached is not None:
+                fragment = cached
+            else:
+                identity = PARAMS[i].identity(value)
+                fragment = "" if identity is None else canonical_json(identity)
+                if i in _CACHED or type(value) is str:
+                    if len(_fragments) > 100_000:
+                        _fragments.clear()
+                    _fragments[(i, value)] = fragment
+        if fragment:  # a component not in use leaves no trace: ids stay as they were without it
+            parts.append(f"{key}:{fragment}")
+    canonical = "{" + ",".join(parts) + "}"
     return hashlib.sha256(canonical.encode()).hexdigest()[:CELL_ID_HEX]
 
 
 def make_cell(model: Any, **params: Any) -> Cell:
-    """A cell from its model and keyword parameters (every name in `params.NAMES`; schedule may be left out)."""
-    params = {"model": model, "schedule": samplers.AUTOMATIC, **params}
+    """A cell from its model and keyword parameters (those with a default may be left out)."""
+    defaults = {p.name: p.default for p in PARAMS if p.default is not REQUIRED}
+    params = {**defaults, "model": model, **params}
     missing = set(NAMES) - params.keys()
     if missing:
         raise TypeError(f"missing cell parameters: {', '.join(sorted(missing))}")
@@ -73,11 +123,13 @@ def make_cell(model: Any, **params: Any) -> Cell:
     return Cell(tuple(params[name] for name in NAMES))
 
 
-def expand(values: Mapping[str, Sequence]) -> Iterator[Cell]:
+def expand(values: Mapping[str, Sequence], derive: Callable[[list], None] | None = None) -> Iterator[Cell]:
     """Every cell of a grid, in a stable order: parameters in table order, outermost first.
 
     `values` maps each parameter name to its list of values, except parameters that
     share an axis (width and height), which are listed under the axis as tuples.
+    `derive` completes a cell's values in place (LoRAs named in prompt tags, the
+    embeddings its texts trigger) before its id is computed.
     """
     dimensions: list[tuple[tuple[int, ...], Sequence]] = []
     seen = set()
@@ -95,6 +147,8 @@ def expand(values: Mapping[str, Sequence]) -> Iterator[Cell]:
             for index, part in zip(members, value):
                 slots[index] = part
         slots[sampler_at], slots[schedule_at] = samplers.canonical(slots[sampler_at], slots[schedule_at])
+        if derive is not None:
+            derive(slots)
         yield Cell(tuple(slots))
 
 

@@ -4,7 +4,8 @@ The layout of DESIGN.md, the same under a local folder and an S3 prefix:
 
     cells/<cell_id>.png | .json           shared by every job of the output root
     jobs/<name>/job.yaml, manifest.jsonl, index.html, sheets/<file>.png
-    jobs/<name>/submissions/<id>.json     one per submit (what was sent where)
+    jobs/<name>/submissions/<id>.json     one per submit or run (what was sent where)
+    jobs/<name>/submission.json           a copy of the newest: status reads it without a listing
     jobs/<name>/cancelled/<id>            a submission that workers must drop
     jobs/<name>/progress/<partition>/<chunk_id>.<stored>.<failed>.<submission>.json
                                           what a chunk stored and failed (counts in the key)
@@ -63,6 +64,10 @@ def submissions_prefix(name: str) -> str:
 
 def submission(name: str, submission_id: str) -> str:
     return f"{submissions_prefix(name)}{submission_id}.json"
+
+
+def latest_submission(name: str) -> str:
+    return f"{job_prefix(name)}submission.json"
 
 
 def cancelled_prefix(name: str) -> str:

@@ -27,9 +27,10 @@ class Settings(BaseSettings):
     auto_dtype: str = "float16"
     # Cells per task message (grown for huge jobs so a job has at most max_chunks chunks).
     chunk_cells: int = 32
-    max_chunks: int = 4096
-    # Chunks whose cells a resubmit checks one by one in storage; above it workers check them.
-    presence_check_cells: int = 20_000
+    max_chunks: int = 2048
+    # A first submit of a job this small checks each cell in storage (cells other jobs stored are
+    # not sent); a bigger one leaves that to the workers. Resubmits check every incomplete chunk.
+    presence_check_cells: int = 2_000
     visibility_timeout: int = 3600  # seconds before Redis redelivers an unacknowledged chunk
     heartbeat_interval: float = 2.0  # seconds between a worker's heartbeats
     heartbeat_ttl: float = 10.0  # a worker silent this long is dead; its chunk is re-enqueued

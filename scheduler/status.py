@@ -53,7 +53,7 @@ def job_status(store: Store, name: str, now: float | None = None) -> Status:
     tally = progress.tally(records, record.id)
     current = [r for r in records.values() if r.submission == record.id]
     failures = progress.failures(store, current, SHOWN_FAILURES) if tally.failed else {}
-    cancelled = record.id in submissions.cancelled(store, name)
+    cancelled = submissions.is_cancelled(store, name, record.id)
     return Status(name, min(tally.stored, record.cells), record.cells, tally.failed, failures,
                   tally.rate(now or time.time(), RATE_WINDOW), cancelled)
 

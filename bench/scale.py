@@ -1,0 +1,177 @@
+"""A million-cell job on this machine: submit, status, resubmit and finalize against real services.
+
+Run by hand:  python bench/scale.py [--cells 1000000] [--other-cells 100000] [--redis-db 14]
+Starts a moto S3 server on loopback; uses the Redis of GRIDRENDER_BROKER_URL's host
+(default 127.0.0.1:6379) in its own DB, which it flushes before and after. Workers
+are not run: "half done" and "finished" are written as the progress records workers
+write, so what is measured is the scheduler side alone:
+  - validate and submit of the job: wall time and peak RSS of the CLI process;
+  - status with half the chunks done, in a bucket holding --other-cells cells of other
+    jobs: wall time and the S3 requests it made (compared with an empty bucket);
+  - resubmit of the finished job: S3 list calls and messages enqueued;
+  - finalize of the finished job (a streamed manifest line per cell): time and RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+            return proc, endpoint
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("moto did not start")
+
+
+def measured(*args: str, env: dict) -> tuple[float, float, str]:
+    """(seconds, peak RSS in MiB, stdout) of `gridrender ARGS` in its own process."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "gridrender", *args], env=env, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)  # this process's own peak RSS (ru_maxrss, KiB)
+        seconds = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"gridrender {' '.join(args)} failed:\n{err.read()}")
+        return seconds, usage.ru_maxrss / 1024, out.read()
+
+
+class Requests:
+    """Counts the S3 requests a boto3 client makes, by operation."""
+
+    def __init__(self, client):
+        self.counts: Counter = Counter()
+        client.meta.events.register("before-call.s3", self._count)
+
+    def _count(self, model, **_):
+        self.counts[model.name] += 1
+
+    def reset(self) -> Counter:
+        counts, self.counts = self.counts, Counter()
+        return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cells", type=int, default=1_000_000)
+    parser.add_argument("--other-cells", type=int, default=100_000)
+    parser.add_argument("--redis-db", type=int, default=14)
+    args = parser.parse_args()
+
+    import boto3
+    import redis
+
+    from gridrender.scheduler import progress, submissions
+    from gridrender.scheduler.finalize import stored_plan
+    from gridrender.scheduler.s3 import S3Store
+    from gridrender.scheduler.status import job_status
+
+    moto, endpoint = start_moto()
+    broker = f"redis://127.0.0.1:6379/{args.redis_db}"
+    client = redis.Redis.from_url(broker)
+    client.flushdb()
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+           "AWS_DEFAULT_REGION": "us-east-1", "GRIDRENDER_BROKER_URL": broker, "HF_HUB_OFFLINE": "1"}
+    os.environ.update(env)
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="scale-bench")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            prompts = ", ".join(f"a prompt number {i} with a few more words" for i in range(10))
+            job = Path(tmp) / "big.yaml"
+            job.write_text(f"name: big\nmodel: builtin:tiny\nprompts: [{prompts}]\nclip_skip: 1\n"
+                           f"seeds: {{start: 0, count: {args.cells // 10}}}\noutput: s3://scale-bench/grid\n")
+            print(f"job: {args.cells:,} cells (10 prompts x {args.cells // 10:,} seeds), builtin:tiny, S3 on moto, Redis")
+
+            seconds, rss, _ = measured("validate", str(job), env=env)
+            print(f"validate: {seconds:.1f} s, peak RSS {rss:.0f} MiB")
+            seconds, rss, out = measured("submit", str(job), env=env)
+            queued = client.llen("gridrender")
+            print(f"submit: {seconds:.1f} s, peak RSS {rss:.0f} MiB, {queued:,} messages ({out.strip()})")
+
+            store = S3Store.from_url("s3://scale-bench/grid")
+            requests = Requests(store.client)
+            plan = stored_plan(store, "big")
+            record = submissions.latest(store, "big")
+            assert record is not None
+            chunks = list(plan.chunks())
+            half = chunks[: len(chunks) // 2]
+
+            def done(chunk):
+                progress.write(store, "big", plan.partition, chunk.id, [], len(chunk.cells), {}, record.id, "bench")
+
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(done, half))
+            requests.reset()
+            start = time.perf_counter()
+            st = job_status(store, "big")
+            empty_seconds, empty_requests = time.perf_counter() - start, sum(requests.reset().values())
+            print(f"status, half done, no other cells in the bucket: {empty_seconds:.2f} s, {empty_requests} requests "
+                  f"({st.done:,}/{st.total:,} done)")
+
+            def other(i):
+                s3.put_object(Bucket="scale-bench", Key=f"grid/cells/{i:016x}.json", Body=b"{}")
+
+            start = time.perf_counter()
+            with ThreadPoolExecutor(32) as pool:
+                list(pool.map(other, range(args.other_cells)))
+            print(f"(wrote {args.other_cells:,} cells of other jobs in {time.perf_counter() - start:.0f} s)")
+            start = time.perf_counter()
+            st = job_status(store, "big")
+            seconds, counts = time.perf_counter() - start, requests.reset()
+            print(f"status, half done, {args.other_cells:,} other cells: {seconds:.2f} s, {sum(counts.values())} "
+                  f"requests {dict(counts)} ({st.done:,}/{st.total:,} done)")
+
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(done, chunks[len(chunks) // 2 :]))
+            client.delete("gridrender")
+            seconds, rss, out = measured("submit", str(job), env=env)
+            print(f"resubmit of the finished job: {seconds:.1f} s, peak RSS {rss:.0f} MiB, "
+                  f"{client.llen('gridrender')} messages ({out.strip()})")
+            requests.reset()
+            from gridrender.scheduler.broker import shared_app
+            from gridrender.scheduler.plan import prepare
+            from gridrender.scheduler.submit import submit  # in process, to count its list calls
+
+            sent = submit(prepare(job, cuda=None), store, shared_app())
+            counts = requests.reset()
+            print(f"resubmit, counted in process: {counts['ListObjectsV2']} list calls, {sum(counts.values())} requests, "
+                  f"{sent.chunks} chunks enqueued")
+
+            seconds, rss, out = measured("finalize", "big", "--output", "s3://scale-bench/grid", env=env)
+            print(f"finalize of the finished job: {seconds:.1f} s, peak RSS {rss:.0f} MiB ({out.strip()})")
+    finally:
+        client.flushdb()
+        moto.terminate()
+        moto.wait(10)
+
+
+if __name__ == "__main__":
+    main()

@@ -71,26 +71,11 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what w
 @exits
 def validate(job: Path = typer.Argument(..., help="The job file.")) -> None:
     """Parse and expand a job file; print its axes, prompt token counts and grid size. Exit 2 on error."""
-    from gridrender.scheduler.plan import prepare
-    from gridrender.scheduler.tokens import tokenizer_for
+    from gridrender.scheduler.plan import describe, prepare
 
     plan = prepare(job, cuda=None)
     warn(plan.warnings)
-    say(f"job [bold]{plan.job.name}[/bold]: {plan.total:,} cells, model {plan.model.source} "
-        f"({plan.model.clip_layers} CLIP layers), output {plan.job.output}")
-    for axis, values in plan.job.axes().items():
-        shown = ", ".join(repr(v) if isinstance(v, str) else str(v) for v in list(values[:8]))
-        more = f", … ({len(values):,} in all)" if len(values) > 8 else ""
-        say(f"  {axis:<16} {'varies' if len(values) > 1 else 'locked':<7} {shown}{more}")
-    tokenizer = tokenizer_for(plan.model)
-    for key in ("prompts", "negative_prompt"):
-        for text in plan.job.values_of(key):
-            if tokenizer is None:
-                say(f"  {key}: token counts unavailable (no tokenizer for {plan.model.source} on this machine)")
-                break
-            encoding = tokenizer.encode(text)
-            chunks = len(encoding.chunks)
-            say(f"  {key}: {encoding.token_count} tokens, {chunks} chunk{'s' if chunks > 1 else ''} of 75: {text[:60]!r}")
+    say("\n".join(describe(plan)))
 
 
 @app.command()
@@ -185,9 +170,9 @@ def submit(
     sent = fan_out(plan, store, shared_app(), queue)
     say(f"{plan.job.name}: {sent.cells:,} cells in {sent.chunks:,} chunks on queue {sent.queue} "
         f"({sent.already_done:,} of {sent.total:,} already stored)")
-    if sent.cells and sent.consumers == 0:
-        warn([f"no worker consumes queue {sent.queue} right now; start one with: gridrender worker"
-              + (f" -Q {sent.queue}" if sent.queue != "gridrender" else "")])
+    for queue in sent.idle_queues if sent.cells else []:
+        warn([f"no worker consumes queue {queue} right now; start one with: gridrender worker"
+              + (f" -Q {queue}" if queue != "gridrender" else "")])
     if wait:
         wait_for(store, plan.job.name, idle_timeout)
 

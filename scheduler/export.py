@@ -22,7 +22,7 @@ def _rows(store: Store, name: str) -> Iterator[dict]:
     """The job's stored cells with their parameters, streamed (statuses from progress records)."""
     for line in manifest_lines(store, stored_plan(store, name)):
         if line["status"] == "done":
-            yield {"cell_id": line["cell_id"], **{k: line[k] for k in NAMES}}
+            yield {"cell_id": line["cell_id"], **{k: line[k] for k in NAMES if k in line}}
 
 
 def export(store: Store, name: str, fmt: str, dest: Path) -> int:

@@ -27,12 +27,11 @@ CHECK_THREADS = 16
 def job_yaml(plan: Plan) -> bytes:
     data = plan.job.normalized()
     data["dtype"] = plan.dtype
-    if plan.model.kind == "hub":
-        data["revision"] = plan.model.revision  # the resolved commit: a branch moves, a commit does not
-    header = (
-        f"# normalized by gridrender: {plan.total} cells\n"
-        f"# model identity: {json.dumps(plan.model.identity(), sort_keys=True)}\n"
-    )
+    hub = [m for m in plan.models if m.kind == "hub"]
+    if len(hub) == 1 and len(plan.models) == 1:
+        data["revision"] = hub[0].revision  # the resolved commit: a branch moves, a commit does not
+    identities = "".join(f"# model {m.source}: {json.dumps(m.identity(), sort_keys=True)}\n" for m in plan.models)
+    header = f"# normalized by gridrender: {plan.total} cells\n{identities}"
     return (header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)).encode()
 
 

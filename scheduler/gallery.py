@@ -1,4 +1,4 @@
-"""jobs/<name>/index.html: one static page, no external assets, no network.
+"""The gallery page (layout.gallery): one static page, no external assets, no network.
 
 Shows the comparison sheets and every cell with its parameters (on hover and on
 click), filterable by the value of each axis that varies.

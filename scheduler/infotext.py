@@ -2,14 +2,17 @@
 
 Written so that A1111 before and after 1.9 read the same sampler: the old combined
 name where the schedule is not Uniform ("DPM++ 2M Karras"), and "Schedule type".
+Components as A1111 and civitai name them: `<lora:NAME:WEIGHT>` in the prompt,
+"Lora hashes", "VAE"/"VAE hash", "TI hashes".
 """
 from __future__ import annotations
 
 import json
 
 from . import samplers
-from .models import ModelSpec
+from .grid import Cell
 from .params import short_model_name
+from .prompts import lora_tags, search_replace
 
 
 def _quote(value: object) -> str:
@@ -20,24 +23,39 @@ def _quote(value: object) -> str:
     return text
 
 
-def parameters(params: dict, model: ModelSpec) -> str:
+def _hashes(pairs: list[tuple[str, str]]) -> str:
+    return ", ".join(f"{name.replace(':', '').replace(',', '')}: {digest}" for name, digest in pairs)
+
+
+def parameters(cell: Cell) -> str:
     """`<prompt>\\nNegative prompt: ...\\nSteps: .., Sampler: .., ...` for one cell."""
-    pairs = {
-        "Steps": params["steps"],
-        "Sampler": samplers.infotext_name(params["sampler"], params["schedule"]),
-        "Schedule type": params["schedule"],
-        "CFG scale": f"{params['guidance']:g}",
-        "Seed": params["seed"],
-        "Size": f"{params['width']}x{params['height']}",
-        "Model hash": model.short_hash(),
-        "Model": short_model_name(model.source),
-        "Clip skip": params["clip_skip"],
+    prompt = search_replace(cell.prompt, cell.prompt_sr)
+    tagged = {name for name, _ in lora_tags(prompt)}
+    extra_tags = "".join(f" <lora:{c.name}:{w:g}>" for c, w in cell.loras if c.source not in tagged and c.name not in tagged)
+    pairs: dict[str, object] = {
+        "Steps": cell.steps,
+        "Sampler": samplers.infotext_name(cell.sampler, cell.schedule),
+        "Schedule type": cell.schedule,
+        "CFG scale": f"{cell.guidance:g}",
+        "Seed": cell.seed,
+        "Size": f"{cell.width}x{cell.height}",
+        "Model hash": cell.model.short_hash(),
+        "Model": short_model_name(cell.model.source),
     }
-    if samplers.lookup(params["sampler"]).family == "diffusers":
+    if samplers.lookup(cell.sampler).family == "diffusers":
         del pairs["Schedule type"]  # the class's own config decides; A1111 has no such type
+    if cell.vae is not None:
+        pairs["VAE hash"] = cell.vae.short_hash()
+        pairs["VAE"] = cell.vae.name
+    pairs["Clip skip"] = cell.clip_skip
+    if cell.loras:
+        pairs["Lora hashes"] = _hashes([(c.name, c.short_hash()) for c, _ in cell.loras])
+    if cell.embeddings:
+        pairs["TI hashes"] = _hashes([(e.name, e.short_hash()) for e in cell.embeddings])
     last = ", ".join(f"{k}: {_quote(v)}" for k, v in pairs.items())
-    lines = [params["prompt"]]
-    if params["negative_prompt"]:
-        lines.append(f"Negative prompt: {params['negative_prompt']}")
+    lines = [prompt + extra_tags]
+    negative = search_replace(cell.negative_prompt, cell.prompt_sr)
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
     lines.append(last)
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """The job file: YAML -> pydantic model with `extra="forbid"`, errors with lines."""
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import secrets
@@ -20,7 +21,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from . import prompts, samplers, yamlfile
+from . import dynamic, prompts, samplers, yamlfile
 from .errors import JobError, Problem
 from .params import AXES, AXIS_NAMES, PARAMS
 from .settings import Settings
@@ -67,8 +68,46 @@ class SeedRange(BaseModel):
 
 
 SHEET_AXES = tuple(AXES)
-# Job-file keys that take one value or a list (an axis); `seeds` and `size` have forms of their own.
-_LISTS = tuple(dict.fromkeys(p.key for p in PARAMS if p.key not in ("model", "dtype", "seeds", "size")))
+# Job-file keys that take one value or a list (an axis). `seeds`, `size` and `loras` have forms
+# of their own; `embeddings` is a set of files, derived per cell.
+_LISTS = tuple(dict.fromkeys(p.key for p in PARAMS
+                             if p.key not in ("dtype", "seeds", "size", "loras", "embeddings", "prompt_sr")))
+_WEIGHT = Annotated[float, Field(ge=-10, le=10)]
+
+
+def _floats(value: Any) -> Any:
+    """YAML reads `7` as an int; a float axis should accept it (but not a bool)."""
+    return [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in _as_list(value)]
+
+
+class LoraEntry(BaseModel):
+    """A LoRA applied to every cell, at each of its weights (a list of weights is an axis)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    path: Annotated[str, Field(min_length=1)]
+    weight: list[_WEIGHT] = [1.0]
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _weights(cls, value: Any) -> Any:
+        return _floats(value)
+
+    @field_validator("weight")
+    @classmethod
+    def _distinct(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("must not be empty")
+        if len(set(value)) < len(value):
+            raise ValueError("a weight is listed twice (every cell of a grid is different)")
+        return value
+
+
+class PromptSamples(BaseModel):
+    """Draw `count` variants of each dynamic-prompt template; the seed makes a resubmit draw the same."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    count: Annotated[int, Field(ge=1, le=100_000)]
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
 
 
 class SheetLayout(BaseModel):
@@ -104,7 +143,7 @@ class Job(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=100)]
-    model: Annotated[str, Field(min_length=1)]
+    model: list[Annotated[str, Field(min_length=1)]]
     revision: str | None = None
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     prompts: list[PromptText]
@@ -121,9 +160,15 @@ class Job(BaseModel):
     batch_size: Annotated[int, Field(ge=1, le=256)] = 4
     output: Annotated[str, Field(min_length=1)] = Field(default_factory=lambda: Settings().output)
     sheet: SheetLayout | None = None
+    vae: list[Annotated[str, Field(min_length=1)] | None] = [None]
+    loras: list[LoraEntry] = []
+    embeddings: list[Annotated[str, Field(min_length=1)]] = []
+    prompt_sr: list[PromptText] | None = None
+    prompt_samples: Annotated[int, Field(ge=1, le=100_000)] | PromptSamples | None = None
 
     _source: str = PrivateAttr(default="<job>")
     _lines: dict = PrivateAttr(default_factory=dict)
+    _prompts: list[str] = PrivateAttr(default_factory=list)  # the prompts with dynamic templates expanded
 
     @field_validator(*(k for k in _LISTS if k != "guidance"), mode="before")
     @classmethod
@@ -138,8 +183,24 @@ class Job(BaseModel):
     @field_validator("guidance", mode="before")
     @classmethod
     def _guidance_floats(cls, value: Any) -> Any:
-        # YAML reads `7` as an int; a float axis should accept it (but not a bool).
-        return [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in _as_list(value)]
+        return _floats(value)
+
+    @field_validator("loras", "embeddings", mode="before")
+    @classmethod
+    def _a_list(cls, value: Any) -> Any:
+        return [] if value is None else _as_list(value)
+
+    @field_validator("prompt_sr", mode="before")
+    @classmethod
+    def _sr_list(cls, value: Any) -> Any:
+        return value if value is None else _as_list(value)
+
+    @field_validator("prompt_sr")
+    @classmethod
+    def _sr_values(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (len(value) < 2 or not value[0]):
+            raise ValueError("list the text to search for first, then what to replace it with (at least two values)")
+        return value
 
     @field_validator("size", mode="before")
     @classmethod
@@ -150,7 +211,14 @@ class Job(BaseModel):
             return [tuple(v) if isinstance(v, list) else v for v in value]
         return value
 
-    @field_validator(*_LISTS, "seeds", "size")
+    @field_validator("embeddings")
+    @classmethod
+    def _distinct_files(cls, value: list[str]) -> list[str]:
+        if len(set(value)) < len(value):
+            raise ValueError("a file or folder is listed twice")
+        return value
+
+    @field_validator(*_LISTS, "seeds", "size", "prompt_sr")
     @classmethod
     def _axis_well_formed(cls, value: Any) -> Any:
         if isinstance(value, list):
@@ -264,6 +332,14 @@ class Job(BaseModel):
             return self.seed_list
         if key == "size":
             return self.sizes
+        if key == "prompts":
+            return self._prompts or self.prompts
+        if key == "loras":  # every combination of the LoRAs' weights, applied together
+            return list(itertools.product(*([(e.path, w) for w in e.weight] for e in self.loras)))
+        if key == "prompt_sr":
+            return [None] if self.prompt_sr is None else [(self.prompt_sr[0], v) for v in self.prompt_sr]
+        if key == "embeddings":
+            return [()]  # derived per cell from its texts
         return _as_list(getattr(self, key))
 
     def axes(self) -> dict[str, Sequence]:
@@ -341,6 +417,7 @@ def parse_job(raw: bytes | str, source: str = "<job>", settings: Settings | None
         problems = sorted((_problem(err, lines) for err in errors), key=lambda p: p.line or 0)
         raise JobError(problems, source) from None
     job._source, job._lines = source, lines
+    expand_prompts(job, settings)
     if job.cell_count() > settings.max_cells:
         raise JobError(
             [Problem("", f"the grid has {job.cell_count():,} cells, over the limit of {settings.max_cells:,} "
@@ -348,6 +425,29 @@ def parse_job(raw: bytes | str, source: str = "<job>", settings: Settings | None
             source,
         )
     return job
+
+
+def expand_prompts(job: Job, settings: Settings) -> None:
+    """Dynamic templates into prompts (recording the sampling seed); Prompt S/R must find its text."""
+    problems: list[Problem] = []
+    if any(dynamic.is_template(p) for p in job.prompts):
+        samples = job.prompt_samples
+        if isinstance(samples, int):
+            samples = PromptSamples(count=samples)
+        if samples is not None and samples.seed is None:
+            samples = PromptSamples(count=samples.count, seed=dynamic.default_seed(job.name, job.prompts))
+        if samples is not None:
+            job.prompt_samples = samples
+        job._prompts, problems = dynamic.expand(job.prompts, samples.count if samples else None,
+                                                samples.seed or 0 if samples else 0, settings)
+        problems = [job.problem(p.field, p.message) for p in problems]
+    if job.prompt_sr is not None:
+        search = job.prompt_sr[0]
+        if not any(search in text for text in [*job.values_of("prompts"), *job.negative_prompt]):
+            problems.append(job.problem("prompt_sr", f"{search!r} (the text to replace) occurs in no prompt "
+                                                     "and no negative prompt"))
+    if problems:
+        raise job.error(problems)
 
 
 def _branch_applies(err: Any, data: dict) -> bool:

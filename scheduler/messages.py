@@ -31,7 +31,7 @@ class ChunkMessage:
         first = self.cells[0]
         texts = list(dict.fromkeys(getattr(c, p.name) for c in self.cells for p in PER_CELL if p.text))
         index = {t: i for i, t in enumerate(texts)}
-        rows = [[c.id, *(index[getattr(c, p.name)] if p.text else getattr(c, p.name) for p in PER_CELL)]
+        rows = [[c.id, *(index[getattr(c, p.name)] if p.text else p.pack(getattr(c, p.name)) for p in PER_CELL)]
                 for c in self.cells]
         return {
             "v": VERSION,
@@ -58,7 +58,7 @@ class ChunkMessage:
             for claimed, *row in message["cells"]:
                 if len(row) != len(PER_CELL):
                     raise ValueError(f"cell {claimed!r} has {len(row)} values, expected {len(PER_CELL)}")
-                per_cell = {p.name: texts[v] if p.text else v for p, v in zip(PER_CELL, row)}
+                per_cell = {p.name: texts[v] if p.text else p.unpack(v) for p, v in zip(PER_CELL, row)}
                 values = tuple({**call, **per_cell}[p.name] for p in PARAMS)
                 actual = cell_id(values)
                 if actual != claimed:

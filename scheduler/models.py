@@ -273,3 +273,26 @@ def _cached_hash(path: Path, compute: Callable[[], str]) -> str:
 def config_dir(name: str) -> Path:
     return CONFIG_ROOT / name
 
+
+
+def model_config(model: ModelSpec, component: str) -> dict:
+    """A component's config.json (unet, vae, text_encoder) of the model, read without loading it."""
+    if model.kind == "builtin":
+        path = CONFIG_ROOT / model.location / component / "config.json"
+    elif model.kind == "folder":
+        path = Path(model.location) / component / "config.json"
+    elif model.kind == "file":
+        path = CONFIG_ROOT / (model.config or "sd15") / component / "config.json"
+    else:
+        path = _hub_file(model.location, model.revision or "main", f"{component}/config.json")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelInputError(f"cannot read {component}/config.json of {model.source}: {exc}") from None
+
+
+def hub_vae(repo_id: str, revision: str | None = None) -> str:
+    """The resolved commit of a hub VAE (a diffusers AutoencoderKL repository)."""
+    commit = revision if revision and _COMMIT.match(revision) else _hub_commit(repo_id, revision)
+    _hub_file(repo_id, commit, "config.json")
+    return commit

@@ -16,11 +16,15 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from . import samplers
+from .components import Component
 from .models import ModelSpec
 
 
 def _same(value: Any) -> Any:
     return value
+
+
+REQUIRED = object()  # a Param default: every cell names it
 
 
 def short_model_name(source: str) -> str:
@@ -44,22 +48,63 @@ class Param:
     label: Callable[[Any], str] = str  # from the public value, for sheets and the gallery
     pack: Callable[[Any], Any] = _same  # into a JSON task message
     unpack: Callable[[Any], Any] = _same  # back from it
+    default: Any = REQUIRED  # what a cell holds when the job does not use the parameter
+
+
+def _none(_: Any) -> None:
+    return None
+
+
+def _vae_label(source: str | None) -> str:
+    return short_model_name(source) if source else "model's own"
+
+
+def _loras_public(loras: tuple) -> list[dict]:
+    return [{"path": c.source, "weight": w} for c, w in loras]
+
+
+def _loras_label(loras: list[dict]) -> str:
+    return ", ".join(f"{short_model_name(x['path'])}:{x['weight']:g}" for x in loras) or "none"
+
+
+def _loras_unpack(data: list) -> tuple:
+    return tuple((Component.from_dict(c), float(w)) for c, w in data)
+
+
+def _components_unpack(data: list) -> tuple:
+    return tuple(Component.from_dict(c) for c in data)
 
 
 PARAMS: tuple[Param, ...] = (
     Param("model", "model", "model", call=True, identity=ModelSpec.identity, public=lambda m: m.source,
           label=short_model_name, pack=ModelSpec.to_dict, unpack=ModelSpec.from_dict),
+    Param("vae", "vae", "vae", call=True, identity=lambda c: c.identity() if c else None,
+          public=lambda c: c.source if c else None, label=_vae_label, pack=lambda c: c.to_dict() if c else None,
+          unpack=lambda d: Component.from_dict(d) if d else None, default=None),
+    Param("loras", "loras", "loras", call=True,
+          identity=lambda loras: sorted([c.identity()["sha256"], w] for c, w in loras) or None,
+          public=_loras_public, label=_loras_label, pack=lambda loras: [[c.to_dict(), w] for c, w in loras],
+          unpack=_loras_unpack, default=()),
     Param("dtype", "dtype", "dtype", call=True),
     Param("sampler", "sampler", "sampler", call=True, identity=samplers.identity),
-    Param("schedule", "schedule", "schedule", call=True),
+    Param("schedule", "schedule", "schedule", call=True, default=samplers.AUTOMATIC),
     Param("steps", "steps", "steps", call=True),
     Param("guidance", "guidance", "guidance", call=True, label=lambda g: f"{g:g}"),
     Param("width", "size", "size", call=True),
     Param("height", "size", "size", call=True),
     Param("prompt", "prompts", "prompt", call=False, text=True),
     Param("negative_prompt", "negative_prompt", "negative_prompt", call=False, text=True),
+    # (search, replacement) of A1111's Prompt S/R; the id holds the replaced texts instead
+    Param("prompt_sr", "prompt_sr", "prompt_sr", call=False, identity=_none, public=lambda sr: list(sr) if sr else None,
+          label=lambda sr: sr[1] if sr else "-", pack=lambda sr: list(sr) if sr else None,
+          unpack=lambda sr: tuple(sr) if sr else None, default=None),
     Param("clip_skip", "clip_skip", "clip_skip", call=False),
     Param("seed", "seeds", "seed", call=False),
+    # the textual-inversion embeddings the cell's texts trigger: derived, not a job axis
+    Param("embeddings", "embeddings", "", call=False,
+          identity=lambda es: sorted(c.identity()["sha256"] for c in es) or None,
+          public=lambda es: [c.name for c in es], label=lambda names: ", ".join(names) or "none",
+          pack=lambda es: [c.to_dict() for c in es], unpack=_components_unpack, default=()),
 )
 
 NAMES: tuple[str, ...] = tuple(p.name for p in PARAMS)
@@ -78,10 +123,9 @@ class Axis:
     key: str  # the job-file key that lists its values
 
     def value(self, line: dict) -> Any:
-        """This axis' value in a manifest line (public values), hashable."""
-        if len(self.params) == 1:
-            return line[self.params[0]]
-        return tuple(line[p] for p in self.params)
+        """This axis' value in a manifest line (public values; a component left out is its default)."""
+        values = tuple(line[p] if p in line else BY_NAME[p].public(BY_NAME[p].default) for p in self.params)
+        return values[0] if len(values) == 1 else values
 
     def label(self, value: Any) -> str:
         values = value if len(self.params) > 1 else (value,)
@@ -91,7 +135,8 @@ class Axis:
 def _axes() -> dict[str, Axis]:
     grouped: dict[str, list[Param]] = {}
     for param in PARAMS:
-        grouped.setdefault(param.axis, []).append(param)
+        if param.axis:  # derived parameters are no axis
+            grouped.setdefault(param.axis, []).append(param)
     return {name: Axis(name, tuple(p.name for p in ps), ps[0].key) for name, ps in grouped.items()}
 
 
@@ -102,6 +147,12 @@ AXIS_NAMES: dict[str, str] = {
 }
 
 
+_OPTIONAL = ("vae", "loras", "prompt_sr", "embeddings")  # components a job may not use at all
+
+
 def public_params(values: tuple) -> dict:
-    """A cell's parameters under the job file's own names, as records and manifests store them."""
-    return {p.name: p.public(v) for p, v in zip(PARAMS, values)}
+    """A cell's parameters under the job file's own names, as records and manifests store them.
+
+    Components the cell does not use (no VAE of its own, no LoRA, ...) are left out.
+    """
+    return {p.name: p.public(v) for p, v in zip(PARAMS, values) if not (p.name in _OPTIONAL and v == p.default)}

@@ -8,19 +8,26 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 from . import grid, models, samplers
+from .components import Component, resolve_embeddings, resolve_lora, resolve_vae
 from .errors import JobError, ModelError, Problem
 from .grid import Cell
 from .job import Job, SheetLayout, load_job
 from .models import ModelSpec
-from .params import AXES
+from .params import AXES, INDEX
+from .prompts import encoder_text, lora_tags, search_replace
 from .settings import Settings, concrete_dtype
 from .storage import Store, open_store
+from .tokens import tokenizer_for
+
+_PROMPT, _NEGATIVE, _SR = INDEX["prompt"], INDEX["negative_prompt"], INDEX["prompt_sr"]
+_MODEL, _LORAS, _EMBEDDINGS = INDEX["model"], INDEX["loras"], INDEX["embeddings"]
 
 # Bump when expansion or chunking changes: chunk ids (and so progress records) follow it.
 EXPANSION_VERSION = 1
@@ -35,9 +42,40 @@ class Chunk:
 
 
 @dataclass
+class Components:
+    """Every model and component the job names, resolved: what cells hold as values."""
+
+    models: dict[str, ModelSpec]  # job-file source -> model
+    vaes: dict[str | None, Component | None] = field(default_factory=lambda: {None: None})
+    loras: dict[str, Component] = field(default_factory=dict)  # `loras:` paths and <lora:NAME:W> names
+    embeddings: dict[str, Component] = field(default_factory=dict)  # trigger word -> embedding
+
+    def to_dict(self) -> dict:
+        def components(d: dict) -> list:
+            return [[k, v.to_dict() if v else None] for k, v in d.items()]
+
+        return {"models": [[k, m.to_dict()] for k, m in self.models.items()], "vaes": components(self.vaes),
+                "loras": components(self.loras), "embeddings": components(self.embeddings)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Components:
+        def components(pairs: list) -> dict:
+            return {k: Component.from_dict(v) if v else None for k, v in pairs}
+
+        return cls({k: ModelSpec.from_dict(m) for k, m in data["models"]}, components(data["vaes"]),
+                   components(data["loras"]), components(data["embeddings"]))
+
+    def identity(self) -> dict:
+        return {"models": {k: m.identity() for k, m in self.models.items()},
+                "vaes": {str(k): v.identity() if v else None for k, v in self.vaes.items()},
+                "loras": {k: v.identity() for k, v in self.loras.items()},
+                "embeddings": {k: v.identity() for k, v in self.embeddings.items()}}
+
+
+@dataclass
 class Plan:
     job: Job  # with random seeds drawn
-    model: ModelSpec
+    components: Components
     dtype: str  # concrete: float16 | bfloat16 | float32
     warnings: list[Problem] = field(default_factory=list)
     chunk_cells: int = 32
@@ -46,9 +84,25 @@ class Plan:
     def total(self) -> int:
         return self.job.cell_count()
 
+    @property
+    def models(self) -> list[ModelSpec]:
+        return list(self.components.models.values())
+
+    @property
+    def model(self) -> ModelSpec:
+        """The first model (the only one of a job without a model axis)."""
+        return self.models[0]
+
     def cells(self) -> Iterator[Cell]:
-        values: dict[str, Sequence] = {**self.job.grid_values(), "model": [self.model], "dtype": [self.dtype]}
-        return grid.expand(values)
+        c = self.components
+        values: dict[str, Sequence] = {
+            **self.job.grid_values(),
+            "model": self.models,
+            "dtype": [self.dtype],
+            "vae": [c.vaes[v] for v in self.job.vae],
+            "loras": [tuple((c.loras[path], w) for path, w in combo) for combo in self.job.values_of("loras")],
+        }
+        return grid.expand(values, Derivation(c).derive)
 
     def chunks(self) -> Iterator[Chunk]:
         for cells in grid.chunked(self.cells(), self.chunk_cells):
@@ -56,12 +110,12 @@ class Plan:
 
     @cached_property
     def partition(self) -> str:
-        """Names this exact split into chunks: the same job, model and chunk size give the same name."""
+        """Names this exact split into chunks: the same job, components and chunk size give the same name."""
         canonical = {
             "version": EXPANSION_VERSION,
             "samplers": samplers.A1111_SEMANTICS,
             "values": {k: list(v) for k, v in self.job.grid_values().items() if k not in ("model", "dtype")},
-            "model": self.model.identity(),
+            "components": self.components.identity(),
             "dtype": self.dtype,
             "chunk_cells": self.chunk_cells,
         }
@@ -73,12 +127,81 @@ class Plan:
 
     def resolved(self) -> dict:
         """What a stored plan needs to expand again without the model files (finalize, export)."""
-        return {"model": self.model.to_dict(), "dtype": self.dtype, "chunk_cells": self.chunk_cells,
+        return {"components": self.components.to_dict(), "dtype": self.dtype, "chunk_cells": self.chunk_cells,
                 "partition": self.partition, "cells": self.total}
 
     @classmethod
     def from_resolved(cls, job: Job, resolved: dict) -> Plan:
-        return cls(job, ModelSpec.from_dict(resolved["model"]), resolved["dtype"], [], int(resolved["chunk_cells"]))
+        return cls(job, Components.from_dict(resolved["components"]), resolved["dtype"], [],
+                   int(resolved["chunk_cells"]))
+
+
+class Derivation:
+    """What a cell's texts imply: LoRAs its prompt tags name, embeddings its texts trigger."""
+
+    def __init__(self, components: Components):
+        self.components = components
+        self.cache: dict[tuple, tuple] = {}
+
+    def derive(self, slots: list) -> None:
+        prompt, negative, sr = slots[_PROMPT], slots[_NEGATIVE], slots[_SR]
+        key = (prompt, negative, sr, slots[_MODEL])
+        found = self.cache.get(key)
+        if found is None:
+            if len(self.cache) > 10_000:
+                self.cache.clear()
+            shown = search_replace(prompt, sr)
+            tagged = tuple((self.components.loras[name], float(weight)) for name, weight in lora_tags(shown))
+            texts = [encoder_text(prompt, sr), encoder_text(negative, sr)]
+            used = embeddings_used(texts, self.components.embeddings, slots[_MODEL])
+            found = self.cache[key] = (tagged, used)
+        tagged, used = found
+        if tagged:
+            slots[_LORAS] = slots[_LORAS] + tagged
+        slots[_EMBEDDINGS] = used
+
+
+def embeddings_used(texts: list[str], embeddings: dict[str, Component], model: ModelSpec) -> tuple[Component, ...]:
+    """The embeddings whose trigger word's tokens occur in the texts, as A1111 finds them."""
+    if not embeddings:
+        return ()
+    tokenizer = tokenizer_for(model)
+    if tokenizer is None:  # no tokenizer on this machine: whole words
+        return tuple(e for word, e in sorted(embeddings.items())
+                     if any(re.search(rf"(?<![\w]){re.escape(word)}(?![\w])", t) for t in texts))
+    ids = [ids for text in texts for ids in tokenizer.tokenize([text])]
+    found = []
+    for word, embedding in sorted(embeddings.items()):
+        needle = tokenizer.tokenize([word])[0]
+        if needle and any(_contains(hay, needle) for hay in ids):
+            found.append(embedding)
+    return tuple(found)
+
+
+def _contains(hay: list[int], needle: list[int]) -> bool:
+    first = needle[0]
+    return any(hay[i : i + len(needle)] == needle for i, token in enumerate(hay) if token == first)
+
+
+def describe(plan: Plan) -> list[str]:
+    """What `validate` prints: the grid's size, each axis, each prompt's token and chunk counts."""
+    models = ", ".join(f"{m.source} ({m.clip_layers} CLIP layers)" for m in plan.models)
+    lines = [f"job {plan.job.name}: {plan.total:,} cells, model {models}, output {plan.job.output}"]
+    for axis, values in plan.job.axes().items():
+        shown = ", ".join(repr(v) if isinstance(v, str) else str(v) for v in list(values[:8]))
+        more = f", … ({len(values):,} in all)" if len(values) > 8 else ""
+        lines.append(f"  {axis:<16} {'varies' if len(values) > 1 else 'locked':<7} {shown}{more}")
+    tokenizer = tokenizer_for(plan.model)
+    if tokenizer is None:
+        return [*lines, f"  token counts unavailable: no tokenizer for {plan.model.source} on this machine"]
+    for key in ("prompts", "negative_prompt"):
+        for sr in plan.job.values_of("prompt_sr"):
+            for text in plan.job.values_of(key):
+                encoding = tokenizer.encode(encoder_text(text, sr))
+                chunks = len(encoding.chunks)
+                lines.append(f"  {key}: {encoding.token_count} tokens, {chunks} chunk{'s' if chunks > 1 else ''} "
+                             f"of 75: {search_replace(text, sr)[:60]!r}")
+    return lines
 
 
 def chunk_size(total: int, settings: Settings) -> int:
@@ -98,17 +221,61 @@ def prepare(job: Job | str | Path, cuda: bool | None = None, settings: Settings 
     if not isinstance(job, Job):
         job = load_job(job, settings)
     job = job.with_output(output)
-    try:
-        model = models.resolve(job.model, job.revision, settings)
-    except ModelError as exc:
-        raise job.error([job.problem("model", str(exc))]) from None
-    errors, warnings = check_against_model(job, model)
+    components = resolve_components(job, settings)
+    errors, warnings = [], []
+    for model in components.models.values():
+        more_errors, more_warnings = check_against_model(job, model)
+        errors += more_errors
+        warnings += more_warnings
     if errors:
-        raise job.error(errors)
+        raise job.error(list(dict.fromkeys(errors)))
     warnings += check_axes(job)
     job = job.with_random_seeds_drawn()
     dtype = concrete_dtype(job.dtype, cuda, settings)
-    return Plan(job, model, dtype, warnings, chunk_size(job.cell_count(), settings))
+    return Plan(job, components, dtype, list(dict.fromkeys(warnings)), chunk_size(job.cell_count(), settings))
+
+
+def resolve_components(job: Job, settings: Settings) -> Components:
+    """Every model, VAE, LoRA (listed or tagged) and embedding of the job; all problems at once."""
+    problems: list[Problem] = []
+
+    def attempt(key: str, fn, *args):
+        try:
+            return fn(*args)
+        except ModelError as exc:
+            problems.append(job.problem(key, str(exc)))
+            return None
+
+    found = {source: attempt(f"model.{i}" if len(job.model) > 1 else "model", models.resolve, source, job.revision,
+                             settings) for i, source in enumerate(job.model)}
+    if problems:
+        raise job.error(problems)
+    resolved_models = {k: v for k, v in found.items() if v is not None}
+    first = next(iter(resolved_models.values()))
+    vaes: dict[str | None, Component | None] = {None: None}
+    for i, source in enumerate(job.vae):
+        if source is not None:
+            vaes[source] = attempt(f"vae.{i}" if len(job.vae) > 1 else "vae", resolve_vae, source, first, settings)
+    loras = {}
+    for i, entry in enumerate(job.loras):
+        for model in resolved_models.values():
+            loras[entry.path] = attempt(f"loras.{i}.path", resolve_lora, entry.path, model, settings)
+    texts = [*job.values_of("prompts"), *job.negative_prompt]
+    for sr in job.values_of("prompt_sr"):
+        for text in texts:
+            for name, weight in lora_tags(search_replace(text, sr)):
+                if name not in loras:
+                    loras[name] = attempt("prompts", resolve_lora, name, first, settings)
+                try:
+                    float(weight)
+                except ValueError:
+                    problems.append(job.problem("prompts", f"<lora:{name}:{weight}>: the weight must be a number"))
+    if any(lora_tags(n) for n in job.negative_prompt):
+        problems.append(job.problem("negative_prompt", "<lora:…> tags go in the prompt, not the negative prompt"))
+    embeddings = attempt("embeddings", resolve_embeddings, job.embeddings, first, settings) if job.embeddings else {}
+    if problems:
+        raise job.error(list(dict.fromkeys(problems)))
+    return Components(resolved_models, vaes, loras, embeddings or {})
 
 
 def check_output(plan: Plan) -> Store:

@@ -11,8 +11,9 @@ comma padding backtrack 20, chunks of 75 tokens wrapped in BOS/EOS.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 CHUNK_TOKENS = 75  # tokens of text per chunk; BOS and EOS make it 77
 COMMA_BACKTRACK = 20  # A1111's "comma_padding_backtrack" default
@@ -43,6 +44,8 @@ _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 _SCHEDULED = re.compile(r"(?<!\\)\[[^\[\]]*:\s*[+-]?(?:\d+\.?\d*|\.\d+)\s*(?<!\\)\]")
 _ALTERNATE = re.compile(r"(?<!\\)\[[^\[\]]*(?<!\\)\|[^\[\]]*(?<!\\)\]")
 _ESCAPE = "escape the brackets as \\[ \\] for literal text"
+_SPACES = re.compile(r"\s+")
+_LORA_TAG = re.compile(r"<lora:([^:>]+):([^:>]+)(?::[^>]*)?>")
 # A1111 reads an `AND` between words as composable diffusion (several conditionings).
 _AND = re.compile(r"\bAND\b")
 
@@ -99,10 +102,11 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
 
 @dataclass
 class Chunk:
-    """77 token ids (BOS, 75 of text or EOS padding, EOS) and a weight per token."""
+    """77 token ids (BOS, 75 of text or EOS padding, EOS), a weight per token, embedding slots."""
 
     tokens: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    fixes: list[tuple[int, Any]] = field(default_factory=list)  # (offset after BOS, embedding key)
 
 
 @dataclass
@@ -120,12 +124,23 @@ class Vocabulary:
     comma: int | None  # id of ",</w>", for the comma backtrack
 
 
-def chunk_prompt(text: str, tokenize: Callable[[Sequence[str]], list[list[int]]], vocab: Vocabulary) -> Encoding:
+# A textual-inversion embedding as chunking sees it: its trigger's token ids -> (key, vectors)
+Triggers = Mapping[tuple[int, ...], tuple[Any, int]]
+
+
+def chunk_prompt(text: str, tokenize: Callable[[Sequence[str]], list[list[int]]], vocab: Vocabulary,
+                 embeddings: Triggers | None = None) -> Encoding:
     """A1111's tokenize_line: weighted segments -> chunks of 75 tokens + BOS/EOS.
 
     A chunk that fills up moves the words after its last comma (if that comma lies
-    within the last 20 tokens) into the next chunk; BREAK closes a chunk early.
+    within the last 20 tokens) into the next chunk; BREAK closes a chunk early. An
+    embedding's trigger takes as many slots as the embedding has vectors, in one chunk.
     """
+    lookup: dict[int, list[tuple[tuple[int, ...], Any, int]]] = {}
+    for ids, (key, vectors) in (embeddings or {}).items():
+        lookup.setdefault(ids[0], []).append((ids, key, vectors))
+    for matches in lookup.values():
+        matches.sort(key=lambda m: len(m[0]), reverse=True)
     parsed = parse_attention(text)
     tokenized = tokenize([segment for segment, _ in parsed])
     chunks: list[Chunk] = []
@@ -150,7 +165,9 @@ def chunk_prompt(text: str, tokenize: Callable[[Sequence[str]], list[list[int]]]
         if segment == "BREAK" and weight == BREAK_MARK:
             next_chunk()
             continue
-        for token in tokens:
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
             if token == vocab.comma:
                 last_comma = len(current.tokens)
             elif (len(current.tokens) == CHUNK_TOKENS and last_comma != -1
@@ -162,11 +179,47 @@ def chunk_prompt(text: str, tokenize: Callable[[Sequence[str]], list[list[int]]]
                 current.tokens, current.weights = moved_tokens, moved_weights
             if len(current.tokens) == CHUNK_TOKENS:
                 next_chunk()
-            current.tokens.append(token)
-            current.weights.append(weight)
+            match = next((m for m in lookup.get(token, ()) if tuple(tokens[position : position + len(m[0])]) == m[0]),
+                         None)
+            if match is None:
+                current.tokens.append(token)
+                current.weights.append(weight)
+                position += 1
+                continue
+            ids, key, vectors = match
+            if len(current.tokens) + vectors > CHUNK_TOKENS:
+                next_chunk()
+            current.fixes.append((len(current.tokens), key))
+            current.tokens += [0] * vectors
+            current.weights += [weight] * vectors
+            position += len(ids)
     if current.tokens or not chunks:
         next_chunk(is_last=True)
     return Encoding(chunks, token_count)
+
+
+def lora_tags(text: str) -> list[tuple[str, str]]:
+    """A1111's `<lora:NAME:WEIGHT>` tags in a prompt: (name, weight as written)."""
+    return _LORA_TAG.findall(text)
+
+
+def strip_lora_tags(text: str) -> str:
+    """The prompt as A1111's encoder sees it: extra-network tags removed."""
+    return _LORA_TAG.sub("", text)
+
+
+def search_replace(text: str, sr: tuple[str, str] | None) -> str:
+    """A1111's X/Y/Z "Prompt S/R": every occurrence of the search term replaced."""
+    return text.replace(sr[0], sr[1]) if sr else text
+
+
+def encoder_text(text: str, sr: tuple[str, str] | None) -> str:
+    """What a cell's text encoder reads: S/R applied, LoRA tags removed, whitespace collapsed.
+
+    CLIP's tokenizer collapses whitespace itself, so "a cow <lora:x:1>" and "a cow" are
+    the same conditioning, and with the LoRA in `loras`, the same cell.
+    """
+    return _SPACES.sub(" ", strip_lora_tags(search_replace(text, sr))).strip()
 
 
 def unsupported_syntax(text: str) -> str | None:

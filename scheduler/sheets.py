@@ -83,7 +83,9 @@ def build_sheets(store: Store, job_name: str, lines: list[dict], layout: dict | 
     values = axis_values(lines)
     rows_axis, cols_axis, page_axis = layout["rows"], layout["cols"], layout["pages"]
     extra = undeclared_axes(values, layout)  # they split pages further
-    locked = {a: v[0] for a, v in values.items() if len(v) == 1 and a not in (rows_axis, cols_axis)}
+    # locked: axes with one value, except components the job does not use at all
+    used = {a for a in values if lines and any(p in lines[0] for p in AXES[a].params)}
+    locked = {a: v[0] for a, v in values.items() if len(v) == 1 and a not in (rows_axis, cols_axis) and a in used}
     page_axes = [page_axis, *extra]
     pages: dict[tuple, dict[tuple, dict]] = {}
     for line in lines:

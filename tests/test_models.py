@@ -148,3 +148,53 @@ def test_a_folder_laid_out_by_other_tools_loads(renderer, tiny, tiny_folder, tmp
     (folder / "model_index.json").write_text(json.dumps(index))
     model = resolve(str(folder))
     assert (_pixels(renderer, model) == _pixels(renderer, tiny)).all()
+
+
+@pytest.mark.parametrize("keys, says", [
+    ({"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": [49408, 768],
+      "model.diffusion_model.input_blocks.0.0.weight": [320, 4, 3, 3]}, "SDXL"),
+    ({"cond_stage_model.model.token_embedding.weight": [49408, 1024],
+      "model.diffusion_model.input_blocks.0.0.weight": [320, 4, 3, 3]}, "SD 2"),
+    ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": [4, 320]}, "LoRA"),
+])
+def test_a_safetensors_file_that_is_not_sd1_is_bad_input(job_file, tmp_path, keys, says):
+    import json
+    import struct
+
+    from tests.conftest import cli
+
+    header = json.dumps({k: {"dtype": "F16", "shape": s, "data_offsets": [0, 0]} for k, s in keys.items()}).encode()
+    path = tmp_path / "not-sd1.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    result = cli("validate", str(job_file(model=str(path))))
+    assert result.returncode == 2 and "model" in result.stderr and says in result.stderr, result.stderr
+
+
+def test_single_file_and_folder_records_reproduce(tiny_folder, job_file, tmp_path):
+    import json
+
+    from tests.conftest import cli
+
+    single = write_single_file(tiny_folder, tmp_path / "tiny-sd.safetensors")
+    for n, model in enumerate((str(single), str(tiny_folder))):
+        path = job_file(f"job{n}.yaml", model=model, seeds=[4], clip_skip=[2], sampler="DPM++ SDE Karras",
+                        output=str(tmp_path / f"out{n}"))
+        assert cli("run", str(path)).returncode == 0
+        (record,) = (tmp_path / f"out{n}" / "cells").glob("*.json")
+        assert json.loads(record.read_text())["model"]["kind"] == ("file" if n == 0 else "folder")
+        again = cli("reproduce", str(record))
+        assert again.returncode == 0 and "max pixel difference 0/255" in again.stdout, again.stdout + again.stderr
+        # a changed file is refused, never rendered under the recorded id
+        changed = tmp_path / f"changed{n}"
+        if n == 0:
+            single.write_bytes(single.read_bytes() + b" ")
+        else:
+            import shutil
+
+            shutil.copytree(tiny_folder, changed)
+            (changed / "model_index.json").write_text((changed / "model_index.json").read_text() + "\n")
+            data = json.loads(record.read_text())
+            data["model"]["source"] = str(changed)
+            record.write_text(json.dumps(data))
+        refused = cli("reproduce", str(record))
+        assert refused.returncode == 2 and "not the recorded one" in refused.stderr, refused.stderr

@@ -207,3 +207,11 @@ def test_png_infotext_reads_back_with_a1111s_parser(rendered_job):
         assert re.fullmatch(r"[0-9a-f]{10}", parsed["Model hash"])
         assert parsed["Model"] == "builtin:tiny"
         assert parsed["Clip skip"] == str(line["clip_skip"])
+
+
+def test_no_prompt_can_break_out_of_the_gallerys_script(job_file, tmp_path):
+    hostile = "a cow </script><script>window.pwned=1</script><!--"
+    assert cli("run", str(job_file(prompts=[hostile], clip_skip=1, seeds=[1]))).returncode == 0
+    page = (tmp_path / "out" / "jobs" / "t" / "index.html").read_text()
+    data = page.split('<script type="application/json" id="cells-data">', 1)[1].split("</script>", 1)[0]
+    assert "<" not in data and json.loads(data)["cells"][0]["prompt"] == hostile

@@ -69,3 +69,22 @@ def test_the_import_contract_catches_a_violation(tmp_path, module, line):
                                                  f"from __future__ import annotations\n\n{line}  # noqa\n", 1))
     result = lint_imports(tree)
     assert result.returncode != 0 and "BROKEN" in result.stdout, result.stdout
+
+
+def test_every_setting_is_in_the_readme():
+    from gridrender.scheduler.settings import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    for name, field in Settings.model_fields.items():
+        variable = field.validation_alias or f"GRIDRENDER_{name.upper()}"
+        assert f"`{variable}`" in readme, f"{variable} is read by the code but not in README's configuration table"
+
+
+def test_no_storage_key_is_spelled_outside_the_layout_module():
+    import re
+
+    spelled = re.compile(r"""["'](cells/|jobs/|\.\./\.\./cells)""")
+    offenders = [f"{path.relative_to(ROOT)}:{n}" for folder in ("scheduler", "workers", "gridrender")
+                 for path in (ROOT / folder).rglob("*.py") if path.name != "layout.py"
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if spelled.search(line)]
+    assert offenders == []

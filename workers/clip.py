@@ -71,16 +71,25 @@ class PromptEncoder:
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return self.tokenizer(list(texts), truncation=False, add_special_tokens=False)["input_ids"]
 
-    def chunk(self, text: str) -> Encoding:
-        return chunk_prompt(text, self.tokenize, self.vocab)
+    def chunk(self, text: str, embeddings: dict[str, torch.Tensor] | None = None) -> Encoding:
+        """A1111's chunks of `text`; `embeddings` maps trigger words to their vectors."""
+        triggers = {tuple(ids): (word, len(vectors)) for word, vectors in (embeddings or {}).items()
+                    if (ids := self.tokenize([word])[0])}
+        return chunk_prompt(text, self.tokenize, self.vocab, triggers)
 
     @torch.no_grad()
-    def encode(self, texts: Sequence[str], skips: set[int]) -> dict[tuple[str, int], Encoded]:
-        """(text, clip skip) -> conditioning, for every text and skip, from one encoder pass."""
+    def encode(self, texts: Sequence[str], skips: set[int],
+               embeddings: dict[str, torch.Tensor] | None = None) -> dict[tuple[str, int], Encoded]:
+        """(text, clip skip) -> conditioning, for every text and skip, from one encoder pass.
+
+        `embeddings` (trigger word -> vectors) are A1111's textual inversions: a trigger's
+        slots get the vectors in place of token embeddings, as EmbeddingsWithFixes does.
+        """
         texts = list(dict.fromkeys(texts))
-        encodings = [self.chunk(text) for text in texts]
+        encodings = [self.chunk(text, embeddings) for text in texts]
         rows = [chunk for encoding in encodings for chunk in encoding.chunks]
-        hidden = self._layers([row.tokens for row in rows], {clip_layer_for(s, self.layers) for s in skips})
+        fixes = [[(offset, (embeddings or {})[word]) for offset, word in row.fixes] for row in rows]
+        hidden = self._layers([row.tokens for row in rows], {clip_layer_for(s, self.layers) for s in skips}, fixes)
         weights = torch.tensor([row.weights for row in rows], dtype=torch.float32, device=self.model.device)
         result = {}
         for skip in skips:
@@ -94,19 +103,28 @@ class PromptEncoder:
                 start += count
         return result
 
-    def _layers(self, tokens: list[list[int]], wanted: set[int]) -> dict[int, torch.Tensor]:
+    def _layers(self, tokens: list[list[int]], wanted: set[int], fixes: list[list]) -> dict[int, torch.Tensor]:
         """The outputs of the `wanted` 1-based encoder layers for rows of 77 token ids."""
         empty = [self.vocab.bos] + [self.vocab.eos] * (len(tokens[0]) - 1)
         parts = []
         for start in range(0, len(tokens), ROWS):
             rows = tokens[start : start + ROWS]
-            outputs = self._pass(rows + [empty] * (ROWS - len(rows)), wanted)
+            padding = ROWS - len(rows)
+            outputs = self._pass(rows + [empty] * padding, wanted, fixes[start : start + ROWS] + [[]] * padding)
             parts.append({layer: out[: len(rows)] for layer, out in outputs.items()})
         return {layer: torch.cat([part[layer] for part in parts]) for layer in wanted}
 
-    def _pass(self, tokens: list[list[int]], wanted: set[int]) -> dict[int, torch.Tensor]:
+    def _pass(self, tokens: list[list[int]], wanted: set[int], fixes: list[list]) -> dict[int, torch.Tensor]:
         deepest = max(wanted)
         captured: dict[int, torch.Tensor] = {}
+
+        def inject(_module, _args, output):
+            """A1111's EmbeddingsWithFixes: the embedding's vectors after BOS + offset."""
+            for row, row_fixes in enumerate(fixes):
+                for offset, vectors in row_fixes:
+                    count = min(output.shape[1] - offset - 1, vectors.shape[0])
+                    output[row, offset + 1 : offset + 1 + count] = vectors[:count].to(output.dtype)
+            return output
 
         def capture(layer: int):
             def hook(_module, _args, output):
@@ -117,6 +135,8 @@ class PromptEncoder:
             return hook
 
         handles = [self.model.encoder.layers[layer - 1].register_forward_hook(capture(layer)) for layer in wanted]
+        if any(fixes):
+            handles.append(self.model.embeddings.token_embedding.register_forward_hook(inject))
         try:
             self.model(input_ids=torch.tensor(tokens, device=self.model.device))
         except _Enough:

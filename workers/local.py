@@ -65,7 +65,7 @@ def render_missing(started: Started, renderer: Renderer,
         for chunk, missing in progress.pending(plan, store, False, submission):
             if not missing:
                 continue
-            result = render_and_store(renderer, writer, store, plan.model, chunk.cells, plan.job.batch_size,
+            result = render_and_store(renderer, writer, store, chunk.cells[0].model, chunk.cells, plan.job.batch_size,
                                       plan.job.name, on_batch)
             progress.write(store, plan.job.name, plan.partition, chunk.id, result.stored, result.present,
                            result.failed, submission, "run")

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from gridrender.scheduler.tokens import cached_sd15_tokenizer
 from . import builtin
 from .clip import PromptEncoder
 from .compiled import EAGER, Compiled, enabled, use_cache_dir
+from .components import Extras
 from .sigmas import ModelSigmas, alphas_cumprod
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,20 @@ class Loaded:
     sigmas: ModelSigmas | None  # None: the model's noise schedule is not one A1111's samplers know
     unet: Callable[..., Any]  # pipe.unet, compiled where compiling is on
     decode: Callable[..., Any]  # pipe.vae.decode, likewise
+    extras: Extras = field(default_factory=Extras)  # LoRA adapters, other VAEs, embedding vectors
+
+    def unet_for(self, loras: tuple) -> Callable[..., Any]:
+        """The compiled UNet, or eager while LoRA hooks are in (they would recompile it per set)."""
+        return self.pipe.unet if loras else self.unet
+
+    def vae_config_folder(self) -> Path:
+        """A folder with the model's VAE config, for loading a single-file VAE offline."""
+        model = self.model
+        if model.kind == "folder":
+            return Path(model.location) / "vae"
+        if model.kind == "builtin":
+            return builtin_folder(model.location) / "vae"
+        return single_file_config(model.config or "sd15") / "vae"
 
     @classmethod
     def wrap(cls, pipe, model: ModelSpec, dtype: str, load_seconds: float, compile_mode: str | None = None) -> Loaded:

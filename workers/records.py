@@ -44,9 +44,8 @@ def device_info(device: torch.device) -> dict:
 
 
 def encode_png(rendered: Rendered, model: ModelSpec) -> bytes:
-    params = rendered.cell.params()
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", infotext.parameters(params, model))
+    info.add_text("parameters", infotext.parameters(rendered.cell))
     buffer = io.BytesIO()
     rendered.image.save(buffer, format="PNG", pnginfo=info, compress_level=_PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
@@ -61,7 +60,11 @@ def build_record(rendered: Rendered, model: ModelSpec, image_sha256: str, device
         "clip_layer": rendered.clip_layer,
         "clip_layers": rendered.clip_layers,
         "prompt_tokens": rendered.prompt_tokens,
+        "texts": {"prompt": cell.text, "negative_prompt": cell.negative_text},  # as the text encoder read them
         "model": model.record(),
+        "vae": cell.vae.record() if cell.vae else None,
+        "loras": [{**c.record(), "weight": w} for c, w in cell.loras],
+        "embeddings": [e.record() for e in cell.embeddings],
         "sampler": rendered.sampler,
         "generator": {"device": "cpu", "seed": cell.seed},
         "versions": versions(),

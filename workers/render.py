@@ -20,6 +20,7 @@ from gridrender.scheduler.grid import Cell, make_cell
 from gridrender.scheduler.models import ModelSpec
 
 from .clip import Encoded, clip_layer_for
+from .components import embedding_vectors, use_loras, vae_for
 from .denoise import Guided, a1111_sample, diffusers_sample
 from .pipelines import Loaded, PipelineCache
 
@@ -61,12 +62,16 @@ class Renderer:
         Call it once per chunk: every distinct prompt and negative prompt is encoded
         once, and that pass yields every CLIP skip the chunk uses.
         """
-        encoder = self.cache.get(model, cells[0].dtype).encoder
+        loaded = self.cache.get(model, cells[0].dtype)
+        encoder = loaded.encoder
         for cell in cells:
             if not 1 <= cell.clip_skip <= encoder.layers:
                 raise RenderError(f"clip_skip {cell.clip_skip} is outside 1..{encoder.layers} for {model.source}")
-        texts = [t for c in cells for t in (c.prompt, c.negative_prompt)]
-        return encoder.encode(texts, {c.clip_skip for c in cells})
+        use_loras(loaded.pipe, loaded.extras, cells[0].loras)  # text-encoder LoRA layers change the encoding
+        used = {e.name: e for c in cells for e in c.embeddings}
+        vectors = {name: embedding_vectors(loaded.extras, e) for name, e in used.items()}
+        texts = [t for c in cells for t in (c.text, c.negative_text)]
+        return encoder.encode(texts, {c.clip_skip for c in cells}, vectors)
 
     def warm_up(self, model: ModelSpec, dtype: str, width: int, height: int, batch: int) -> float:
         """Render one throwaway batch at this shape: compiles (or loads compiled kernels) before real work."""
@@ -87,8 +92,8 @@ class Renderer:
         """
         groups: dict[tuple, list[Cell]] = {}
         for cell in cells:
-            lengths = (embeddings[(cell.prompt, cell.clip_skip)].chunks,
-                       embeddings[(cell.negative_prompt, cell.clip_skip)].chunks)
+            lengths = (embeddings[(cell.text, cell.clip_skip)].chunks,
+                       embeddings[(cell.negative_text, cell.clip_skip)].chunks)
             groups.setdefault((cell.call_key(), lengths), []).append(cell)
         out: list[list[Cell]] = []
         for group in groups.values():
@@ -120,12 +125,13 @@ class Renderer:
 
         # 2. Conditioning, unless the chunk's single encoder pass already made it.
         start = time.perf_counter()
-        needed = {(t, c.clip_skip) for c in cells for t in (c.prompt, c.negative_prompt)}
+        needed = {(t, c.clip_skip) for c in cells for t in (c.text, c.negative_text)}
         if embeddings is None or not needed <= embeddings.keys():
             embeddings = self.encode(model, cells)
+        use_loras(loaded.pipe, loaded.extras, first.loras)
         unet_dtype = loaded.pipe.unet.dtype
-        cond = _stack([embeddings[(c.prompt, c.clip_skip)].embedding for c in cells], unet_dtype)
-        uncond = _stack([embeddings[(c.negative_prompt, c.clip_skip)].embedding for c in cells], unet_dtype)
+        cond = _stack([embeddings[(c.text, c.clip_skip)].embedding for c in cells], unet_dtype)
+        uncond = _stack([embeddings[(c.negative_text, c.clip_skip)].embedding for c in cells], unet_dtype)
         timings["encode"] = time.perf_counter() - start
 
         # 3. One CPU generator per cell: the seed fixes the noise, whatever the batch.
@@ -144,7 +150,7 @@ class Renderer:
 
         # 5. Decode to pixels, rounded the way the sampler family's reference does.
         start = time.perf_counter()
-        images = _decode(loaded, latents, truncate=sampler.family == "a1111")
+        images = _decode(loaded, latents, first.vae, truncate=sampler.family == "a1111")
         timings["decode"] = time.perf_counter() - start
 
         layers = loaded.encoder.layers
@@ -161,7 +167,7 @@ class Renderer:
             raise RenderError(f"{first.sampler!r} needs an epsilon-prediction model with a standard noise schedule; "
                               f"use a diffusers scheduler class for {loaded.model.source}")
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
-        guided = Guided(loaded.unet, cond, uncond, uncond_first=False)
+        guided = Guided(loaded.unet_for(first.loras), cond, uncond, uncond_first=False)
         latents, sigmas = a1111_sample(guided, loaded.sigmas, first.sampler, first.schedule, first.steps,
                                        first.guidance, noise, generators, seeds)
         sampler = samplers.lookup(first.sampler)
@@ -180,7 +186,7 @@ class Renderer:
         extra = {"noise_sampler_seed": first.seed} if first.sampler == "DPMSolverSDEScheduler" else {}
         scheduler = cls.from_config(loaded.scheduler_config, **extra)
         noise = torch.cat([torch.randn((1, *shape), generator=g, dtype=dtype) for g in generators]).to(self.device)
-        guided = Guided(loaded.unet, cond, uncond, uncond_first=True)
+        guided = Guided(loaded.unet_for(first.loras), cond, uncond, uncond_first=True)
         latents = diffusers_sample(guided, scheduler, first.steps, first.guidance, noise, generators)
         config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
         return latents, {"family": "diffusers", "name": first.sampler, "schedule": first.schedule,
@@ -199,16 +205,18 @@ def _latent_shape(loaded: Loaded, cell: Cell) -> tuple[int, int, int]:
     return (pipe.unet.config.in_channels, cell.height // factor, cell.width // factor)
 
 
-def _decode(loaded: Loaded, latents: torch.Tensor, truncate: bool) -> list[Image.Image]:
-    """VAE decode; A1111 truncates to uint8 (astype), diffusers rounds (numpy_to_pil)."""
-    pipe, vae = loaded.pipe, loaded.pipe.vae
+def _decode(loaded: Loaded, latents: torch.Tensor, component, truncate: bool) -> list[Image.Image]:
+    """VAE decode (the model's own or the cell's); A1111 truncates to uint8 (astype), diffusers rounds."""
+    pipe = loaded.pipe
+    vae = vae_for(pipe, loaded.extras, component, loaded.vae_config_folder())
+    decode = loaded.decode if vae is pipe.vae else vae.decode
     _size_vae(vae, latents.shape[-1] * latents.shape[-2] * pipe.vae_scale_factor**2, latents.shape[0])
     if truncate:
-        decoded = loaded.decode(latents.to(vae.dtype) * (1.0 / vae.config.scaling_factor), return_dict=False)[0]
+        decoded = decode(latents.to(vae.dtype) * (1.0 / vae.config.scaling_factor), return_dict=False)[0]
         pixels = torch.clamp((decoded.float() + 1.0) / 2.0, min=0.0, max=1.0)
         arrays = (255.0 * np.moveaxis(pixels.cpu().numpy(), 1, 3)).astype(np.uint8)
         return [Image.fromarray(a) for a in arrays]
-    decoded = loaded.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    decoded = decode(latents / vae.config.scaling_factor, return_dict=False)[0]
     return pipe.image_processor.postprocess(decoded, output_type="pil")
 
 
@@ -221,7 +229,7 @@ def _size_vae(vae, pixels: int, batch: int) -> None:
 
 def _token_counts(embeddings: Embeddings, cell: Cell) -> dict:
     out = {}
-    for name, text in (("prompt", cell.prompt), ("negative_prompt", cell.negative_prompt)):
+    for name, text in (("prompt", cell.text), ("negative_prompt", cell.negative_text)):
         encoded = embeddings[(text, cell.clip_skip)]
         out[name] = {"tokens": encoded.tokens, "chunks": encoded.chunks}
     return out

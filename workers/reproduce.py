@@ -11,11 +11,13 @@ import numpy as np
 from PIL import Image
 
 from gridrender.scheduler import layout, models
+from gridrender.scheduler.components import Component, resolve_embeddings, resolve_lora, resolve_vae
 from gridrender.scheduler.errors import InputError, StorageError
 from gridrender.scheduler.grid import Cell, make_cell
 from gridrender.scheduler.models import ModelSpec
 from gridrender.scheduler.params import NAMES
 from gridrender.scheduler.s3 import S3Store
+from gridrender.scheduler.settings import Settings
 from gridrender.scheduler.storage import parse_s3_url
 
 from .compiled import EAGER
@@ -49,10 +51,20 @@ def _read(ref: str) -> tuple[bytes, bytes]:
         raise StorageError(f"cannot read {exc.filename}: {exc.strerror}") from None
 
 
+def _again(recorded: dict, resolve) -> Component:
+    """A recorded component found again; a file that changed since is refused."""
+    component = resolve(recorded["location"] if Path(recorded["location"]).exists() else recorded["source"])
+    if component.identity() != recorded["identity"]:
+        raise InputError(f"the {recorded['kind']} {recorded['source']!r} found now is not the recorded one: "
+                         f"{component.identity()} != {recorded['identity']}")
+    return component
+
+
 def recorded_cell(record: dict, ref: str = "record") -> tuple[ModelSpec, Cell]:
-    """The record's model, found again and checked, and its cell, checked against the id."""
+    """The record's model and components, found again and checked, and its cell, checked against the id."""
+    settings = Settings()
     try:
-        params = {k: record["params"][k] for k in NAMES}
+        params = {k: record["params"][k] for k in NAMES if k in record["params"]}
         recorded = record["model"]
         identity = recorded["identity"]
     except (KeyError, TypeError) as exc:
@@ -60,6 +72,12 @@ def recorded_cell(record: dict, ref: str = "record") -> tuple[ModelSpec, Cell]:
     model = models.resolve(recorded["source"], recorded.get("revision") if recorded.get("kind") == "hub" else None)
     if model.identity() != identity:
         raise InputError(f"the model found now is not the recorded one: {model.identity()} != {identity}")
+    params["vae"] = _again(record["vae"], lambda s: resolve_vae(s, model, settings)) if record.get("vae") else None
+    params["loras"] = tuple((_again(x, lambda s: resolve_lora(s, model, settings)), float(x["weight"]))
+                            for x in record.get("loras", []))
+    params["embeddings"] = tuple(_again(e, lambda s: next(iter(resolve_embeddings([s], model, settings).values())))
+                                 for e in record.get("embeddings", []))
+    params["prompt_sr"] = tuple(params["prompt_sr"]) if params.get("prompt_sr") else None
     cell = make_cell(**{**params, "model": model})
     if cell.id != record["cell_id"]:
         raise InputError(f"record {record['cell_id']} does not match its own parameters (they hash to {cell.id})")

@@ -99,6 +99,13 @@ def convert_text_encoder(state: dict) -> dict:
     return {"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v for k, v in state.items()}
 
 
+def write_single_file_vae(vae_folder: Path, target: Path) -> Path:
+    """A standalone VAE in the original (LDM) layout, as VAE files for A1111 are shared."""
+    state = convert_vae(load_file(Path(vae_folder) / "diffusion_pytorch_model.safetensors"))
+    save_file({k.removeprefix("first_stage_model."): v.contiguous() for k, v in state.items()}, str(target))
+    return target
+
+
 def write_single_file(folder: Path, target: Path) -> Path:
     folder = Path(folder)
     state = {}

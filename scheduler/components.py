@@ -1,0 +1,208 @@
+"""VAEs, LoRAs and textual-inversion embeddings: found, hashed and checked against the model.
+
+Without torch: a file's identity is its sha256, and whether it fits the model is read
+from safetensors headers (tensor names and shapes) and the model's configs. A file
+that does not fit is an input error at `validate`, never a failed render at night.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import ModelInputError
+from .models import ModelSpec, file_sha256, folder_sha256, model_config, safetensors_shapes
+from .settings import Settings
+
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+LORA_SUFFIXES = (".safetensors",)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Component:
+    """A VAE, a LoRA or an embedding: where it lies, what it is (sha256), how it is called."""
+
+    kind: str  # "vae" | "lora" | "embedding"
+    name: str  # label: file stem, folder name, hub id; an embedding's trigger word
+    source: str  # as written in the job file (or the <lora:> tag's name)
+    location: str  # absolute path, or hub id
+    sha256: str | None  # of the file, or of the folder's files
+    revision: str | None = None  # hub VAEs: the resolved commit
+    vectors: int = 0  # embeddings: tokens it occupies in a prompt
+
+    def identity(self) -> dict:
+        if self.sha256:
+            return {"kind": self.kind, "sha256": self.sha256}
+        return {"kind": self.kind, "hub": self.location, "revision": self.revision}
+
+    def short_hash(self) -> str:
+        """A1111's hash for infotext: 10 hex digits for VAEs, 12 for LoRAs and embeddings."""
+        digest = self.sha256 or f"{self.location}@{self.revision}"
+        return digest[: 10 if self.kind == "vae" else 12]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Component:
+        return cls(**data)
+
+    def record(self) -> dict:
+        return {**self.to_dict(), "identity": self.identity(), "hash": self.short_hash()}
+
+
+def _find(source: str, base: str | None, what: str) -> Path:
+    candidates = [Path(source).expanduser()]
+    if base and not Path(source).is_absolute():
+        candidates.append(Path(base).expanduser() / source)
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate.resolve()
+    raise ModelInputError(f"no {what} {source!r} (looked in the working directory"
+                          f"{' and ' + base if base else ''})")
+
+
+def _read_shapes(path: Path, what: str) -> dict[str, list[int]]:
+    try:
+        return safetensors_shapes(path)
+    except OSError as exc:
+        raise ModelInputError(f"cannot read {what} {str(path)!r}: {exc.strerror}") from None
+
+
+# -- VAE ----------------------------------------------------------------------------------
+
+
+def resolve_vae(source: str, model: ModelSpec, settings: Settings) -> Component:
+    """A VAE folder (diffusers AutoencoderKL), a .safetensors file, or a hub id."""
+    latent = int(model_config(model, "vae").get("latent_channels", 4))
+    path = None
+    try:
+        path = _find(source, settings.model_dir, "VAE")
+    except ModelInputError:
+        if not (_HUB_ID.match(source) and not source.endswith(".safetensors")):
+            raise
+    if path is None:
+        from .models import hub_vae
+
+        revision = hub_vae(source)
+        return Component("vae", source, source, source, None, revision)
+    if path.is_dir():
+        config_file = path / "config.json"
+        import json
+
+        try:
+            config = json.loads(config_file.read_text())
+        except (OSError, ValueError):
+            raise ModelInputError(f"VAE folder {source!r} has no readable config.json") from None
+        if config.get("_class_name") != "AutoencoderKL" or int(config.get("latent_channels", 4)) != latent:
+            raise ModelInputError(f"{source!r} is not an AutoencoderKL with {latent} latent channels (the model's)")
+        return Component("vae", path.name, source, str(path), folder_sha256(path))
+    if path.suffix != ".safetensors":
+        raise ModelInputError(f"{source!r}: a VAE file must be .safetensors (or give a diffusers VAE folder)")
+    shapes = _read_shapes(path, "VAE")
+    conv_in = next((shapes[k] for k in ("decoder.conv_in.weight", "first_stage_model.decoder.conv_in.weight") if k in shapes),
+                   None)
+    if conv_in is None:
+        raise ModelInputError(f"{source!r} is not a VAE (no decoder.conv_in weights)")
+    if conv_in[1] != latent:
+        raise ModelInputError(f"{source!r} decodes {conv_in[1]} latent channels; the model makes {latent}")
+    return Component("vae", path.stem, source, str(path), file_sha256(path))
+
+
+# -- LoRA ---------------------------------------------------------------------------------
+
+
+def resolve_lora(source: str, model: ModelSpec, settings: Settings) -> Component:
+    path = _find(source if source.endswith(LORA_SUFFIXES) else source + ".safetensors", settings.lora_dir, "LoRA")
+    if path.suffix not in LORA_SUFFIXES:
+        raise ModelInputError(f"{source!r}: a LoRA must be a .safetensors file")
+    problem = lora_misfit(_read_shapes(path, "LoRA"), model)
+    if problem:
+        raise ModelInputError(f"LoRA {source!r} does not fit {model.source}: {problem}")
+    return Component("lora", path.stem, source, str(path), file_sha256(path))
+
+
+def _widths(model: ModelSpec) -> dict[str, int]:
+    unet, text = model_config(model, "unet"), model_config(model, "text_encoder")
+    return {"cross": int(unet["cross_attention_dim"]), "text": int(text["hidden_size"]),
+            "text_mlp": int(text["intermediate_size"]), "blocks": len(unet["block_out_channels"])}
+
+
+_UNET_KEY = re.compile(r"(down_blocks|up_blocks)[._](\d+)[._]attentions[._]\d+|mid_block[._]attentions[._]\d+")
+_TE_KEY = re.compile(r"(?:text_model[._])?encoder[._]layers[._](\d+)[._](self_attn[._](?:q|k|v|out)_proj|mlp[._]fc[12])")
+
+
+def lora_misfit(shapes: dict[str, list[int]], model: ModelSpec) -> str | None:
+    """Why a LoRA's tensors cannot apply to the model (layer names, widths), or None.
+
+    Reads diffusers/PEFT keys (unet.….lora_A.weight) and kohya/A1111 keys
+    (lora_unet_…​.lora_down.weight); the down projection's input width must be the
+    layer's width in this model.
+    """
+    widths = _widths(model)
+    unet_config = model_config(model, "unet")
+    channels = [int(c) for c in unet_config["block_out_channels"]]
+    layers = int(model_config(model, "text_encoder")["num_hidden_layers"])
+    downs = {k: v for k, v in shapes.items() if re.search(r"(lora_A|lora_down)\.weight$", k)}
+    if not downs:
+        return "it has no lora_A / lora_down weights (not a LoRA)"
+    for key, shape in downs.items():
+        width = shape[-1] if len(shape) == 2 else (shape[1] if len(shape) == 4 else None)
+        if "text" in key or key.startswith(("lora_te", "te_")):
+            match = _TE_KEY.search(key)
+            if not match:
+                return f"{key}: not a layer of the CLIP text encoder"
+            if int(match.group(1)) >= layers:
+                return f"{key}: the text encoder has {layers} layers"
+            expected = widths["text_mlp"] if "fc2" in match.group(2) else widths["text"]
+        else:
+            match = _UNET_KEY.search(key)
+            if not match:
+                continue  # resnets and convs (LoCon): names vary by trainer; their shapes load-check on the worker
+            if match.group(1):
+                index = int(match.group(2))
+                if index >= widths["blocks"]:
+                    return f"{key}: the UNet has {widths['blocks']} {match.group(1)}"
+                block = channels[index] if match.group(1) == "down_blocks" else channels[::-1][index]
+            else:
+                block = channels[-1]
+            if re.search(r"attn2[._]to_[kv]", key):
+                expected = widths["cross"]
+            elif re.search(r"ff[._]net[._]2", key):
+                expected = 4 * block
+            else:
+                expected = block
+        if width is not None and width != expected:
+            return f"{key} has input width {width}, the model's layer has {expected}"
+    return None
+
+
+# -- embeddings ---------------------------------------------------------------------------
+
+
+def resolve_embeddings(sources: list[str], model: ModelSpec, settings: Settings) -> dict[str, Component]:
+    """Trigger word (file stem) -> embedding, from files and folders (A1111's convention)."""
+    width = int(model_config(model, "text_encoder")["hidden_size"])
+    found: dict[str, Component] = {}
+    for source in sources:
+        path = _find(source, None, "embedding file or folder")
+        files = sorted(p for p in path.rglob("*") if p.suffix in EMBEDDING_SUFFIXES) if path.is_dir() else [path]
+        for file in files:
+            if file.suffix not in EMBEDDING_SUFFIXES:
+                raise ModelInputError(f"{str(file)!r}: an embedding must be .safetensors, .pt or .bin")
+            vectors = 0
+            if file.suffix == ".safetensors":
+                shapes = _read_shapes(file, "embedding")
+                tensors = [s for s in shapes.values() if len(s) in (1, 2)]
+                if len(tensors) != 1:
+                    raise ModelInputError(f"{str(file)!r} is not a textual-inversion embedding (one tensor expected)")
+                shape = tensors[0] if len(tensors[0]) == 2 else [1, tensors[0][0]]
+                if shape[1] != width:
+                    raise ModelInputError(f"embedding {file.stem!r} has width {shape[1]}; {model.source}'s text "
+                                          f"encoder has {width}")
+                vectors = shape[0]
+            if file.stem in found:
+                raise ModelInputError(f"two embeddings are called {file.stem!r}: {found[file.stem].location} and {file}")
+            found[file.stem] = Component("embedding", file.stem, source, str(file), file_sha256(file), vectors=vectors)
+    return found

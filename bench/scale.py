@@ -50,17 +50,19 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 
 
 def measured(*args: str, env: dict) -> tuple[float, float, str]:
-    """(seconds, peak RSS in MiB, stdout) of `gridrender ARGS` in its own process."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    """(seconds, peak RSS in MiB, stdout) of `gridrender ARGS` in its own process.
+
+    Through /usr/bin/time: a child forked from this (large) process would count this
+    process's pages in its own peak RSS until it execs.
+    """
+    with tempfile.NamedTemporaryFile("r") as rss:
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "gridrender", *args], env=env, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)  # this process's own peak RSS (ru_maxrss, KiB)
+        result = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name, sys.executable, "-m", "gridrender", *args],
+                                env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - start
-        out.seek(0)
-        err.seek(0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"gridrender {' '.join(args)} failed:\n{err.read()}")
-        return seconds, usage.ru_maxrss / 1024, out.read()
+        if result.returncode != 0:
+            raise RuntimeError(f"gridrender {' '.join(args)} failed:\n{result.stderr}")
+        return seconds, int(rss.read().split()[-1]) / 1024, result.stdout
 
 
 class Requests:

@@ -15,7 +15,8 @@ import yaml
 from . import layout, progress, submissions
 from .errors import InputError
 from .gallery import render_gallery
-from .job import Job, parse_job
+from .job import Job
+from .jobfile import parse_job
 from .plan import Plan
 from .settings import Settings
 from .sheets import build_sheets

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from . import layout
 from .errors import InputError
-from .job import NAME_PATTERN, load_job
+from .job import NAME_PATTERN
+from .jobfile import load_job
 from .settings import Settings
 from .storage import Store, open_store
 

@@ -18,7 +18,8 @@ from . import grid, models, samplers
 from .components import Component, resolve_embeddings, resolve_lora, resolve_vae
 from .errors import JobError, ModelError, Problem
 from .grid import Cell
-from .job import Job, SheetLayout, load_job
+from .job import Job, SheetLayout
+from .jobfile import load_job
 from .models import ModelSpec
 from .params import AXES, INDEX
 from .prompts import encoder_text, lora_tags, search_replace

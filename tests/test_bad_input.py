@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from gridrender.cli import app
 from gridrender.scheduler.errors import JobError
-from gridrender.scheduler.job import parse_job
+from gridrender.scheduler.jobfile import parse_job
 from tests.conftest import ROOT
 
 BAD = sorted((ROOT / "tests" / "data" / "bad").glob("*.yaml"))

@@ -80,7 +80,7 @@ def test_lora_weight_zero_equals_no_lora_and_a_tag_equals_the_loras_key(renderer
     assert np.abs(pixels(plain.image) - pixels(strong.image)).max() > 10  # the LoRA does something
     # the same LoRA named by an A1111 tag in the prompt is the same cell, and the same image
     monkeypatch.setenv("GRIDRENDER_LORA_DIR", str(kit["lora"].parent))
-    from gridrender.scheduler.job import parse_job
+    from gridrender.scheduler.jobfile import parse_job
     from gridrender.scheduler.plan import prepare
 
     job = parse_job(yaml.safe_dump({"name": "tag", "model": "builtin:tiny", **{k: v for k, v in BASE.items() if k != "prompts"},

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from gridrender.scheduler import grid
-from gridrender.scheduler.job import parse_job
+from gridrender.scheduler.jobfile import parse_job
 from gridrender.scheduler.models import ModelSpec, resolve
 
 JOB = b"""\

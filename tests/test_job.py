@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from gridrender.scheduler.errors import JobError
-from gridrender.scheduler.job import MAX_SEED, parse_job
+from gridrender.scheduler.job import MAX_SEED
+from gridrender.scheduler.jobfile import parse_job
 from gridrender.scheduler.settings import Settings
 from tests.conftest import cli
 

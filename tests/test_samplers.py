@@ -5,7 +5,7 @@ import pytest
 
 from gridrender.scheduler import samplers
 from gridrender.scheduler.errors import JobError
-from gridrender.scheduler.job import parse_job
+from gridrender.scheduler.jobfile import parse_job
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ the submitted sha256.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,8 +72,12 @@ def use_loras(pipe: Any, extras: Extras, loras: tuple) -> None:
     extras.active = key
 
 
-def vae_for(pipe: Any, extras: Extras, component: Component | None, config_folder: Path, keep: int = 2) -> Any:
-    """The AutoencoderKL to decode with: the model's own, or a VAE loaded once and kept."""
+def vae_for(pipe: Any, extras: Extras, component: Component | None, config_folder: Callable[[], Path],
+            keep: int = 2) -> Any:
+    """The AutoencoderKL to decode with: the model's own, or a VAE loaded once and kept.
+
+    `config_folder` gives the model's VAE config, which a single-file VAE is loaded with.
+    """
     if component is None:
         return pipe.vae
     key = str(component.identity())
@@ -87,7 +92,7 @@ def vae_for(pipe: Any, extras: Extras, component: Component | None, config_folde
             if path.is_dir():
                 vae = AutoencoderKL.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
             else:
-                vae = AutoencoderKL.from_single_file(str(path), config=str(config_folder), torch_dtype=dtype,
+                vae = AutoencoderKL.from_single_file(str(path), config=str(config_folder()), torch_dtype=dtype,
                                                      local_files_only=True)
         while len(extras.vaes) >= keep:
             extras.vaes.pop(next(iter(extras.vaes)))

@@ -208,7 +208,7 @@ def _latent_shape(loaded: Loaded, cell: Cell) -> tuple[int, int, int]:
 def _decode(loaded: Loaded, latents: torch.Tensor, component, truncate: bool) -> list[Image.Image]:
     """VAE decode (the model's own or the cell's); A1111 truncates to uint8 (astype), diffusers rounds."""
     pipe = loaded.pipe
-    vae = vae_for(pipe, loaded.extras, component, loaded.vae_config_folder())
+    vae = vae_for(pipe, loaded.extras, component, loaded.vae_config_folder)
     decode = loaded.decode if vae is pipe.vae else vae.decode
     _size_vae(vae, latents.shape[-1] * latents.shape[-2] * pipe.vae_scale_factor**2, latents.shape[0])
     if truncate:

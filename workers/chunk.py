@@ -117,7 +117,7 @@ def render_and_store(
 
 def _render_splitting(renderer: Renderer, model: ModelSpec, batch: list[Cell], embeddings, result: ChunkResult,
                       pad_to: int | None = None) -> list[Rendered]:
-    """Render a batch (padded to `pad_to` when compiled); on OOM, as two halves, unpadded."""
+    """Render a batch padded to `pad_to` cells; on OOM, as two halves, unpadded."""
     try:
         return renderer.render(model, batch, embeddings, pad_to)
     except torch.OutOfMemoryError:

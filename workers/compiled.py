@@ -33,11 +33,20 @@ def enabled(device: torch.device, settings: Settings) -> bool:
 
 
 def use_cache_dir(settings: Settings) -> str:
-    """Point inductor (and Triton) at gridrender's cache, unless the user chose one."""
-    folder = settings.cache_root() / "compiled"
-    folder.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
-    os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+    """Point inductor (and Triton, which follows it) at gridrender's cache, unless the user chose one.
+
+    torch writes its default (a per-user folder in /tmp) into TORCHINDUCTOR_CACHE_DIR the
+    first time it asks; that value is not a choice, and is replaced.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    from torch._inductor.utils import clear_caches
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+        folder = settings.cache_root() / "compiled"
+        folder.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+        clear_caches()  # paths torch derived from the old folder
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 

@@ -107,8 +107,9 @@ class Renderer:
         """Render cells that share call parameters and prompt lengths in one call.
 
         `embeddings` from `encode` (for a whole chunk) saves the encoder pass here.
-        With compiled modules a short batch is padded to `pad_to` cells (copies of its
-        last cell, whose images are dropped): one shape, one compilation.
+        A short batch is padded to `pad_to` cells (copies of its last cell, whose images
+        are dropped): every call of a job has one shape, so kernels round alike for every
+        cell whatever its batch holds, and a compiled UNet compiles once.
         """
         first = cells[0]
         if any(c.call_key() != first.call_key() for c in cells):
@@ -120,7 +121,7 @@ class Renderer:
         loaded = self.cache.get(model, first.dtype)
         timings["load"] = loaded.load_seconds if self.cache.loads > loads_before else 0.0
         real = len(cells)
-        if pad_to and loaded.compiled and real < pad_to:
+        if pad_to and real < pad_to and samplers.lookup(first.sampler).batch_invariant:
             cells = cells + [cells[-1]] * (pad_to - real)
 
         # 2. Conditioning, unless the chunk's single encoder pass already made it.

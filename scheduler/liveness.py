@@ -90,16 +90,28 @@ class Heartbeat:
                 log.warning("heartbeat failed: %s", redact(str(exc)))
 
     def hold(self, message: dict, queue: str, task_id: str) -> None:
+        """Say which chunk this worker renders. Best effort: without it, the visibility timeout still recovers it."""
         entry = {"message": message, "queue": queue, "task": task_id, "chunk": message.get("chunk"),
                  "job": message.get("job"), "since": time.time()}
-        self.client.hset(HELD, self.name, json.dumps(entry))
+        try:
+            self.client.hset(HELD, self.name, json.dumps(entry))
+        except redis.RedisError as exc:
+            log.warning("cannot record the chunk held (%s); a crash would wait for the visibility timeout",
+                        redact(str(exc)))
 
     def release(self) -> None:
-        self.client.hdel(HELD, self.name)
+        try:
+            self.client.hdel(HELD, self.name)
+        except redis.RedisError as exc:
+            log.warning("cannot release the chunk held (%s)", redact(str(exc)))
 
 
 def kills(client: redis.Redis, chunk: str) -> int:
-    return int(client.get(KILLS + chunk) or 0)
+    """Workers that died holding the chunk (0 when Redis cannot say: render it)."""
+    try:
+        return int(client.get(KILLS + chunk) or 0)
+    except redis.RedisError:
+        return 0
 
 
 def consumed_queues(client: redis.Redis) -> dict[str, int]:

@@ -152,14 +152,6 @@ def expand(values: Mapping[str, Sequence], derive: Callable[[list], None] | None
         yield Cell(tuple(slots))
 
 
-def by_call(cells: Iterable[Cell]) -> list[list[Cell]]:
-    """Cells grouped by call parameters, groups and cells in first-seen order."""
-    groups: dict[tuple, list[Cell]] = {}
-    for cell in cells:
-        groups.setdefault(cell.call_key(), []).append(cell)
-    return list(groups.values())
-
-
 def chunked(cells: Iterable[Cell], size: int) -> Iterator[list[Cell]]:
     """Runs of at most `size` consecutive cells that share call parameters.
 
@@ -182,16 +174,3 @@ def chunk_id(cells: list[Cell]) -> str:
     for cell in cells:
         h.update(cell.id.encode())
     return h.hexdigest()[:CHUNK_ID_HEX]
-
-
-def batches(cells: Iterable[Cell], batch_size: int) -> list[list[Cell]]:
-    """Groups of at most `batch_size` cells that one pipeline call can render together.
-
-    Cells keep their order inside a group, so a prompt's CLIP skips and seeds stay
-    side by side and share one text-encoder pass.
-    """
-    out: list[list[Cell]] = []
-    for group in by_call(cells):
-        size = batch_size if samplers.lookup(group[0].sampler).batch_invariant else 1
-        out.extend(group[i : i + size] for i in range(0, len(group), size))
-    return out

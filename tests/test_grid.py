@@ -56,9 +56,9 @@ def test_expansion_order_is_stable_and_seed_is_innermost():
     assert a[0].sampler == "Euler a" and a[-1].sampler == "DDIMScheduler"  # call parameters outermost
 
 
-def test_batches_share_call_parameters_and_respect_batch_size():
+def test_batches_share_call_parameters_and_respect_batch_size(renderer):
     all_cells = cells()
-    batches = grid.batches(all_cells, 4)
+    batches = renderer.batches(all_cells, 4, renderer.encode(all_cells[0].model, all_cells))
     assert sorted(c.id for b in batches for c in b) == sorted(c.id for c in all_cells)
     for batch in batches:
         assert 1 <= len(batch) <= 4
@@ -67,11 +67,14 @@ def test_batches_share_call_parameters_and_respect_batch_size():
     assert any(len({(c.prompt, c.clip_skip) for c in b}) > 1 for b in batches)
 
 
-def test_batch_dependent_samplers_render_one_by_one():
+def test_batch_dependent_samplers_render_one_by_one(renderer):
+    def batches(cells, size):
+        return renderer.batches(cells, size, renderer.encode(cells[0].model, cells))
+
     diffusers_sde = cells(JOB.replace(b"[Euler a, DDIMScheduler]", b"DPMSolverSDEScheduler"))
-    assert all(len(b) == 1 for b in grid.batches(diffusers_sde, 8))
+    assert all(len(b) == 1 for b in batches(diffusers_sde, 8))
     a1111_sde = cells(JOB.replace(b"[Euler a, DDIMScheduler]", b"DPM++ SDE Karras"))  # a Brownian tree per cell
-    assert max(len(b) for b in grid.batches(a1111_sde, 8)) == 8
+    assert max(len(b) for b in batches(a1111_sde, 8)) == 8
 
 
 def test_auto_dtype_is_resolved_per_device():

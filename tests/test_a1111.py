@@ -403,7 +403,7 @@ model, out = resolve(sys.argv[1]), sys.argv[2]
 renderer = Renderer()
 arrays = {}
 for name in samplers.valid_samplers():
-    cells = [make_cell(model, prompt=p, negative_prompt="lowres", clip_skip=s, seed=seed, sampler=name, steps=6,
+    cells = [make_cell(model, prompt=p, negative_prompt="lowres", clip_skip=s, seed=seed, sampler=name, steps=4,
                        guidance=7.0, width=64, height=64, dtype="float32")
              for p, s, seed in [("a cow standing in a field", 2, 11), ("a lighthouse at dusk", 1, 12),
                                 ("a cow standing in a field", 1, 13), ("golden hour", 2, 14)]]

@@ -38,15 +38,15 @@ def use_cache_dir(settings: Settings) -> str:
     torch writes its default (a per-user folder in /tmp) into TORCHINDUCTOR_CACHE_DIR the
     first time it asks; that value is not a choice, and is replaced.
     """
+    from torch._inductor import utils as inductor_utils
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-    from torch._inductor.utils import clear_caches
 
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
         folder = settings.cache_root() / "compiled"
         folder.mkdir(parents=True, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
-        clear_caches()  # paths torch derived from the old folder
+        inductor_utils.clear_inductor_caches()  # paths torch derived from the old folder
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
@@ -55,7 +55,9 @@ class Compiled:
 
     def __init__(self, eager: Callable[..., Any], name: str, mode: str):
         self.eager, self.name, self.mode = eager, name, mode
-        self.compiled: Callable[..., Any] | None = torch.compile(eager, mode=None if mode == "default" else mode)
+        # dynamic=False: a second shape gets kernels of its own, not slower shape-generic ones.
+        self.compiled: Callable[..., Any] | None = torch.compile(eager, mode=None if mode == "default" else mode,
+                                                                 dynamic=False)
         self.failure: str | None = None
         self.shapes: set[tuple] = set()
 

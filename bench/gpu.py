@@ -1,7 +1,7 @@
 """SD 1.5 on a GPU: images/s of a plain diffusers call against gridrender's worker path.
 
 Run on a CUDA machine:  python bench/gpu.py [--steps 25] [--batches 8,1,16] [--repeat 3] [--paths abc]
-Nothing is downloaded: SD 1.5's architecture (scheduler/modelconfigs/sd15) with
+Nothing is downloaded: SD 1.5's architecture (src/gridrender/scheduler/modelconfigs/sd15) with
 random weights, which run at the speed trained ones do. 512x512, fp16, CFG 7,
 Euler a. In one process, at each batch size:
   (a) a fresh, untouched diffusers pipeline called the way its docs show;

@@ -74,7 +74,7 @@ def distributed(args, job_path: Path, warm_path: Path, tmp: Path) -> float:
     from gridrender.scheduler.broker import make_app
     from gridrender.scheduler.plan import prepare
     from gridrender.scheduler.settings import Settings
-    from gridrender.scheduler.storage import open_store
+    from gridrender.scheduler.stores import open_store
     from gridrender.scheduler.submit import submit
     from tests.services import start_moto, start_worker, wait_for
 

@@ -15,7 +15,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-REDIS_DB = 13  # gridrender's tests own this DB number and flush only it
+# gridrender's tests own this DB number and flush only it; each pytest-xdist worker takes the
+# next one, and GRIDRENDER_TEST_REDIS_DB moves the base for a second checkout's concurrent run.
+REDIS_DB = int(os.environ.get("GRIDRENDER_TEST_REDIS_DB", "13")) + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
 SHARED_REDIS = "redis://127.0.0.1:6379"
 
 

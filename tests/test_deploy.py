@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.33.0"
-CODE = [p for d in ("gridrender", "scheduler", "workers") for p in (ROOT / d).rglob("*.py")]
+CODE = list((ROOT / "src" / "gridrender").rglob("*.py"))
 
 
 def compose_schema() -> dict:

@@ -1,8 +1,6 @@
-"""Static checks: ruff (lint and import order), mypy, and the import contract.
+"""Static checks: ruff (lint, import order, format), mypy, and the import contract.
 
-mypy and import-linter read packages from disk by module name, and the installed
-gridrender maps scheduler/ and workers/ into it with an import hook they cannot
-see; so they check a copy of the sources laid out as installed.
+They read the tree in place: the packages live under src/gridrender as installed.
 """
 from __future__ import annotations
 
@@ -17,17 +15,8 @@ import pytest
 from tests.conftest import ROOT
 
 BIN = Path(sys.executable).parent
-
-
-def installed_layout(dest: Path) -> Path:
-    """gridrender/, gridrender/scheduler/, gridrender/workers/ as pip installs them."""
-    package = dest / "gridrender"
-    package.mkdir(parents=True)
-    for file in (ROOT / "gridrender").glob("*.py"):
-        shutil.copy(file, package / file.name)
-    for sub in ("scheduler", "workers"):
-        shutil.copytree(ROOT / sub, package / sub, ignore=shutil.ignore_patterns("__pycache__"))
-    return dest
+SRC = ROOT / "src"
+PYTHON_DIRS = ("src", "tests", "bench", "examples")
 
 
 def run(*cmd: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -35,14 +24,13 @@ def run(*cmd: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.Comp
 
 
 def test_ruff():
-    result = run(str(BIN / "ruff"), "check", "gridrender", "scheduler", "workers", "tests", "bench")
+    result = run(str(BIN / "ruff"), "check", *PYTHON_DIRS)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_mypy(tmp_path):
-    tree = installed_layout(tmp_path / "src")
     result = run(str(BIN / "mypy"), "--config-file", str(ROOT / "pyproject.toml"), "--cache-dir", str(tmp_path / "cache"),
-                 "-p", "gridrender", cwd=tree, env={"MYPYPATH": str(tree)})
+                 "-p", "gridrender", env={"MYPYPATH": str(SRC)})
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -51,8 +39,8 @@ def lint_imports(tree: Path) -> subprocess.CompletedProcess:
                env={"PYTHONPATH": str(tree)})
 
 
-def test_import_contract_holds(tmp_path):
-    result = lint_imports(installed_layout(tmp_path / "src"))
+def test_import_contract_holds():
+    result = lint_imports(SRC)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 kept, 0 broken" in result.stdout
 
@@ -63,7 +51,8 @@ def test_import_contract_holds(tmp_path):
     ("workers/chunk.py", "from gridrender import cli"),
 ])
 def test_the_import_contract_catches_a_violation(tmp_path, module, line):
-    tree = installed_layout(tmp_path / "src")
+    tree = tmp_path / "src"
+    shutil.copytree(SRC / "gridrender", tree / "gridrender", ignore=shutil.ignore_patterns("__pycache__"))
     target = tree / "gridrender" / module
     target.write_text(target.read_text().replace("from __future__ import annotations\n",
                                                  f"from __future__ import annotations\n\n{line}  # noqa\n", 1))
@@ -84,7 +73,6 @@ def test_no_storage_key_is_spelled_outside_the_layout_module():
     import re
 
     spelled = re.compile(r"""["'](cells/|jobs/|\.\./\.\./cells)""")
-    offenders = [f"{path.relative_to(ROOT)}:{n}" for folder in ("scheduler", "workers", "gridrender")
-                 for path in (ROOT / folder).rglob("*.py") if path.name != "layout.py"
+    offenders = [f"{path.relative_to(ROOT)}:{n}" for path in (SRC / "gridrender").rglob("*.py") if path.name != "layout.py"
                  for n, line in enumerate(path.read_text().splitlines(), 1) if spelled.search(line)]
     assert offenders == []

@@ -6,9 +6,7 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY gridrender ./gridrender
-COPY scheduler ./scheduler
-COPY workers ./workers
+COPY src ./src
 RUN pip install .
 
 RUN useradd --create-home --uid 10001 gridrender

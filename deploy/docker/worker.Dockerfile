@@ -18,9 +18,7 @@ RUN apt-get update \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY gridrender ./gridrender
-COPY scheduler ./scheduler
-COPY workers ./workers
+COPY src ./src
 # torch's default PyPI wheel bundles the CUDA runtime it needs.
 RUN pip install --upgrade pip && pip install ".[worker]"
 

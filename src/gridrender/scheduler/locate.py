@@ -9,7 +9,8 @@ from .errors import InputError
 from .job import NAME_PATTERN
 from .jobfile import load_job
 from .settings import Settings
-from .storage import Store, open_store
+from .storage import Store
+from .stores import open_store
 
 
 def locate(name: str, output: str | None = None, settings: Settings | None = None) -> tuple[Store, str]:

@@ -26,7 +26,8 @@ from . import progress
 from .broker import RENDER_TASK, redact
 from .messages import ChunkMessage
 from .settings import Settings
-from .storage import RetryingStore, open_store
+from .storage import RetryingStore
+from .stores import open_store
 
 log = logging.getLogger(__name__)
 

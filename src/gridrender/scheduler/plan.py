@@ -24,7 +24,8 @@ from .models import ModelSpec
 from .params import AXES, INDEX
 from .prompts import encoder_text, lora_tags, search_replace
 from .settings import Settings, concrete_dtype
-from .storage import Store, open_store
+from .storage import Store
+from .stores import open_store
 from .tokens import tokenizer_for
 
 _PROMPT, _NEGATIVE, _SR = INDEX["prompt"], INDEX["negative_prompt"], INDEX["prompt_sr"]

@@ -17,7 +17,8 @@ from gridrender.scheduler.errors import InputError, ModelError, StorageError
 from gridrender.scheduler.messages import ChunkMessage
 from gridrender.scheduler.models import ModelSpec
 from gridrender.scheduler.settings import Settings
-from gridrender.scheduler.storage import RetryingStore, Store, open_store
+from gridrender.scheduler.storage import RetryingStore, Store
+from gridrender.scheduler.stores import open_store
 
 from .chunk import ChunkResult, Writer, render_and_store
 from .render import Renderer

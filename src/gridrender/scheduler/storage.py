@@ -285,11 +285,3 @@ class RetryingStore(Store):
     def lines(self, key: str) -> Iterator[bytes]:
         return self.inner.lines(key)
 
-
-def open_store(output: str) -> Store:
-    """The store behind a job's `output`: s3://bucket/prefix or a local folder."""
-    if output.startswith("s3://"):
-        from .s3 import S3Store
-
-        return S3Store.from_url(output)
-    return LocalStore(output)

@@ -1,7 +1,10 @@
 """A1111's "parameters" PNG text: what its PNG-info tab and civitai read back.
 
 Written so that A1111 before and after 1.9 read the same sampler: the old combined
-name where the schedule is not Uniform ("DPM++ 2M Karras"), and "Schedule type".
+name where A1111 had one ("DPM++ 2M Karras"; never one it did not, like "Euler a
+Karras"), and "Schedule type", the schedule used. "RNG" unless GPU and "ENSD" unless
+0, as A1111 writes them (it writes ENSD only for samplers that use it; gridrender
+writes any nonzero value, so that an imported PNG names the same cell).
 Components as A1111 and civitai name them: `<lora:NAME:WEIGHT>` in the prompt,
 "Lora hashes", "VAE"/"VAE hash", "TI hashes".
 """
@@ -48,6 +51,10 @@ def parameters(cell: Cell) -> str:
         pairs["VAE hash"] = cell.vae.short_hash()
         pairs["VAE"] = cell.vae.name
     pairs["Clip skip"] = cell.clip_skip
+    if cell.eta_noise_seed_delta:
+        pairs["ENSD"] = cell.eta_noise_seed_delta
+    if cell.rng != samplers.DEFAULT_RNG:
+        pairs["RNG"] = cell.rng
     if cell.loras:
         pairs["Lora hashes"] = _hashes([(c.name, c.short_hash()) for c, _ in cell.loras])
     if cell.embeddings:

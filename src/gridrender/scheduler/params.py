@@ -88,6 +88,10 @@ PARAMS: tuple[Param, ...] = (
     Param("dtype", "dtype", "dtype", call=True),
     Param("sampler", "sampler", "sampler", call=True, identity=samplers.identity),
     Param("schedule", "schedule", "schedule", call=True, default=samplers.AUTOMATIC),
+    Param("rng", "rng", "rng", call=True, default=samplers.DEFAULT_RNG),
+    # A1111's eta_noise_seed_delta; 0 leaves no trace in the id (ids stay as they were without it)
+    Param("eta_noise_seed_delta", "eta_noise_seed_delta", "eta_noise_seed_delta", call=True,
+          identity=lambda d: d or None, default=0),
     Param("steps", "steps", "steps", call=True),
     Param("guidance", "guidance", "guidance", call=True, label=lambda g: f"{g:g}"),
     Param("width", "size", "size", call=True),

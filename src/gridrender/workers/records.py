@@ -66,7 +66,7 @@ def build_record(rendered: Rendered, model: ModelSpec, image_sha256: str, device
         "loras": [{**c.record(), "weight": w} for c, w in cell.loras],
         "embeddings": [e.record() for e in cell.embeddings],
         "sampler": rendered.sampler,
-        "generator": {"device": "cpu", "seed": cell.seed},
+        "generator": {"source": cell.rng, "seed": cell.seed, "eta_noise_seed_delta": cell.eta_noise_seed_delta},
         "versions": versions(),
         "device": device_info(device),
         "timings": {k: round(v, 6) for k, v in rendered.timings.items()},

@@ -1,8 +1,9 @@
 """Rendering a batch of cells that share one pipeline call.
 
-Every cell gets its own CPU generator seeded with its seed: its starting noise and
-every later draw (ancestral samplers), or its Brownian tree (SDE samplers), are the
-same alone or in a batch, on any device.
+Every cell gets its own generator of its random-number source (`noise.ImageNoise`,
+A1111's ImageRNG) seeded with its seed: its starting noise and every later draw
+(ancestral samplers), or its Brownian tree (SDE samplers), are the same alone or in
+a batch, on any device.
 """
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ from gridrender.scheduler.models import ModelSpec
 
 from .clip import Encoded, clip_layer_for
 from .components import embedding_vectors, use_loras, vae_for
-from .denoise import Guided, a1111_sample, diffusers_sample
+from .denoise import Guided, Img2Img, a1111_sample, diffusers_sample
+from .noise import BatchNoise
 from .pipelines import Loaded, PipelineCache
 
 log = logging.getLogger(__name__)
 Embeddings = dict[tuple[str, int], Encoded]
-LARGE_IMAGE = 1024 * 1024  # pixels above which the VAE decodes in tiles
+LARGE_IMAGE = 1024 * 1024  # pixels above which the VAE decodes in tiles (diffusers classes only)
 
 
 @dataclass
@@ -135,17 +137,17 @@ class Renderer:
         uncond = _stack([embeddings[(c.negative_text, c.clip_skip)].embedding for c in cells], unet_dtype)
         timings["encode"] = time.perf_counter() - start
 
-        # 3. One CPU generator per cell: the seed fixes the noise, whatever the batch.
-        generators = [torch.Generator("cpu").manual_seed(c.seed) for c in cells]
+        # 3. One generator per cell, of the cell's source: the seed fixes the noise, whatever the batch.
         latent_shape = _latent_shape(loaded, first)
+        noise = BatchNoise(first.rng, [c.seed for c in cells], first.eta_noise_seed_delta, latent_shape, self.device)
 
         # 4. Denoise.
         start = time.perf_counter()
         sampler = samplers.lookup(first.sampler)
         if sampler.family == "a1111":
-            latents, described = self._a1111(loaded, first, cond, uncond, generators, latent_shape, [c.seed for c in cells])
+            latents, described = self._a1111(loaded, first, cond, uncond, noise, [c.seed for c in cells])
         else:
-            latents, described = self._diffusers(loaded, first, cond, uncond, generators, latent_shape, unet_dtype)
+            latents, described = self._diffusers(loaded, cells, cond, uncond, noise, unet_dtype)
         _sync(self.device)
         timings["denoise"] = time.perf_counter() - start
 
@@ -163,35 +165,50 @@ class Renderer:
             for cell, image in zip(cells[:real], images)
         ]
 
-    def _a1111(self, loaded: Loaded, first: Cell, cond, uncond, generators, shape, seeds) -> tuple[torch.Tensor, dict]:
+    def _a1111(self, loaded: Loaded, first: Cell, cond, uncond, noise: BatchNoise, seeds: list[int],
+               start: Img2Img | None = None) -> tuple[torch.Tensor, dict]:
         if loaded.sigmas is None or loaded.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
             raise RenderError(f"{first.sampler!r} needs an epsilon-prediction model with a standard noise schedule; "
                               f"use a diffusers scheduler class for {loaded.model.source}")
-        noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
         guided = Guided(loaded.unet_for(first.loras), cond, uncond, uncond_first=False)
         latents, sigmas = a1111_sample(guided, loaded.sigmas, first.sampler, first.schedule, first.steps,
-                                       first.guidance, noise, generators, seeds)
-        sampler = samplers.lookup(first.sampler)
-        described = {"family": "a1111", "name": first.sampler, "schedule": first.schedule,
-                     "class": f"k-diffusion:{sampler.function}", "semantics": sampler.semantics,
-                     "config": {"discard_penultimate_sigma": sampler.discard_penultimate_sigma, "noise": sampler.noise,
-                                "eta": 1.0 if sampler.noise != "none" else 0.0, "s_noise": 1.0, **sampler.options,
-                                "rng": "cpu"},
-                     "sigmas": [round(float(s), 6) for s in sigmas.cpu()]}
-        return latents, described
+                                       first.guidance, noise, seeds, start)
+        return latents, describe_a1111(first.sampler, first.schedule, first.rng, first.eta_noise_seed_delta, sigmas)
 
-    def _diffusers(self, loaded: Loaded, first: Cell, cond, uncond, generators, shape, dtype) -> tuple[torch.Tensor, dict]:
+    def _diffusers(self, loaded: Loaded, cells: list[Cell], cond, uncond, noise: BatchNoise,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
         import diffusers
 
+        first = cells[0]
         cls = getattr(diffusers, first.sampler)
         extra = {"noise_sampler_seed": first.seed} if first.sampler == "DPMSolverSDEScheduler" else {}
         scheduler = cls.from_config(loaded.scheduler_config, **extra)
-        noise = torch.cat([torch.randn((1, *shape), generator=g, dtype=dtype) for g in generators]).to(self.device)
+        initial = noise.next().to(dtype) if first.rng != "CPU" else None
+        # the scheduler's own step noise takes torch generators: the cells' CPU generators
+        generators = [torch.Generator("cpu").manual_seed(c.seed) for c in cells]
+        if initial is None:  # CPU: prepare_latents' draw, in the UNet's dtype, as diffusers makes it
+            initial = torch.cat([torch.randn((1, *noise.images[0].shape), generator=g, dtype=dtype)
+                                 for g in generators]).to(self.device)
         guided = Guided(loaded.unet_for(first.loras), cond, uncond, uncond_first=True)
-        latents = diffusers_sample(guided, scheduler, first.steps, first.guidance, noise, generators)
+        latents = diffusers_sample(guided, scheduler, first.steps, first.guidance, initial, generators)
         config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
         return latents, {"family": "diffusers", "name": first.sampler, "schedule": first.schedule,
                          "class": type(scheduler).__name__, "semantics": samplers.DIFFUSERS_SEMANTICS, "config": config}
+
+
+def describe_a1111(name: str, schedule: str, rng: str, ensd: int, sigmas: torch.Tensor) -> dict:
+    """What a record says about an A1111 sampler run: function, options, noise source, sigmas."""
+    sampler = samplers.lookup(name)
+    return {"family": "a1111", "name": name, "schedule": schedule,
+            "class": f"k-diffusion:{sampler.function}", "semantics": sampler.semantics,
+            "config": {"discard_penultimate_sigma": sampler.discard_penultimate_sigma, "noise": sampler.noise,
+                       "eta": 1.0 if sampler.noise != "none" else 0.0, "s_noise": 1.0, **sampler.options,
+                       "rng": rng, "rng_algorithm": RNG_ALGORITHMS[rng], "eta_noise_seed_delta": ensd},
+            "sigmas": [round(float(s), 6) for s in sigmas.cpu()]}
+
+
+RNG_ALGORITHMS = {"GPU": "philox4x32-10 (torch CUDA randn, A1111's NV emulation)",
+                  "NV": "philox4x32-10 (A1111's NV emulation)", "CPU": "torch CPU mt19937"}
 
 
 def _stack(embeddings: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -211,7 +228,7 @@ def _decode(loaded: Loaded, latents: torch.Tensor, component, truncate: bool) ->
     pipe = loaded.pipe
     vae = vae_for(pipe, loaded.extras, component, loaded.vae_config_folder)
     decode = loaded.decode if vae is pipe.vae else vae.decode
-    _size_vae(vae, latents.shape[-1] * latents.shape[-2] * pipe.vae_scale_factor**2, latents.shape[0])
+    _size_vae(vae, latents.shape[-1] * latents.shape[-2] * pipe.vae_scale_factor**2, latents.shape[0], tile=not truncate)
     if truncate:
         decoded = decode(latents.to(vae.dtype) * (1.0 / vae.config.scaling_factor), return_dict=False)[0]
         pixels = torch.clamp((decoded.float() + 1.0) / 2.0, min=0.0, max=1.0)
@@ -221,10 +238,13 @@ def _decode(loaded: Loaded, latents: torch.Tensor, component, truncate: bool) ->
     return pipe.image_processor.postprocess(decoded, output_type="pil")
 
 
-def _size_vae(vae, pixels: int, batch: int) -> None:
-    """Tile and slice the VAE only when an image is large: it costs time on small ones."""
+def _size_vae(vae, pixels: int, batch: int, tile: bool) -> None:
+    """Tile and slice the VAE only when an image is large: it costs time on small ones.
+
+    A1111's samplers decode whole (no tiles, A1111's decode_first_stage), one image at a time.
+    """
     large = pixels > LARGE_IMAGE
-    (vae.enable_tiling if large else vae.disable_tiling)()
+    (vae.enable_tiling if large and tile else vae.disable_tiling)()
     (vae.enable_slicing if large or batch > 8 else vae.disable_slicing)()
 
 

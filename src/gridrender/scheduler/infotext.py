@@ -50,11 +50,21 @@ def parameters(cell: Cell) -> str:
     if cell.vae is not None:
         pairs["VAE hash"] = cell.vae.short_hash()
         pairs["VAE"] = cell.vae.name
+    if cell.init_image is not None:
+        pairs["Denoising strength"] = f"{cell.denoise:g}"
     pairs["Clip skip"] = cell.clip_skip
     if cell.eta_noise_seed_delta:
         pairs["ENSD"] = cell.eta_noise_seed_delta
     if cell.rng != samplers.DEFAULT_RNG:
         pairs["RNG"] = cell.rng
+    if cell.hires is not None:
+        hires_prompt = None if cell.hires.prompt is None else search_replace(cell.hires.prompt, cell.prompt_sr)
+        fields = cell.hires.infotext(cell.sampler, cell.schedule, prompt)
+        if hires_prompt is not None and hires_prompt != prompt:
+            fields["Hires prompt"] = hires_prompt
+        if "Hires sampler" in fields:
+            fields["Hires sampler"] = samplers.infotext_name(str(fields["Hires sampler"]), cell.hires.schedule or "")
+        pairs.update(fields)
     if cell.loras:
         pairs["Lora hashes"] = _hashes([(c.name, c.short_hash()) for c, _ in cell.loras])
     if cell.embeddings:

@@ -17,6 +17,7 @@ from typing import Any
 
 from . import samplers
 from .components import Component
+from .hires import Hires, InitImage
 from .models import ModelSpec
 
 
@@ -71,6 +72,13 @@ def _loras_unpack(data: list) -> tuple:
     return tuple((Component.from_dict(c), float(w)) for c, w in data)
 
 
+def _hires_label(public: dict | None) -> str:
+    if not public:
+        return "no hires"
+    keys = {k: v for k, v in public.items() if k not in ("model",)}
+    return Hires(**keys).label()
+
+
 def _components_unpack(data: list) -> tuple:
     return tuple(Component.from_dict(c) for c in data)
 
@@ -96,6 +104,8 @@ PARAMS: tuple[Param, ...] = (
     Param("guidance", "guidance", "guidance", call=True, label=lambda g: f"{g:g}"),
     Param("width", "size", "size", call=True),
     Param("height", "size", "size", call=True),
+    # img2img's denoising strength (None without init images): it sets the pass's sigmas
+    Param("denoise", "denoise", "denoise", call=True, label=lambda d: "-" if d is None else f"{d:g}", default=None),
     Param("prompt", "prompts", "prompt", call=False, text=True),
     Param("negative_prompt", "negative_prompt", "negative_prompt", call=False, text=True),
     # (search, replacement) of A1111's Prompt S/R; the id holds the replaced texts instead
@@ -109,6 +119,16 @@ PARAMS: tuple[Param, ...] = (
           identity=lambda es: sorted(c.identity()["sha256"] for c in es) or None,
           public=lambda es: [c.name for c in es], label=lambda names: ", ".join(names) or "none",
           pack=lambda es: [c.to_dict() for c in es], unpack=_components_unpack, default=()),
+    # img2img's init image: its sha256 is part of the id
+    Param("init_image", "init_images", "init_image", call=False, identity=lambda i: i.identity() if i else None,
+          public=lambda i: i.source if i else None, label=lambda s: PurePosixPath(s).name if s else "-",
+          pack=lambda i: i.to_dict() if i else None, unpack=lambda d: InitImage.from_dict(d) if d else None,
+          default=None),
+    # the hires fix, innermost: cells that differ only in it follow each other and share one first pass
+    Param("hires", "hires", "hires", call=False, identity=lambda h: h.identity() if h else None,
+          public=lambda h: h.public() if h else None, label=_hires_label,
+          pack=lambda h: h.to_dict() if h else None, unpack=lambda d: Hires.from_dict(d) if d else None,
+          default=None),
 )
 
 NAMES: tuple[str, ...] = tuple(p.name for p in PARAMS)
@@ -151,7 +171,8 @@ AXIS_NAMES: dict[str, str] = {
 }
 
 
-_OPTIONAL = ("vae", "loras", "prompt_sr", "embeddings")  # components a job may not use at all
+# components and settings a job may not use at all
+_OPTIONAL = ("vae", "loras", "prompt_sr", "embeddings", "eta_noise_seed_delta", "denoise", "init_image", "hires")
 
 
 def public_params(values: tuple) -> dict:

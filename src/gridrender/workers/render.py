@@ -18,12 +18,15 @@ from PIL import Image
 from gridrender.scheduler import samplers
 from gridrender.scheduler.errors import RenderError
 from gridrender.scheduler.grid import Cell, make_cell
+from gridrender.scheduler.hires import Hires
+from gridrender.scheduler.prompts import encoder_text
 from gridrender.scheduler.models import ModelSpec
 
 from .clip import Encoded, clip_layer_for
 from .components import embedding_vectors, use_loras, vae_for
 from .denoise import Guided, Img2Img, a1111_sample, diffusers_sample
 from .noise import BatchNoise
+from .twopass import encode, hires_target, latent_upscale, load_init_image, resize_image, truncate
 from .pipelines import Loaded, PipelineCache
 
 log = logging.getLogger(__name__)
@@ -72,7 +75,7 @@ class Renderer:
         use_loras(loaded.pipe, loaded.extras, cells[0].loras)  # text-encoder LoRA layers change the encoding
         used = {e.name: e for c in cells for e in c.embeddings}
         vectors = {name: embedding_vectors(loaded.extras, e) for name, e in used.items()}
-        texts = [t for c in cells for t in (c.text, c.negative_text)]
+        texts = [t for c in cells for t in cell_texts(c)]
         return encoder.encode(texts, {c.clip_skip for c in cells}, vectors)
 
     def warm_up(self, model: ModelSpec, dtype: str, width: int, height: int, batch: int) -> float:
@@ -94,8 +97,7 @@ class Renderer:
         """
         groups: dict[tuple, list[Cell]] = {}
         for cell in cells:
-            lengths = (embeddings[(cell.text, cell.clip_skip)].chunks,
-                       embeddings[(cell.negative_text, cell.clip_skip)].chunks)
+            lengths = tuple(embeddings[(text, cell.clip_skip)].chunks for text in cell_texts(cell))
             groups.setdefault((cell.call_key(), lengths), []).append(cell)
         out: list[list[Cell]] = []
         for group in groups.values():
@@ -111,59 +113,138 @@ class Renderer:
         `embeddings` from `encode` (for a whole chunk) saves the encoder pass here.
         A short batch is padded to `pad_to` cells (copies of its last cell, whose images
         are dropped): every call of a job has one shape, so kernels round alike for every
-        cell whatever its batch holds, and a compiled UNet compiles once.
+        cell whatever its batch holds, and a compiled UNet compiles once. Cells that
+        differ only in their hires fix share one first pass.
         """
         first = cells[0]
         if any(c.call_key() != first.call_key() for c in cells):
             raise RenderError("a batch must share model, sampler, schedule, steps, guidance, size and dtype")
+        sampler = samplers.lookup(first.sampler)
+        if sampler.family != "a1111" and any(c.hires or c.init_image for c in cells):
+            raise RenderError("hires fix and img2img run A1111's samplers; use an A1111 sampler name")
         timings: dict[str, float] = {}
 
         # 1. The resident pipeline for this model and dtype; a static shape when compiled.
         loads_before = self.cache.loads
         loaded = self.cache.get(model, first.dtype)
         timings["load"] = loaded.load_seconds if self.cache.loads > loads_before else 0.0
-        real = len(cells)
-        if pad_to and real < pad_to and samplers.lookup(first.sampler).batch_invariant:
-            cells = cells + [cells[-1]] * (pad_to - real)
+        pad = pad_to if sampler.batch_invariant else None
 
         # 2. Conditioning, unless the chunk's single encoder pass already made it.
         start = time.perf_counter()
-        needed = {(t, c.clip_skip) for c in cells for t in (c.text, c.negative_text)}
+        needed = {(t, c.clip_skip) for c in cells for t in cell_texts(c)}
         if embeddings is None or not needed <= embeddings.keys():
             embeddings = self.encode(model, cells)
         use_loras(loaded.pipe, loaded.extras, first.loras)
-        unet_dtype = loaded.pipe.unet.dtype
-        cond = _stack([embeddings[(c.text, c.clip_skip)].embedding for c in cells], unet_dtype)
-        uncond = _stack([embeddings[(c.negative_text, c.clip_skip)].embedding for c in cells], unet_dtype)
         timings["encode"] = time.perf_counter() - start
 
-        # 3. One generator per cell, of the cell's source: the seed fixes the noise, whatever the batch.
-        latent_shape = _latent_shape(loaded, first)
-        noise = BatchNoise(first.rng, [c.seed for c in cells], first.eta_noise_seed_delta, latent_shape, self.device)
-
-        # 4. Denoise.
+        # 3. The first pass (txt2img, or img2img from init images), once per distinct first pass.
         start = time.perf_counter()
-        sampler = samplers.lookup(first.sampler)
-        if sampler.family == "a1111":
-            latents, described = self._a1111(loaded, first, cond, uncond, noise, [c.seed for c in cells])
-        else:
-            latents, described = self._diffusers(loaded, cells, cond, uncond, noise, unet_dtype)
+        firsts: dict[str, int] = {}
+        rows = [firsts.setdefault(c.replace(hires=None).id if c.hires else c.id, len(firsts)) for c in cells]
+        first_cells = list({row: c for row, c in zip(rows, cells, strict=True)}.values())
+        latents, described = self._first_pass(loaded, first_cells, embeddings, pad)
+
+        # 4. Hires fix: each setting's second pass on its cells' first-pass latents.
+        finals: list[torch.Tensor | None] = [None] * len(cells)
+        per_cell_described: list[dict] = [described] * len(cells)
+        groups: dict[Hires | None, list[int]] = {}
+        for i, cell in enumerate(cells):
+            groups.setdefault(cell.hires, []).append(i)
+        for setting, members in groups.items():
+            group_latents = latents[[rows[i] for i in members]]
+            if setting is not None:
+                group_latents, hires_described = self._hires_pass(loaded, [cells[i] for i in members], group_latents,
+                                                                  setting, embeddings, pad)
+                for i in members:
+                    per_cell_described[i] = {**described, "hires": hires_described}
+            for k, i in enumerate(members):
+                finals[i] = group_latents[k]
         _sync(self.device)
         timings["denoise"] = time.perf_counter() - start
 
         # 5. Decode to pixels, rounded the way the sampler family's reference does.
         start = time.perf_counter()
-        images = _decode(loaded, latents, first.vae, truncate=sampler.family == "a1111")
+        images: list[Image.Image] = [None] * len(cells)  # type: ignore[list-item]
+        for members in _same_shape(finals):
+            decoded = _decode(loaded, torch.stack([finals[i] for i in members]), first.vae,
+                              truncate=sampler.family == "a1111")
+            for i, image in zip(members, decoded, strict=True):
+                images[i] = image
         timings["decode"] = time.perf_counter() - start
 
         layers = loaded.encoder.layers
-        per_cell = {k: v / real for k, v in timings.items()}
+        per_cell = {k: v / len(cells) for k, v in timings.items()}
         compile_state = loaded.compile_state()
         return [
-            Rendered(cell, image, clip_layer_for(cell.clip_skip, layers), layers, described,
-                     _token_counts(embeddings, cell), dict(per_cell), len(cells), compile_state)
-            for cell, image in zip(cells[:real], images)
+            Rendered(cell, image, clip_layer_for(cell.clip_skip, layers), layers, cell_described,
+                     _token_counts(embeddings, cell), dict(per_cell), max(pad or 0, len(first_cells)), compile_state)
+            for cell, image, cell_described in zip(cells, images, per_cell_described, strict=True)
         ]
+
+    def _conditioning(self, loaded: Loaded, cells: list[Cell], embeddings: Embeddings,
+                      hires: Hires | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = loaded.pipe.unet.dtype
+        texts = [hires_text(c, hires) for c in cells]
+        cond = _stack([embeddings[(t, c.clip_skip)].embedding for t, c in zip(texts, cells, strict=True)], dtype)
+        uncond = _stack([embeddings[(c.negative_text, c.clip_skip)].embedding for c in cells], dtype)
+        return cond, uncond
+
+    def _first_pass(self, loaded: Loaded, cells: list[Cell], embeddings: Embeddings,
+                    pad_to: int | None) -> tuple[torch.Tensor, dict]:
+        """(latents of `cells`, what the record says): txt2img, or img2img from the cells' init images."""
+        real = len(cells)
+        if pad_to and real < pad_to:
+            cells = cells + [cells[-1]] * (pad_to - real)
+        first = cells[0]
+        cond, uncond = self._conditioning(loaded, cells, embeddings)
+        shape = _latent_shape(loaded, first)
+        seeds = [c.seed for c in cells]
+        # One generator per cell, of the cell's source: the seed fixes the noise, whatever the batch.
+        noise = BatchNoise(first.rng, seeds, first.eta_noise_seed_delta, shape, self.device)
+        if samplers.lookup(first.sampler).family != "a1111":
+            latents, described = self._diffusers(loaded, cells, cond, uncond, noise, loaded.pipe.unet.dtype)
+            return latents[:real], described
+        start = None
+        if first.init_image is not None:  # img2img: "Just resize" to the size, then the VAE's posterior
+            images = [resize_image(load_init_image(c.init_image), c.width, c.height) for c in cells]
+            vae = vae_for(loaded.pipe, loaded.extras, first.vae, loaded.vae_config_folder)
+            start = Img2Img(encode(vae, images, seeds, self.device), float(first.denoise))
+        latents, described = self._a1111(loaded, first, cond, uncond, noise, seeds, start)
+        if start is not None:
+            described["denoise"] = first.denoise
+        return latents[:real], described
+
+    def _hires_pass(self, loaded: Loaded, cells: list[Cell], latents: torch.Tensor, hires: Hires,
+                    embeddings: Embeddings, pad_to: int | None) -> tuple[torch.Tensor, dict]:
+        """A1111's sample_hr_pass: upscale, fresh noise at the new size, img2img with the hires settings."""
+        first = cells[0]
+        width, height, cut_x, cut_y = hires_target(hires, first.width, first.height)
+        vae = vae_for(loaded.pipe, loaded.extras, first.vae, loaded.vae_config_folder)
+        seeds = [c.seed for c in cells]
+        if hires.latent_mode is not None:
+            mode, antialias = hires.latent_mode
+            samples = latent_upscale(latents, mode, antialias, width, height)
+        else:  # decode, upscale the pixels, encode again
+            pixels = _decode(loaded, latents, first.vae, truncate=True)
+            upscaled = [resize_image(im, width, height, hires.upscaler, hires.model) for im in pixels]
+            samples = encode(vae, upscaled, seeds, self.device)
+        samples = truncate(samples, cut_x, cut_y)
+        real = len(cells)
+        if pad_to and real < pad_to:
+            cells = cells + [cells[-1]] * (pad_to - real)
+            samples = torch.cat([samples, samples[-1:].expand(pad_to - real, *samples.shape[1:])])
+            seeds = [c.seed for c in cells]
+        cond, uncond = self._conditioning(loaded, cells, embeddings, hires)
+        noise = BatchNoise(first.rng, seeds, first.eta_noise_seed_delta, tuple(samples.shape[1:]), self.device)
+        sampler, schedule = hires.sampler or first.sampler, hires.schedule or first.schedule
+        guided = Guided(loaded.unet_for(first.loras), cond, uncond, uncond_first=False)
+        out, sigmas = a1111_sample(guided, loaded.sigmas, sampler, schedule, first.steps, first.guidance, noise, seeds,
+                                   Img2Img(samples, hires.denoise, hires.steps or first.steps))
+        described = describe_a1111(sampler, schedule, first.rng, first.eta_noise_seed_delta, sigmas)
+        described.update(upscaler=hires.upscaler, target=[width, height], denoise=hires.denoise,
+                         steps=hires.steps or first.steps)
+        return out[:real], described
 
     def _a1111(self, loaded: Loaded, first: Cell, cond, uncond, noise: BatchNoise, seeds: list[int],
                start: Img2Img | None = None) -> tuple[torch.Tensor, dict]:
@@ -194,6 +275,27 @@ class Renderer:
         config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
         return latents, {"family": "diffusers", "name": first.sampler, "schedule": first.schedule,
                          "class": type(scheduler).__name__, "semantics": samplers.DIFFUSERS_SEMANTICS, "config": config}
+
+
+def cell_texts(cell: Cell) -> tuple[str, ...]:
+    """Every text a cell's passes encode: its prompt and negative prompt, and its hires prompt."""
+    texts = (cell.text, cell.negative_text)
+    return (*texts, hires_text(cell, cell.hires)) if cell.hires and cell.hires.prompt is not None else texts
+
+
+def hires_text(cell: Cell, hires: Hires | None) -> str:
+    """The prompt a pass encodes: the hires prompt (Prompt S/R applied) in a hires pass that has one."""
+    if hires is None or hires.prompt is None:
+        return cell.text
+    return encoder_text(hires.prompt, cell.prompt_sr)
+
+
+def _same_shape(latents: list[torch.Tensor | None]) -> list[list[int]]:
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(latents):
+        assert x is not None
+        groups.setdefault(tuple(x.shape), []).append(i)
+    return list(groups.values())
 
 
 def describe_a1111(name: str, schedule: str, rng: str, ensd: int, sigmas: torch.Tensor) -> dict:

@@ -97,7 +97,7 @@ def reproduce(ref: str, renderer: Renderer | None = None) -> Comparison:
     batch = max(1, min(int(record.get("batch_size") or 1), 64))
     mode = (record.get("compile") or {}).get("unet", EAGER)
     renderer = renderer or Renderer(compile_mode=mode)
-    rendered = renderer.render(model, [cell] * batch)[0]
+    rendered = renderer.render(model, [cell], pad_to=batch)[0]
     stored = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int64)
     again = np.asarray(rendered.image.convert("RGB"), dtype=np.int64)
     used = rendered.compile.get("unet", EAGER)

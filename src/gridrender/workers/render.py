@@ -19,15 +19,15 @@ from gridrender.scheduler import samplers
 from gridrender.scheduler.errors import RenderError
 from gridrender.scheduler.grid import Cell, make_cell
 from gridrender.scheduler.hires import Hires
-from gridrender.scheduler.prompts import encoder_text
 from gridrender.scheduler.models import ModelSpec
+from gridrender.scheduler.prompts import encoder_text
 
 from .clip import Encoded, clip_layer_for
 from .components import embedding_vectors, use_loras, vae_for
 from .denoise import Guided, Img2Img, a1111_sample, diffusers_sample
 from .noise import BatchNoise
-from .twopass import encode, hires_target, latent_upscale, load_init_image, resize_image, truncate
 from .pipelines import Loaded, PipelineCache
+from .twopass import encode, hires_target, latent_upscale, load_init_image, resize_image, truncate
 
 log = logging.getLogger(__name__)
 Embeddings = dict[tuple[str, int], Encoded]

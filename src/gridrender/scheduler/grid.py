@@ -50,6 +50,11 @@ class Cell:
         """The cell's parameters under the job file's own key names."""
         return public_params(self.values)
 
+    def rendered(self) -> dict:
+        """The texts as rendered (Prompt S/R and templates applied, `<lora:>` tags removed), beside `params`'
+        prompts as written: what records, manifests and dataset captions carry."""
+        return {"rendered_prompt": self.text, "rendered_negative_prompt": self.negative_text}
+
     @property
     def text(self) -> str:
         """The prompt as the text encoder reads it (S/R applied, LoRA tags removed)."""

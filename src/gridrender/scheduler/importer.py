@@ -179,11 +179,12 @@ def to_job(params: dict[str, str], name: str, index: HashIndex) -> Imported:
     job["prompts"] = [params["Prompt"]]
     if params.get("Negative prompt"):
         job["negative_prompt"] = params["Negative prompt"]
-    schedule_type = params["Schedule type"]
-    if "Schedule type" in params.get("_missing", "") and _before_1_9(params.get("Version", "")):
-        schedule_type = samplers.UNIFORM  # before 1.9 a name without a schedule meant Uniform
-        imported.comments.append(f"made by {params['Version']}: no schedule type, so Uniform, as then")
-    sampler, schedule = _sampler(params.get("Sampler", "Euler a"), schedule_type, imported)
+    sampler, schedule = _sampler(params.get("Sampler", "Euler a"), params["Schedule type"], imported)
+    if "Schedule type" in params.get("_missing", "") and _before_1_9(params.get("Version", "")) \
+            and not samplers.split_name(params.get("Sampler", "Euler a"))[1] and schedule != samplers.UNIFORM:
+        schedule = samplers.UNIFORM  # before 1.9 a name without a schedule meant Uniform
+        imported.comments.append(f"made by {params['Version']}: a sampler name without a schedule, so Uniform, "
+                                 "as it rendered then (A1111 1.9+ would read it as Automatic)")
     job["sampler"] = sampler
     job["schedule"] = schedule
     job["steps"] = _int(params.get("Steps", "20"), "Steps")

@@ -56,6 +56,7 @@ def build_record(rendered: Rendered, model: ModelSpec, image_sha256: str, device
     return {
         "cell_id": cell.id,
         "params": cell.params(),
+        **cell.rendered(),
         "clip_skip": cell.clip_skip,
         "clip_layer": rendered.clip_layer,
         "clip_layers": rendered.clip_layers,

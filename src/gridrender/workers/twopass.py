@@ -77,7 +77,7 @@ def _upscaler_model(location: str, sha256: str) -> Any:
     try:
         import spandrel
     except ImportError:
-        raise RenderError("ESRGAN-family upscalers need the `spandrel` package (pip install spandrel)") from None
+        raise RenderError("ESRGAN-family upscalers need the `spandrel` package: pip install 'gridrender[esrgan]'") from None
     return spandrel.ModelLoader().load_from_file(location).eval()
 
 

@@ -186,3 +186,10 @@ def test_import_prints_the_job_and_warns_about_what_it_cannot_render(tmp_path):
     result = cli("import", str(path))
     assert result.returncode == 0, result.stderr
     assert "ControlNet 0" in result.stderr and "hires:" in result.stdout
+
+
+def test_a_hires_cell_reproduces_from_its_record(rendered):
+    folder, store = rendered
+    line = next(iter(read_manifest(store, "roundtrip")))
+    result = cli("reproduce", str(folder / "out" / line["record"]))
+    assert result.returncode == 0, result.stdout + result.stderr

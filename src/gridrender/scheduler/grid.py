@@ -50,7 +50,7 @@ class Cell:
         """The cell's parameters under the job file's own key names."""
         return public_params(self.values)
 
-    def rendered(self) -> dict:
+    def rendered(self) -> dict[str, str]:
         """The texts as rendered (Prompt S/R and templates applied, `<lora:>` tags removed), beside `params`'
         prompts as written: what records, manifests and dataset captions carry."""
         return {"rendered_prompt": self.text, "rendered_negative_prompt": self.negative_text}

@@ -72,7 +72,7 @@ def _loras_unpack(data: list) -> tuple:
     return tuple((Component.from_dict(c), float(w)) for c, w in data)
 
 
-def _hires_label(public: dict | None) -> str:
+def _hires_label(public: dict[str, Any] | None) -> str:
     if not public:
         return "no hires"
     keys = {k: v for k, v in public.items() if k not in ("model",)}

@@ -66,6 +66,8 @@ def build_record(rendered: Rendered, model: ModelSpec, image_sha256: str, device
         "vae": cell.vae.record() if cell.vae else None,
         "loras": [{**c.record(), "weight": w} for c, w in cell.loras],
         "embeddings": [e.record() for e in cell.embeddings],
+        "hires": cell.hires.to_dict() if cell.hires else None,  # resolved: what reproduce renders again
+        "init_image": cell.init_image.to_dict() if cell.init_image else None,
         "sampler": rendered.sampler,
         "generator": {"source": cell.rng, "seed": cell.seed, "eta_noise_seed_delta": cell.eta_noise_seed_delta},
         "versions": versions(),

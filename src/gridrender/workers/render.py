@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -147,7 +148,7 @@ class Renderer:
 
         # 4. Hires fix: each setting's second pass on its cells' first-pass latents.
         finals: list[torch.Tensor | None] = [None] * len(cells)
-        per_cell_described: list[dict] = [described] * len(cells)
+        per_cell_described: list[dict[str, Any]] = [described] * len(cells)
         groups: dict[Hires | None, list[int]] = {}
         for i, cell in enumerate(cells):
             groups.setdefault(cell.hires, []).append(i)
@@ -167,7 +168,7 @@ class Renderer:
         start = time.perf_counter()
         images: list[Image.Image] = [None] * len(cells)  # type: ignore[list-item]
         for members in _same_shape(finals):
-            decoded = _decode(loaded, torch.stack([finals[i] for i in members]), first.vae,
+            decoded = _decode(loaded, torch.stack([_present(finals[i]) for i in members]), first.vae,
                               truncate=sampler.family == "a1111")
             for i, image in zip(members, decoded, strict=True):
                 images[i] = image
@@ -191,7 +192,7 @@ class Renderer:
         return cond, uncond
 
     def _first_pass(self, loaded: Loaded, cells: list[Cell], embeddings: Embeddings,
-                    pad_to: int | None) -> tuple[torch.Tensor, dict]:
+                    pad_to: int | None) -> tuple[torch.Tensor, dict[str, Any]]:
         """(latents of `cells`, what the record says): txt2img, or img2img from the cells' init images."""
         real = len(cells)
         if pad_to and real < pad_to:
@@ -216,7 +217,7 @@ class Renderer:
         return latents[:real], described
 
     def _hires_pass(self, loaded: Loaded, cells: list[Cell], latents: torch.Tensor, hires: Hires,
-                    embeddings: Embeddings, pad_to: int | None) -> tuple[torch.Tensor, dict]:
+                    embeddings: Embeddings, pad_to: int | None) -> tuple[torch.Tensor, dict[str, Any]]:
         """A1111's sample_hr_pass: upscale, fresh noise at the new size, img2img with the hires settings."""
         first = cells[0]
         width, height, cut_x, cut_y = hires_target(hires, first.width, first.height)
@@ -238,6 +239,7 @@ class Renderer:
         cond, uncond = self._conditioning(loaded, cells, embeddings, hires)
         noise = BatchNoise(first.rng, seeds, first.eta_noise_seed_delta, tuple(samples.shape[1:]), self.device)
         sampler, schedule = hires.sampler or first.sampler, hires.schedule or first.schedule
+        assert loaded.sigmas is not None  # the first pass checked it
         guided = Guided(loaded.unet_for(first.loras), cond, uncond, uncond_first=False)
         out, sigmas = a1111_sample(guided, loaded.sigmas, sampler, schedule, first.steps, first.guidance, noise, seeds,
                                    Img2Img(samples, hires.denoise, hires.steps or first.steps))
@@ -246,8 +248,8 @@ class Renderer:
                          steps=hires.steps or first.steps)
         return out[:real], described
 
-    def _a1111(self, loaded: Loaded, first: Cell, cond, uncond, noise: BatchNoise, seeds: list[int],
-               start: Img2Img | None = None) -> tuple[torch.Tensor, dict]:
+    def _a1111(self, loaded: Loaded, first: Cell, cond: torch.Tensor, uncond: torch.Tensor, noise: BatchNoise,
+               seeds: list[int], start: Img2Img | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         if loaded.sigmas is None or loaded.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
             raise RenderError(f"{first.sampler!r} needs an epsilon-prediction model with a standard noise schedule; "
                               f"use a diffusers scheduler class for {loaded.model.source}")
@@ -256,8 +258,8 @@ class Renderer:
                                        first.guidance, noise, seeds, start)
         return latents, describe_a1111(first.sampler, first.schedule, first.rng, first.eta_noise_seed_delta, sigmas)
 
-    def _diffusers(self, loaded: Loaded, cells: list[Cell], cond, uncond, noise: BatchNoise,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
+    def _diffusers(self, loaded: Loaded, cells: list[Cell], cond: torch.Tensor, uncond: torch.Tensor,
+                   noise: BatchNoise, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, Any]]:
         import diffusers
 
         first = cells[0]
@@ -290,6 +292,11 @@ def hires_text(cell: Cell, hires: Hires | None) -> str:
     return encoder_text(hires.prompt, cell.prompt_sr)
 
 
+def _present(x: torch.Tensor | None) -> torch.Tensor:
+    assert x is not None
+    return x
+
+
 def _same_shape(latents: list[torch.Tensor | None]) -> list[list[int]]:
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, x in enumerate(latents):
@@ -298,7 +305,7 @@ def _same_shape(latents: list[torch.Tensor | None]) -> list[list[int]]:
     return list(groups.values())
 
 
-def describe_a1111(name: str, schedule: str, rng: str, ensd: int, sigmas: torch.Tensor) -> dict:
+def describe_a1111(name: str, schedule: str, rng: str, ensd: int, sigmas: torch.Tensor) -> dict[str, Any]:
     """What a record says about an A1111 sampler run: function, options, noise source, sigmas."""
     sampler = samplers.lookup(name)
     return {"family": "a1111", "name": name, "schedule": schedule,

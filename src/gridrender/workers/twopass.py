@@ -114,7 +114,7 @@ def load_init_image(init: InitImage) -> Image.Image:
     data = read_image_source(init.location)
     if image_sha256(data) != init.sha256:
         raise RenderError(f"init image {init.source!r} changed since the job was planned (sha256 differs)")
-    image = Image.open(io.BytesIO(data))
+    image: Image.Image = Image.open(io.BytesIO(data))
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))

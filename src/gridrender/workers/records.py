@@ -69,7 +69,9 @@ def build_record(rendered: Rendered, model: ModelSpec, image_sha256: str, device
         "hires": cell.hires.to_dict() if cell.hires else None,  # resolved: what reproduce renders again
         "init_image": cell.init_image.to_dict() if cell.init_image else None,
         "sampler": rendered.sampler,
-        "generator": {"source": cell.rng, "seed": cell.seed, "eta_noise_seed_delta": cell.eta_noise_seed_delta},
+        # every source is computed on the CPU (GPU and NV by emulation), whatever the worker's device
+        "generator": {"device": "cpu", "source": cell.rng, "seed": cell.seed,
+                      "eta_noise_seed_delta": cell.eta_noise_seed_delta},
         "versions": versions(),
         "device": device_info(device),
         "timings": {k: round(v, 6) for k, v in rendered.timings.items()},

@@ -392,6 +392,10 @@ def test_hires_with_another_sampler_and_ensd_shares_its_first_pass(ours, model, 
     assert differs(rendered[0].image, want) <= 2
     assert differs(rendered[1].image, reference.txt2img(spec, {"upscaler": "Latent", "scale": 2.0, "denoise": 0.5,
                                                                 "steps": 0})) <= 2
+    # alone or beside the other setting, in a job of batch size 2: one shape for every call, the same image
+    together = ours.render(model, cells, pad_to=2)
+    for i, cell in enumerate(cells):
+        assert differs(ours.render(model, [cell], pad_to=2)[0].image, together[i].image) == 0
 
 
 @pytest.fixture(scope="module")

@@ -168,8 +168,10 @@ class Renderer:
         start = time.perf_counter()
         images: list[Image.Image] = [None] * len(cells)  # type: ignore[list-item]
         for members in _same_shape(finals):
-            decoded = _decode(loaded, torch.stack([_present(finals[i]) for i in members]), first.vae,
-                              truncate=sampler.family == "a1111")
+            stacked = torch.stack([_present(finals[i]) for i in members])
+            if pad and len(members) < pad:  # the VAE decodes the call's shape too: padded, copies dropped
+                stacked = torch.cat([stacked, stacked[-1:].expand(pad - len(members), *stacked.shape[1:])])
+            decoded = _decode(loaded, stacked, first.vae, truncate=sampler.family == "a1111")[: len(members)]
             for i, image in zip(members, decoded, strict=True):
                 images[i] = image
         timings["decode"] = time.perf_counter() - start
@@ -219,6 +221,10 @@ class Renderer:
     def _hires_pass(self, loaded: Loaded, cells: list[Cell], latents: torch.Tensor, hires: Hires,
                     embeddings: Embeddings, pad_to: int | None) -> tuple[torch.Tensor, dict[str, Any]]:
         """A1111's sample_hr_pass: upscale, fresh noise at the new size, img2img with the hires settings."""
+        real = len(cells)
+        if pad_to and real < pad_to:  # every step of the pass runs the call's shape
+            cells = cells + [cells[-1]] * (pad_to - real)
+            latents = torch.cat([latents, latents[-1:].expand(pad_to - real, *latents.shape[1:])])
         first = cells[0]
         width, height, cut_x, cut_y = hires_target(hires, first.width, first.height)
         vae = vae_for(loaded.pipe, loaded.extras, first.vae, loaded.vae_config_folder)
@@ -231,11 +237,6 @@ class Renderer:
             upscaled = [resize_image(im, width, height, hires.upscaler, hires.model) for im in pixels]
             samples = encode(vae, upscaled, seeds, self.device)
         samples = truncate(samples, cut_x, cut_y)
-        real = len(cells)
-        if pad_to and real < pad_to:
-            cells = cells + [cells[-1]] * (pad_to - real)
-            samples = torch.cat([samples, samples[-1:].expand(pad_to - real, *samples.shape[1:])])
-            seeds = [c.seed for c in cells]
         cond, uncond = self._conditioning(loaded, cells, embeddings, hires)
         noise = BatchNoise(first.rng, seeds, first.eta_noise_seed_delta, tuple(samples.shape[1:]), self.device)
         sampler, schedule = hires.sampler or first.sampler, hires.schedule or first.schedule

@@ -48,6 +48,8 @@ def parameters(cell: Cell) -> str:
         pairs["VAE hash"] = cell.vae.short_hash()
         pairs["VAE"] = cell.vae.name
     pairs["Clip skip"] = cell.clip_skip
+    if cell.model.zero_terminal_snr:  # A1111's setting: written so that A1111 renders it so again
+        pairs["Noise Schedule"] = "Zero Terminal SNR"
     if cell.loras:
         pairs["Lora hashes"] = _hashes([(c.name, c.short_hash()) for c, _ in cell.loras])
     if cell.embeddings:

@@ -100,7 +100,7 @@ class PromptEncoder:
 
     def describe(self, skip: int) -> list[dict[str, Any]]:
         """What a record says about each encoder for this skip: its layer, of how many, and whether normed."""
-        names = ["text_encoder", "text_encoder_2"]
+        names = ["text_encoder", "text_encoder_2"][: len(self.encoders)]
         return [{"encoder": name, "layer": layer, "layers": clip_layers(e), "final_layer_norm": not self.xl}
                 for name, e, layer in zip(names, self.encoders, self.layers_for(skip), strict=True)]
 

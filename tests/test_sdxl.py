@@ -430,3 +430,70 @@ def test_force_upcast_and_a_nan_decode_redone_in_float32(ours, xl, xl_folder, tm
     assert rendered.decode == {"dtype": "float32", "redone_in_float32": True}
     pixels = np.asarray(rendered.image)
     assert np.isfinite(pixels).all() and pixels.std() > 1
+
+
+# -- offline: CLIP's vocabulary ships with gridrender --------------------------------------------
+
+TEXTS = ["a photo of a cat", "masterpiece, best quality, 1girl, solo, looking at viewer, (sharp focus:1.1)",
+         "Ünïcode  spaces\tand CAPS, don't", "a,b,,c 123 4567", "<|endoftext|> lighthouse at dusk!!"]
+
+
+def test_the_shipped_vocabulary_tokenizes_as_clips_tokenizer(tmp_path):
+    """vocab.json / merges.txt derived from open_clip's bpe_simple_vocab_16e6 are CLIP's (49408 tokens)."""
+    from transformers import CLIPTokenizer
+
+    from gridrender.scheduler.tokens import CLIP_MERGES, CLIP_VOCAB, ClipTokenizer
+
+    for file in (CLIP_VOCAB, CLIP_MERGES):
+        shutil.copy(file, tmp_path / file.name)
+    theirs = CLIPTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    assert len(theirs) == 49408 and (theirs.bos_token_id, theirs.eos_token_id) == (49406, 49407)
+    # transformers' documented example for openai/clip-vit-large-patch14
+    assert theirs("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert theirs.get_vocab()[",</w>"] == 267
+    ours = ClipTokenizer.from_files(CLIP_VOCAB, CLIP_MERGES)
+    for text in TEXTS:
+        assert ours.tokenize([text]) == theirs([text], add_special_tokens=False)["input_ids"], text
+
+
+def test_single_files_load_with_no_network_and_an_empty_hugging_face_cache(tmp_path, monkeypatch):
+    """The shipped configs and vocabulary make a from_single_file config folder; real-size headers resolve."""
+    import struct
+
+    import huggingface_hub.constants as constants
+    from transformers import CLIPTokenizer
+
+    from gridrender.scheduler.tokens import tokenizer_for
+    from gridrender.workers.pipelines import single_file_config
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+
+    def header_only(name, shapes):
+        header = json.dumps({k: {"dtype": "F16", "shape": s, "data_offsets": [0, 0]} for k, s in shapes.items()}).encode()
+        path = tmp_path / name
+        path.write_bytes(struct.pack("<Q", len(header)) + header)
+        return path
+
+    unet = {"model.diffusion_model.input_blocks.0.0.weight": [320, 4, 3, 3]}
+    sd15 = {"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": [49408, 768],
+            **{f"cond_stage_model.transformer.text_model.encoder.layers.{i}.mlp.fc1.weight": [3072, 768] for i in range(12)}}
+    sdxl = {"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": [49408, 768],
+            **{f"conditioner.embedders.0.transformer.text_model.encoder.layers.{i}.mlp.fc1.weight": [3072, 768]
+               for i in range(12)},
+            "conditioner.embedders.1.model.token_embedding.weight": [49408, 1280],
+            **{f"conditioner.embedders.1.model.transformer.resblocks.{i}.mlp.c_fc.weight": [5120, 1280]
+               for i in range(32)}, "v_pred": [0], "ztsnr": [0]}
+    one = resolve(str(header_only("sd15.safetensors", {**unet, **sd15})))
+    xl = resolve(str(header_only("noobai-vpred.safetensors", {**unet, **sdxl})))
+    assert (one.family, one.config, one.clip_layers) == ("sd1", "sd15", 12)
+    assert (xl.family, xl.config, xl.clip_layers, xl.clip_layers_2) == ("sdxl", "sdxl", 12, 32)
+    assert (xl.prediction, xl.zero_terminal_snr) == ("v_prediction", True)
+    assert tokenizer_for(xl).tokenize(["a photo of a cat"]) == [[320, 1125, 539, 320, 2368]]
+    for model, tokenizers in ((one, ["tokenizer"]), (xl, ["tokenizer", "tokenizer_2"])):
+        folder = single_file_config(model.config)
+        for name in tokenizers:
+            tokenizer = CLIPTokenizer.from_pretrained(folder / name, local_files_only=True)
+            assert tokenizer("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert not (tmp_path / "empty-hf").exists() or not any((tmp_path / "empty-hf").iterdir())

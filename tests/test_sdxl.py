@@ -497,3 +497,35 @@ def test_single_files_load_with_no_network_and_an_empty_hugging_face_cache(tmp_p
             tokenizer = CLIPTokenizer.from_pretrained(folder / name, local_files_only=True)
             assert tokenizer("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert not (tmp_path / "empty-hf").exists() or not any((tmp_path / "empty-hf").iterdir())
+
+
+def test_an_sdxl_hub_id_resolves_its_family_and_prediction_from_the_cache(monkeypatch, tmp_path, xl_vpred_folder):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    repo = tmp_path / "hf" / "models--someone--noob-vpred"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("b" * 40)
+    snapshot = repo / "snapshots" / ("b" * 40)
+    for name in ("model_index.json", "text_encoder/config.json", "text_encoder_2/config.json",
+                 "scheduler/scheduler_config.json"):
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(xl_vpred_folder / name, snapshot / name)
+    model = resolve("someone/noob-vpred")
+    assert (model.kind, model.family, model.revision, model.clip_layers, model.clip_layers_2) == (
+        "hub", "sdxl", "b" * 40, 6, 8)
+    assert model.identity() == {"kind": "hub", "name": "someone/noob-vpred", "revision": "b" * 40,
+                                "prediction": "v_prediction", "zero_terminal_snr": True}
+
+
+def test_an_sd1_v_prediction_model_runs_on_the_v_denoiser(ours, tiny_folder, tmp_path):
+    folder = tmp_path / "sd1-v"
+    shutil.copytree(tiny_folder, folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "prediction_type": "v_prediction"}))
+    eps, v = resolve(str(tiny_folder)), resolve(str(folder))
+    assert (v.family, v.prediction, v.zero_terminal_snr) == ("sd1", "v_prediction", False)
+    a, b = (ours.render(m, [xl_cell(m, sampler="Euler")])[0] for m in (eps, v))
+    assert b.sampler["config"]["denoiser"] == "k-diffusion:CompVisVDenoiser" and a.sampler["sigmas"] == b.sampler["sigmas"]
+    assert differs(a.image, b.image) > 10  # the same weights read as v: another image

@@ -164,6 +164,7 @@ def _resolve_file(source: str, path: Path) -> ModelSpec:
 def _match_config(source: str, path: Path, shapes: dict[str, list[int]], family: str) -> ModelSpec:
     """The shipped config whose text encoders and UNet match the checkpoint's widths and depths."""
     conv_in = shapes.get(families.UNET + "input_blocks.0.0.weight", [0])[0]
+    encoders: tuple[tuple[int, int], ...]
     if family == SDXL:
         encoders = families.xl_encoders(shapes)
     else:

@@ -432,6 +432,35 @@ def test_force_upcast_and_a_nan_decode_redone_in_float32(ours, xl, xl_folder, tm
     assert np.isfinite(pixels).all() and pixels.std() > 1
 
 
+def test_an_sd1_vae_decodes_in_the_models_dtype_whatever_force_upcast_defaults_to(ours, tiny_folder):
+    """diffusers' StableDiffusionPipeline never reads force_upcast (only StableDiffusionXLPipeline's
+    decode does), and AutoencoderKL defaults it to True; A1111 decodes SD 1.x in fp16 (devices.dtype_vae,
+    unless --no-half-vae). So an SD 1.x fp16 render decodes in fp16."""
+    from diffusers import AutoencoderKL
+
+    assert AutoencoderKL.from_pretrained(tiny_folder, subfolder="vae").config.force_upcast  # the default says it
+    model = resolve(str(tiny_folder))
+    rendered = ours.render(model, [xl_cell(model, dtype="float16", sampler="Euler", steps=3)])[0]
+    assert rendered.decode == {"dtype": "float16", "redone_in_float32": False}
+
+
+def test_nan_latents_fail_the_cells_rather_than_store_a_black_image(ours, tiny_folder, tmp_path):
+    """A1111's decode_latent_batch: devices.test_for_nans(batch, "unet") raises before any decode."""
+    from diffusers import UNet2DConditionModel
+
+    from gridrender.scheduler.errors import RenderError
+
+    folder = tmp_path / "nan-unet"
+    shutil.copytree(tiny_folder, folder)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    with torch.no_grad():
+        unet.conv_out.bias.fill_(float("nan"))
+    unet.save_pretrained(folder / "unet")
+    model = resolve(str(folder))
+    with pytest.raises(RenderError, match="UNet produced NaN"):
+        ours.render(model, [xl_cell(model, sampler="Euler", steps=2)])
+
+
 # -- offline: CLIP's vocabulary ships with gridrender --------------------------------------------
 
 TEXTS = ["a photo of a cat", "masterpiece, best quality, 1girl, solo, looking at viewer, (sharp focus:1.1)",

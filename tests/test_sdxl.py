@@ -319,6 +319,24 @@ def test_an_sdxl_embedding_feeds_both_encoders(ours, xl, pipe, tmp_path, job_fil
     assert result.returncode == 2 and "embeddings" in result.stderr and "SD 1.x embedding" in result.stderr
 
 
+def test_a_blank_negative_is_encoded_and_only_an_empty_one_is_zeros(ours, xl, pipe):
+    """sd_models_xl.get_learned_conditioning zeroes when `all(x == '' for x in batch)`: the text itself.
+    A negative of spaces is encoded (one empty chunk), so it is another image and another cell on
+    SDXL; on SD 1.x both are the same empty chunk and keep one id."""
+    empty, blank = (xl_cell(xl, negative_prompt=n, sampler="Euler", steps=3) for n in ("", "  "))
+    assert empty.id != blank.id and blank.negative_text == empty.negative_text == ""
+    tiny = resolve("builtin:tiny")
+    assert xl_cell(tiny, negative_prompt="").id == xl_cell(tiny, negative_prompt="  ").id
+    # Prompt S/R that leaves nothing is empty in A1111 too (the replaced text is compared)
+    replaced = xl_cell(xl, negative_prompt="lowres", prompt_sr=("lowres", ""), sampler="Euler", steps=3)
+    assert replaced.negative_is_empty and not blank.negative_is_empty
+    for cell in (empty, blank):
+        got = ours.render(xl, [cell])[0]
+        want = a1111_xl_render(pipe, SHORT, cell.negative_prompt, 2, cell.seed, "Euler", "Uniform", 3, 7.0)
+        assert differs(got.image, want) <= 2
+    assert differs(ours.render(xl, [empty])[0].image, ours.render(xl, [blank])[0].image) > 2
+
+
 # -- samplers: every A1111 sampler, eps and v-prediction, against k-diffusion ----------------------------
 
 A1111_NAMES = [s.name for s in samplers.A1111]

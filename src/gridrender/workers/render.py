@@ -139,7 +139,7 @@ class Renderer:
         size = (first.width, first.height)
         cond = Conditioning.of([embeddings[(c.text, c.clip_skip)] for c in cells], unet_dtype, *size)
         uncond = Conditioning.of([embeddings[(c.negative_text, c.clip_skip)] for c in cells], unet_dtype, *size,
-                                 zero=[c.negative_text == "" for c in cells])
+                                 zero=[c.negative_is_empty for c in cells])
         timings["encode"] = time.perf_counter() - start
 
         # 3. One CPU generator per cell: the seed fixes the noise, whatever the batch.

@@ -145,15 +145,18 @@ def with_fixes(encoder, fixes, key):
 
 
 @torch.no_grad()
-def a1111_xl_cond(pipe, text, clip_skip, negative=False, chunks=None, fixes=()):
+def a1111_xl_cond(pipe, text, clip_skip, negative=False, chunks=None, fixes=(), tokenizer_2=None):
     """sd_models_xl.get_learned_conditioning([text]) for a batch of one: {crossattn, pooled, time_ids}.
 
     `chunks`: [(tokens, multipliers)] when the test lays them out itself (embeddings); `fixes`:
-    [(offset, {"clip_l": ..., "clip_g": ...})] for the first chunk.
+    [(offset, {"clip_l": ..., "clip_g": ...})] for the first chunk. Each embedder chunks the text
+    with its own tokenizer (`tokenizer_2`: open_clip's, for the second; the same ids by default).
     """
     layer = -max(clip_skip, 2)  # layer_idx / "penultimate" for 1 and 2 (A1111 ignores clip skip on SDXL)
     z_l, z_g, pooled = [], [], None
-    for index, (tokens, multipliers) in enumerate(chunks or a1111_chunks(pipe.tokenizer, text)):
+    chunks_l = chunks or a1111_chunks(pipe.tokenizer, text)
+    chunks_g = chunks or a1111_chunks(tokenizer_2 or pipe.tokenizer, text)
+    for index, ((tokens, multipliers), (tokens_g, multipliers_g)) in enumerate(zip(chunks_l, chunks_g, strict=True)):
         handles = [with_fixes(pipe.text_encoder, fixes, "clip_l"),
                    with_fixes(pipe.text_encoder_2, fixes, "clip_g")] if fixes and index == 0 else []
         try:
@@ -161,6 +164,7 @@ def a1111_xl_cond(pipe, text, clip_skip, negative=False, chunks=None, fixes=()):
             outputs = pipe.text_encoder(input_ids=torch.asarray([tokens]), output_hidden_states=True)
             z_l.append(emphasis_original(outputs.hidden_states[layer], multipliers))
             # embedder 1, FrozenOpenCLIPEmbedder2WithCustomWords.process_tokens: id_pad after the first id_end
+            tokens, multipliers = tokens_g, multipliers_g
             ids = torch.asarray([tokens])
             end = tokens.index(pipe.tokenizer.eos_token_id)
             ids[0, end + 1 :] = 0
@@ -282,6 +286,75 @@ def test_conditioning_is_a1111s_for_short_and_long_prompts_and_an_empty_negative
         torch.testing.assert_close(encoded.embedding, want["crossattn"][0], rtol=0, atol=1e-5)
         torch.testing.assert_close(encoded.pooled, want["pooled"][0], rtol=0, atol=1e-5)
     assert got[(LONG_PROMPT, skip)].chunks == 4  # BREAK, emphasis, comma backtrack: four 75-token chunks
+
+
+# Prompts where ftfy (both tokenizers) and open_clip's double html.unescape (the second) change the ids.
+TRICKY = ["“masterpiece”, best quality, 1girl，solo（smile）, ﬁsh",
+          "ｈｅｌｌｏ world, don’t, café &amp; bar",
+          ">_< &amp; fish &amp;amp; chips, (red:1.2) BREAK blue",
+          ", ".join(["“quoted” tag"] * 30) + ", &amp; more"]  # > 75 tokens: the comma backtrack
+
+
+@pytest.fixture(scope="session")
+def clip_vocab_encoder(tmp_path_factory):
+    """A PromptEncoder with CLIP's real (shipped) vocabulary and two tiny random encoders."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from gridrender.scheduler.tokens import CLIP_MERGES, CLIP_VOCAB
+    from gridrender.workers.clip import PromptEncoder
+
+    folder = tmp_path_factory.mktemp("clip-vocab")
+    for file in (CLIP_VOCAB, CLIP_MERGES):
+        shutil.copy(file, folder / file.name)
+    tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    torch.manual_seed(0)
+    small = dict(vocab_size=49408, intermediate_size=32, num_attention_heads=2, max_position_embeddings=77)
+    encoder = CLIPTextModel(CLIPTextConfig(hidden_size=16, num_hidden_layers=3, hidden_act="quick_gelu", **small))
+    encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=24, num_hidden_layers=4, projection_dim=20,
+                                                           hidden_act="gelu", **small))
+    return PromptEncoder(tokenizer, encoder.eval(), encoder_2.eval())
+
+
+def test_each_encoder_tokenizes_as_a1111s_tokenizer_for_it(clip_vocab_encoder):
+    """CLIP-L: transformers' slow CLIPTokenizer with ftfy (A1111's); OpenCLIP: open_clip's SimpleTokenizer
+    (ftfy, html.unescape twice). The references are written from those sources (tests/support/a1111_text.py)."""
+    from gridrender.scheduler.tokens import CLIP_MERGES, ClipTokenizer
+    from tests.support.a1111_text import ReferenceTokenizer
+
+    references = [ReferenceTokenizer(CLIP_MERGES, "hf"), ReferenceTokenizer(CLIP_MERGES, "open_clip")]
+    counts = ClipTokenizer.from_files(CLIP_MERGES.with_name("vocab.json"), CLIP_MERGES)
+    for text in TRICKY:
+        for index, reference in enumerate(references):
+            want = a1111_chunks(reference, text)
+            got = clip_vocab_encoder.chunk(text, encoder=index).chunks
+            assert [c.tokens for c in got] == [t for t, _ in want], (index, text)
+            assert np.allclose([c.weights for c in got], [m for _, m in want], rtol=1e-12), (index, text)
+        # validate counts what the worker's first encoder reads
+        assert counts.tokenize([text]) == references[0]([text])["input_ids"], text
+    # where they differ: only open_clip unescapes HTML in a text that has a "<"
+    ids_l, ids_g = (clip_vocab_encoder.chunk(TRICKY[2], encoder=i).chunks[0].tokens for i in (0, 1))
+    assert ids_l != ids_g
+
+
+def test_each_encoder_reads_its_own_tokens(clip_vocab_encoder):
+    from types import SimpleNamespace
+
+    from gridrender.scheduler.errors import RenderError
+    from gridrender.scheduler.tokens import CLIP_MERGES
+    from tests.support.a1111_text import ReferenceTokenizer
+
+    encoder = clip_vocab_encoder
+    pipe = SimpleNamespace(tokenizer=ReferenceTokenizer(CLIP_MERGES, "hf"), text_encoder=encoder.encoders[0],
+                           text_encoder_2=encoder.encoders[1])
+    tokenizer_2 = ReferenceTokenizer(CLIP_MERGES, "open_clip")
+    got = encoder.encode(TRICKY, {2})
+    for text in TRICKY:
+        want = a1111_xl_cond(pipe, text, 2, tokenizer_2=tokenizer_2)
+        torch.testing.assert_close(got[(text, 2)].embedding, want["crossattn"][0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got[(text, 2)].pooled, want["pooled"][0], rtol=0, atol=1e-5)
+    # 60 tokens of "&amp;amp;" for CLIP-L are 12 for OpenCLIP: A1111's torch.cat of the two fails
+    with pytest.raises(RenderError, match="different numbers of 75-token chunks"):
+        encoder.encode(["<3 " + " &amp;amp;" * 15], {2})
 
 
 def test_clip_skip_1_and_2_are_one_cell_and_3_another(xl, ours):

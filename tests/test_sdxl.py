@@ -523,6 +523,20 @@ def test_force_upcast_and_a_nan_decode_redone_in_float32(ours, xl, xl_folder, tm
     assert np.isfinite(pixels).all() and pixels.std() > 1
 
 
+def test_a_single_file_sdxl_vae_decodes_in_the_models_dtype_as_in_a1111(ours, xl, xl_folder, tmp_path):
+    """A single-file VAE has no config of its own (it loads with the model's, which says force_upcast):
+    A1111 decodes it in fp16 (devices.dtype_vae) and redoes a NaN decode in fp32; the fp16-fix VAE,
+    the usual reason to pick an SDXL VAE file, never needs that."""
+    from gridrender.scheduler.components import resolve_vae
+    from gridrender.scheduler.settings import Settings
+    from tests.support.singlefile import write_single_file_vae
+
+    file = write_single_file_vae(xl_folder / "vae", tmp_path / "xl-vae.safetensors")
+    component = resolve_vae(str(file), xl, Settings())
+    rendered = ours.render(xl, [xl_cell(xl, dtype="float16", vae=component, sampler="Euler", steps=3)])[0]
+    assert rendered.decode == {"dtype": "float16", "redone_in_float32": False}
+
+
 def test_an_sd1_vae_decodes_in_the_models_dtype_whatever_force_upcast_defaults_to(ours, tiny_folder):
     """diffusers' StableDiffusionPipeline never reads force_upcast (only StableDiffusionXLPipeline's
     decode does), and AutoencoderKL defaults it to True; A1111 decodes SD 1.x in fp16 (devices.dtype_vae,

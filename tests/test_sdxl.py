@@ -386,6 +386,12 @@ def test_an_sdxl_embedding_feeds_both_encoders(ours, xl, pipe, tmp_path, job_fil
     want = a1111_xl_cond(pipe, text, 2, chunks=[(tokens, [1.0] * 77)], fixes=[(len(ids), vectors)])
     torch.testing.assert_close(embeddings[(text, 2)].embedding, want["crossattn"][0], rtol=0, atol=1e-5)
     torch.testing.assert_close(embeddings[(text, 2)].pooled, want["pooled"][0], rtol=0, atol=1e-5)
+    # A1111 gives an SDXL embedding as many slots as clip_g has vectors (create_embedding_from_data:
+    # vectors = data['clip_g'].shape[0]); each encoder fills what its own tensor has
+    encoder = ours.cache.get(xl, "float32").encoder
+    uneven = {"clip_l": vectors["clip_l"][:1], "clip_g": torch.cat([vectors["clip_g"]] * 2)}
+    (chunk,) = encoder.chunk(text, {"xlemb": uneven}).chunks
+    assert chunk.tokens[1 : len(ids) + 6] == [*ids, 0, 0, 0, 0, eos]
     # an SD 1.x embedding (one tensor) is refused for an SDXL model at validate, naming the key
     save_file({"emb_params": torch.zeros(1, 32)}, str(tmp_path / "sd1emb.safetensors"))
     result = cli("validate", str(job_file(model=str(xl.location), embeddings=[str(tmp_path / "sd1emb.safetensors")])))

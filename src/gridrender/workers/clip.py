@@ -127,8 +127,9 @@ class PromptEncoder:
         tokenizer's for both (the embedding database registers them through
         GeneralConditioner.tokenize, the first embedder).
         """
-        triggers = {tuple(ids): (word, len(_vectors_for(vectors, 0, self.xl))) for word, vectors in (embeddings or {}).items()
-                    if (ids := self.tokenize([word])[0])}
+        # slots: an SDXL embedding's clip_g count (textual_inversion.py: vectors = data['clip_g'].shape[0])
+        triggers = {tuple(ids): (word, len(_vectors_for(vectors, 1 if self.xl else 0, self.xl)))
+                    for word, vectors in (embeddings or {}).items() if (ids := self.tokenize([word])[0])}
         return chunk_prompt(text, lambda pieces: self.tokenize(pieces, encoder), self.vocab, triggers)
 
     @torch.no_grad()

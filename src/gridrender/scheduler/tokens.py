@@ -40,13 +40,20 @@ def clip_clean(text: str) -> str:
     it); the fast tokenizer's normalizer collapses whitespace and lower-cases, not ftfy's fixes:
     curly quotes, full-width punctuation (，（）), ligatures, mojibake, HTML entities.
     """
-    return ftfy.fix_text(text)
+    return text if _nothing_to_fix(text) else ftfy.fix_text(text)
 
 
 def open_clip_clean(text: str) -> str:
     """open_clip's basic_clean, which A1111's second SDXL encoder reads (sd_hijack_open_clip.py
     tokenizes with open_clip's SimpleTokenizer): ftfy.fix_text, then html.unescape twice, stripped."""
+    if _nothing_to_fix(text):
+        return text.strip()
     return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+def _nothing_to_fix(text: str) -> bool:
+    """Printable ASCII without '&': ftfy and html.unescape leave it as it is (ftfy costs ~0.1 ms a text)."""
+    return text.isascii() and text.isprintable() and "&" not in text
 
 
 def byte_alphabet() -> list[str]:

@@ -65,6 +65,8 @@ def parameters(cell: Cell) -> str:
         if "Hires sampler" in fields:
             fields["Hires sampler"] = samplers.infotext_name(str(fields["Hires sampler"]), cell.hires.schedule or "")
         pairs.update(fields)
+    if cell.model.zero_terminal_snr:  # A1111's setting: written so that A1111 renders it so again
+        pairs["Noise Schedule"] = "Zero Terminal SNR"
     if cell.loras:
         pairs["Lora hashes"] = _hashes([(c.name, c.short_hash()) for c, _ in cell.loras])
     if cell.embeddings:

@@ -17,8 +17,10 @@ from typing import Any
 
 from . import samplers
 from .components import Component
+from .families import SDXL
 from .hires import Hires, InitImage
 from .models import ModelSpec
+from .prompts import is_empty_prompt
 
 
 def _same(value: Any) -> Any:
@@ -169,6 +171,29 @@ AXES: dict[str, Axis] = _axes()
 AXIS_NAMES: dict[str, str] = {
     spelling: axis.name for axis in AXES.values() for spelling in (axis.name, axis.key, *axis.params)
 }
+
+
+def clip_skip_identity(model: ModelSpec, skip: int) -> Any:
+    """A CLIP skip's part of the cell id: N on SD 1.x; on SDXL the layers both encoders read.
+
+    SDXL takes the penultimate layer (without the final LayerNorm) for N = 1 and 2, so
+    those are one cell; N >= 3 takes layer L-N+1 of each encoder.
+    """
+    if getattr(model, "family", None) != SDXL:
+        return skip
+    return {"layers": [layers + 1 - max(skip, 2) for layers in model.encoder_layers()]}
+
+
+def negative_identity(model: ModelSpec, text: str, raw: str, sr: tuple[str, str] | None) -> str:
+    """The negative prompt's part of the cell id: the text as the encoder reads it (`text`).
+
+    On SDXL an empty negative renders as zeros, a negative of only spaces as the encoded
+    empty chunk (A1111 compares the raw text with ''): two images, so two ids. SD 1.x reads
+    both as the same empty chunk, and ids stay as they were.
+    """
+    if text == "" and getattr(model, "family", None) == SDXL and not is_empty_prompt(raw, sr):
+        return " "  # never an encoder text (those are stripped): marks "blank but not empty"
+    return text
 
 
 # components and settings a job may not use at all

@@ -3,7 +3,9 @@
 Every cell gets its own generator of its random-number source (`noise.ImageNoise`,
 A1111's ImageRNG) seeded with its seed: its starting noise and every later draw
 (ancestral samplers), or its Brownian tree (SDE samplers), are the same alone or in
-a batch, on any device.
+a batch, on any device. SD 1.x and SDXL share every step; what differs is the
+conditioning (`conditioning.Conditioning`, at each pass's size) and, for v-prediction
+models, the denoiser.
 """
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -23,12 +24,13 @@ from gridrender.scheduler.hires import Hires
 from gridrender.scheduler.models import ModelSpec
 from gridrender.scheduler.prompts import encoder_text
 
-from .clip import Encoded, clip_layer_for
-from .components import embedding_vectors, use_loras, vae_for
+from .clip import Encoded
+from .components import embedding_vectors, fp32_vae, use_loras, vae_for
+from .conditioning import Conditioning
 from .denoise import Guided, Img2Img, a1111_sample, diffusers_sample
 from .noise import BatchNoise
 from .pipelines import Loaded, PipelineCache
-from .twopass import encode, hires_target, latent_upscale, load_init_image, resize_image, truncate
+from .twopass import encode, hires_target, latent_upscale, load_init_image, resize_image, to_pil, truncate
 
 log = logging.getLogger(__name__)
 Embeddings = dict[tuple[str, int], Encoded]
@@ -46,6 +48,8 @@ class Rendered:
     timings: dict = field(default_factory=dict)
     batch_size: int = 1  # cells in the pipeline call that rendered it (padding included)
     compile: dict = field(default_factory=dict)  # the mode the UNet and VAE decoder ran in
+    encoders: list[dict] = field(default_factory=list)  # per text encoder: the layer used, of how many, normed
+    decode: dict = field(default_factory=dict)  # the VAE's dtype, and whether a NaN/inf decode was redone in fp32
 
 
 class Renderer:
@@ -71,7 +75,7 @@ class Renderer:
         loaded = self.cache.get(model, cells[0].dtype)
         encoder = loaded.encoder
         for cell in cells:
-            if not 1 <= cell.clip_skip <= encoder.layers:
+            if not 1 <= cell.clip_skip <= encoder.layers:  # SDXL: the smaller encoder's layers
                 raise RenderError(f"clip_skip {cell.clip_skip} is outside 1..{encoder.layers} for {model.source}")
         use_loras(loaded.pipe, loaded.extras, cells[0].loras)  # text-encoder LoRA layers change the encoding
         used = {e.name: e for c in cells for e in c.embeddings}
@@ -167,30 +171,35 @@ class Renderer:
         # 5. Decode to pixels, rounded the way the sampler family's reference does.
         start = time.perf_counter()
         images: list[Image.Image] = [None] * len(cells)  # type: ignore[list-item]
+        decode_described: dict[str, Any] = {}
         for members in _same_shape(finals):
             stacked = torch.stack([_present(finals[i]) for i in members])
             if pad and len(members) < pad:  # the VAE decodes the call's shape too: padded, copies dropped
                 stacked = torch.cat([stacked, stacked[-1:].expand(pad - len(members), *stacked.shape[1:])])
-            decoded = _decode(loaded, stacked, first.vae, truncate=sampler.family == "a1111")[: len(members)]
-            for i, image in zip(members, decoded, strict=True):
+            decoded, decode_described = _decode(loaded, stacked, first.vae, truncate=sampler.family == "a1111")
+            for i, image in zip(members, decoded[: len(members)], strict=True):
                 images[i] = image
         timings["decode"] = time.perf_counter() - start
 
-        layers = loaded.encoder.layers
         per_cell = {k: v / len(cells) for k, v in timings.items()}
         compile_state = loaded.compile_state()
-        return [
-            Rendered(cell, image, clip_layer_for(cell.clip_skip, layers), layers, cell_described,
-                     _token_counts(embeddings, cell), dict(per_cell), max(pad or 0, len(first_cells)), compile_state)
-            for cell, image, cell_described in zip(cells, images, per_cell_described, strict=True)
-        ]
+        rendered = []
+        for cell, image, cell_described in zip(cells, images, per_cell_described, strict=True):
+            encoders = loaded.encoder.describe(cell.clip_skip)
+            rendered.append(Rendered(cell, image, encoders[0]["layer"], encoders[0]["layers"], cell_described,
+                                     _token_counts(embeddings, cell), dict(per_cell), max(pad or 0, len(first_cells)),
+                                     compile_state, encoders, decode_described))
+        return rendered
 
-    def _conditioning(self, loaded: Loaded, cells: list[Cell], embeddings: Embeddings,
-                      hires: Hires | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _conditioning(self, loaded: Loaded, cells: list[Cell], embeddings: Embeddings, width: int, height: int,
+                      hires: Hires | None = None) -> tuple[Conditioning, Conditioning]:
+        """cond and uncond of a pass; SDXL's size conditioning is the pass's size (A1111's calculate_hr_conds)."""
         dtype = loaded.pipe.unet.dtype
         texts = [hires_text(c, hires) for c in cells]
-        cond = _stack([embeddings[(t, c.clip_skip)].embedding for t, c in zip(texts, cells, strict=True)], dtype)
-        uncond = _stack([embeddings[(c.negative_text, c.clip_skip)].embedding for c in cells], dtype)
+        cond = Conditioning.of([embeddings[(t, c.clip_skip)] for t, c in zip(texts, cells, strict=True)], dtype,
+                               width, height)
+        uncond = Conditioning.of([embeddings[(c.negative_text, c.clip_skip)] for c in cells], dtype, width, height,
+                                 zero=[c.negative_is_empty for c in cells])
         return cond, uncond
 
     def _first_pass(self, loaded: Loaded, cells: list[Cell], embeddings: Embeddings,
@@ -200,7 +209,7 @@ class Renderer:
         if pad_to and real < pad_to:
             cells = cells + [cells[-1]] * (pad_to - real)
         first = cells[0]
-        cond, uncond = self._conditioning(loaded, cells, embeddings)
+        cond, uncond = self._conditioning(loaded, cells, embeddings, first.width, first.height)
         shape = _latent_shape(loaded, first)
         seeds = [c.seed for c in cells]
         # One generator per cell, of the cell's source: the seed fixes the noise, whatever the batch.
@@ -233,33 +242,34 @@ class Renderer:
             mode, antialias = hires.latent_mode
             samples = latent_upscale(latents, mode, antialias, width, height)
         else:  # decode, upscale the pixels, encode again
-            pixels = _decode(loaded, latents, first.vae, truncate=True)
+            pixels, _ = _decode(loaded, latents, first.vae, truncate=True)
             upscaled = [resize_image(im, width, height, hires.upscaler, hires.model) for im in pixels]
             samples = encode(vae, upscaled, seeds, self.device)
         samples = truncate(samples, cut_x, cut_y)
-        cond, uncond = self._conditioning(loaded, cells, embeddings, hires)
+        cond, uncond = self._conditioning(loaded, cells, embeddings, width, height, hires)
         noise = BatchNoise(first.rng, seeds, first.eta_noise_seed_delta, tuple(samples.shape[1:]), self.device)
         sampler, schedule = hires.sampler or first.sampler, hires.schedule or first.schedule
         assert loaded.sigmas is not None  # the first pass checked it
         guided = Guided(loaded.unet_for(first.loras), cond, uncond, uncond_first=False)
         out, sigmas = a1111_sample(guided, loaded.sigmas, sampler, schedule, first.steps, first.guidance, noise, seeds,
-                                   Img2Img(samples, hires.denoise, hires.steps or first.steps))
-        described = describe_a1111(sampler, schedule, first.rng, first.eta_noise_seed_delta, sigmas)
+                                   Img2Img(samples, hires.denoise, hires.steps or first.steps), loaded.v_prediction)
+        described = describe_a1111(loaded, sampler, schedule, first.rng, first.eta_noise_seed_delta, sigmas)
         described.update(upscaler=hires.upscaler, target=[width, height], denoise=hires.denoise,
                          steps=hires.steps or first.steps)
         return out[:real], described
 
-    def _a1111(self, loaded: Loaded, first: Cell, cond: torch.Tensor, uncond: torch.Tensor, noise: BatchNoise,
+    def _a1111(self, loaded: Loaded, first: Cell, cond: Conditioning, uncond: Conditioning, noise: BatchNoise,
                seeds: list[int], start: Img2Img | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-        if loaded.sigmas is None or loaded.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
-            raise RenderError(f"{first.sampler!r} needs an epsilon-prediction model with a standard noise schedule; "
-                              f"use a diffusers scheduler class for {loaded.model.source}")
+        if loaded.sigmas is None:
+            raise RenderError(f"{first.sampler!r} needs a model with a standard (linear or scaled-linear) noise "
+                              f"schedule; use a diffusers scheduler class for {loaded.model.source}")
         guided = Guided(loaded.unet_for(first.loras), cond, uncond, uncond_first=False)
         latents, sigmas = a1111_sample(guided, loaded.sigmas, first.sampler, first.schedule, first.steps,
-                                       first.guidance, noise, seeds, start)
-        return latents, describe_a1111(first.sampler, first.schedule, first.rng, first.eta_noise_seed_delta, sigmas)
+                                       first.guidance, noise, seeds, start, loaded.v_prediction)
+        return latents, describe_a1111(loaded, first.sampler, first.schedule, first.rng, first.eta_noise_seed_delta,
+                                       sigmas)
 
-    def _diffusers(self, loaded: Loaded, cells: list[Cell], cond: torch.Tensor, uncond: torch.Tensor,
+    def _diffusers(self, loaded: Loaded, cells: list[Cell], cond: Conditioning, uncond: Conditioning,
                    noise: BatchNoise, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, Any]]:
         import diffusers
 
@@ -306,23 +316,22 @@ def _same_shape(latents: list[torch.Tensor | None]) -> list[list[int]]:
     return list(groups.values())
 
 
-def describe_a1111(name: str, schedule: str, rng: str, ensd: int, sigmas: torch.Tensor) -> dict[str, Any]:
-    """What a record says about an A1111 sampler run: function, options, noise source, sigmas."""
+def describe_a1111(loaded: Loaded, name: str, schedule: str, rng: str, ensd: int,
+                   sigmas: torch.Tensor) -> dict[str, Any]:
+    """What a record says about an A1111 sampler run: function, options, denoiser, noise source, sigmas."""
     sampler = samplers.lookup(name)
+    denoiser = "CompVisVDenoiser" if loaded.v_prediction else "CompVisDenoiser"
     return {"family": "a1111", "name": name, "schedule": schedule,
             "class": f"k-diffusion:{sampler.function}", "semantics": sampler.semantics,
             "config": {"discard_penultimate_sigma": sampler.discard_penultimate_sigma, "noise": sampler.noise,
                        "eta": 1.0 if sampler.noise != "none" else 0.0, "s_noise": 1.0, **sampler.options,
-                       "rng": rng, "rng_algorithm": RNG_ALGORITHMS[rng], "eta_noise_seed_delta": ensd},
+                       "rng": rng, "rng_algorithm": RNG_ALGORITHMS[rng], "eta_noise_seed_delta": ensd,
+                       "denoiser": f"k-diffusion:{denoiser}", "zero_terminal_snr": loaded.model.zero_terminal_snr},
             "sigmas": [round(float(s), 6) for s in sigmas.cpu()]}
 
 
 RNG_ALGORITHMS = {"GPU": "philox4x32-10 (torch CUDA randn, A1111's NV emulation)",
                   "NV": "philox4x32-10 (A1111's NV emulation)", "CPU": "torch CPU mt19937"}
-
-
-def _stack(embeddings: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    return torch.stack(embeddings).to(dtype)
 
 
 def _latent_shape(loaded: Loaded, cell: Cell) -> tuple[int, int, int]:
@@ -333,25 +342,46 @@ def _latent_shape(loaded: Loaded, cell: Cell) -> tuple[int, int, int]:
     return (pipe.unet.config.in_channels, cell.height // factor, cell.width // factor)
 
 
-def _decode(loaded: Loaded, latents: torch.Tensor, component, truncate: bool) -> list[Image.Image]:
-    """VAE decode (the model's own or the cell's); A1111 truncates to uint8 (astype), diffusers rounds."""
+def _decode(loaded: Loaded, latents: torch.Tensor, component, truncate: bool) -> tuple[list[Image.Image], dict]:
+    """VAE decode (the model's own or the cell's); A1111 truncates to uint8 (astype), diffusers rounds.
+
+    A1111's samplers decode whole (no tiles). A decode with NaN or inf (a VAE overflowing
+    in fp16) is done again in float32, as A1111's "auto VAE precision" does: never a black
+    or NaN image under a cell id. NaN/inf latents (the UNet overflowed) or a float32 decode
+    that still is not finite fail the cells, as A1111's test_for_nans(batch, "unet") /
+    (sample, "vae") raise.
+    """
+    if not bool(torch.isfinite(latents).all()):
+        raise RenderError("the UNet produced NaN/inf latents (it overflowed in this dtype); "
+                          "render with `dtype: float32` or `bfloat16`")
     pipe = loaded.pipe
     vae = vae_for(pipe, loaded.extras, component, loaded.vae_config_folder)
     decode = loaded.decode if vae is pipe.vae else vae.decode
-    _size_vae(vae, latents.shape[-1] * latents.shape[-2] * pipe.vae_scale_factor**2, latents.shape[0], tile=not truncate)
+    pixels_each = latents.shape[-1] * latents.shape[-2] * pipe.vae_scale_factor**2
+    _size_vae(vae, pixels_each, latents.shape[0], tile=not truncate)
+    cast = latents.to(vae.dtype)  # A1111 and diffusers cast to the VAE's dtype, then scale
+    scaled = cast * (1.0 / vae.config.scaling_factor) if truncate else cast / vae.config.scaling_factor
+    decoded = decode(scaled, return_dict=False)[0]
+    described = {"dtype": str(vae.dtype).removeprefix("torch."), "redone_in_float32": False}
+    if not bool(torch.isfinite(decoded).all()):
+        log.warning("the VAE decoded NaN/inf in %s; decoding again in float32", described["dtype"])
+        vae = fp32_vae(loaded.extras, vae, component)
+        _size_vae(vae, pixels_each, latents.shape[0], tile=not truncate)
+        latents32 = latents.float()
+        again = latents32 * (1.0 / vae.config.scaling_factor) if truncate else latents32 / vae.config.scaling_factor
+        decoded = vae.decode(again, return_dict=False)[0]
+        described = {"dtype": "float32", "redone_in_float32": True}
+        if not bool(torch.isfinite(decoded).all()):
+            raise RenderError("the VAE decoded NaN/inf even in float32")
     if truncate:
-        decoded = decode(latents.to(vae.dtype) * (1.0 / vae.config.scaling_factor), return_dict=False)[0]
-        pixels = torch.clamp((decoded.float() + 1.0) / 2.0, min=0.0, max=1.0)
-        arrays = (255.0 * np.moveaxis(pixels.cpu().numpy(), 1, 3)).astype(np.uint8)
-        return [Image.fromarray(a) for a in arrays]
-    decoded = decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-    return pipe.image_processor.postprocess(decoded, output_type="pil")
+        return to_pil(decoded), described
+    return pipe.image_processor.postprocess(decoded, output_type="pil"), described
 
 
 def _size_vae(vae, pixels: int, batch: int, tile: bool) -> None:
     """Tile and slice the VAE only when an image is large: it costs time on small ones.
 
-    A1111's samplers decode whole (no tiles, A1111's decode_first_stage), one image at a time.
+    A1111's samplers decode whole (A1111's decode_first_stage): `tile` is off for them.
     """
     large = pixels > LARGE_IMAGE
     (vae.enable_tiling if large and tile else vae.disable_tiling)()

@@ -67,7 +67,7 @@ class Renderer:
         for cell in cells:
             if not 1 <= cell.clip_skip <= encoder.layers:
                 raise RenderError(f"clip_skip {cell.clip_skip} is outside 1..{encoder.layers} for {model.source}")
-        use_loras(loaded.pipe, loaded.extras, cells[0].loras)  # text-encoder LoRA layers change the encoding
+        use_loras(loaded.pipe, loaded.extras, cells[0].loras)  # merged before encoding: LoRAs change the text encoders too
         used = {e.name: e for c in cells for e in c.embeddings}
         vectors = {name: embedding_vectors(loaded.extras, e) for name, e in used.items()}
         texts = [t for c in cells for t in (c.text, c.negative_text)]
@@ -168,7 +168,7 @@ class Renderer:
             raise RenderError(f"{first.sampler!r} needs an epsilon-prediction model with a standard noise schedule; "
                               f"use a diffusers scheduler class for {loaded.model.source}")
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
-        guided = Guided(loaded.unet_for(first.loras), cond, uncond, uncond_first=False)
+        guided = Guided(loaded.unet, cond, uncond, uncond_first=False)
         latents, sigmas = a1111_sample(guided, loaded.sigmas, first.sampler, first.schedule, first.steps,
                                        first.guidance, noise, generators, seeds)
         sampler = samplers.lookup(first.sampler)
@@ -187,7 +187,7 @@ class Renderer:
         extra = {"noise_sampler_seed": first.seed} if first.sampler == "DPMSolverSDEScheduler" else {}
         scheduler = cls.from_config(loaded.scheduler_config, **extra)
         noise = torch.cat([torch.randn((1, *shape), generator=g, dtype=dtype) for g in generators]).to(self.device)
-        guided = Guided(loaded.unet_for(first.loras), cond, uncond, uncond_first=True)
+        guided = Guided(loaded.unet, cond, uncond, uncond_first=True)
         latents = diffusers_sample(guided, scheduler, first.steps, first.guidance, noise, generators)
         config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
         return latents, {"family": "diffusers", "name": first.sampler, "schedule": first.schedule,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .layers import TEXT, TEXT_2, UNET, Layer, LayerTable
@@ -66,9 +66,16 @@ class LoraFit:
     skipped: tuple[str, ...] = ()  # layers that matched but are left alone, and why
     keys: int = 0  # tensors in the file
     unsupported: Mapping[str, str] = field(default_factory=dict)  # A1111 key -> the module type we do not apply
+    family: tuple[str, str] | None = None  # the model family the file was trained for, and how we know
 
     def problem(self, family: str) -> str | None:
-        """Why the file cannot be used with the model at all, or None."""
+        """Why the file cannot be used with a model of this family at all, or None.
+
+        A file of the other family is refused even where some of its layers would fit:
+        A1111 would apply an SDXL LoRA's CLIP-L layers to SD 1.x's CLIP and fail on the rest.
+        """
+        if self.family and self.family[0] != family:
+            return f"it is an {self.family[0]} LoRA ({self.family[1]}); the model is {family}"
         if self.unsupported:
             key, kind = next(iter(self.unsupported.items()))
             return (f"it holds {kind} modules ({len(self.unsupported)} layers, e.g. {key}), which gridrender "
@@ -131,7 +138,25 @@ def fit_lora(shapes: Mapping[str, list[int]], metadata: Mapping[str, str], table
     if not peft:
         modules, partial = _whole_attentions(modules)
         skipped += partial
-    return LoraFit(tuple(modules), unmatched, tuple(skipped), len(shapes), unsupported)
+    return LoraFit(tuple(modules), unmatched, tuple(skipped), len(shapes), unsupported, lora_family(shapes, metadata))
+
+
+def lora_family(names: Iterable[str], metadata: Mapping[str, str]) -> tuple[str, str] | None:
+    """The family a LoRA was trained for, where its metadata (kohya's, as network.py detect_version reads it)
+    or its keys (only SDXL has a second text encoder; lora_te_ is SD 1.x/2.x naming) tell."""
+    version = metadata.get("ss_base_model_version", "")
+    if version.startswith("sdxl_"):
+        return "SDXL", f"ss_base_model_version {version}"
+    if metadata.get("ss_v2") == "True" or version.startswith("sd_v2"):
+        return "SD 2.x", "ss_v2" if metadata.get("ss_v2") == "True" else f"ss_base_model_version {version}"
+    if version.startswith("sd_v1"):
+        return "SD 1.x", f"ss_base_model_version {version}"
+    names = list(names)
+    if any(n.startswith(("lora_te2_", "text_encoder_2.")) for n in names):
+        return "SDXL", "it has keys for a second text encoder"
+    if any(n.startswith("lora_te_") for n in names):
+        return "SD 1.x", "its text-encoder keys are lora_te_"
+    return None
 
 
 def a1111_layer(base: str, table: LayerTable, is_sd2: bool = False) -> tuple[str, Layer | None]:

@@ -16,7 +16,7 @@ transformers >= 5 dropped CLIPTextModel's `.text_model` wrapper.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -53,7 +53,7 @@ class LayerTable:
         return cls({x.name: x for x in layers if x.listed}, {(x.component, x.path): x for x in layers}, family)
 
 
-def layer_table(unet: Mapping[str, Any], text_encoders: list[Mapping[str, Any]]) -> LayerTable:
+def layer_table(unet: Mapping[str, Any], text_encoders: Sequence[Mapping[str, Any]]) -> LayerTable:
     """The table of a model from its UNet config and its text encoders' configs (one for SD 1.x, two for SDXL)."""
     layers = [_named(UNET, "diffusion_model", path, ldm, shape, kind) for ldm, path, shape, kind in _unet(unet)]
     if len(text_encoders) == 1:

@@ -257,7 +257,7 @@ def module_type(parts: set[str]) -> str | None:
     return None
 
 
-def lora_parts(parts: Mapping[str, str]) -> tuple[str, str]:
+def lora_parts(parts: Mapping[str, object]) -> tuple[str, str]:
     """The (up, down) part names of a LoRA module: kohya's lora_up/lora_down or lora_B/lora_A."""
     if "lora_up.weight" in parts:
         return "lora_up.weight", "lora_down.weight"

@@ -292,7 +292,7 @@ def resolve_components(job: Job, settings: Settings, notes: list[Problem] | None
     embeddings = attempt("embeddings", resolve_embeddings, job.embeddings, first, settings) if job.embeddings else {}
     if problems:
         raise job.error(list(dict.fromkeys(problems)))
-    return Components(resolved_models, vaes, loras, embeddings or {})
+    return Components(resolved_models, vaes, {k: v for k, v in loras.items() if v is not None}, embeddings or {})
 
 
 def _has_lora_tag(text: str) -> bool:

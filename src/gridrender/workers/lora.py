@@ -200,8 +200,9 @@ class Merged:
                 written += 1
             for where, items in wanted.items():
                 weight = self._weight(roots, where)
-                base = self.backups.setdefault(where, weight.detach().clone())
-                merged = base.float()
+                if where not in self.backups:  # the first change to this layer: keep its base weight
+                    self.backups[where] = weight.detach().clone()
+                merged = self.backups[where].float()
                 for module, tensors, multiplier in items:
                     merged = merged + multiplier * updown(module, tensors, merged)
                 weight.copy_(merged.to(weight.dtype))

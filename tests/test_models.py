@@ -94,6 +94,7 @@ def test_hub_id_pinned_to_a_commit_resolves_from_the_cache(monkeypatch, tmp_path
     config = repo / "snapshots" / ("a" * 40) / "text_encoder" / "config.json"
     config.parent.mkdir(parents=True)
     config.write_text('{"num_hidden_layers": 12}')
+    (config.parent.parent / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     model = resolve("someone/some-model")
     assert model.kind == "hub" and model.revision == "a" * 40 and model.clip_layers == 12
     assert model.identity() == {"kind": "hub", "name": "someone/some-model", "revision": "a" * 40}
@@ -156,6 +157,11 @@ def test_a_folder_laid_out_by_other_tools_loads(renderer, tiny, tiny_folder, tmp
     ({"cond_stage_model.model.token_embedding.weight": [49408, 1024],
       "model.diffusion_model.input_blocks.0.0.weight": [320, 4, 3, 3]}, "SD 2"),
     ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": [4, 320]}, "LoRA"),
+    ({"conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight": [3840, 1280],
+      "model.diffusion_model.input_blocks.0.0.weight": [384, 4, 3, 3]}, "SDXL refiner"),
+    ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": [4608, 1536]}, "SD3"),
+    ({"double_blocks.0.img_attn.qkv.weight": [9216, 3072]}, "Flux"),
+    ({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": [9216, 3072]}, "Flux"),
 ])
 def test_a_safetensors_file_that_is_not_sd1_is_bad_input(job_file, tmp_path, keys, says):
     import json

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelInputError
+from .families import SDXL
 from .layers import LayerTable, layer_table
 from .lorafiles import LoraFit, fit_lora
 from .models import (
@@ -202,7 +203,7 @@ def model_layers(model: ModelSpec) -> LayerTable:
     """The model's layers as A1111 names them, from its configs (SDXL: both text encoders)."""
     unet = model_config(model, "unet")
     encoders = [model_config(model, "text_encoder")]
-    if unet.get("addition_embed_type") == "text_time":
+    if model.family == SDXL:
         encoders.append(model_config(model, "text_encoder_2"))
     try:
         return layer_table(unet, encoders)
@@ -213,9 +214,40 @@ def model_layers(model: ModelSpec) -> LayerTable:
 # -- embeddings ---------------------------------------------------------------------------
 
 
+def _embedding_vectors(file: Path, shapes: dict[str, list[int]], model: ModelSpec) -> int:
+    """How many vectors an embedding file holds, checked against the model's text encoder widths.
+
+    SD 1.x: one tensor of the encoder's width. SDXL: `clip_l` and `clip_g`, one per encoder.
+    """
+    widths = [int(model_config(model, "text_encoder")["hidden_size"])]
+    if model.family == SDXL:
+        widths.append(int(model_config(model, "text_encoder_2")["hidden_size"]))
+    if "clip_l" in shapes and "clip_g" in shapes:
+        if model.family != SDXL:
+            raise ModelInputError(f"embedding {file.stem!r} is an SDXL embedding (clip_l + clip_g); {model.source} "
+                                  "is an SD 1.x model")
+        for key, width in zip(("clip_l", "clip_g"), widths):
+            if shapes[key][-1] != width:
+                raise ModelInputError(f"embedding {file.stem!r}: {key} has width {shapes[key][-1]}; {model.source}'s "
+                                      f"encoder has {width}")
+        if shapes["clip_l"][0] != shapes["clip_g"][0]:
+            raise ModelInputError(f"embedding {file.stem!r}: clip_l and clip_g hold different numbers of vectors")
+        return int(shapes["clip_l"][0]) if len(shapes["clip_l"]) == 2 else 1
+    tensors = [s for s in shapes.values() if len(s) in (1, 2)]
+    if len(tensors) != 1:
+        raise ModelInputError(f"{str(file)!r} is not a textual-inversion embedding (one tensor, or clip_l + clip_g)")
+    if model.family == SDXL:
+        raise ModelInputError(f"embedding {file.stem!r} is an SD 1.x embedding (one tensor); {model.source} is SDXL, "
+                              "whose embeddings hold clip_l and clip_g")
+    shape = tensors[0] if len(tensors[0]) == 2 else [1, tensors[0][0]]
+    if shape[1] != widths[0]:
+        raise ModelInputError(f"embedding {file.stem!r} has width {shape[1]}; {model.source}'s text "
+                              f"encoder has {widths[0]}")
+    return int(shape[0])
+
+
 def resolve_embeddings(sources: list[str], model: ModelSpec, settings: Settings) -> dict[str, Component]:
     """Trigger word (file stem) -> embedding, from files and folders (A1111's convention)."""
-    width = int(model_config(model, "text_encoder")["hidden_size"])
     found: dict[str, Component] = {}
     for source in sources:
         path = _find(source, None, "embedding file or folder")
@@ -225,15 +257,7 @@ def resolve_embeddings(sources: list[str], model: ModelSpec, settings: Settings)
                 raise ModelInputError(f"{str(file)!r}: an embedding must be .safetensors, .pt or .bin")
             vectors = 0
             if file.suffix == ".safetensors":
-                shapes = _read_shapes(file, "embedding")
-                tensors = [s for s in shapes.values() if len(s) in (1, 2)]
-                if len(tensors) != 1:
-                    raise ModelInputError(f"{str(file)!r} is not a textual-inversion embedding (one tensor expected)")
-                shape = tensors[0] if len(tensors[0]) == 2 else [1, tensors[0][0]]
-                if shape[1] != width:
-                    raise ModelInputError(f"embedding {file.stem!r} has width {shape[1]}; {model.source}'s text "
-                                          f"encoder has {width}")
-                vectors = shape[0]
+                vectors = _embedding_vectors(file, _read_shapes(file, "embedding"), model)
             if file.stem in found:
                 raise ModelInputError(f"two embeddings are called {file.stem!r}: {found[file.stem].location} and {file}")
             found[file.stem] = Component("embedding", file.stem, source, str(file), file_sha256(file), vectors=vectors)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from . import samplers
-from .params import CALL, INDEX, NAMES, PARAMS, REQUIRED, public_params
+from .params import CALL, INDEX, NAMES, PARAMS, REQUIRED, clip_skip_identity, public_params
 from .prompts import encoder_text
 
 _call_values = operator.itemgetter(*(INDEX[p.name] for p in CALL))
@@ -83,17 +83,22 @@ _fragments: dict[tuple[int, Any], str] = {}
 
 
 _PROMPT, _NEGATIVE, _SR = INDEX["prompt"], INDEX["negative_prompt"], INDEX["prompt_sr"]
+_MODEL, _CLIP_SKIP = INDEX["model"], INDEX["clip_skip"]
 
 
 def cell_id(values: tuple) -> str:
     """A hash of everything that changes the cell's pixels: the texts as the encoder reads them
-    (S/R applied, LoRA tags removed: the LoRAs are in `loras`), each component's identity."""
+    (S/R applied, LoRA tags removed: the LoRAs are in `loras`), each component's identity,
+    the CLIP layers used (on SDXL, clip skip 1 and 2 read the same layers: one cell)."""
     sr = values[_SR]
     texts = {_PROMPT: encoder_text(values[_PROMPT], sr), _NEGATIVE: encoder_text(values[_NEGATIVE], sr)}
+    layers = clip_skip_identity(values[_MODEL], values[_CLIP_SKIP])
     parts = []
     for key, i in zip(_KEYS, _ORDER):
         value = texts.get(i, values[i])
-        if type(value) is int and i not in _CACHED:
+        if i == _CLIP_SKIP and type(layers) is not int:
+            fragment = canonical_json(layers)
+        elif type(value) is int and i not in _CACHED:
             fragment = str(value)  # what json.dumps writes for an int
         else:
             cached = _fragments.get((i, value)) if (i in _CACHED or type(value) is str) else None

@@ -57,6 +57,8 @@ def parameters(cell: Cell) -> str:
         pairs["VAE hash"] = cell.vae.short_hash()
         pairs["VAE"] = cell.vae.name
     pairs["Clip skip"] = cell.clip_skip
+    if cell.model.zero_terminal_snr:  # A1111's setting: written so that A1111 renders it so again
+        pairs["Noise Schedule"] = "Zero Terminal SNR"
     if cell.loras:  # extra_networks_lora.py: mentioned name without ":" and ",", A1111's 12-digit hash, once each
         hashes = {use.mention.translate(_REMOVE): use.lora.short_hash() for use in cell.loras}
         pairs["Lora hashes"] = ", ".join(f"{name}: {digest}" for name, digest in hashes.items())

@@ -1,8 +1,8 @@
 """Which model a job means, and its identity, resolved without loading it.
 
-The scheduler must know a model's identity (it is part of every cell id) and its
-number of CLIP layers (to validate `clip_skip`) without torch: both come from
-config files, safetensors headers and the Hugging Face cache.
+The scheduler must know a model's identity (it is part of every cell id), its family
+(SD 1.x or SDXL, `families.py`) and its number of CLIP layers (to validate `clip_skip`)
+without torch: all come from config files, safetensors headers and the Hugging Face cache.
 """
 from __future__ import annotations
 
@@ -13,14 +13,16 @@ import os
 import re
 import struct
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from . import families
 from .errors import ModelError, ModelInputError
+from .families import SD1, SDXL, Prediction
 from .settings import Settings
 
 CONFIG_ROOT = Path(__file__).parent / "modelconfigs"
-BUILTINS = {"tiny": "tiny-v1"}  # name -> version; bump the version when its weights change
+BUILTINS = {"tiny": "tiny-v1", "tiny-sdxl": "tiny-sdxl-v1"}  # name -> version; bump the version when its weights change
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -33,14 +35,40 @@ class ModelSpec:
     location: str  # builtin name, absolute path, or hub id
     revision: str | None  # resolved hub commit, or the builtin's version
     sha256: str | None  # of a single file, or of a folder's files
-    clip_layers: int
+    clip_layers: int  # of the (first) text encoder
     config: str | None = None  # shipped config folder a single file is loaded with
+    family: str = SD1  # families.SD1 | families.SDXL
+    clip_layers_2: int | None = None  # SDXL's second text encoder (OpenCLIP bigG)
+    prediction: str = families.EPSILON  # what the UNet predicts: epsilon | v_prediction
+    zero_terminal_snr: bool = False  # A1111's "Zero Terminal SNR" noise schedule
 
     def identity(self) -> dict:
-        """What makes two references the same model, independent of where it lies."""
+        """What makes two references the same model, independent of where it lies.
+
+        A prediction type or noise schedule other than the files' own (a job's override)
+        is part of it: the same weights render other images.
+        """
         if self.kind in ("builtin", "hub"):
-            return {"kind": self.kind, "name": self.location, "revision": self.revision}
-        return {"kind": "weights", "sha256": self.sha256}
+            identity: dict = {"kind": self.kind, "name": self.location, "revision": self.revision}
+        else:
+            identity = {"kind": "weights", "sha256": self.sha256}
+        if self.prediction != families.EPSILON:
+            identity["prediction"] = self.prediction
+        if self.zero_terminal_snr:
+            identity["zero_terminal_snr"] = True
+        return identity
+
+    @property
+    def max_clip_skip(self) -> int:
+        """The largest `clip_skip`: every encoder must have that many layers."""
+        return min(self.clip_layers, self.clip_layers_2 or self.clip_layers)
+
+    def encoder_layers(self) -> list[int]:
+        """Layers of each text encoder, in the order their states are concatenated."""
+        return [self.clip_layers] if self.clip_layers_2 is None else [self.clip_layers, self.clip_layers_2]
+
+    def with_prediction(self, found: Prediction) -> ModelSpec:
+        return replace(self, prediction=found.prediction, zero_terminal_snr=found.zero_terminal_snr)
 
     def short_hash(self) -> str:
         """A1111's "Model hash": the first 10 hex digits of the file's sha256."""
@@ -55,7 +83,8 @@ class ModelSpec:
         """What a cell's record says about its model; `identity` is what reproduce compares."""
         return {"source": self.source, "kind": self.kind, "identity": self.identity(), "revision": self.revision,
                 "sha256": self.sha256, "hash": self.short_hash(), "config": self.config,
-                "clip_layers": self.clip_layers}
+                "clip_layers": self.clip_layers, "family": self.family, "clip_layers_2": self.clip_layers_2,
+                "prediction": self.prediction, "zero_terminal_snr": self.zero_terminal_snr}
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelSpec:
@@ -68,8 +97,7 @@ def resolve(source: str, revision: str | None = None, settings: Settings | None 
         name = source.removeprefix("builtin:")
         if name not in BUILTINS:
             raise ModelInputError(f"unknown builtin model {source!r}; builtins: " + ", ".join(f"builtin:{n}" for n in BUILTINS))
-        layers = _clip_layers_from_config(CONFIG_ROOT / name / "text_encoder" / "config.json")
-        return ModelSpec(source, "builtin", name, BUILTINS[name], None, layers)
+        return _from_configs(ModelSpec(source, "builtin", name, BUILTINS[name], None, 0), CONFIG_ROOT / name)
     path = _find_local(source, settings)
     if path is not None:
         if path.is_dir():
@@ -91,11 +119,31 @@ def _find_local(source: str, settings: Settings) -> Path | None:
 
 
 def _resolve_folder(source: str, path: Path) -> ModelSpec:
-    encoder_config = path / "text_encoder" / "config.json"
-    if not (path / "model_index.json").is_file() or not encoder_config.is_file():
-        raise ModelInputError(f"{source!r} is not a diffusers pipeline folder "
-                              "(needs model_index.json and text_encoder/config.json)")
-    return ModelSpec(source, "folder", str(path), None, folder_sha256(path), _clip_layers_from_config(encoder_config))
+    if not (path / "model_index.json").is_file():
+        raise ModelInputError(f"{source!r} is not a diffusers pipeline folder (needs model_index.json)")
+    return _from_configs(ModelSpec(source, "folder", str(path), None, folder_sha256(path), 0), path)
+
+
+def _from_configs(spec: ModelSpec, folder: Path, read: Callable[[str], Path] | None = None) -> ModelSpec:
+    """Family, CLIP layers and prediction of a diffusers layout (a folder, a builtin, a hub snapshot)."""
+    read = read or (lambda name: folder / name)
+    index = _read_json(read("model_index.json"), spec.source)
+    family = families.folder_family(index, spec.source)
+    layers = _clip_layers_from_config(read("text_encoder/config.json"))
+    layers_2 = _clip_layers_from_config(read("text_encoder_2/config.json")) if family == SDXL else None
+    try:
+        scheduler = _read_json(read("scheduler/scheduler_config.json"), spec.source)
+    except ModelError:
+        scheduler = {}
+    found = families.scheduler_prediction(scheduler)
+    return replace(spec, clip_layers=layers, family=family, clip_layers_2=layers_2).with_prediction(found)
+
+
+def _read_json(path: Path, source: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelInputError(f"cannot read {path.name} of {source!r}: {exc}") from None
 
 
 def _resolve_file(source: str, path: Path) -> ModelSpec:
@@ -105,46 +153,41 @@ def _resolve_file(source: str, path: Path) -> ModelSpec:
         # A pickled .ckpt cannot be inspected without torch (nor safely); SD 1.x is the common case.
         return ModelSpec(source, "file", str(path), None, file_sha256(path), 12, "sd15")
     shapes = safetensors_shapes(path)
-    family = checkpoint_family(shapes)
-    if family != "SD 1.x":
-        raise ModelInputError(f"{source!r} is {family}, not an SD 1.x checkpoint; gridrender renders SD 1.x models")
-    config, layers = _match_config(shapes)
-    if config is None or layers is None:
-        raise ModelInputError(f"{source!r} is an SD 1.x checkpoint whose text encoder and UNet widths match "
-                              "no shipped config (scheduler/modelconfigs)")
-    return ModelSpec(source, "file", str(path), None, file_sha256(path), layers, config)
+    try:
+        family = families.checkpoint_family(shapes)
+    except ModelInputError as exc:
+        raise ModelInputError(f"{source!r} {exc}") from None
+    spec = _match_config(source, path, shapes, family)
+    return spec.with_prediction(families.checkpoint_prediction(shapes))
 
 
-_SD1_TEXT = ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
-
-
-def checkpoint_family(shapes: dict[str, list[int]]) -> str:
-    """What an original-layout checkpoint is, from its tensor names alone."""
-    if any(k.startswith("conditioner.embedders.") for k in shapes):
-        return "an SDXL checkpoint"
-    if any(k.startswith("cond_stage_model.model.") for k in shapes):
-        return "an SD 2.x checkpoint (OpenCLIP text encoder)"
-    if not any(k.startswith("model.diffusion_model.") for k in shapes):
-        if any("lora" in k for k in shapes):
-            return "a LoRA, not a model"
-        return "not a Stable Diffusion checkpoint (it has no UNet weights)"
-    if not any(k.startswith(_SD1_TEXT) for k in shapes):
-        return "a checkpoint without a CLIP text encoder"
-    return "SD 1.x"
-
-
-def _match_config(shapes: dict[str, list[int]]) -> tuple[str | None, int | None]:
-    """The shipped config whose text encoder and UNet widths match the checkpoint's."""
-    prefix = next((p for p in _SD1_TEXT if p + "embeddings.token_embedding.weight" in shapes), _SD1_TEXT[0])
-    layers = {int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"encoder\.layers\.(\d+)\.", k))}
-    width = shapes.get(prefix + "embeddings.token_embedding.weight", [0, 0])[1]
-    conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight", [0])[0]
-    for config_dir in sorted(CONFIG_ROOT.iterdir()):
-        enc = json.loads((config_dir / "text_encoder" / "config.json").read_text())
+def _match_config(source: str, path: Path, shapes: dict[str, list[int]], family: str) -> ModelSpec:
+    """The shipped config whose text encoders and UNet match the checkpoint's widths and depths."""
+    conv_in = shapes.get(families.UNET + "input_blocks.0.0.weight", [0])[0]
+    encoders: tuple[tuple[int, int], ...]
+    if family == SDXL:
+        encoders = families.xl_encoders(shapes)
+    else:
+        prefix = next((p for p in families.SD1_TEXT if p + "embeddings.token_embedding.weight" in shapes),
+                      families.SD1_TEXT[0])
+        width = shapes.get(prefix + "embeddings.token_embedding.weight", [0, 0])[1]
+        encoders = ((int(width), families.encoder_layers(shapes, prefix, r"encoder\.layers\.(\d+)\.")),)
+    for config_dir in sorted(d for d in CONFIG_ROOT.iterdir() if (d / "model_index.json").is_file()):
+        index = json.loads((config_dir / "model_index.json").read_text())
+        if families.folder_family(index, config_dir.name) != family:
+            continue
         unet = json.loads((config_dir / "unet" / "config.json").read_text())
-        if enc["hidden_size"] == width and unet["block_out_channels"][0] == conv_in:
-            return config_dir.name, (max(layers) + 1 if layers else enc["num_hidden_layers"])
-    return None, None
+        names = ["text_encoder", "text_encoder_2"][: len(encoders)]
+        configs = [json.loads((config_dir / n / "config.json").read_text()) for n in names]
+        if unet["block_out_channels"][0] == conv_in and all(
+                c["hidden_size"] == w and (c["num_hidden_layers"] == n or not n)
+                for c, (w, n) in zip(configs, encoders)):
+            layers = [n or c["num_hidden_layers"] for c, (_, n) in zip(configs, encoders)]
+            return ModelSpec(source, "file", str(path), None, file_sha256(path), layers[0], config_dir.name, family,
+                             layers[1] if family == SDXL else None)
+    what = "SDXL" if family == SDXL else "SD 1.x"
+    raise ModelInputError(f"{source!r} is an {what} checkpoint whose text encoders and UNet (widths "
+                          f"{[w for w, _ in encoders]}, conv_in {conv_in}) match no shipped config (scheduler/modelconfigs)")
 
 
 def safetensors_shapes(path: Path) -> dict[str, list[int]]:
@@ -174,8 +217,8 @@ def safetensors_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]
 
 def _resolve_hub(source: str, revision: str | None) -> ModelSpec:
     commit = revision if revision and _COMMIT.match(revision) else _hub_commit(source, revision)
-    config = _hub_file(source, commit, "text_encoder/config.json")
-    return ModelSpec(source, "hub", source, commit, None, _clip_layers_from_config(config))
+    spec = ModelSpec(source, "hub", source, commit, None, 0)
+    return _from_configs(spec, Path(source), lambda name: _hub_file(source, commit, name))
 
 
 def _hub_commit(repo_id: str, revision: str | None) -> str:
@@ -310,7 +353,7 @@ def model_config(model: ModelSpec, component: str) -> dict:
     elif model.kind == "folder":
         path = Path(model.location) / component / "config.json"
     elif model.kind == "file":
-        path = CONFIG_ROOT / (model.config or "sd15") / component / "config.json"
+        path = config_dir(model.config or "sd15") / component / "config.json"
     else:
         path = _hub_file(model.location, model.revision or "main", f"{component}/config.json")
     try:

@@ -17,6 +17,7 @@ from typing import Any
 
 from . import samplers
 from .components import Component, LoraUse
+from .families import SDXL
 from .models import ModelSpec
 
 
@@ -154,6 +155,17 @@ AXES: dict[str, Axis] = _axes()
 AXIS_NAMES: dict[str, str] = {
     spelling: axis.name for axis in AXES.values() for spelling in (axis.name, axis.key, *axis.params)
 }
+
+
+def clip_skip_identity(model: ModelSpec, skip: int) -> Any:
+    """A CLIP skip's part of the cell id: N on SD 1.x; on SDXL the layers both encoders read.
+
+    SDXL takes the penultimate layer (without the final LayerNorm) for N = 1 and 2, so
+    those are one cell; N >= 3 takes layer L-N+1 of each encoder.
+    """
+    if getattr(model, "family", None) != SDXL:
+        return skip
+    return {"layers": [layers + 1 - max(skip, 2) for layers in model.encoder_layers()]}
 
 
 _OPTIONAL = ("vae", "loras", "prompt_sr", "embeddings")  # components a job may not use at all

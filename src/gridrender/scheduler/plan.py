@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from . import grid, models, samplers
+from . import families, grid, models, samplers
 from .components import Component, LoraUse, resolve_embeddings, resolve_lora, resolve_vae
 from .errors import JobError, ModelError, Problem
 from .grid import Cell
@@ -189,7 +189,7 @@ def _contains(hay: list[int], needle: list[int]) -> bool:
 
 def describe(plan: Plan) -> list[str]:
     """What `validate` prints: the grid's size, each axis, each prompt's token and chunk counts."""
-    models = ", ".join(f"{m.source} ({m.clip_layers} CLIP layers)" for m in plan.models)
+    models = ", ".join(_describe_model(m) for m in plan.models)
     lines = [f"job {plan.job.name}: {plan.total:,} cells, model {models}, output {plan.job.output}"]
     for axis, values in plan.job.axes().items():
         shown = ", ".join(repr(v) if isinstance(v, str) else str(v) for v in list(values[:8]))
@@ -206,6 +206,18 @@ def describe(plan: Plan) -> list[str]:
                 lines.append(f"  {key}: {encoding.token_count} tokens, {chunks} chunk{'s' if chunks > 1 else ''} "
                              f"of 75: {search_replace(text, sr)[:60]!r}")
     return lines
+
+
+def _describe_model(model: ModelSpec) -> str:
+    if model.family != families.SDXL:
+        what = f"{model.clip_layers} CLIP layers"
+    else:
+        what = f"SDXL, {'+'.join(str(n) for n in model.encoder_layers())} CLIP layers"
+    if model.prediction == families.V_PREDICTION:
+        what += ", v-prediction"
+    if model.zero_terminal_snr:
+        what += ", zero terminal SNR"
+    return f"{model.source} ({what})"
 
 
 def chunk_size(total: int, settings: Settings) -> int:
@@ -266,7 +278,7 @@ def resolve_components(job: Job, settings: Settings, notes: list[Problem] | None
                              settings) for i, source in enumerate(job.model)}
     if problems:
         raise job.error(problems)
-    resolved_models = {k: v for k, v in found.items() if v is not None}
+    resolved_models = {k: with_job_prediction(v, job) for k, v in found.items() if v is not None}
     first = next(iter(resolved_models.values()))
     vaes: dict[str | None, Component | None] = {None: None}
     for i, source in enumerate(job.vae):
@@ -302,6 +314,12 @@ def _has_lora_tag(text: str) -> bool:
         return True
 
 
+def with_job_prediction(model: ModelSpec, job: Job) -> ModelSpec:
+    """The model with the job's `prediction:` and `noise_schedule:` over what its files say."""
+    found = families.Prediction(model.prediction, model.zero_terminal_snr)
+    return model.with_prediction(families.overridden(found, job.prediction, job.noise_schedule))
+
+
 def check_output(plan: Plan) -> Store:
     """Open the job's output store, turning a bad root into an input error."""
     try:
@@ -330,13 +348,19 @@ def check_axes(job: Job) -> list[Problem]:
 
 
 def check_against_model(job: Job, model: ModelSpec) -> tuple[list[Problem], list[Problem]]:
-    """(errors, warnings) that need the model: CLIP skip must lie within 1..L."""
+    """(errors, warnings) that need the model: CLIP skip must lie within 1..L (SDXL: of both encoders)."""
     errors, warnings = [], []
+    top = model.max_clip_skip
+    layers = "+".join(str(n) for n in model.encoder_layers())
     for skip in job.clip_skip:
-        if skip > model.clip_layers:
-            errors.append(job.problem("clip_skip", f"{skip} is outside 1..{model.clip_layers} "
-                                      f"({model.source} has {model.clip_layers} CLIP layers)"))
+        if skip > top:
+            errors.append(job.problem("clip_skip", f"{skip} is outside 1..{top} "
+                                      f"({model.source} has {layers} CLIP layers)"))
         elif skip > 2:
-            warnings.append(job.problem("clip_skip", f"{skip} skips {skip - 1} of {model.clip_layers} layers; "
+            warnings.append(job.problem("clip_skip", f"{skip} skips {skip - 1} of {layers} layers; "
                                         "images tend to look under-guided beyond 2"))
+    if model.family == families.SDXL and {1, 2} <= set(job.clip_skip):
+        warnings.append(job.problem("clip_skip", f"1 and 2 are one cell on {model.source} (SDXL): both read the "
+                                    "penultimate layer of both text encoders, as SDXL was trained; its images "
+                                    "are rendered once and shown under both"))
     return errors, warnings

@@ -3,8 +3,11 @@
 The tokenizer is built with HF `tokenizers` the way transformers' CLIPTokenizer
 builds it (NFC, whitespace collapsed, lower case, CLIP's split pattern, byte-level
 BPE with "</w>"), from the model's own vocab.json and merges.txt, so the scheduler
-counts what the worker will encode. Where no tokenizer is at hand (a single file
-whose tokenizer is not cached yet), counts are simply unavailable.
+counts what the worker will encode. A single-file checkpoint reads CLIP's BPE
+vocabulary shipped with gridrender (`modelconfigs/clip`, derived from open_clip's
+bpe_simple_vocab_16e6 the way CLIP's SimpleTokenizer builds it), so it needs no network
+and no Hugging Face cache. Where no tokenizer is at hand (a hub model not cached yet),
+counts are simply unavailable.
 """
 from __future__ import annotations
 
@@ -16,16 +19,13 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from .models import ModelSpec
+from .models import BUILTINS, CONFIG_ROOT, ModelSpec
 from .prompts import Encoding, Vocabulary, chunk_prompt
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-# Where SD 1.x's CLIP tokenizer may already lie in the Hugging Face cache.
-SD15_TOKENIZER_REPOS = [
-    ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer/"),
-    ("runwayml/stable-diffusion-v1-5", "tokenizer/"),
-    ("openai/clip-vit-large-patch14", ""),
-]
+# CLIP's vocabulary (SD 1.x and both SDXL encoders), shipped as package data.
+CLIP_VOCAB = CONFIG_ROOT / "clip" / "vocab.json"
+CLIP_MERGES = CONFIG_ROOT / "clip" / "merges.txt"
 _SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
@@ -87,21 +87,26 @@ def _files_of(model: ModelSpec) -> tuple[Path, Path] | None:
     if model.kind == "folder":
         folder = Path(model.location) / "tokenizer"
         return folder / "vocab.json", folder / "merges.txt"
+    if model.kind == "file":
+        return CLIP_VOCAB, CLIP_MERGES
     from huggingface_hub import try_to_load_from_cache
 
-    repos = [(model.location, "tokenizer/")] if model.kind == "hub" else SD15_TOKENIZER_REPOS
-    for repo, sub in repos:
-        revision = model.revision if model.kind == "hub" else None
-        vocab, merges = (try_to_load_from_cache(repo, f"{sub}{name}", revision=revision) for name in ("vocab.json", "merges.txt"))
-        if isinstance(vocab, str) and isinstance(merges, str):
-            return Path(vocab), Path(merges)
+    vocab, merges = (try_to_load_from_cache(model.location, f"tokenizer/{name}", revision=model.revision)
+                     for name in ("vocab.json", "merges.txt"))
+    if isinstance(vocab, str) and isinstance(merges, str):
+        return Path(vocab), Path(merges)
     return None
+
+
+def uses_byte_vocab(model: ModelSpec) -> bool:
+    """builtin:* models, and single files of their shapes, read the byte-level vocabulary."""
+    return model.kind == "builtin" or (model.kind == "file" and model.config in BUILTINS)
 
 
 @cache
 def tokenizer_for(model: ModelSpec) -> ClipTokenizer | None:
     """The model's CLIP tokenizer, or None when its files are not on this machine."""
-    if model.kind == "builtin":
+    if uses_byte_vocab(model):
         return ClipTokenizer.from_vocab(byte_vocab(), [])
     if model.kind == "folder" and (Path(model.location) / "tokenizer" / "tokenizer.json").is_file():
         # transformers >= 5 saves the fast tokenizer only: the same pipeline, serialized
@@ -110,8 +115,3 @@ def tokenizer_for(model: ModelSpec) -> ClipTokenizer | None:
     if files is None or not all(f.is_file() for f in files):
         return None
     return ClipTokenizer.from_files(*files)
-
-
-def cached_sd15_tokenizer() -> tuple[Path, Path] | None:
-    """vocab.json and merges.txt of SD 1.x's tokenizer from the Hugging Face cache, if there."""
-    return _files_of(ModelSpec("sd15", "file", "", None, None, 12))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -86,6 +87,9 @@ def render_and_store(
     result.present = len(cells) - len(todo)
     if not todo:
         return result
+    # Cells that are one cell (SDXL's clip skip 1 and 2) render once; each counts as stored.
+    copies = Counter(c.id for c in todo)
+    todo = list({c.id: c for c in todo}.values())
     passes = renderer.encoder_passes()
     try:
         embeddings = renderer.encode(model, todo)
@@ -106,7 +110,7 @@ def render_and_store(
     for cell, future in pending:
         try:
             future.result()
-            result.stored.append(cell.id)
+            result.stored += [cell.id] * copies[cell.id]
         except Exception as exc:
             result.failed[cell.id] = f"{type(exc).__name__}: {exc}"
     result.encoder_passes = renderer.encoder_passes() - passes

@@ -26,7 +26,7 @@ from gridrender.scheduler.models import file_sha256, folder_sha256
 from gridrender.scheduler.settings import Settings
 
 from . import lora
-from .clip import text_transformer
+from .clip import EMBEDDING_KEYS, text_transformer
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ class Extras:
     active: tuple[tuple[str, float, float], ...] = ()  # ((LoRA identity, te, unet), ...) merged now
     table: LayerTable | None = None  # the pipeline's layers as A1111 names them
     vaes: dict[str, Any] = field(default_factory=dict)  # VAE identity -> AutoencoderKL
-    vectors: dict[str, torch.Tensor] = field(default_factory=dict)  # embedding sha256 -> (n, width)
+    vectors: dict[str, Any] = field(default_factory=dict)  # embedding sha256 -> (n, width), or SDXL's per encoder
+    fp32_vaes: dict[str, Any] = field(default_factory=dict)  # float32 copies for decodes that overflowed
     merge_seconds: float = 0.0  # time spent merging and restoring, for logs and benchmarks
 
 
@@ -118,7 +119,7 @@ def vae_for(pipe: Any, extras: Extras, component: Component | None, config_folde
     if key not in extras.vaes:
         from diffusers import AutoencoderKL
 
-        dtype = pipe.vae.dtype
+        dtype = pipe.unet.dtype
         if component.sha256 is None:  # a hub VAE, pinned to its resolved commit
             vae = AutoencoderKL.from_pretrained(component.location, revision=component.revision, torch_dtype=dtype)
         else:
@@ -128,16 +129,39 @@ def vae_for(pipe: Any, extras: Extras, component: Component | None, config_folde
             else:
                 vae = AutoencoderKL.from_single_file(str(path), config=str(config_folder()), torch_dtype=dtype,
                                                      local_files_only=True)
+        upcast_vae(vae)  # a VAE that says force_upcast decodes in float32; the fp16-fix VAE does not
         while len(extras.vaes) >= keep:
             extras.vaes.pop(next(iter(extras.vaes)))
         extras.vaes[key] = vae.to(pipe.vae.device)
-        log.info("VAE %s loaded", component.name)
+        log.info("VAE %s loaded (%s)", component.name, vae.dtype)
     return extras.vaes[key]
 
 
-def embedding_vectors(extras: Extras, component: Component) -> torch.Tensor:
-    """An embedding's vectors, (n, width), from A1111's .safetensors/.pt/.bin formats."""
-    if component.sha256 not in extras.vectors:
+def upcast_vae(vae: Any) -> None:
+    """A VAE whose config says `force_upcast` (SDXL's overflows in fp16) decodes in float32, as diffusers does."""
+    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)
+
+
+def fp32_vae(extras: Extras, vae: Any, component: Component | None) -> Any:
+    """A float32 copy of `vae`, made once, for decodes that overflowed in half precision."""
+    if vae.dtype == torch.float32:
+        return vae
+    key = str(component.identity()) if component else "model"
+    if key not in extras.fp32_vaes:
+        import copy
+
+        extras.fp32_vaes[key] = copy.deepcopy(vae).to(torch.float32)
+    return extras.fp32_vaes[key]
+
+
+def embedding_vectors(extras: Extras, component: Component) -> Any:
+    """An embedding's vectors, (n, width), from A1111's .safetensors/.pt/.bin formats.
+
+    An SDXL embedding holds one tensor per encoder, `clip_l` and `clip_g`: then a dict of both.
+    """
+    key = component.sha256 or component.location
+    if key not in extras.vectors:
         path = local_file(component)
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -145,11 +169,14 @@ def embedding_vectors(extras: Extras, component: Component) -> torch.Tensor:
             data: Any = load_file(str(path))
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(data, dict) and all(isinstance(data.get(k), torch.Tensor) for k in EMBEDDING_KEYS):
+            extras.vectors[key] = {k: data[k].reshape(-1, data[k].shape[-1]).float() for k in EMBEDDING_KEYS}
+            return extras.vectors[key]
         tensor = _the_tensor(data)
         if tensor is None:
             raise ModelError(f"embedding {component.name!r} ({path}) holds no embedding vectors")
-        extras.vectors[component.sha256 or component.location] = tensor.reshape(-1, tensor.shape[-1]).float()
-    return extras.vectors[component.sha256 or component.location]
+        extras.vectors[key] = tensor.reshape(-1, tensor.shape[-1]).float()
+    return extras.vectors[key]
 
 
 def _the_tensor(data: Any) -> torch.Tensor | None:

@@ -1,7 +1,9 @@
 """The denoising loop of one batch, for both sampler families.
 
 - A1111 names: k-diffusion's CompVisDenoiser around the UNet (continuous timesteps,
-  c_in = 1/sqrt(sigma^2 + 1), denoised = x - sigma * eps), classifier-free guidance
+  c_in = 1/sqrt(sigma^2 + 1), denoised = x - sigma * eps), or for a v-prediction
+  model its CompVisVDenoiser (denoised = v * -sigma/sqrt(sigma^2 + 1) + x/(sigma^2 + 1)),
+  as A1111 picks by the model's parameterization; classifier-free guidance
   on the denoised latents as A1111's CFGDenoiser does (cond and uncond in one UNet
   call when their lengths match, else one call each), a sampler from `ksampling`,
   latents in float32 whatever the UNet's dtype.
@@ -20,36 +22,37 @@ import torch
 from gridrender.scheduler import samplers
 
 from . import ksampling
+from .conditioning import Conditioning
 from .sigmas import ModelSigmas, sigmas_for
 
 
 @dataclass
 class Guided:
-    """The UNet with a batch's conditioning: eps for cond and uncond at once."""
+    """The UNet with a batch's conditioning: its output for cond and uncond at once."""
 
     unet: Callable[..., Any]  # the UNet's forward, compiled or not
-    cond: torch.Tensor  # (B, 77k, width), in the UNet's dtype
-    uncond: torch.Tensor  # (B, 77j, width)
+    cond: Conditioning  # in the UNet's dtype
+    uncond: Conditioning
     uncond_first: bool  # diffusers' pipelines stack [uncond, cond]; A1111 stacks [cond, uncond]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(eps for cond, eps for uncond) of model input `x` at timesteps `t` (one per cell)."""
-        dtype = self.cond.dtype
-        x = x.to(dtype)
-        if self.cond.shape[1] != self.uncond.shape[1]:
+        """(output for cond, output for uncond) of model input `x` at timesteps `t` (one per cell)."""
+        x = x.to(self.cond.dtype)
+        if self.cond.length != self.uncond.length:
             # Conditionings of different lengths cannot share a call (A1111's default: no padding).
-            return self._unet(x, t, self.cond), self._unet(x, t, self.uncond)
+            return self.once(x, t, self.cond), self.once(x, t, self.uncond)
         first, second = (self.uncond, self.cond) if self.uncond_first else (self.cond, self.uncond)
-        eps = self._unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([first, second]))
-        a, b = eps.chunk(2)
+        out = self.once(torch.cat([x, x]), torch.cat([t, t]), first.cat(second))
+        a, b = out.chunk(2)
         return (b, a) if self.uncond_first else (a, b)
 
-    def _unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+    def once(self, x: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        return self.unet(x, t, **conditioning.unet_kwargs(), return_dict=False)[0]
 
 
 def a1111_sample(guided: Guided, model_sigmas: ModelSigmas, name: str, schedule: str, steps: int, scale: float,
-                 noise: torch.Tensor, generators: list[torch.Generator], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                 noise: torch.Tensor, generators: list[torch.Generator], seeds: list[int],
+                 v_prediction: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents, sigmas) of an A1111 sampler; `noise` is the batch's initial unit noise (float32)."""
     sampler = samplers.lookup(name)
     device = noise.device
@@ -58,9 +61,14 @@ def a1111_sample(guided: Guided, model_sigmas: ModelSigmas, name: str, schedule:
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         c_in = (1 / (sigma**2 + 1) ** 0.5)[:, None, None, None]
         t = model_sigmas.sigma_to_t(sigma)
-        eps_cond, eps_uncond = guided(x * c_in, t)
-        c_out = -sigma[:, None, None, None]
-        cond, uncond = x + eps_cond.float() * c_out, x + eps_uncond.float() * c_out
+        out_cond, out_uncond = guided(x * c_in, t)
+        if v_prediction:  # k-diffusion's DiscreteVDDPMDenoiser, sigma_data 1
+            c_skip = (1 / (sigma**2 + 1))[:, None, None, None]
+            c_out = (-sigma / (sigma**2 + 1) ** 0.5)[:, None, None, None]
+            cond, uncond = out_cond.float() * c_out + x * c_skip, out_uncond.float() * c_out + x * c_skip
+        else:  # DiscreteEpsDDPMDenoiser
+            c_out = -sigma[:, None, None, None]
+            cond, uncond = x + out_cond.float() * c_out, x + out_uncond.float() * c_out
         return uncond + (cond - uncond) * scale
 
     shape = tuple(noise.shape[1:])
@@ -91,6 +99,6 @@ def diffusers_sample(guided: Guided, scheduler, steps: int, scale: float, noise:
             eps_cond, eps_uncond = guided(model_input, ts)
             eps = eps_uncond + scale * (eps_cond - eps_uncond)
         else:
-            eps = guided._unet(model_input.to(guided.cond.dtype), ts, guided.cond)
+            eps = guided.once(model_input.to(guided.cond.dtype), ts, guided.cond)
         latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
     return latents

@@ -3,7 +3,9 @@
 A worker loads each (model, dtype) once and reuses it for every chunk; loads are
 counted so tests and logs can show that the pipeline stayed hot. What rendering
 needs beside the pipeline (the prompt encoder, the model's own scheduler config and
-its sigmas) is built once at load and lives with it.
+its sigmas) is built once at load and lives with it. SD 1.x models load as
+StableDiffusionPipeline, SDXL-family ones as StableDiffusionXLPipeline; a single file
+of either loads offline from configs and CLIP's vocabulary shipped with gridrender.
 """
 from __future__ import annotations
 
@@ -19,15 +21,16 @@ from typing import Any
 import torch
 
 from gridrender.scheduler.errors import ModelError
+from gridrender.scheduler.families import SDXL, V_PREDICTION
 from gridrender.scheduler.models import BUILTINS, ModelSpec, config_dir
 from gridrender.scheduler.settings import Settings
-from gridrender.scheduler.tokens import cached_sd15_tokenizer
+from gridrender.scheduler.tokens import CLIP_MERGES, CLIP_VOCAB
 
 from . import builtin
 from .clip import PromptEncoder
 from .compiled import EAGER, Compiled, enabled, use_cache_dir
-from .components import Extras
-from .sigmas import ModelSigmas, alphas_cumprod
+from .components import Extras, upcast_vae
+from .sigmas import ModelSigmas, alphas_cumprod, rescale_zero_terminal_snr
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +66,12 @@ def default_device() -> torch.device:
 class Loaded:
     """A resident pipeline and what rendering with it needs, built once."""
 
-    pipe: Any  # a diffusers StableDiffusionPipeline
+    pipe: Any  # a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline
     model: ModelSpec
     dtype: str
     load_seconds: float
     encoder: PromptEncoder
-    scheduler_config: dict  # the model's own, before any sampler replaced pipe.scheduler
+    scheduler_config: dict  # the model's own (prediction and noise schedule as the model says them)
     sigmas: ModelSigmas | None  # None: the model's noise schedule is not one A1111's samplers know
     unet: Callable[..., Any]  # pipe.unet, compiled where compiling is on
     decode: Callable[..., Any]  # pipe.vae.decode, likewise
@@ -83,18 +86,30 @@ class Loaded:
             return builtin_folder(model.location) / "vae"
         return single_file_config(model.config or "sd15") / "vae"
 
+    @property
+    def xl(self) -> bool:
+        return self.model.family == SDXL
+
     @classmethod
     def wrap(cls, pipe, model: ModelSpec, dtype: str, load_seconds: float, compile_mode: str | None = None) -> Loaded:
-        config = dict(pipe.scheduler.config)
+        # What the model (or the job's override of it) says, whatever the shipped or saved config said.
+        config = {**dict(pipe.scheduler.config), "prediction_type": model.prediction,
+                  "rescale_betas_zero_snr": model.zero_terminal_snr}
         try:
-            sigmas = ModelSigmas(alphas_cumprod(config))
+            cumprod = alphas_cumprod(config)
+            sigmas = ModelSigmas(rescale_zero_terminal_snr(cumprod) if model.zero_terminal_snr else cumprod)
         except (KeyError, ValueError):
             sigmas = None
+        upcast_vae(pipe.vae)
         unet, decode = pipe.unet, pipe.vae.decode
         if compile_mode:
             unet, decode = Compiled(unet, "UNet", compile_mode), Compiled(decode, "VAE decoder", compile_mode)
-        return cls(pipe, model, dtype, load_seconds, PromptEncoder(pipe.tokenizer, pipe.text_encoder), config, sigmas,
-                   unet, decode)
+        encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+        return cls(pipe, model, dtype, load_seconds, encoder, config, sigmas, unet, decode)
+
+    @property
+    def v_prediction(self) -> bool:
+        return self.model.prediction == V_PREDICTION
 
     @property
     def compiled(self) -> bool:
@@ -153,22 +168,27 @@ def json_key(model: ModelSpec) -> tuple:
 
 
 def load(model: ModelSpec, dtype: torch.dtype, device: torch.device):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    # No safety checker (it blanks research grids) and so no feature extractor: folders
-    # that list them in model_index.json but lack their files load all the same.
-    common = dict(torch_dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if model.family == SDXL:
+        cls: Any = StableDiffusionXLPipeline
+        common: dict[str, Any] = dict(torch_dtype=dtype, add_watermarker=False)
+    else:
+        # No safety checker (it blanks research grids) and so no feature extractor: folders
+        # that list them in model_index.json but lack their files load all the same.
+        cls = StableDiffusionPipeline
+        common = dict(torch_dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
         if model.kind == "builtin":
-            pipe = StableDiffusionPipeline.from_pretrained(builtin_folder(model.location), local_files_only=True, **common)
+            pipe = cls.from_pretrained(builtin_folder(model.location), local_files_only=True, **common)
         elif model.kind == "folder":
-            pipe = StableDiffusionPipeline.from_pretrained(model.location, local_files_only=True, **common)
+            pipe = cls.from_pretrained(model.location, local_files_only=True, **common)
         elif model.kind == "file":
-            pipe = StableDiffusionPipeline.from_single_file(
+            pipe = cls.from_single_file(
                 model.location, config=str(single_file_config(model.config or "sd15")), local_files_only=True, **common
             )
         elif model.kind == "hub":
-            pipe = StableDiffusionPipeline.from_pretrained(model.location, revision=model.revision, **common)
+            pipe = cls.from_pretrained(model.location, revision=model.revision, **common)
         else:
             raise ModelError(f"unknown model kind {model.kind!r}")
     except ModelError:
@@ -216,21 +236,29 @@ def builtin_folder(name: str) -> Path:
 
 
 def single_file_config(name: str) -> Path:
-    """A diffusers config folder (configs + tokenizer, no weights) for `from_single_file`."""
+    """A diffusers config folder (configs + tokenizers, no weights) for `from_single_file`, made offline.
+
+    The shipped configs with CLIP's shipped vocabulary in every tokenizer folder; a
+    builtin's shapes are the builtin's own folder (its byte-level tokenizer).
+    """
     if name in BUILTINS:
         return builtin_folder(name)
     folder = cache_root() / "configs" / name
-    if (folder / "tokenizer" / ".complete").is_file():
+    if (folder / ".complete").is_file():
         return folder
-    tokenizer = cached_sd15_tokenizer()
-    if tokenizer is None:
-        raise ModelError(
-            "loading a single-file SD 1.x checkpoint needs the CLIP tokenizer (vocab.json, merges.txt), "
-            "which is not in the local Hugging Face cache; download it once with network "
-            "(e.g. `huggingface-cli download openai/clip-vit-large-patch14 vocab.json merges.txt`)"
-        )
-    shutil.copytree(config_dir(name), folder, dirs_exist_ok=True)
-    for file in tokenizer:
-        shutil.copy(file, folder / "tokenizer" / file.name)
-    (folder / "tokenizer" / ".complete").write_text("")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
+    try:
+        shutil.copytree(config_dir(name), tmp, dirs_exist_ok=True)
+        for tokenizer in tmp.glob("tokenizer*"):
+            shutil.copy(CLIP_VOCAB, tokenizer / "vocab.json")
+            shutil.copy(CLIP_MERGES, tokenizer / "merges.txt")
+        (tmp / ".complete").write_text("")
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not (folder / ".complete").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -59,6 +59,7 @@ def build_record(rendered: Rendered, model: ModelSpec, image_sha256: str, device
         "clip_skip": cell.clip_skip,
         "clip_layer": rendered.clip_layer,
         "clip_layers": rendered.clip_layers,
+        "text_encoders": rendered.encoders,  # each encoder's layer (SDXL: both), of how many, final LayerNorm or not
         "prompt_tokens": rendered.prompt_tokens,
         "texts": {"prompt": cell.text, "negative_prompt": cell.negative_text},  # as the text encoder read them
         "model": model.record(),
@@ -73,6 +74,7 @@ def build_record(rendered: Rendered, model: ModelSpec, image_sha256: str, device
         "timings": {k: round(v, 6) for k, v in rendered.timings.items()},
         "batch_size": rendered.batch_size,
         "compile": rendered.compile,
+        "vae_decode": rendered.decode,  # dtype; redone_in_float32: a NaN/inf decode was done again in float32
         "image": layout.cell_image(cell.id),
         "image_sha256": image_sha256,
         "job": job,

@@ -2,7 +2,9 @@
 
 Every cell gets its own CPU generator seeded with its seed: its starting noise and
 every later draw (ancestral samplers), or its Brownian tree (SDE samplers), are the
-same alone or in a batch, on any device.
+same alone or in a batch, on any device. SD 1.x and SDXL share every step; what
+differs is the conditioning (`conditioning.Conditioning`) and, for v-prediction
+models, the denoiser.
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ from gridrender.scheduler.errors import RenderError
 from gridrender.scheduler.grid import Cell, make_cell
 from gridrender.scheduler.models import ModelSpec
 
-from .clip import Encoded, clip_layer_for
-from .components import embedding_vectors, use_loras, vae_for
+from .clip import Encoded
+from .components import embedding_vectors, fp32_vae, use_loras, vae_for
+from .conditioning import Conditioning
 from .denoise import Guided, a1111_sample, diffusers_sample
 from .pipelines import Loaded, PipelineCache
 
@@ -40,6 +43,8 @@ class Rendered:
     timings: dict = field(default_factory=dict)
     batch_size: int = 1  # cells in the pipeline call that rendered it (padding included)
     compile: dict = field(default_factory=dict)  # the mode the UNet and VAE decoder ran in
+    encoders: list[dict] = field(default_factory=list)  # per text encoder: the layer used, of how many, normed
+    decode: dict = field(default_factory=dict)  # the VAE's dtype, and whether a NaN/inf decode was redone in fp32
 
 
 class Renderer:
@@ -65,7 +70,7 @@ class Renderer:
         loaded = self.cache.get(model, cells[0].dtype)
         encoder = loaded.encoder
         for cell in cells:
-            if not 1 <= cell.clip_skip <= encoder.layers:
+            if not 1 <= cell.clip_skip <= encoder.layers:  # SDXL: the smaller encoder's layers
                 raise RenderError(f"clip_skip {cell.clip_skip} is outside 1..{encoder.layers} for {model.source}")
         use_loras(loaded.pipe, loaded.extras, cells[0].loras)  # merged before encoding: LoRAs change the text encoders too
         used = {e.name: e for c in cells for e in c.embeddings}
@@ -131,8 +136,10 @@ class Renderer:
             embeddings = self.encode(model, cells)
         use_loras(loaded.pipe, loaded.extras, first.loras)
         unet_dtype = loaded.pipe.unet.dtype
-        cond = _stack([embeddings[(c.text, c.clip_skip)].embedding for c in cells], unet_dtype)
-        uncond = _stack([embeddings[(c.negative_text, c.clip_skip)].embedding for c in cells], unet_dtype)
+        size = (first.width, first.height)
+        cond = Conditioning.of([embeddings[(c.text, c.clip_skip)] for c in cells], unet_dtype, *size)
+        uncond = Conditioning.of([embeddings[(c.negative_text, c.clip_skip)] for c in cells], unet_dtype, *size,
+                                 zero=[c.negative_text == "" for c in cells])
         timings["encode"] = time.perf_counter() - start
 
         # 3. One CPU generator per cell: the seed fixes the noise, whatever the batch.
@@ -151,36 +158,41 @@ class Renderer:
 
         # 5. Decode to pixels, rounded the way the sampler family's reference does.
         start = time.perf_counter()
-        images = _decode(loaded, latents, first.vae, truncate=sampler.family == "a1111")
+        images, decoded = _decode(loaded, latents, first.vae, truncate=sampler.family == "a1111")
         timings["decode"] = time.perf_counter() - start
 
-        layers = loaded.encoder.layers
         per_cell = {k: v / real for k, v in timings.items()}
         compile_state = loaded.compile_state()
-        return [
-            Rendered(cell, image, clip_layer_for(cell.clip_skip, layers), layers, described,
-                     _token_counts(embeddings, cell), dict(per_cell), len(cells), compile_state)
-            for cell, image in zip(cells[:real], images)
-        ]
+        rendered = []
+        for cell, image in zip(cells[:real], images):
+            encoders = loaded.encoder.describe(cell.clip_skip)
+            rendered.append(Rendered(cell, image, encoders[0]["layer"], encoders[0]["layers"], described,
+                                     _token_counts(embeddings, cell), dict(per_cell), len(cells), compile_state,
+                                     encoders, decoded))
+        return rendered
 
-    def _a1111(self, loaded: Loaded, first: Cell, cond, uncond, generators, shape, seeds) -> tuple[torch.Tensor, dict]:
-        if loaded.sigmas is None or loaded.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
-            raise RenderError(f"{first.sampler!r} needs an epsilon-prediction model with a standard noise schedule; "
-                              f"use a diffusers scheduler class for {loaded.model.source}")
+    def _a1111(self, loaded: Loaded, first: Cell, cond: Conditioning, uncond: Conditioning, generators, shape,
+               seeds) -> tuple[torch.Tensor, dict]:
+        if loaded.sigmas is None:
+            raise RenderError(f"{first.sampler!r} needs a model with a standard (linear or scaled-linear) noise "
+                              f"schedule; use a diffusers scheduler class for {loaded.model.source}")
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
         guided = Guided(loaded.unet, cond, uncond, uncond_first=False)
         latents, sigmas = a1111_sample(guided, loaded.sigmas, first.sampler, first.schedule, first.steps,
-                                       first.guidance, noise, generators, seeds)
+                                       first.guidance, noise, generators, seeds, loaded.v_prediction)
         sampler = samplers.lookup(first.sampler)
+        denoiser = "CompVisVDenoiser" if loaded.v_prediction else "CompVisDenoiser"
         described = {"family": "a1111", "name": first.sampler, "schedule": first.schedule,
                      "class": f"k-diffusion:{sampler.function}", "semantics": sampler.semantics,
                      "config": {"discard_penultimate_sigma": sampler.discard_penultimate_sigma, "noise": sampler.noise,
                                 "eta": 1.0 if sampler.noise != "none" else 0.0, "s_noise": 1.0, **sampler.options,
-                                "rng": "cpu"},
+                                "rng": "cpu", "denoiser": f"k-diffusion:{denoiser}",
+                                "zero_terminal_snr": loaded.model.zero_terminal_snr},
                      "sigmas": [round(float(s), 6) for s in sigmas.cpu()]}
         return latents, described
 
-    def _diffusers(self, loaded: Loaded, first: Cell, cond, uncond, generators, shape, dtype) -> tuple[torch.Tensor, dict]:
+    def _diffusers(self, loaded: Loaded, first: Cell, cond: Conditioning, uncond: Conditioning, generators, shape,
+                   dtype) -> tuple[torch.Tensor, dict]:
         import diffusers
 
         cls = getattr(diffusers, first.sampler)
@@ -194,10 +206,6 @@ class Renderer:
                          "class": type(scheduler).__name__, "semantics": samplers.DIFFUSERS_SEMANTICS, "config": config}
 
 
-def _stack(embeddings: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    return torch.stack(embeddings).to(dtype)
-
-
 def _latent_shape(loaded: Loaded, cell: Cell) -> tuple[int, int, int]:
     pipe = loaded.pipe
     factor = pipe.vae_scale_factor
@@ -206,19 +214,33 @@ def _latent_shape(loaded: Loaded, cell: Cell) -> tuple[int, int, int]:
     return (pipe.unet.config.in_channels, cell.height // factor, cell.width // factor)
 
 
-def _decode(loaded: Loaded, latents: torch.Tensor, component, truncate: bool) -> list[Image.Image]:
-    """VAE decode (the model's own or the cell's); A1111 truncates to uint8 (astype), diffusers rounds."""
+def _decode(loaded: Loaded, latents: torch.Tensor, component, truncate: bool) -> tuple[list[Image.Image], dict]:
+    """VAE decode (the model's own or the cell's); A1111 truncates to uint8 (astype), diffusers rounds.
+
+    A decode with NaN or inf (a VAE overflowing in fp16) is done again in float32, as
+    A1111's "auto VAE precision" does: never a black or NaN image under a cell id.
+    """
     pipe = loaded.pipe
     vae = vae_for(pipe, loaded.extras, component, loaded.vae_config_folder)
     decode = loaded.decode if vae is pipe.vae else vae.decode
     _size_vae(vae, latents.shape[-1] * latents.shape[-2] * pipe.vae_scale_factor**2, latents.shape[0])
+    cast = latents.to(vae.dtype)  # A1111 and diffusers cast to the VAE's dtype, then scale
+    scaled = cast * (1.0 / vae.config.scaling_factor) if truncate else cast / vae.config.scaling_factor
+    decoded = decode(scaled, return_dict=False)[0]
+    described = {"dtype": str(vae.dtype).removeprefix("torch."), "redone_in_float32": False}
+    if not bool(torch.isfinite(decoded).all()):
+        log.warning("the VAE decoded NaN/inf in %s; decoding again in float32", described["dtype"])
+        vae = fp32_vae(loaded.extras, vae, component)
+        _size_vae(vae, latents.shape[-1] * latents.shape[-2] * pipe.vae_scale_factor**2, latents.shape[0])
+        latents32 = latents.float()
+        again = latents32 * (1.0 / vae.config.scaling_factor) if truncate else latents32 / vae.config.scaling_factor
+        decoded = vae.decode(again, return_dict=False)[0]
+        described = {"dtype": "float32", "redone_in_float32": True}
     if truncate:
-        decoded = decode(latents.to(vae.dtype) * (1.0 / vae.config.scaling_factor), return_dict=False)[0]
         pixels = torch.clamp((decoded.float() + 1.0) / 2.0, min=0.0, max=1.0)
         arrays = (255.0 * np.moveaxis(pixels.cpu().numpy(), 1, 3)).astype(np.uint8)
-        return [Image.fromarray(a) for a in arrays]
-    decoded = decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-    return pipe.image_processor.postprocess(decoded, output_type="pil")
+        return [Image.fromarray(a) for a in arrays], described
+    return pipe.image_processor.postprocess(decoded, output_type="pil"), described
 
 
 def _size_vae(vae, pixels: int, batch: int) -> None:

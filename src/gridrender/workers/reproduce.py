@@ -13,6 +13,7 @@ from PIL import Image
 from gridrender.scheduler import layout, models
 from gridrender.scheduler.components import Component, LoraUse, resolve_embeddings, resolve_lora, resolve_vae
 from gridrender.scheduler.errors import InputError, StorageError
+from gridrender.scheduler.families import Prediction
 from gridrender.scheduler.grid import Cell, make_cell
 from gridrender.scheduler.models import ModelSpec
 from gridrender.scheduler.params import NAMES
@@ -70,6 +71,9 @@ def recorded_cell(record: dict, ref: str = "record") -> tuple[ModelSpec, Cell]:
     except (KeyError, TypeError) as exc:
         raise InputError(f"{ref} is not a gridrender cell record (missing {exc})") from None
     model = models.resolve(recorded["source"], recorded.get("revision") if recorded.get("kind") == "hub" else None)
+    # a job's prediction / noise-schedule override, as recorded
+    model = model.with_prediction(Prediction(recorded.get("prediction", model.prediction),
+                                             recorded.get("zero_terminal_snr", model.zero_terminal_snr)))
     if model.identity() != identity:
         raise InputError(f"the model found now is not the recorded one: {model.identity()} != {identity}")
     params["vae"] = _again(record["vae"], lambda s: resolve_vae(s, model, settings)) if record.get("vae") else None

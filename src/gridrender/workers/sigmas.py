@@ -31,6 +31,24 @@ def alphas_cumprod(config: dict) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
 
 
+# A1111's last alphas_cumprod of a zero-terminal-SNR schedule: not 0, which would make sigma infinite.
+ZTSNR_LAST_ALPHA_BAR = 4.8973451890853435e-08
+
+
+def rescale_zero_terminal_snr(cumprod: torch.Tensor) -> torch.Tensor:
+    """A1111's rescale_zero_terminal_snr_abar (Lin et al. 2023), in the schedule's own float32.
+
+    Shift sqrt(alphas_cumprod) so the last step is 0, rescale so the first keeps its
+    value, and set the last alphas_cumprod to ZTSNR_LAST_ALPHA_BAR (sigma_max ~ 4500).
+    """
+    root = cumprod.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    rescaled = root**2
+    rescaled[-1] = ZTSNR_LAST_ALPHA_BAR
+    return rescaled
+
+
 def _append_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_zeros([1])])
 

@@ -42,6 +42,10 @@ class ComponentFields(BaseModel):
     model: list[Annotated[str, Field(min_length=1)]]
     revision: str | None = None
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    # What the UNet predicts and its noise schedule: `auto` reads the model's files (v_pred/ztsnr keys,
+    # the scheduler config); a value overrides them for every model of the job.
+    prediction: Literal["auto", "epsilon", "v_prediction"] = "auto"
+    noise_schedule: Literal["auto", "Default", "Zero Terminal SNR"] = "auto"
     vae: list[Annotated[str, Field(min_length=1)] | None] = [None]
     loras: list[LoraEntry] = []
     embeddings: list[Annotated[str, Field(min_length=1)]] = []

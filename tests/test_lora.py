@@ -496,3 +496,66 @@ def test_merged_loras_run_in_the_compiled_unet_without_recompiling(tmp_path, tin
     assert np.abs(compiled - eager).max() <= 1
     assert np.abs(compiled[1] - compiled[0]).max() > 3 and np.abs(compiled[2] - compiled[1]).max() > 0
     assert np.array_equal(compiled[3], compiled[0])  # unloaded: the base image again
+
+
+# builtin:tiny-sdxl: blocks (32, 64), DownBlock2D then CrossAttnDownBlock2D (transformer depth 2),
+# so SGM's input_blocks 4-5 are down block 1, output_blocks 0-2 up block 0 (upsampler: 2.2).
+XL_BUILTIN_UNET = {
+    "input_blocks_4_1_transformer_blocks_1_attn2_to_k": ("down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k", "lora"),
+    "output_blocks_0_1_transformer_blocks_0_attn1_to_q": ("up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "lora"),
+    "middle_block_1_transformer_blocks_0_ff_net_2": ("mid_block.attentions.0.transformer_blocks.0.ff.net.2", "lora"),
+    "output_blocks_2_2_conv": ("up_blocks.0.upsamplers.0.conv", "locon"),
+    "input_blocks_5_0_in_layers_2": ("down_blocks.1.resnets.1.conv1", "locon"),
+}
+XL_BUILTIN_TEXT = {"lora_te1_text_model_": ("text_encoder", ("encoder.layers.5.self_attn.v_proj", "encoder.layers.2.mlp.fc1")),
+                   "lora_te2_text_model_": ("text_encoder_2", tuple(f"encoder.layers.6.{p}" for p in (
+                       "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc2")))}
+
+
+def test_an_sdxl_kohya_lora_renders_through_gridrender_as_the_formula_weights(renderer, tmp_path):
+    """End to end on builtin:tiny-sdxl: resolve, merge into the UNet and both encoders, render."""
+    import dataclasses
+
+    xl = resolve("builtin:tiny-sdxl")
+    loaded_xl = renderer.cache.get(xl, "float32")
+    merge(loaded_xl, ())
+    pipe = loaded_xl.pipe
+    rng = torch.Generator().manual_seed(21)
+    layers: dict[str, build.Parts] = {}
+    case: Case = {}
+    for key, (path, kind) in XL_BUILTIN_UNET.items():
+        layers["lora_unet_" + key] = parts = build.lora(tuple(weight(pipe, "unet", path).shape), RANK, rng, ALPHA)
+        case[("unet", path)] = (kind, parts)
+    for prefix, (component, paths) in XL_BUILTIN_TEXT.items():
+        for path in paths:
+            layers[prefix + path.replace(".", "_")] = parts = build.lora(tuple(weight(pipe, component, path).shape),
+                                                                         RANK, rng, ALPHA)
+            case[(component, path)] = ("lora", parts)
+    file = build.write(tmp_path / "xl-style.safetensors", layers, {"ss_base_model_version": "sdxl_base_v1-0"})
+    notes: list[str] = []
+    lora = resolve_lora(str(file), xl, Settings(), notes)
+    assert notes == []  # every key matched, every layer applied
+    cell = dict(prompt="a (cow:1.3) standing in a field", negative_prompt="lowres", clip_skip=1, seed=5,
+                sampler="Euler a", steps=4, guidance=7.0, width=64, height=64, dtype="float32")
+    image = renderer.render(xl, [make_cell(xl, **cell, loras=(LoraUse(lora, 0.8, 1.2, "xl-style"),))])[0].image
+    plain = renderer.render(xl, [make_cell(xl, **cell)])[0].image
+    # the reference: the same model made resident a second time, its weights set from the formulas
+    from diffusers import StableDiffusionXLPipeline
+
+    from gridrender.workers.pipelines import builtin_folder
+    from gridrender.workers.render import Renderer
+
+    spec = dataclasses.replace(xl, revision="reference-weights")
+    ref = StableDiffusionXLPipeline.from_pretrained(builtin_folder("tiny-sdxl"), add_watermarker=False)
+    with torch.no_grad():
+        for (component, path), (kind, parts) in case.items():
+            target = weight(ref, component, path)
+            target.copy_(target + (0.8 if component != "unet" else 1.2) * reference(kind, parts, target.detach().clone()))
+    ref_renderer = Renderer(compile_mode="eager")
+    ref_renderer.cache.put(spec, "float32", ref)
+    expected = ref_renderer.render(spec, [make_cell(spec, **cell)])[0].image
+    assert np.abs(pixels(image) - pixels(expected)).max() <= 1
+    assert np.abs(pixels(image) - pixels(plain)).max() > 3
+    # and it is refused on SD 1.x, naming the file: kohya's metadata says SDXL
+    with pytest.raises(Exception, match=r"xl-style.safetensors.*SDXL LoRA"):
+        resolve_lora(str(file), resolve("builtin:tiny"), Settings())

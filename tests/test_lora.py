@@ -40,7 +40,7 @@ CONV3 = ("down_blocks.2.resnets.0.conv1", "up_blocks.0.upsamplers.0.conv", "down
          "mid_block.resnets.1.conv2")
 CONV1 = ("down_blocks.2.resnets.0.conv_shortcut", "down_blocks.0.attentions.0.proj_in")
 TEXT = ("encoder.layers.0.self_attn.q_proj", "encoder.layers.3.mlp.fc1", "encoder.layers.11.self_attn.out_proj")
-KINDS = ("lora", "locon", "loha", "lokr", "dora", "full", "peft")
+KINDS = ("lora", "locon", "loha", "lokr", "dora", "full", "peft", "peft_dora")
 
 
 def lycoris() -> tuple[Any, Any]:
@@ -77,6 +77,13 @@ def weight(pipe: Any, component: str, path: str) -> torch.Tensor:
 def reference(kind: str, parts: dict[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
     """U such that the merged weight is W + multiplier · U."""
     shape = base.shape
+    if kind == "peft_dora":  # PEFT's DoRA: its own weight norm (per output row) and merge rule
+        from peft.tuners.lora.dora import DoraLinearLayer
+
+        scale = ALPHA / RANK
+        delta = parts["lora_up.weight"] @ parts["lora_down.weight"]
+        norm = DoraLinearLayer(fan_in_fan_out=False).get_weight_norm(base, delta, scaling=scale)
+        return (parts["magnitude"] / norm).view(-1, 1) * (base + scale * delta) - base
     if kind in ("lora", "locon", "dora", "peft"):
         up, down = parts.get("lora_up.weight", parts.get("lora_B.weight")), parts.get("lora_down.weight",
                                                                                       parts.get("lora_A.weight"))
@@ -130,6 +137,11 @@ def sd1_case(kind: str, pipe: Any, seed: int) -> tuple[dict[str, build.Parts], C
     if kind in ("lora", "peft"):
         for component, path in targets:
             add(component, path, "lora", build.lora(shape(component, path), RANK, rng, ALPHA))
+    elif kind == "peft_dora":
+        for component, path in targets[:3] + targets[-2:]:
+            parts = build.lora(shape(component, path), RANK, rng, ALPHA)
+            rows = weight(pipe, component, path).detach().norm(dim=1)
+            add(component, path, "peft_dora", {**parts, "magnitude": rows * (1 + 0.2 * torch.rand(len(rows), generator=rng))})
     elif kind == "locon":
         for path in (*CONV3, *CONV1):
             add("unet", path, "locon", build.lora(shape("unet", path), RANK, rng, ALPHA))
@@ -153,7 +165,7 @@ def sd1_case(kind: str, pipe: Any, seed: int) -> tuple[dict[str, build.Parts], C
     elif kind == "full":
         for component, path in (targets[0], ("unet", CONV1[0]), targets[-1]):
             add(component, path, "full", build.full(shape(component, path), rng))
-    if kind != "peft":
+    if kind not in ("peft", "peft_dora"):
         return layers, case, None
     names = {build.kohya_unet_sd1(p) if c == "unet" else build.kohya_te_sd1(p): (c, p) for c, p in case}
     peft, metadata = build.kohya_to_peft(layers, names, ALPHA, RANK)  # <component>.<path>.lora_A.weight

@@ -114,6 +114,8 @@ def kohya_to_peft(layers: dict[str, Parts], names: dict[str, tuple[str, str]], a
         component, path = names[key]
         peft[f"{component}.{path}"] = {"lora_A.weight": parts["lora_down.weight"],
                                         "lora_B.weight": parts["lora_up.weight"]}
+        if "magnitude" in parts:  # DoRA as PEFT saves it: the magnitude of each output row
+            peft[f"{component}.{path}"]["lora_magnitude_vector"] = parts["magnitude"]
     components = {component for component, _ in names.values()}
     config = {f"{c}.{k}": v for c in components for k, v in (("lora_alpha", alpha), ("r", rank))}
     return peft, {"format": "pt", "lora_adapter_metadata": json.dumps(config)}

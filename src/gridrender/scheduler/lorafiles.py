@@ -10,6 +10,11 @@ part is converted to A1111's name for the layer and looked up in the model's tab
 (`layers.py`). What A1111 cannot match it lists as "didn't match keys" and skips; so
 does gridrender, and `validate` prints them.
 
+diffusers' kohya conversion (loaders/lora_conversion_utils.py) is not used: it maps keys
+A1111 does not (a bigG attention with only some of q/k/v/out, the SDXL up_blocks.0
+upsampler, label_emb), raises on keys it does not know where A1111 skips them, and
+reads no LyCORIS module.
+
 diffusers/PEFT files (`unet.<module>.lora_A.weight`, `text_encoder.…`, `text_encoder_2.…`)
 name diffusers modules directly; A1111 does not read them, gridrender applies them
 module by module with the same math (alpha from `.alpha` keys or the

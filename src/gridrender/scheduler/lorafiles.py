@@ -11,8 +11,8 @@ part is converted to A1111's name for the layer and looked up in the model's tab
 does gridrender, and `validate` prints them.
 
 diffusers' kohya conversion (loaders/lora_conversion_utils.py) is not used: it maps keys
-A1111 does not (a bigG attention with only some of q/k/v/out, the SDXL up_blocks.0
-upsampler, label_emb), raises on keys it does not know where A1111 skips them, and
+A1111 does not (a bigG attention with only some of q/k/v/out, SDXL's up_blocks.0
+upsampler by its diffusers name), raises on keys it does not know where A1111 skips them, and
 reads no LyCORIS module.
 
 diffusers/PEFT files (`unet.<module>.lora_A.weight`, `text_encoder.…`, `text_encoder_2.…`)

@@ -26,6 +26,7 @@ from gridrender.scheduler.prompts import parse_attention
 from gridrender.workers.render import Renderer
 from tests.conftest import ROOT
 from tests.support import kdiffusion
+from tests.support.a1111_text import parse_prompt_attention
 
 WORDS = ["masterpiece", "best", "quality", "cow", "standing", "field", "lighthouse", "dusk", "lowres", "blurry"]
 LONG_PROMPT = (
@@ -104,7 +105,7 @@ def a1111_chunks(tokenizer, line):
     chunk_length, backtrack = 75, 20
     id_start, id_end = tokenizer.bos_token_id, tokenizer.eos_token_id
     comma_token = tokenizer.get_vocab().get(",</w>")
-    parsed = parse_attention(line)
+    parsed = parse_prompt_attention(line)  # A1111's, not gridrender's
     tokenized = tokenizer([text for text, _ in parsed], truncation=False, add_special_tokens=False)["input_ids"]
     chunks, tokens, mults = [], [], []
     last_comma = -1

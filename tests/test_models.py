@@ -162,6 +162,13 @@ def test_a_folder_laid_out_by_other_tools_loads(renderer, tiny, tiny_folder, tmp
     ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": [4608, 1536]}, "SD3"),
     ({"double_blocks.0.img_attn.qkv.weight": [9216, 3072]}, "Flux"),
     ({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": [9216, 3072]}, "Flux"),
+    # A1111's sd_models_config.guess_model_config_from_state_dict: input_blocks.0.0 with 9 input channels
+    # is an inpainting model (SDXL's too), 8 instruct-pix2pix; no txt2img config fits them
+    ({"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": [49408, 768],
+      "conditioner.embedders.1.model.token_embedding.weight": [49408, 1280],
+      "model.diffusion_model.input_blocks.0.0.weight": [320, 9, 3, 3]}, "inpainting"),
+    ({"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": [49408, 768],
+      "model.diffusion_model.input_blocks.0.0.weight": [320, 8, 3, 3]}, "instruct-pix2pix"),
 ])
 def test_a_safetensors_file_that_is_not_sd1_is_bad_input(job_file, tmp_path, keys, says):
     import json

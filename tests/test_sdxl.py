@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
+import string
 
 import numpy as np
 import pytest
@@ -145,15 +146,18 @@ def with_fixes(encoder, fixes, key):
 
 
 @torch.no_grad()
-def a1111_xl_cond(pipe, text, clip_skip, negative=False, chunks=None, fixes=()):
+def a1111_xl_cond(pipe, text, clip_skip, negative=False, chunks=None, fixes=(), tokenizer_2=None):
     """sd_models_xl.get_learned_conditioning([text]) for a batch of one: {crossattn, pooled, time_ids}.
 
     `chunks`: [(tokens, multipliers)] when the test lays them out itself (embeddings); `fixes`:
-    [(offset, {"clip_l": ..., "clip_g": ...})] for the first chunk.
+    [(offset, {"clip_l": ..., "clip_g": ...})] for the first chunk. Each embedder chunks the text
+    with its own tokenizer (`tokenizer_2`: open_clip's, for the second; the same ids by default).
     """
     layer = -max(clip_skip, 2)  # layer_idx / "penultimate" for 1 and 2 (A1111 ignores clip skip on SDXL)
     z_l, z_g, pooled = [], [], None
-    for index, (tokens, multipliers) in enumerate(chunks or a1111_chunks(pipe.tokenizer, text)):
+    chunks_l = chunks or a1111_chunks(pipe.tokenizer, text)
+    chunks_g = chunks or a1111_chunks(tokenizer_2 or pipe.tokenizer, text)
+    for index, ((tokens, multipliers), (tokens_g, multipliers_g)) in enumerate(zip(chunks_l, chunks_g, strict=True)):
         handles = [with_fixes(pipe.text_encoder, fixes, "clip_l"),
                    with_fixes(pipe.text_encoder_2, fixes, "clip_g")] if fixes and index == 0 else []
         try:
@@ -161,6 +165,7 @@ def a1111_xl_cond(pipe, text, clip_skip, negative=False, chunks=None, fixes=()):
             outputs = pipe.text_encoder(input_ids=torch.asarray([tokens]), output_hidden_states=True)
             z_l.append(emphasis_original(outputs.hidden_states[layer], multipliers))
             # embedder 1, FrozenOpenCLIPEmbedder2WithCustomWords.process_tokens: id_pad after the first id_end
+            tokens, multipliers = tokens_g, multipliers_g
             ids = torch.asarray([tokens])
             end = tokens.index(pipe.tokenizer.eos_token_id)
             ids[0, end + 1 :] = 0
@@ -284,6 +289,81 @@ def test_conditioning_is_a1111s_for_short_and_long_prompts_and_an_empty_negative
     assert got[(LONG_PROMPT, skip)].chunks == 4  # BREAK, emphasis, comma backtrack: four 75-token chunks
 
 
+# Prompts where ftfy (both tokenizers) and open_clip's double html.unescape (the second) change the ids.
+TRICKY = ["“masterpiece”, best quality, 1girl，solo（smile）, ﬁsh",
+          "ｈｅｌｌｏ world, don’t, café &amp; bar",
+          ">_< &amp; fish &amp;amp; chips, (red:1.2) BREAK blue",
+          ", ".join(["“quoted” tag"] * 30) + ", &amp; more"]  # > 75 tokens: the comma backtrack
+
+
+@pytest.fixture(scope="session")
+def clip_vocab_encoder(tmp_path_factory):
+    """A PromptEncoder with CLIP's real (shipped) vocabulary and two tiny random encoders."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from gridrender.scheduler.tokens import CLIP_MERGES, CLIP_VOCAB
+    from gridrender.workers.clip import PromptEncoder
+
+    folder = tmp_path_factory.mktemp("clip-vocab")
+    for file in (CLIP_VOCAB, CLIP_MERGES):
+        shutil.copy(file, folder / file.name)
+    tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    torch.manual_seed(0)
+    small = dict(vocab_size=49408, intermediate_size=32, num_attention_heads=2, max_position_embeddings=77)
+    encoder = CLIPTextModel(CLIPTextConfig(hidden_size=16, num_hidden_layers=3, hidden_act="quick_gelu", **small))
+    encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=24, num_hidden_layers=4, projection_dim=20,
+                                                           hidden_act="gelu", **small))
+    return PromptEncoder(tokenizer, encoder.eval(), encoder_2.eval())
+
+
+def test_each_encoder_tokenizes_as_a1111s_tokenizer_for_it(clip_vocab_encoder):
+    """CLIP-L: transformers' slow CLIPTokenizer with ftfy (A1111's); OpenCLIP: open_clip's SimpleTokenizer
+    (ftfy, html.unescape twice). The references are written from those sources (tests/support/a1111_text.py)."""
+    from gridrender.scheduler.tokens import CLIP_MERGES, ClipTokenizer
+    from tests.support.a1111_text import ReferenceTokenizer
+
+    references = [ReferenceTokenizer(CLIP_MERGES, "hf"), ReferenceTokenizer(CLIP_MERGES, "open_clip")]
+    counts = ClipTokenizer.from_files(CLIP_MERGES.with_name("vocab.json"), CLIP_MERGES)
+    for text in TRICKY:
+        for index, reference in enumerate(references):
+            want = a1111_chunks(reference, text)
+            got = clip_vocab_encoder.chunk(text, encoder=index).chunks
+            assert [c.tokens for c in got] == [t for t, _ in want], (index, text)
+            assert np.allclose([c.weights for c in got], [m for _, m in want], rtol=1e-12), (index, text)
+        # validate counts what the worker's first encoder reads
+        assert counts.tokenize([text]) == references[0]([text])["input_ids"], text
+    # plain ASCII (gridrender skips ftfy where it cannot change anything): still the references' ids
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        text = "".join(rng.choice(list(string.printable), size=int(rng.integers(0, 60))))
+        for index, reference in enumerate(references):
+            assert clip_vocab_encoder.tokenize([text], index) == reference([text])["input_ids"], (index, text)
+    # where they differ: only open_clip unescapes HTML in a text that has a "<"
+    ids_l, ids_g = (clip_vocab_encoder.chunk(TRICKY[2], encoder=i).chunks[0].tokens for i in (0, 1))
+    assert ids_l != ids_g
+
+
+def test_each_encoder_reads_its_own_tokens(clip_vocab_encoder):
+    from types import SimpleNamespace
+
+    from gridrender.scheduler.errors import RenderError
+    from gridrender.scheduler.tokens import CLIP_MERGES
+    from tests.support.a1111_text import ReferenceTokenizer
+
+    encoder = clip_vocab_encoder
+    pipe = SimpleNamespace(tokenizer=ReferenceTokenizer(CLIP_MERGES, "hf"), text_encoder=encoder.encoders[0],
+                           text_encoder_2=encoder.encoders[1])
+    tokenizer_2 = ReferenceTokenizer(CLIP_MERGES, "open_clip")
+    got = encoder.encode(TRICKY, {2})
+    for text in TRICKY:
+        want = a1111_xl_cond(pipe, text, 2, tokenizer_2=tokenizer_2)
+        torch.testing.assert_close(got[(text, 2)].embedding, want["crossattn"][0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got[(text, 2)].pooled, want["pooled"][0], rtol=0, atol=1e-5)
+    # 60 tokens of "&amp;amp;" for CLIP-L are 12 for OpenCLIP: A1111's torch.cat of the two fails
+    with pytest.raises(RenderError, match="different numbers of 75-token chunks"):
+        encoder.encode(["<3 " + " &amp;amp;" * 15], {2})
+
+
 def test_clip_skip_1_and_2_are_one_cell_and_3_another(xl, ours):
     one, two, three = (xl_cell(xl, clip_skip=s) for s in (1, 2, 3))
     assert one.id == two.id != three.id
@@ -313,10 +393,34 @@ def test_an_sdxl_embedding_feeds_both_encoders(ours, xl, pipe, tmp_path, job_fil
     want = a1111_xl_cond(pipe, text, 2, chunks=[(tokens, [1.0] * 77)], fixes=[(len(ids), vectors)])
     torch.testing.assert_close(embeddings[(text, 2)].embedding, want["crossattn"][0], rtol=0, atol=1e-5)
     torch.testing.assert_close(embeddings[(text, 2)].pooled, want["pooled"][0], rtol=0, atol=1e-5)
+    # A1111 gives an SDXL embedding as many slots as clip_g has vectors (create_embedding_from_data:
+    # vectors = data['clip_g'].shape[0]); each encoder fills what its own tensor has
+    encoder = ours.cache.get(xl, "float32").encoder
+    uneven = {"clip_l": vectors["clip_l"][:1], "clip_g": torch.cat([vectors["clip_g"]] * 2)}
+    (chunk,) = encoder.chunk(text, {"xlemb": uneven}).chunks
+    assert chunk.tokens[1 : len(ids) + 6] == [*ids, 0, 0, 0, 0, eos]
     # an SD 1.x embedding (one tensor) is refused for an SDXL model at validate, naming the key
     save_file({"emb_params": torch.zeros(1, 32)}, str(tmp_path / "sd1emb.safetensors"))
     result = cli("validate", str(job_file(model=str(xl.location), embeddings=[str(tmp_path / "sd1emb.safetensors")])))
     assert result.returncode == 2 and "embeddings" in result.stderr and "SD 1.x embedding" in result.stderr
+
+
+def test_a_blank_negative_is_encoded_and_only_an_empty_one_is_zeros(ours, xl, pipe):
+    """sd_models_xl.get_learned_conditioning zeroes when `all(x == '' for x in batch)`: the text itself.
+    A negative of spaces is encoded (one empty chunk), so it is another image and another cell on
+    SDXL; on SD 1.x both are the same empty chunk and keep one id."""
+    empty, blank = (xl_cell(xl, negative_prompt=n, sampler="Euler", steps=3) for n in ("", "  "))
+    assert empty.id != blank.id and blank.negative_text == empty.negative_text == ""
+    tiny = resolve("builtin:tiny")
+    assert xl_cell(tiny, negative_prompt="").id == xl_cell(tiny, negative_prompt="  ").id
+    # Prompt S/R that leaves nothing is empty in A1111 too (the replaced text is compared)
+    replaced = xl_cell(xl, negative_prompt="lowres", prompt_sr=("lowres", ""), sampler="Euler", steps=3)
+    assert replaced.negative_is_empty and not blank.negative_is_empty
+    for cell in (empty, blank):
+        got = ours.render(xl, [cell])[0]
+        want = a1111_xl_render(pipe, SHORT, cell.negative_prompt, 2, cell.seed, "Euler", "Uniform", 3, 7.0)
+        assert differs(got.image, want) <= 2
+    assert differs(ours.render(xl, [empty])[0].image, ours.render(xl, [blank])[0].image) > 2
 
 
 # -- samplers: every A1111 sampler, eps and v-prediction, against k-diffusion ----------------------------
@@ -430,6 +534,49 @@ def test_force_upcast_and_a_nan_decode_redone_in_float32(ours, xl, xl_folder, tm
     assert rendered.decode == {"dtype": "float32", "redone_in_float32": True}
     pixels = np.asarray(rendered.image)
     assert np.isfinite(pixels).all() and pixels.std() > 1
+
+
+def test_a_single_file_sdxl_vae_decodes_in_the_models_dtype_as_in_a1111(ours, xl, xl_folder, tmp_path):
+    """A single-file VAE has no config of its own (it loads with the model's, which says force_upcast):
+    A1111 decodes it in fp16 (devices.dtype_vae) and redoes a NaN decode in fp32; the fp16-fix VAE,
+    the usual reason to pick an SDXL VAE file, never needs that."""
+    from gridrender.scheduler.components import resolve_vae
+    from gridrender.scheduler.settings import Settings
+    from tests.support.singlefile import write_single_file_vae
+
+    file = write_single_file_vae(xl_folder / "vae", tmp_path / "xl-vae.safetensors")
+    component = resolve_vae(str(file), xl, Settings())
+    rendered = ours.render(xl, [xl_cell(xl, dtype="float16", vae=component, sampler="Euler", steps=3)])[0]
+    assert rendered.decode == {"dtype": "float16", "redone_in_float32": False}
+
+
+def test_an_sd1_vae_decodes_in_the_models_dtype_whatever_force_upcast_defaults_to(ours, tiny_folder):
+    """diffusers' StableDiffusionPipeline never reads force_upcast (only StableDiffusionXLPipeline's
+    decode does), and AutoencoderKL defaults it to True; A1111 decodes SD 1.x in fp16 (devices.dtype_vae,
+    unless --no-half-vae). So an SD 1.x fp16 render decodes in fp16."""
+    from diffusers import AutoencoderKL
+
+    assert AutoencoderKL.from_pretrained(tiny_folder, subfolder="vae").config.force_upcast  # the default says it
+    model = resolve(str(tiny_folder))
+    rendered = ours.render(model, [xl_cell(model, dtype="float16", sampler="Euler", steps=3)])[0]
+    assert rendered.decode == {"dtype": "float16", "redone_in_float32": False}
+
+
+def test_nan_latents_fail_the_cells_rather_than_store_a_black_image(ours, tiny_folder, tmp_path):
+    """A1111's decode_latent_batch: devices.test_for_nans(batch, "unet") raises before any decode."""
+    from diffusers import UNet2DConditionModel
+
+    from gridrender.scheduler.errors import RenderError
+
+    folder = tmp_path / "nan-unet"
+    shutil.copytree(tiny_folder, folder)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    with torch.no_grad():
+        unet.conv_out.bias.fill_(float("nan"))
+    unet.save_pretrained(folder / "unet")
+    model = resolve(str(folder))
+    with pytest.raises(RenderError, match="UNet produced NaN"):
+        ours.render(model, [xl_cell(model, sampler="Euler", steps=2)])
 
 
 # -- offline: CLIP's vocabulary ships with gridrender --------------------------------------------

@@ -59,6 +59,12 @@ def checkpoint_family(shapes: Mapping[str, Any]) -> str:
         raise ModelInputError("is an SDXL refiner (one OpenCLIP encoder, 'conditioner.embedders.0.model.', and "
                               "aesthetic-score conditioning); gridrender renders SDXL base-family checkpoints "
                               "(SDXL, Pony, Illustrious, NoobAI), not the refiner")
+    in_channels = shapes.get(UNET + "input_blocks.0.0.weight", [0, 0])
+    if len(in_channels) > 1 and in_channels[1] not in (0, 4):  # A1111's sd_models_config: 9 inpainting, 8 pix2pix
+        kind = {9: "an inpainting", 8: "an instruct-pix2pix"}.get(int(in_channels[1]), "a")
+        raise ModelInputError(f"is {kind} checkpoint (its UNet takes {in_channels[1]} input channels, key "
+                              f"'{UNET}input_blocks.0.0.weight'); gridrender renders text-to-image checkpoints "
+                              "(4 latent channels)")
     if has("conditioner.embedders."):
         if not (has(XL_CLIP_L) and has(XL_CLIP_G)):
             raise ModelInputError("is an SDXL-style checkpoint without both text encoders "

@@ -9,8 +9,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from . import samplers
-from .params import CALL, INDEX, NAMES, PARAMS, REQUIRED, clip_skip_identity, public_params
-from .prompts import encoder_text
+from .params import CALL, INDEX, NAMES, PARAMS, REQUIRED, clip_skip_identity, negative_identity, public_params
+from .prompts import encoder_text, is_empty_prompt
+from .tokens import text_identity
 
 _call_values = operator.itemgetter(*(INDEX[p.name] for p in CALL))
 CELL_ID_HEX = 16  # 64 bits: a collision among 10^6 cells has odds of about 1 in 3.7e7
@@ -58,6 +59,11 @@ class Cell:
     def negative_text(self) -> str:
         return encoder_text(self.negative_prompt, self.prompt_sr)
 
+    @property
+    def negative_is_empty(self) -> bool:
+        """SDXL conditions on zeros for this negative (A1111: the text is '' itself, spaces are not)."""
+        return is_empty_prompt(self.negative_prompt, self.prompt_sr)
+
     def call_key(self) -> tuple:
         """Cells with equal keys can share one pipeline call."""
         return _call_values(self.values)
@@ -88,10 +94,12 @@ _MODEL, _CLIP_SKIP = INDEX["model"], INDEX["clip_skip"]
 
 def cell_id(values: tuple) -> str:
     """A hash of everything that changes the cell's pixels: the texts as the encoder reads them
-    (S/R applied, LoRA tags removed: the LoRAs are in `loras`), each component's identity,
+    (S/R applied, LoRA tags removed: the LoRAs are in `loras`; on SDXL a blank negative is not an
+    empty one), each component's identity,
     the CLIP layers used (on SDXL, clip skip 1 and 2 read the same layers: one cell)."""
     sr = values[_SR]
-    texts = {_PROMPT: encoder_text(values[_PROMPT], sr), _NEGATIVE: encoder_text(values[_NEGATIVE], sr)}
+    negative = negative_identity(values[_MODEL], encoder_text(values[_NEGATIVE], sr), values[_NEGATIVE], sr)
+    texts = {_PROMPT: text_identity(encoder_text(values[_PROMPT], sr)), _NEGATIVE: text_identity(negative)}
     layers = clip_skip_identity(values[_MODEL], values[_CLIP_SKIP])
     parts = []
     for key, i in zip(_KEYS, _ORDER):

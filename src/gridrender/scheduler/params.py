@@ -19,6 +19,7 @@ from . import samplers
 from .components import Component, LoraUse
 from .families import SDXL
 from .models import ModelSpec
+from .prompts import is_empty_prompt
 
 
 def _same(value: Any) -> Any:
@@ -166,6 +167,18 @@ def clip_skip_identity(model: ModelSpec, skip: int) -> Any:
     if getattr(model, "family", None) != SDXL:
         return skip
     return {"layers": [layers + 1 - max(skip, 2) for layers in model.encoder_layers()]}
+
+
+def negative_identity(model: ModelSpec, text: str, raw: str, sr: tuple[str, str] | None) -> str:
+    """The negative prompt's part of the cell id: the text as the encoder reads it (`text`).
+
+    On SDXL an empty negative renders as zeros, a negative of only spaces as the encoded
+    empty chunk (A1111 compares the raw text with ''): two images, so two ids. SD 1.x reads
+    both as the same empty chunk, and ids stay as they were.
+    """
+    if text == "" and getattr(model, "family", None) == SDXL and not is_empty_prompt(raw, sr):
+        return " "  # never an encoder text (those are stripped): marks "blank but not empty"
+    return text
 
 
 _OPTIONAL = ("vae", "loras", "prompt_sr", "embeddings")  # components a job may not use at all

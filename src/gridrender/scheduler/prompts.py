@@ -272,6 +272,14 @@ def encoder_text(text: str, sr: tuple[str, str] | None) -> str:
     return _SPACES.sub(" ", strip_lora_tags(search_replace(text, sr))).strip()
 
 
+def is_empty_prompt(text: str, sr: tuple[str, str] | None) -> bool:
+    """A1111's test for SDXL's all-zero negative conditioning (sd_models_xl.get_learned_conditioning:
+    `force_zero_negative_prompt = is_negative_prompt and all(x == '' for x in batch)`): the text
+    itself is '', S/R applied. A negative of spaces is not empty there: it is encoded, not zeroed.
+    """
+    return search_replace(text, sr) == ""
+
+
 def unsupported_syntax(text: str) -> str | None:
     """Why A1111 syntax in `text` cannot be rendered as A1111 would, or None.
 

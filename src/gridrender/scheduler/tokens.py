@@ -2,8 +2,9 @@
 
 The tokenizer is built with HF `tokenizers` the way transformers' CLIPTokenizer
 builds it (NFC, whitespace collapsed, lower case, CLIP's split pattern, byte-level
-BPE with "</w>"), from the model's own vocab.json and merges.txt, so the scheduler
-counts what the worker will encode. A single-file checkpoint reads CLIP's BPE
+BPE with "</w>"), from the model's own vocab.json and merges.txt, after ftfy's fixes as
+A1111's tokenizers make them (`clip_clean`; SDXL's second encoder: `open_clip_clean`),
+so the scheduler counts what the worker will encode. A single-file checkpoint reads CLIP's BPE
 vocabulary shipped with gridrender (`modelconfigs/clip`, derived from open_clip's
 bpe_simple_vocab_16e6 the way CLIP's SimpleTokenizer builds it), so it needs no network
 and no Hugging Face cache. Where no tokenizer is at hand (a hub model not cached yet),
@@ -11,11 +12,13 @@ counts are simply unavailable.
 """
 from __future__ import annotations
 
+import html
 import json
 from collections.abc import Sequence
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 
+import ftfy
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
@@ -27,6 +30,43 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 CLIP_VOCAB = CONFIG_ROOT / "clip" / "vocab.json"
 CLIP_MERGES = CONFIG_ROOT / "clip" / "merges.txt"
 _SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def clip_clean(text: str) -> str:
+    """What A1111's CLIP-L tokenizer does to a text before BPE, beyond what our normalizer does.
+
+    transformers' slow CLIPTokenizer (A1111's, through ldm/sgm's FrozenCLIPEmbedder) reads
+    `whitespace_clean(ftfy.fix_text(text)).lower()` when ftfy is installed (open_clip requires
+    it); the fast tokenizer's normalizer collapses whitespace and lower-cases, not ftfy's fixes:
+    curly quotes, full-width punctuation (，（）), ligatures, mojibake, HTML entities.
+    """
+    return text if _nothing_to_fix(text) else ftfy.fix_text(text)
+
+
+def open_clip_clean(text: str) -> str:
+    """open_clip's basic_clean, which A1111's second SDXL encoder reads (sd_hijack_open_clip.py
+    tokenizes with open_clip's SimpleTokenizer): ftfy.fix_text, then html.unescape twice, stripped."""
+    if _nothing_to_fix(text):
+        return text.strip()
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+@lru_cache(maxsize=4096)  # per cell; a job has few distinct texts, and ftfy costs ~0.1 ms a text
+def text_identity(text: str) -> str | tuple[str, str]:
+    """A text's part of a cell id: the text itself, or marked when A1111's cleaning changes it.
+
+    Cells rendered before gridrender applied ftfy and open_clip's HTML unescaping read such a
+    text differently; marking it gives those cells new ids instead of new pixels under old
+    ones. Texts the cleaning leaves alone keep their ids.
+    """
+    if _nothing_to_fix(text) or (clip_clean(text) == text and open_clip_clean(text) == text.strip()):
+        return text
+    return ("cleaned by ftfy+html", text)
+
+
+def _nothing_to_fix(text: str) -> bool:
+    """Printable ASCII without '&': ftfy and html.unescape leave it as it is (ftfy costs ~0.1 ms a text)."""
+    return text.isascii() and text.isprintable() and "&" not in text
 
 
 def byte_alphabet() -> list[str]:
@@ -70,7 +110,8 @@ class ClipTokenizer:
         return cls(tokenizer)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+        cleaned = [clip_clean(t) for t in texts]
+        return [e.ids for e in self.tokenizer.encode_batch(cleaned, add_special_tokens=False)]
 
     def encode(self, text: str) -> Encoding:
         return chunk_prompt(text, self.tokenize, self.vocab)

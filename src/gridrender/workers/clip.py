@@ -9,6 +9,11 @@ chunks are concatenated: a prompt of k chunks gives a (77k, width) conditioning.
 diffusers' own `clip_skip` counts from 0, skips the negative prompt, and breaks on
 transformers >= 5.6, where CLIPTextModel lost its `.text_model` wrapper.
 
+Token ids are those of A1111's tokenizers: ftfy's text fixes first (transformers' slow
+CLIPTokenizer applies them when ftfy is installed, as in A1111), and for SDXL's second
+encoder open_clip's cleaning (ftfy, HTML unescaped twice), each encoder chunking the text
+with its own tokenizer as A1111 does.
+
 SDXL (A1111's sd_hijack_clip.py / sd_hijack_open_clip.py around sgm's GeneralConditioner):
 both encoders read every chunk, the second (OpenCLIP bigG) with every id after the
 first EOS set to 0; each takes the penultimate layer's output without the final
@@ -33,10 +38,15 @@ from typing import Any
 
 import torch
 
+from gridrender.scheduler.errors import RenderError
 from gridrender.scheduler.prompts import Encoding, Vocabulary, chunk_prompt
+from gridrender.scheduler.tokens import clip_clean, open_clip_clean
 
 ROWS = 8  # 77-token rows per encoder pass
 EMBEDDING_KEYS = ("clip_l", "clip_g")  # an SDXL embedding's vectors for each encoder (A1111's names)
+# What each encoder's tokenizer does to the text in A1111: transformers' CLIPTokenizer with ftfy,
+# then (SDXL's second) open_clip's SimpleTokenizer, which also unescapes HTML twice.
+CLEANERS = (clip_clean, open_clip_clean)
 # An embedding's vectors: one tensor (SD 1.x), or one per encoder (SDXL)
 Vectors = torch.Tensor | Mapping[str, torch.Tensor]
 
@@ -104,14 +114,23 @@ class PromptEncoder:
         return [{"encoder": name, "layer": layer, "layers": clip_layers(e), "final_layer_norm": not self.xl}
                 for name, e, layer in zip(names, self.encoders, self.layers_for(skip), strict=True)]
 
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.tokenizer(list(texts), truncation=False, add_special_tokens=False)["input_ids"]
+    def tokenize(self, texts: Sequence[str], encoder: int = 0) -> list[list[int]]:
+        """Token ids of `texts` as encoder `encoder`'s tokenizer makes them in A1111 (CLEANERS)."""
+        clean = CLEANERS[encoder]
+        return self.tokenizer([clean(t) for t in texts], truncation=False, add_special_tokens=False)["input_ids"]
 
-    def chunk(self, text: str, embeddings: Mapping[str, Vectors] | None = None) -> Encoding:
-        """A1111's chunks of `text`; `embeddings` maps trigger words to their vectors."""
-        triggers = {tuple(ids): (word, len(_vectors_for(vectors, 0, self.xl))) for word, vectors in (embeddings or {}).items()
-                    if (ids := self.tokenize([word])[0])}
-        return chunk_prompt(text, self.tokenize, self.vocab, triggers)
+    def chunk(self, text: str, embeddings: Mapping[str, Vectors] | None = None, encoder: int = 0) -> Encoding:
+        """A1111's chunks of `text` for one encoder; `embeddings` maps trigger words to their vectors.
+
+        Each SDXL encoder chunks the text with its own tokenizer (A1111 wraps each embedder in
+        its own FrozenCLIPEmbedderWithCustomWordsBase); a trigger's ids are the first
+        tokenizer's for both (the embedding database registers them through
+        GeneralConditioner.tokenize, the first embedder).
+        """
+        # slots: an SDXL embedding's clip_g count (textual_inversion.py: vectors = data['clip_g'].shape[0])
+        triggers = {tuple(ids): (word, len(_vectors_for(vectors, 1 if self.xl else 0, self.xl)))
+                    for word, vectors in (embeddings or {}).items() if (ids := self.tokenize([word])[0])}
+        return chunk_prompt(text, lambda pieces: self.tokenize(pieces, encoder), self.vocab, triggers)
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], skips: set[int],
@@ -123,21 +142,28 @@ class PromptEncoder:
         (SDXL: each encoder its own, `clip_l` and `clip_g`).
         """
         texts = list(dict.fromkeys(texts))
-        encodings = [self.chunk(text, embeddings) for text in texts]
-        rows = [chunk for encoding in encodings for chunk in encoding.chunks]
-        weights = torch.tensor([row.weights for row in rows], dtype=torch.float32, device=self.model.device)
+        # Each encoder's own chunks: the same but where its tokenizer reads the text otherwise.
+        encodings = [[self.chunk(text, embeddings, index) for text in texts] for index in range(len(self.encoders))]
+        for text, *chunked in zip(texts, *encodings, strict=True):
+            if len({len(e.chunks) for e in chunked}) > 1:  # A1111: torch.cat of the two states fails
+                raise RenderError(f"SDXL's two tokenizers split {text[:60]!r} into different numbers of 75-token "
+                                  "chunks (HTML entities that only OpenCLIP's tokenizer unescapes); A1111 cannot "
+                                  "render it either")
+        rows = [[chunk for encoding in per_encoder for chunk in encoding.chunks] for per_encoder in encodings]
+        weights = [torch.tensor([row.weights for row in rows_i], dtype=torch.float32, device=self.model.device)
+                   for rows_i in rows]
         states: list[dict[int, torch.Tensor]] = []
         pooled: torch.Tensor | None = None
         for index, encoder in enumerate(self.encoders):
-            tokens = [row.tokens if index == 0 else self._pad_after_eos(row.tokens) for row in rows]
+            tokens = [row.tokens if index == 0 else self._pad_after_eos(row.tokens) for row in rows[index]]
             fixes = [[(offset, _vectors_for((embeddings or {})[word], index, self.xl)) for offset, word in row.fixes]
-                     for row in rows]
+                     for row in rows[index]]
             wanted = {self.layers_for(s)[index] for s in skips}
             pool = self.xl and index == 1
             hidden, pool_out = self._layers(encoder, tokens, wanted, fixes, pool)
             states.append(hidden)
             pooled = pool_out if pool else pooled
-        self.passes += -(-len(rows) // ROWS)
+        self.passes += -(-len(rows[0]) // ROWS)
         result = {}
         for skip in skips:
             parts = []
@@ -145,10 +171,10 @@ class PromptEncoder:
                 z = hidden[self.layers_for(skip)[index]]
                 if not self.xl:
                     z = text_transformer(encoder).final_layer_norm(z)
-                parts.append(emphasize(z, weights))
+                parts.append(emphasize(z, weights[index]))  # each encoder its own emphasis and mean
             z = torch.cat(parts, dim=-1)
             start = 0
-            for text, encoding in zip(texts, encodings, strict=True):
+            for text, encoding in zip(texts, encodings[0], strict=True):  # A1111 counts with the first
                 count = len(encoding.chunks)
                 embedding = z[start : start + count].reshape(-1, z.shape[-1])
                 first = pooled[start] if pooled is not None else None

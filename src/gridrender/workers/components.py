@@ -120,6 +120,7 @@ def vae_for(pipe: Any, extras: Extras, component: Component | None, config_folde
         from diffusers import AutoencoderKL
 
         dtype = pipe.unet.dtype
+        own_config = True  # a single file's config is the model's VAE config, not the file's own say
         if component.sha256 is None:  # a hub VAE, pinned to its resolved commit
             vae = AutoencoderKL.from_pretrained(component.location, revision=component.revision, torch_dtype=dtype)
         else:
@@ -129,7 +130,10 @@ def vae_for(pipe: Any, extras: Extras, component: Component | None, config_folde
             else:
                 vae = AutoencoderKL.from_single_file(str(path), config=str(config_folder()), torch_dtype=dtype,
                                                      local_files_only=True)
-        upcast_vae(vae)  # a VAE that says force_upcast decodes in float32; the fp16-fix VAE does not
+                own_config = False
+        # A folder's force_upcast is the VAE's own word (the fp16-fix VAE says false). A single file
+        # says nothing: it decodes in the model's dtype, as in A1111, and a NaN/inf decode is redone in fp32.
+        upcast_vae(vae, xl=is_xl(pipe) and own_config)
         while len(extras.vaes) >= keep:
             extras.vaes.pop(next(iter(extras.vaes)))
         extras.vaes[key] = vae.to(pipe.vae.device)
@@ -137,9 +141,18 @@ def vae_for(pipe: Any, extras: Extras, component: Component | None, config_folde
     return extras.vaes[key]
 
 
-def upcast_vae(vae: Any) -> None:
-    """A VAE whose config says `force_upcast` (SDXL's overflows in fp16) decodes in float32, as diffusers does."""
-    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+def is_xl(pipe: Any) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def upcast_vae(vae: Any, xl: bool) -> None:
+    """An SDXL VAE whose config says `force_upcast` (SDXL's overflows in fp16) decodes in float32.
+
+    Only StableDiffusionXLPipeline reads force_upcast; StableDiffusionPipeline never does, and
+    AutoencoderKL defaults it to True, so every SD 1.x VAE config would "say" it. SD 1.x decodes
+    in the model's dtype, as diffusers and A1111 (fp16 unless --no-half-vae) do.
+    """
+    if xl and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         vae.to(torch.float32)
 
 

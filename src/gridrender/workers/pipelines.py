@@ -100,7 +100,7 @@ class Loaded:
             sigmas = ModelSigmas(rescale_zero_terminal_snr(cumprod) if model.zero_terminal_snr else cumprod)
         except (KeyError, ValueError):
             sigmas = None
-        upcast_vae(pipe.vae)
+        upcast_vae(pipe.vae, xl=model.family == SDXL)
         unet, decode = pipe.unet, pipe.vae.decode
         if compile_mode:
             unet, decode = Compiled(unet, "UNet", compile_mode), Compiled(decode, "VAE decoder", compile_mode)

@@ -139,7 +139,7 @@ class Renderer:
         size = (first.width, first.height)
         cond = Conditioning.of([embeddings[(c.text, c.clip_skip)] for c in cells], unet_dtype, *size)
         uncond = Conditioning.of([embeddings[(c.negative_text, c.clip_skip)] for c in cells], unet_dtype, *size,
-                                 zero=[c.negative_text == "" for c in cells])
+                                 zero=[c.negative_is_empty for c in cells])
         timings["encode"] = time.perf_counter() - start
 
         # 3. One CPU generator per cell: the seed fixes the noise, whatever the batch.
@@ -218,8 +218,13 @@ def _decode(loaded: Loaded, latents: torch.Tensor, component, truncate: bool) ->
     """VAE decode (the model's own or the cell's); A1111 truncates to uint8 (astype), diffusers rounds.
 
     A decode with NaN or inf (a VAE overflowing in fp16) is done again in float32, as
-    A1111's "auto VAE precision" does: never a black or NaN image under a cell id.
+    A1111's "auto VAE precision" does: never a black or NaN image under a cell id. NaN/inf
+    latents (the UNet overflowed) or a float32 decode that still is not finite fail the
+    cells, as A1111's test_for_nans(batch, "unet") / (sample, "vae") raise.
     """
+    if not bool(torch.isfinite(latents).all()):
+        raise RenderError("the UNet produced NaN/inf latents (it overflowed in this dtype); "
+                          "render with `dtype: float32` or `bfloat16`")
     pipe = loaded.pipe
     vae = vae_for(pipe, loaded.extras, component, loaded.vae_config_folder)
     decode = loaded.decode if vae is pipe.vae else vae.decode
@@ -236,6 +241,8 @@ def _decode(loaded: Loaded, latents: torch.Tensor, component, truncate: bool) ->
         again = latents32 * (1.0 / vae.config.scaling_factor) if truncate else latents32 / vae.config.scaling_factor
         decoded = vae.decode(again, return_dict=False)[0]
         described = {"dtype": "float32", "redone_in_float32": True}
+        if not bool(torch.isfinite(decoded).all()):
+            raise RenderError("the VAE decoded NaN/inf even in float32")
     if truncate:
         pixels = torch.clamp((decoded.float() + 1.0) / 2.0, min=0.0, max=1.0)
         arrays = (255.0 * np.moveaxis(pixels.cpu().numpy(), 1, 3)).astype(np.uint8)

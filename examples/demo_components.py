@@ -3,7 +3,8 @@
     python examples/demo_components.py   # then: gridrender run examples/compare.yaml
 
 Random weights on builtin:tiny's architecture (as the tests build them), so the
-comparison runs anywhere without downloading a checkpoint.
+comparison runs anywhere without downloading a checkpoint. The LoRA is in kohya's
+layout (lora_unet_…/lora_te_… keys with alpha), the one civitai files mostly use.
 """
 from __future__ import annotations
 
@@ -21,5 +22,5 @@ if __name__ == "__main__":
     tiny = builtin_folder("tiny")
     if not (demo / "tiny-alt").exists():
         write_model(demo / "tiny-alt", tiny, seed=3)
-    write_lora(demo / "detail.safetensors", tiny, seed=1)
+    write_lora(demo / "detail.safetensors", tiny, seed=1, kohya=True)
     print(f"wrote {demo / 'tiny-alt'} and {demo / 'detail.safetensors'}")

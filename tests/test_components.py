@@ -1,6 +1,7 @@
 """Sweeps people compare: checkpoints, LoRAs and their weights, VAEs, embeddings, Prompt S/R, wildcards."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -69,16 +70,16 @@ def test_a_job_of_model_x_lora_weight_x_vae_x_prompt_sr_renders_every_cell(kit, 
 
 
 def test_lora_weight_zero_equals_no_lora_and_a_tag_equals_the_loras_key(renderer, tiny, kit, monkeypatch):
-    from gridrender.scheduler.components import resolve_lora
+    from gridrender.scheduler.components import LoraUse, resolve_lora
     from gridrender.scheduler.settings import Settings
 
     lora = resolve_lora(str(kit["lora"]), tiny, Settings())
     base = dict(prompt="a cow standing in a field", negative_prompt="lowres", clip_skip=1, seed=3, sampler="Euler a",
                 steps=3, guidance=7.0, width=64, height=64, dtype="float32")
     plain = renderer.render(tiny, [make_cell(tiny, **base)])[0]
-    zero = renderer.render(tiny, [make_cell(tiny, **base, loras=((lora, 0.0),))])[0]
-    strong = renderer.render(tiny, [make_cell(tiny, **base, loras=((lora, 0.8),))])[0]
-    assert np.abs(pixels(plain.image) - pixels(zero.image)).max() <= 1
+    zero = renderer.render(tiny, [make_cell(tiny, **base, loras=(LoraUse(lora, 0.0, 0.0, "detail"),))])[0]
+    strong = renderer.render(tiny, [make_cell(tiny, **base, loras=(LoraUse(lora, 0.8, 0.8, "detail"),))])[0]
+    assert np.abs(pixels(plain.image) - pixels(zero.image)).max() == 0  # nothing merged: the base weights
     assert np.abs(pixels(plain.image) - pixels(strong.image)).max() > 10  # the LoRA does something
     # the same LoRA named by an A1111 tag in the prompt is the same cell, and the same image
     monkeypatch.setenv("GRIDRENDER_LORA_DIR", str(kit["lora"].parent))
@@ -88,7 +89,7 @@ def test_lora_weight_zero_equals_no_lora_and_a_tag_equals_the_loras_key(renderer
     job = parse_job(yaml.safe_dump({"name": "tag", "model": "builtin:tiny", **{k: v for k, v in BASE.items() if k != "prompts"},
                                     "prompts": ["a cow standing in a field <lora:detail:0.8>"], "seeds": [3]}))
     (tagged,) = list(prepare(job, cuda=False).cells())
-    assert tagged.id == make_cell(tiny, **base, loras=((lora, 0.8),)).id
+    assert tagged.id == make_cell(tiny, **base, loras=(LoraUse(lora, 0.8, 0.8, "detail"),)).id
     assert tagged.text == "a cow standing in a field"
     assert np.abs(pixels(renderer.render(tiny, [tagged])[0].image) - pixels(strong.image)).max() == 0
 
@@ -96,7 +97,7 @@ def test_lora_weight_zero_equals_no_lora_and_a_tag_equals_the_loras_key(renderer
 RENDER_SWITCHING = """
 import sys, json
 import numpy as np
-from gridrender.scheduler.components import resolve_lora
+from gridrender.scheduler.components import LoraUse, resolve_lora
 from gridrender.scheduler.grid import make_cell
 from gridrender.scheduler.models import resolve
 from gridrender.scheduler.settings import Settings
@@ -108,7 +109,7 @@ order, out = json.loads(sys.argv[2]), sys.argv[3]
 renderer = Renderer()
 images = {}
 for name, weight in order:
-    chosen = ((loras[name], weight),) if name else ()
+    chosen = (LoraUse(loras[name], weight, weight, name),) if name else ()
     cell = make_cell(model, prompt="a cow standing in a field", negative_prompt="lowres", clip_skip=1, seed=7,
                      sampler="DPM++ 2M Karras", steps=3, guidance=7.0, width=64, height=64, dtype="float32", loras=chosen)
     images[f"{name}:{weight}"] = np.asarray(renderer.render(model, [cell])[0].image)
@@ -166,7 +167,9 @@ def test_infotext_carries_model_vae_lora_and_ti_fields_civitai_reads(kit, job_fi
     assert parsed["Prompt"] == "a cow, grdtok <lora:detail:0.5>"
     assert parsed["Model"] == "builtin:tiny" and re.fullmatch(r"[0-9a-f]{10}", parsed["Model hash"])
     assert parsed["VAE"] == "sharp-vae" and re.fullmatch(r"[0-9a-f]{10}", parsed["VAE hash"])
-    assert re.fullmatch(r"detail: [0-9a-f]{12}", parsed["Lora hashes"])
+    data = kit["lora"].read_bytes()  # A1111's hash (hashes.py addnet_hash_safetensors): the data after the header
+    addnet = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+    assert parsed["Lora hashes"] == f"detail: {addnet[:12]}"
     assert re.fullmatch(r"grdtok: [0-9a-f]{12}", parsed["TI hashes"])
 
 

@@ -39,6 +39,20 @@ def test_every_pixel_changing_parameter_changes_the_id():
         assert grid.make_cell(**{**base, key: value}).id != ref, key
 
 
+def test_a_text_that_a1111s_cleaning_changes_gets_a_new_id_and_others_keep_theirs(monkeypatch):
+    """ftfy and open_clip's HTML unescaping change what the encoder reads for some texts: those
+    cells must not keep the ids they had when gridrender read the raw text."""
+    tiny = resolve("builtin:tiny")
+    base = dict(model=tiny, negative_prompt="", clip_skip=1, seed=1, sampler="Euler a", schedule="Automatic",
+                steps=4, guidance=7.0, width=64, height=64, dtype="float32")
+    texts = ("a cow, (masterpiece:1.2)", "猫", "café au lait", "\u201ccow\u201d", "Tom &amp; Jerry", "（masterpiece）")
+    ids = {t: grid.make_cell(**base, prompt=t).id for t in texts}
+    with monkeypatch.context() as m:
+        m.setattr(grid, "text_identity", lambda text: text)  # the ids before the cleaning existed
+        before = {t: grid.make_cell(**base, prompt=t).id for t in texts}
+    assert [t for t in texts if ids[t] != before[t]] == ["\u201ccow\u201d", "Tom &amp; Jerry", "（masterpiece）"]
+
+
 def test_model_identity_ignores_where_the_file_lies():
     a = ModelSpec("./a/m.safetensors", "file", "/a/m.safetensors", None, "cd" * 32, 12)
     b = ModelSpec("/b/m.safetensors", "file", "/b/m.safetensors", None, "cd" * 32, 12)

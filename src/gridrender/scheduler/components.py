@@ -6,14 +6,25 @@ that does not fit is an input error at `validate`, never a failed render at nigh
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import ModelInputError
 from .families import SDXL
-from .models import ModelSpec, file_sha256, folder_sha256, model_config, safetensors_shapes
+from .layers import LayerTable, layer_table
+from .lorafiles import LoraFit, fit_lora
+from .models import (
+    ModelSpec,
+    file_sha256,
+    folder_sha256,
+    model_config,
+    safetensors_data_sha256,
+    safetensors_header,
+    safetensors_shapes,
+)
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -35,15 +46,20 @@ class Component:
     sha256: str | None  # of the file, or of the folder's files
     revision: str | None = None  # hub VAEs: the resolved commit
     vectors: int = 0  # embeddings: tokens it occupies in a prompt
+    a1111_hash: str | None = None  # LoRAs: the hash A1111 and civitai know them by (of the tensor data)
 
     def identity(self) -> dict:
         if self.sha256:
             return {"kind": self.kind, "sha256": self.sha256}
         return {"kind": self.kind, "hub": self.location, "revision": self.revision}
 
+    def identity_key(self) -> str:
+        """The identity as one string: the sha256, or hub id @ revision."""
+        return self.sha256 or f"{self.location}@{self.revision}"
+
     def short_hash(self) -> str:
-        """A1111's hash for infotext: 10 hex digits for VAEs, 12 for LoRAs and embeddings."""
-        digest = self.sha256 or f"{self.location}@{self.revision}"
+        """A1111's hash for infotext: 10 hex digits for VAEs, 12 for LoRAs (of A1111's own hash) and embeddings."""
+        digest = self.a1111_hash or self.identity_key()
         return digest[: 10 if self.kind == "vae" else 12]
 
     def to_dict(self) -> dict:
@@ -55,6 +71,36 @@ class Component:
 
     def record(self) -> dict:
         return {**self.to_dict(), "identity": self.identity(), "hash": self.short_hash()}
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """A LoRA as a cell applies it: A1111's text-encoder and UNet multipliers (`<lora:NAME:TE:UNET>`)."""
+
+    lora: Component
+    te: float
+    unet: float
+    mention: str  # the name the prompt (or the infotext) calls it by
+
+    def identity(self) -> list[Any]:
+        return [self.lora.identity()["sha256"], self.te, self.unet]
+
+    def public(self) -> dict[str, Any]:
+        """As records and manifests show it: the path and weight, and the UNet weight where it differs."""
+        shown: dict[str, Any] = {"path": self.lora.source, "weight": self.te}
+        if self.unet != self.te:
+            shown["unet_weight"] = self.unet
+        return shown
+
+    def pack(self) -> list[Any]:
+        return [self.lora.to_dict(), self.te, self.unet, self.mention]
+
+    @classmethod
+    def unpack(cls, data: list[Any]) -> LoraUse:
+        lora = Component.from_dict(data[0])
+        te = float(data[1])
+        unet = float(data[2]) if len(data) > 2 else te
+        return cls(lora, te, unet, str(data[3]) if len(data) > 3 else lora.name)
 
 
 def _find(source: str, base: str | None, what: str) -> Path:
@@ -118,69 +164,54 @@ def resolve_vae(source: str, model: ModelSpec, settings: Settings) -> Component:
 # -- LoRA ---------------------------------------------------------------------------------
 
 
-def resolve_lora(source: str, model: ModelSpec, settings: Settings) -> Component:
+def resolve_lora(source: str, model: ModelSpec, settings: Settings, notes: list[str] | None = None) -> Component:
+    """A LoRA file that fits the model (A1111's key matching), with its sha256 and A1111's hash.
+
+    `notes` receives what `validate` should say about it: the keys A1111 would not
+    match, the layers it would leave alone.
+    """
     path = _find(source if source.endswith(LORA_SUFFIXES) else source + ".safetensors", settings.lora_dir, "LoRA")
     if path.suffix not in LORA_SUFFIXES:
         raise ModelInputError(f"{source!r}: a LoRA must be a .safetensors file")
-    problem = lora_misfit(_read_shapes(path, "LoRA"), model)
+    try:
+        shapes, metadata = safetensors_header(path)
+    except OSError as exc:
+        raise ModelInputError(f"cannot read LoRA {str(path)!r}: {exc.strerror}") from None
+    table = model_layers(model)
+    fit = fit_lora(shapes, metadata, table)
+    problem = fit.problem(table.family)
     if problem:
-        raise ModelInputError(f"LoRA {source!r} does not fit {model.source}: {problem}")
-    return Component("lora", path.stem, source, str(path), file_sha256(path))
+        raise ModelInputError(f"LoRA {path.name!r} does not fit {model.source}: {problem}")
+    if notes is not None:
+        notes += lora_notes(path.name, fit)
+    return Component("lora", path.stem, source, str(path), file_sha256(path), a1111_hash=lora_hash(path, metadata))
 
 
-def _widths(model: ModelSpec) -> dict[str, int]:
-    unet, text = model_config(model, "unet"), model_config(model, "text_encoder")
-    return {"cross": int(unet["cross_attention_dim"]), "text": int(text["hidden_size"]),
-            "text_mlp": int(text["intermediate_size"]), "blocks": len(unet["block_out_channels"])}
+def lora_notes(name: str, fit: LoraFit) -> list[str]:
+    """What A1111 would log about a LoRA it loads: keys it didn't match, layers it leaves alone."""
+    notes = []
+    if fit.unmatched:
+        notes.append(f"LoRA {name!r} {fit.didnt_match()} (A1111 skips them too)")
+    notes += [f"LoRA {name!r}: {reason}" for reason in fit.skipped]
+    return notes
 
 
-_UNET_KEY = re.compile(r"(down_blocks|up_blocks)[._](\d+)[._]attentions[._]\d+|mid_block[._]attentions[._]\d+")
-_TE_KEY = re.compile(r"(?:text_model[._])?encoder[._]layers[._](\d+)[._](self_attn[._](?:q|k|v|out)_proj|mlp[._]fc[12])")
+def lora_hash(path: Path, metadata: dict[str, str]) -> str:
+    """A1111's LoRA hash (network.py NetworkOnDisk): kohya's `sshs_model_hash` metadata, else the addnet hash."""
+    return metadata.get("sshs_model_hash") or safetensors_data_sha256(path)
 
 
-def lora_misfit(shapes: dict[str, list[int]], model: ModelSpec) -> str | None:
-    """Why a LoRA's tensors cannot apply to the model (layer names, widths), or None.
-
-    Reads diffusers/PEFT keys (unet.….lora_A.weight) and kohya/A1111 keys
-    (lora_unet_…​.lora_down.weight); the down projection's input width must be the
-    layer's width in this model.
-    """
-    widths = _widths(model)
-    unet_config = model_config(model, "unet")
-    channels = [int(c) for c in unet_config["block_out_channels"]]
-    layers = int(model_config(model, "text_encoder")["num_hidden_layers"])
-    downs = {k: v for k, v in shapes.items() if re.search(r"(lora_A|lora_down)\.weight$", k)}
-    if not downs:
-        return "it has no lora_A / lora_down weights (not a LoRA)"
-    for key, shape in downs.items():
-        width = shape[-1] if len(shape) == 2 else (shape[1] if len(shape) == 4 else None)
-        if "text" in key or key.startswith(("lora_te", "te_")):
-            match = _TE_KEY.search(key)
-            if not match:
-                return f"{key}: not a layer of the CLIP text encoder"
-            if int(match.group(1)) >= layers:
-                return f"{key}: the text encoder has {layers} layers"
-            expected = widths["text_mlp"] if "fc2" in match.group(2) else widths["text"]
-        else:
-            match = _UNET_KEY.search(key)
-            if not match:
-                continue  # resnets and convs (LoCon): names vary by trainer; their shapes load-check on the worker
-            if match.group(1):
-                index = int(match.group(2))
-                if index >= widths["blocks"]:
-                    return f"{key}: the UNet has {widths['blocks']} {match.group(1)}"
-                block = channels[index] if match.group(1) == "down_blocks" else channels[::-1][index]
-            else:
-                block = channels[-1]
-            if re.search(r"attn2[._]to_[kv]", key):
-                expected = widths["cross"]
-            elif re.search(r"ff[._]net[._]2", key):
-                expected = 4 * block
-            else:
-                expected = block
-        if width is not None and width != expected:
-            return f"{key} has input width {width}, the model's layer has {expected}"
-    return None
+@functools.lru_cache(maxsize=16)
+def model_layers(model: ModelSpec) -> LayerTable:
+    """The model's layers as A1111 names them, from its configs (SDXL: both text encoders)."""
+    unet = model_config(model, "unet")
+    encoders = [model_config(model, "text_encoder")]
+    if model.family == SDXL:
+        encoders.append(model_config(model, "text_encoder_2"))
+    try:
+        return layer_table(unet, encoders)
+    except (KeyError, ValueError) as exc:
+        raise ModelInputError(f"cannot tell which layers of {model.source} a LoRA may change: {exc}") from None
 
 
 # -- embeddings ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any
 from . import samplers
 from .params import CALL, INDEX, NAMES, PARAMS, REQUIRED, clip_skip_identity, negative_identity, public_params
 from .prompts import encoder_text, is_empty_prompt
+from .tokens import text_identity
 
 _call_values = operator.itemgetter(*(INDEX[p.name] for p in CALL))
 CELL_ID_HEX = 16  # 64 bits: a collision among 10^6 cells has odds of about 1 in 3.7e7
@@ -104,7 +105,7 @@ def cell_id(values: tuple) -> str:
     the CLIP layers used (on SDXL, clip skip 1 and 2 read the same layers: one cell)."""
     sr = values[_SR]
     negative = negative_identity(values[_MODEL], encoder_text(values[_NEGATIVE], sr), values[_NEGATIVE], sr)
-    texts = {_PROMPT: encoder_text(values[_PROMPT], sr), _NEGATIVE: negative}
+    texts = {_PROMPT: text_identity(encoder_text(values[_PROMPT], sr)), _NEGATIVE: text_identity(negative)}
     layers = clip_skip_identity(values[_MODEL], values[_CLIP_SKIP])
     parts = []
     for key, i in zip(_KEYS, _ORDER):

@@ -6,13 +6,14 @@ Karras"), and "Schedule type", the schedule used. "RNG" unless GPU and "ENSD" un
 0, as A1111 writes them (it writes ENSD only for samplers that use it; gridrender
 writes any nonzero value, so that an imported PNG names the same cell).
 Components as A1111 and civitai name them: `<lora:NAME:WEIGHT>` in the prompt,
-"Lora hashes", "VAE"/"VAE hash", "TI hashes".
+"Lora hashes" (A1111's hash of each LoRA's tensor data), "VAE"/"VAE hash", "TI hashes".
 """
 from __future__ import annotations
 
 import json
 
 from . import samplers
+from .components import LoraUse
 from .grid import Cell
 from .params import short_model_name
 from .prompts import lora_tags, search_replace
@@ -30,11 +31,19 @@ def _hashes(pairs: list[tuple[str, str]]) -> str:
     return ", ".join(f"{name.replace(':', '').replace(',', '')}: {digest}" for name, digest in pairs)
 
 
+_REMOVE = str.maketrans("", "", ":,")
+
+
+def _tag(use: LoraUse) -> str:
+    unet = f":{use.unet:g}" if use.unet != use.te else ""
+    return f" <lora:{use.mention}:{use.te:g}{unet}>"
+
+
 def parameters(cell: Cell) -> str:
     """`<prompt>\\nNegative prompt: ...\\nSteps: .., Sampler: .., ...` for one cell."""
-    prompt = search_replace(cell.prompt, cell.prompt_sr)
-    tagged = {name for name, _ in lora_tags(prompt)}
-    extra_tags = "".join(f" <lora:{c.name}:{w:g}>" for c, w in cell.loras if c.source not in tagged and c.name not in tagged)
+    prompt = search_replace(cell.prompt, cell.prompt_sr)  # its <lora:…> tags as written
+    tagged = {tag.name for tag in lora_tags(prompt)}
+    extra_tags = "".join(_tag(use) for use in cell.loras if use.mention not in tagged)
     pairs: dict[str, object] = {
         "Steps": cell.steps,
         "Sampler": samplers.infotext_name(cell.sampler, cell.schedule),
@@ -67,8 +76,9 @@ def parameters(cell: Cell) -> str:
         pairs.update(fields)
     if cell.model.zero_terminal_snr:  # A1111's setting: written so that A1111 renders it so again
         pairs["Noise Schedule"] = "Zero Terminal SNR"
-    if cell.loras:
-        pairs["Lora hashes"] = _hashes([(c.name, c.short_hash()) for c, _ in cell.loras])
+    if cell.loras:  # extra_networks_lora.py: mentioned name without ":" and ",", A1111's 12-digit hash, once each
+        hashes = {use.mention.translate(_REMOVE): use.lora.short_hash() for use in cell.loras}
+        pairs["Lora hashes"] = ", ".join(f"{name}: {digest}" for name, digest in hashes.items())
     if cell.embeddings:
         pairs["TI hashes"] = _hashes([(e.name, e.short_hash()) for e in cell.embeddings])
     last = ", ".join(f"{k}: {_quote(v)}" for k, v in pairs.items())

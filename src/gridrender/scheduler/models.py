@@ -192,6 +192,11 @@ def _match_config(source: str, path: Path, shapes: dict[str, list[int]], family:
 
 def safetensors_shapes(path: Path) -> dict[str, list[int]]:
     """Tensor names and shapes from a .safetensors header (8-byte length + JSON)."""
+    return safetensors_header(path)[0]
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """Tensor names and shapes, and the `__metadata__` strings, from a .safetensors header."""
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -203,7 +208,11 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]]:
             header = json.loads(f.read(size))
         except ValueError:
             raise ModelInputError(f"{str(path)!r} is not a safetensors file (unreadable header)") from None
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    if not isinstance(header, dict):
+        raise ModelInputError(f"{str(path)!r} is not a safetensors file (its header is not a table)")
+    metadata = header.get("__metadata__") or {}
+    return ({k: v["shape"] for k, v in header.items() if k != "__metadata__"},
+            {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {})
 
 
 def _resolve_hub(source: str, revision: str | None) -> ModelSpec:
@@ -271,6 +280,25 @@ def folder_sha256(path: Path) -> str:
     return compute()
 
 
+def safetensors_data_sha256(path: Path) -> str:
+    """The sha256 of a .safetensors file's tensor data (everything after the header), cached.
+
+    The "addnet" hash kohya's sd-scripts and A1111 (modules/hashes.py,
+    addnet_hash_safetensors) compute for LoRAs: editing the metadata leaves it alone.
+    """
+    return _cached_hash(path, lambda: _hash_data(path), kind="addnet")
+
+
+def _hash_data(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + size)
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _hash_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -286,7 +314,7 @@ def _hash_cache_file() -> Path:
 _HASH_CACHE: dict[str, str] | None = None
 
 
-def _cached_hash(path: Path, compute: Callable[[], str]) -> str:
+def _cached_hash(path: Path, compute: Callable[[], str], kind: str = "sha256") -> str:
     """Hashing a 4 GB checkpoint takes seconds: remember it per (path, size, mtime).
 
     Kept on disk too, so `validate`, `submit` and every worker do not hash it again.
@@ -300,7 +328,7 @@ def _cached_hash(path: Path, compute: Callable[[], str]) -> str:
             _HASH_CACHE = {}
     assert _HASH_CACHE is not None
     st = path.stat()
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}" + ("" if kind == "sha256" else f"|{kind}")
     if key not in _HASH_CACHE:
         _HASH_CACHE[key] = compute()
         try:  # best effort: a read-only home only costs the next process a re-hash

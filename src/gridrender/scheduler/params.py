@@ -16,7 +16,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from . import samplers
-from .components import Component
+from .components import Component, LoraUse
 from .families import SDXL
 from .hires import Hires, InitImage
 from .models import ModelSpec
@@ -62,16 +62,27 @@ def _vae_label(source: str | None) -> str:
     return short_model_name(source) if source else "model's own"
 
 
-def _loras_public(loras: tuple) -> list[dict]:
-    return [{"path": c.source, "weight": w} for c, w in loras]
+# Bump when what a LoRA file renders changes: it is part of the id of every cell using LoRAs.
+# "a1111-merge-1": A1111's key matching and module types, merged into the weights.
+LORA_SEMANTICS = "a1111-merge-1"
 
 
-def _loras_label(loras: list[dict]) -> str:
-    return ", ".join(f"{short_model_name(x['path'])}:{x['weight']:g}" for x in loras) or "none"
+def _loras_identity(loras: tuple[LoraUse, ...]) -> dict[str, Any] | None:
+    # In order: A1111 applies a set one LoRA after another (DoRA's result depends on it).
+    return {"semantics": LORA_SEMANTICS, "applied": [use.identity() for use in loras]} if loras else None
 
 
-def _loras_unpack(data: list) -> tuple:
-    return tuple((Component.from_dict(c), float(w)) for c, w in data)
+def _loras_public(loras: tuple[LoraUse, ...]) -> list[dict[str, Any]]:
+    return [use.public() for use in loras]
+
+
+def _loras_label(loras: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{short_model_name(x['path'])}:{x['weight']:g}"
+                     + (f":{x['unet_weight']:g}" if "unet_weight" in x else "") for x in loras) or "none"
+
+
+def _loras_unpack(data: list[list[Any]]) -> tuple[LoraUse, ...]:
+    return tuple(LoraUse.unpack(item) for item in data)
 
 
 def _hires_label(public: dict[str, Any] | None) -> str:
@@ -91,10 +102,8 @@ PARAMS: tuple[Param, ...] = (
     Param("vae", "vae", "vae", call=True, identity=lambda c: c.identity() if c else None,
           public=lambda c: c.source if c else None, label=_vae_label, pack=lambda c: c.to_dict() if c else None,
           unpack=lambda d: Component.from_dict(d) if d else None, default=None),
-    Param("loras", "loras", "loras", call=True,
-          identity=lambda loras: sorted([c.identity()["sha256"], w] for c, w in loras) or None,
-          public=_loras_public, label=_loras_label, pack=lambda loras: [[c.to_dict(), w] for c, w in loras],
-          unpack=_loras_unpack, default=()),
+    Param("loras", "loras", "loras", call=True, identity=_loras_identity, public=_loras_public,
+          label=_loras_label, pack=lambda loras: [use.pack() for use in loras], unpack=_loras_unpack, default=()),
     Param("dtype", "dtype", "dtype", call=True),
     Param("sampler", "sampler", "sampler", call=True, identity=samplers.identity),
     Param("schedule", "schedule", "schedule", call=True, default=samplers.AUTOMATIC),

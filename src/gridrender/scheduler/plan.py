@@ -15,7 +15,8 @@ from functools import cached_property
 from pathlib import Path
 
 from . import families, grid, hires, models, samplers
-from .components import Component, resolve_embeddings, resolve_init_image, resolve_lora, resolve_upscaler, resolve_vae
+from .components import (Component, LoraUse, resolve_embeddings, resolve_init_image, resolve_lora, resolve_upscaler,
+                         resolve_vae)
 from .errors import JobError, ModelError, Problem
 from .grid import Cell
 from .hires import InitImage
@@ -109,7 +110,8 @@ class Plan:
             "model": self.models,
             "dtype": [self.dtype],
             "vae": [c.vaes[v] for v in self.job.vae],
-            "loras": [tuple((c.loras[path], w) for path, w in combo) for combo in self.job.values_of("loras")],
+            "loras": [tuple(LoraUse(c.loras[path], w, w, c.loras[path].name) for path, w in combo)
+                      for combo in self.job.values_of("loras")],
             "init_image": [c.init_images[s] if s else None for s in self.job.values_of("init_images")],
             "hires": self.job.hires.values(c.upscalers) if self.job.hires else [None],
         }
@@ -162,13 +164,14 @@ class Derivation:
             if len(self.cache) > 10_000:
                 self.cache.clear()
             shown = search_replace(prompt, sr)
-            tagged = tuple((self.components.loras[name], float(weight)) for name, weight in lora_tags(shown))
+            tagged = tuple(LoraUse(self.components.loras[tag.name], tag.te, tag.unet, tag.name)
+                           for tag in lora_tags(shown))
             texts = [encoder_text(prompt, sr), encoder_text(negative, sr)]
             used = embeddings_used(texts, self.components.embeddings, slots[_MODEL])
             found = self.cache[key] = (tagged, used)
         tagged, used = found
-        if tagged:
-            slots[_LORAS] = slots[_LORAS] + tagged
+        if tagged:  # applied first: the infotext writes the prompt's tags before the job's own LoRAs
+            slots[_LORAS] = tagged + slots[_LORAS]
         slots[_EMBEDDINGS] = used
 
 
@@ -244,8 +247,9 @@ def prepare(job: Job | str | Path, cuda: bool | None = None, settings: Settings 
     if not isinstance(job, Job):
         job = load_job(job, settings)
     job = job.with_output(output)
-    components = resolve_components(job, settings)
-    errors, warnings = check_passes(job), []
+    notes: list[Problem] = []
+    components = resolve_components(job, settings, notes)
+    errors, warnings = check_passes(job), notes
     for model in components.models.values():
         more_errors, more_warnings = check_against_model(job, model)
         errors += more_errors
@@ -258,9 +262,20 @@ def prepare(job: Job | str | Path, cuda: bool | None = None, settings: Settings 
     return Plan(job, components, dtype, list(dict.fromkeys(warnings)), chunk_size(job.cell_count(), settings))
 
 
-def resolve_components(job: Job, settings: Settings) -> Components:
-    """Every model, VAE, LoRA (listed or tagged) and embedding of the job; all problems at once."""
+def resolve_components(job: Job, settings: Settings, notes: list[Problem] | None = None) -> Components:
+    """Every model, VAE, LoRA (listed or tagged) and embedding of the job; all problems at once.
+
+    `notes` receives warnings: the LoRA keys A1111 would not match, the layers it leaves alone.
+    """
     problems: list[Problem] = []
+    said: list[str] = []
+
+    def lora(key: str, source: str, model: ModelSpec) -> Component | None:
+        before = len(said)
+        found = attempt(key, resolve_lora, source, model, settings, said)
+        if notes is not None:
+            notes.extend(job.problem(key, note) for note in said[before:])
+        return found
 
     def attempt(key: str, fn, *args):
         try:
@@ -279,21 +294,22 @@ def resolve_components(job: Job, settings: Settings) -> Components:
     for i, source in enumerate(job.vae):
         if source is not None:
             vaes[source] = attempt(f"vae.{i}" if len(job.vae) > 1 else "vae", resolve_vae, source, first, settings)
-    loras = {}
+    loras: dict[str, Component | None] = {}
     for i, entry in enumerate(job.loras):
         for model in resolved_models.values():
-            loras[entry.path] = attempt(f"loras.{i}.path", resolve_lora, entry.path, model, settings)
-    texts = [*job.values_of("prompts"), *job.negative_prompt]
+            loras[entry.path] = lora(f"loras.{i}.path", entry.path, model)
     for sr in job.values_of("prompt_sr"):
-        for text in texts:
-            for name, weight in lora_tags(search_replace(text, sr)):
-                if name not in loras:
-                    loras[name] = attempt("prompts", resolve_lora, name, first, settings)
-                try:
-                    float(weight)
-                except ValueError:
-                    problems.append(job.problem("prompts", f"<lora:{name}:{weight}>: the weight must be a number"))
-    if any(lora_tags(n) for n in job.negative_prompt):
+        for text in job.values_of("prompts"):
+            try:
+                tags = lora_tags(search_replace(text, sr))
+            except ValueError as exc:
+                problems.append(job.problem("prompts", str(exc)))
+                continue
+            for tag in tags:
+                if tag.name not in loras:
+                    for model in resolved_models.values():
+                        loras[tag.name] = lora("prompts", tag.name, model)
+    if any(_has_lora_tag(n) for n in job.negative_prompt):
         problems.append(job.problem("negative_prompt", "<lora:…> tags go in the prompt, not the negative prompt"))
     embeddings = attempt("embeddings", resolve_embeddings, job.embeddings, first, settings) if job.embeddings else {}
     upscalers = {}
@@ -305,7 +321,15 @@ def resolve_components(job: Job, settings: Settings) -> Components:
         init_images[source] = attempt(f"init_images.{i}", resolve_init_image, source)
     if problems:
         raise job.error(list(dict.fromkeys(problems)))
-    return Components(resolved_models, vaes, loras, embeddings or {}, upscalers, init_images)
+    return Components(resolved_models, vaes, {k: v for k, v in loras.items() if v is not None}, embeddings or {},
+                      upscalers, init_images)
+
+
+def _has_lora_tag(text: str) -> bool:
+    try:
+        return bool(lora_tags(text))
+    except ValueError:
+        return True
 
 
 def with_job_prediction(model: ModelSpec, job: Job) -> ModelSpec:

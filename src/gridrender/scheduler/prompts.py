@@ -10,6 +10,7 @@ comma padding backtrack 20, chunks of 75 tokens wrapped in BOS/EOS.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ _SCHEDULED = re.compile(r"(?<!\\)\[[^\[\]]*:\s*[+-]?(?:\d+\.?\d*|\.\d+)\s*(?<!\\
 _ALTERNATE = re.compile(r"(?<!\\)\[[^\[\]]*(?<!\\)\|[^\[\]]*(?<!\\)\]")
 _ESCAPE = "escape the brackets as \\[ \\] for literal text"
 _SPACES = re.compile(r"\s+")
-_LORA_TAG = re.compile(r"<lora:([^:>]+):([^:>]+)(?::[^>]*)?>")
+# modules/extra_networks.py re_extra_net; `lyco` is the alias A1111's Lora extension registers.
+_LORA_TAG = re.compile(r"<(?:lora|lyco):([^>]+)>")
 # A1111 reads an `AND` between words as composable diffusion (several conditionings).
 _AND = re.compile(r"\bAND\b")
 
@@ -198,9 +200,57 @@ def chunk_prompt(text: str, tokenize: Callable[[Sequence[str]], list[list[int]]]
     return Encoding(chunks, token_count)
 
 
-def lora_tags(text: str) -> list[tuple[str, str]]:
-    """A1111's `<lora:NAME:WEIGHT>` tags in a prompt: (name, weight as written)."""
-    return _LORA_TAG.findall(text)
+@dataclass(frozen=True)
+class LoraTag:
+    """An A1111 `<lora:NAME:TE:UNET>` tag: the LoRA's name and its two multipliers."""
+
+    name: str
+    te: float  # text-encoder multiplier
+    unet: float  # UNet multiplier
+    written: str  # the tag as the prompt has it
+
+
+def lora_tags(text: str) -> list[LoraTag]:
+    """A1111's `<lora:…>` tags in a prompt, read as its extra-network parser and Lora extension read them.
+
+    modules/extra_networks.py splits the tag at ":" into items, `key=value` items are
+    named and the others positional; extensions-builtin/Lora/extra_networks_lora.py
+    then takes positional[0] as the name, te = positional[1] (else 1), unet =
+    positional[2] (else te), with named `te=` and `unet=` winning. `dyn` (a rank
+    cut) is not supported. Raises ValueError naming the tag when it cannot be read;
+    a multiplier must be a finite number. The one place a tag is parsed.
+    """
+    tags = []
+    for match in _LORA_TAG.finditer(text):
+        written = match.group(0)
+        positional: list[str] = []
+        named: dict[str, str] = {}
+        for item in match.group(1).split(":"):
+            parts = item.split("=", 2)
+            if len(parts) == 2:
+                named[parts[0]] = parts[1]
+            else:
+                positional.append(item)
+        if not positional or not positional[0].strip():
+            raise ValueError(f"{written}: the tag names no LoRA")
+        if len(positional) > 3 or "dyn" in named:
+            raise ValueError(f"{written}: `dyn` (a LoRA rank cut) is not supported; write <lora:NAME:TE:UNET>")
+        te = _multiplier(written, positional[1]) if len(positional) > 1 else 1.0
+        te = _multiplier(written, named["te"]) if "te" in named else te
+        unet = _multiplier(written, positional[2]) if len(positional) > 2 else te
+        unet = _multiplier(written, named["unet"]) if "unet" in named else unet
+        tags.append(LoraTag(positional[0], te, unet, written))
+    return tags
+
+
+def _multiplier(tag: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{tag}: {value!r} is not a number (the weight must be a number)") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{tag}: the weight must be a finite number, got {value!r}")
+    return number
 
 
 def strip_lora_tags(text: str) -> str:

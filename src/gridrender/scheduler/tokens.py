@@ -15,7 +15,7 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Sequence
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import ftfy
@@ -49,6 +49,19 @@ def open_clip_clean(text: str) -> str:
     if _nothing_to_fix(text):
         return text.strip()
     return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+@lru_cache(maxsize=4096)  # per cell; a job has few distinct texts, and ftfy costs ~0.1 ms a text
+def text_identity(text: str) -> str | tuple[str, str]:
+    """A text's part of a cell id: the text itself, or marked when A1111's cleaning changes it.
+
+    Cells rendered before gridrender applied ftfy and open_clip's HTML unescaping read such a
+    text differently; marking it gives those cells new ids instead of new pixels under old
+    ones. Texts the cleaning leaves alone keep their ids.
+    """
+    if _nothing_to_fix(text) or (clip_clean(text) == text and open_clip_clean(text) == text.strip()):
+        return text
+    return ("cleaned by ftfy+html", text)
 
 
 def _nothing_to_fix(text: str) -> bool:

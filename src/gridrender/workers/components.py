@@ -1,15 +1,17 @@
-"""VAEs, LoRAs and embeddings on a resident pipeline: loaded once, switched between batches.
+"""VAEs, LoRAs and embeddings on a resident pipeline: loaded once, switched between chunks.
 
-The base pipeline never reloads. A LoRA file is read once; switching hooks its
-low-rank updates into the UNet and text encoder forward (`workers/lora.py`), never
-into the weights, so a batch after a switch renders what a fresh process would.
-Alternate VAEs are kept beside the model's own. Every file is found on this machine
-(at its path, or under GRIDRENDER_LORA_DIR / GRIDRENDER_MODEL_DIR) and must hash to
-the submitted sha256.
+The base pipeline never reloads. A LoRA file is read once; switching merges the
+set's updates into the UNet's and text encoders' weights (`workers/lora.py`), once
+per chunk, and puts the base weights back bit for bit when a set no longer needs
+them, so a chunk after a switch renders what a fresh process would. Alternate VAEs
+are kept beside the model's own. Every file is found on this machine (at its path,
+or under GRIDRENDER_LORA_DIR / GRIDRENDER_MODEL_DIR) and must hash to the submitted
+sha256.
 """
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +19,14 @@ from typing import Any
 
 import torch
 
-from gridrender.scheduler.components import Component
+from gridrender.scheduler.components import Component, LoraUse
 from gridrender.scheduler.errors import ModelError
+from gridrender.scheduler.layers import TEXT, TEXT_2, UNET, LayerTable, layer_table
 from gridrender.scheduler.models import file_sha256, folder_sha256
 from gridrender.scheduler.settings import Settings
 
 from . import lora
-from .clip import EMBEDDING_KEYS
+from .clip import EMBEDDING_KEYS, text_transformer
 
 log = logging.getLogger(__name__)
 
@@ -49,29 +52,59 @@ def local_file(component: Component, settings: Settings | None = None) -> Path:
 class Extras:
     """What a resident pipeline carries beside its own weights."""
 
-    loras: dict[str, dict] = field(default_factory=dict)  # LoRA sha256 -> its per-layer updates
-    hooks: lora.Hooks = field(default_factory=lora.Hooks)
-    active: tuple = ()  # ((sha256, weight), ...) hooked in now
+    loras: dict[str, lora.Network] = field(default_factory=dict)  # LoRA identity -> its modules, read once
+    merged: lora.Merged = field(default_factory=lora.Merged)  # what is merged into the weights, and the base
+    active: tuple[tuple[str, float, float], ...] = ()  # ((LoRA identity, te, unet), ...) merged now
+    table: LayerTable | None = None  # the pipeline's layers as A1111 names them
     vaes: dict[str, Any] = field(default_factory=dict)  # VAE identity -> AutoencoderKL
     vectors: dict[str, Any] = field(default_factory=dict)  # embedding sha256 -> (n, width), or SDXL's per encoder
     fp32_vaes: dict[str, Any] = field(default_factory=dict)  # float32 copies for decodes that overflowed
+    merge_seconds: float = 0.0  # time spent merging and restoring, for logs and benchmarks
 
 
-def use_loras(pipe: Any, extras: Extras, loras: tuple) -> None:
-    """Apply exactly these (LoRA, weight) pairs to the UNet and the text encoder; () for none."""
-    key = tuple((c.sha256, w) for c, w in loras)
+def lora_roots(pipe: Any) -> dict[str, torch.nn.Module]:
+    """The modules layer paths are relative to: the UNet and each text encoder's text transformer."""
+    roots = {UNET: pipe.unet, TEXT: text_transformer(pipe.text_encoder)}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        roots[TEXT_2] = text_transformer(pipe.text_encoder_2)
+    return roots
+
+
+def pipeline_layers(pipe: Any) -> LayerTable:
+    """The pipeline's layer table, from its own configs (SD 1.x: one text encoder; SDXL: two)."""
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) is not None else [])
+    return layer_table(dict(pipe.unet.config), [e.config.to_dict() for e in encoders])
+
+
+def use_loras(pipe: Any, extras: Extras, loras: tuple[LoraUse, ...]) -> None:
+    """Merge exactly these LoRAs, in order, into the UNet and text encoders; () for the base weights.
+
+    A no-op when the set is the one merged now: a chunk's cells share their LoRAs, so
+    a chunk costs at most one merge.
+    """
+    key = tuple((use.lora.identity_key(), use.te, use.unet) for use in loras)
     if key == extras.active:
         return
-    for component, _ in loras:
-        if component.sha256 not in extras.loras:
+    start = time.perf_counter()
+    if extras.table is None:
+        extras.table = pipeline_layers(pipe)
+    for use in loras:
+        component = use.lora
+        if use.lora.identity_key() not in extras.loras:
             try:
-                extras.loras[component.sha256] = lora.load(local_file(component), pipe.unet, pipe.text_encoder)
+                network = lora.load(local_file(component), extras.table)
             except ValueError as exc:
                 raise ModelError(f"LoRA {component.name!r} does not fit the model: {exc}") from None
-            log.info("LoRA %s loaded (%d layers)", component.name, len(extras.loras[component.sha256]))
-    extras.hooks.apply({"unet": pipe.unet, "text_encoder": pipe.text_encoder},
-                       [(extras.loras[c.sha256], w) for c, w in loras])
+            extras.loras[component.identity_key()] = network
+            log.info("LoRA %s loaded (%d layers)", component.name, len(network.modules))
+    networks = [(extras.loras[use.lora.identity_key()], use.te, use.unet) for use in loras]
+    written = extras.merged.apply(lora_roots(pipe), networks)
     extras.active = key
+    seconds = time.perf_counter() - start
+    extras.merge_seconds += seconds
+    log.info("LoRA set %s merged: %d layers written in %.3fs",
+             ", ".join(f"{u.mention}:{u.te:g}" + (f":{u.unet:g}" if u.unet != u.te else "") for u in loras) or "none",
+             written, seconds)
 
 
 def vae_for(pipe: Any, extras: Extras, component: Component | None, config_folder: Callable[[], Path],

@@ -1,123 +1,218 @@
-"""LoRA as A1111 applies it: out += weight * (alpha / rank) * up(down(x)), per layer.
+"""LoRAs merged into the weights as A1111 merges them, and the exact base weights put back.
 
-Reads diffusers/PEFT keys (`unet.<module>.lora_A.weight`, `text_encoder.<module>...`)
-and kohya/A1111 keys (`lora_unet_<module_with_underscores>.lora_down.weight`,
-`lora_te_...`, `.alpha`). The update is added in the forward pass by hooks, never
-merged into the weights: removing the hooks restores the base model bit for bit, so
-what a batch renders does not depend on which LoRAs came before it. (diffusers' PEFT
-path needs a newer PEFT than transformers 5 accepts for text encoders; A1111 LoRAs
-touch the text encoder too.)
+Which tensors of a file change which layer is decided by `scheduler/lorafiles.py`
+(A1111's key matching, torch-free, shared with `validate`). Here each matched module's
+update is computed as A1111's extensions-builtin/Lora computes it (calc_updown of
+network_lora.py, network_hada.py, network_lokr.py, network_full.py with lyco_helpers.py;
+finalize_updown and apply_weight_decompose of network.py): the rebuilt ΔW, fitted to
+the layer's shape, times its scale (`scale`, else alpha / rank, else 1), DoRA's
+re-normalisation, then the multiplier (the text-encoder one for text-encoder layers).
+Several LoRAs apply one after another in the order given, each to the weight the
+previous left (network_apply_weights), so DoRA stacks as in A1111.
+
+Everything is computed in float32 and cast to the layer's dtype once (A1111 computes in
+the model's dtype, fp16 on most GPUs). A layer's base weight is copied aside the first
+time a LoRA changes it and copied back when a set no longer needs it: bit for bit
+the base, so a resident pipeline never drifts, whatever sets came before.
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-_PEFT = re.compile(r"^(unet|text_encoder)\.(.+)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight$")
-_KOHYA = re.compile(r"^lora_(unet|te)_(.+)\.(lora_down|lora_up)\.weight$")
-_KOHYA_ALPHA = re.compile(r"^lora_(unet|te)_(.+)\.alpha$")
+from gridrender.scheduler.layers import LayerTable
+from gridrender.scheduler.lorafiles import LoraFit, Module, fit_lora, lora_parts
+from gridrender.scheduler.models import safetensors_header
+
+log = logging.getLogger(__name__)
+Tensors = Mapping[str, torch.Tensor]
 
 
 @dataclass
-class Update:
-    """One layer's low-rank update."""
+class Network:
+    """A LoRA file read for one model: each matched module with its tensors (float32, CPU)."""
 
-    down: torch.Tensor  # (rank, in) or (rank, in, kh, kw)
-    up: torch.Tensor  # (out, rank) or (out, rank, 1, 1)
-    alpha: float | None
-
-    @property
-    def scale(self) -> float:
-        rank = self.down.shape[0]
-        return (self.alpha / rank) if self.alpha else 1.0
+    modules: list[tuple[Module, dict[str, torch.Tensor]]]
+    fit: LoraFit
 
 
-def _index(module: torch.nn.Module) -> dict[str, str]:
-    """Module names by every spelling LoRA files use: dotted, underscored, with or without text_model."""
-    names = {}
-    for name, _ in module.named_modules():
-        for spelling in (name, f"text_model.{name}"):
-            names[spelling] = name
-            names[spelling.replace(".", "_")] = name
-    return names
+def load(path: Path, table: LayerTable) -> Network:
+    """Read a LoRA file's tensors for the layers it changes in a model of this table."""
+    from safetensors import safe_open
+
+    shapes, metadata = safetensors_header(path)
+    fit = fit_lora(shapes, metadata, table)
+    problem = fit.problem(table.family)
+    if problem:
+        raise ValueError(problem)
+    modules = []
+    with safe_open(str(path), framework="pt") as f:
+        for module in fit.modules:
+            modules.append((module, {part: f.get_tensor(name).float() for part, name in module.parts.items()}))
+    return Network(modules, fit)
 
 
-def parse(state: dict[str, torch.Tensor], unet: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[tuple[str, str], Update]:
-    """(component, module name) -> its update, from a LoRA file's tensors."""
-    indexes = {"unet": _index(unet), "text_encoder": _index(text_encoder)}
-    parts: dict[tuple[str, str], dict] = {}
-    for key, tensor in state.items():
-        if match := _PEFT.match(key):
-            component, path, kind = match.groups()
-            role = "down" if kind in ("lora_A", "lora.down") else "up"
-        elif match := _KOHYA.match(key):
-            component, path, kind = match.groups()
-            component, role = ("unet" if component == "unet" else "text_encoder"), kind.removeprefix("lora_")
-        elif match := _KOHYA_ALPHA.match(key):
-            component, path = match.groups()
-            component, role = ("unet" if component == "unet" else "text_encoder"), "alpha"
-        else:
-            continue
-        name = indexes[component].get(path)
-        if name is None:
-            raise ValueError(f"{key}: no layer {path!r} in the model's {component}")
-        parts.setdefault((component, name), {})[role] = tensor
-    updates = {}
-    for where, found in parts.items():
-        if "down" not in found or "up" not in found:
-            raise ValueError(f"{where[1]}: the LoRA has a {'down' if 'down' in found else 'up'} projection only")
-        alpha = float(found["alpha"]) if "alpha" in found else None
-        updates[where] = Update(found["down"].float(), found["up"].float(), alpha)
-    return updates
+def updown(module: Module, tensors: Tensors, orig: torch.Tensor) -> torch.Tensor:
+    """The change one module makes to a layer whose weight is `orig`, before the multiplier (float32)."""
+    orig = orig.float()
+    device = orig.device
+    t = {part: value.to(device) for part, value in tensors.items()}
+    if module.type == "lora":
+        delta, shape = _lora(t, orig)
+    elif module.type == "hada":
+        delta, shape = _hada(t)
+    elif module.type == "lokr":
+        delta, shape = _lokr(t, orig)
+    elif module.type == "full":
+        delta, shape = t["diff"], list(t["diff"].shape)
+    else:
+        raise ValueError(f"{module.key}: module type {module.type!r} is not applied")
+    return _finalize(module, t, delta, orig, shape)
 
 
-def load(path: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[tuple[str, str], Update]:
-    from safetensors.torch import load_file
-
-    return parse(load_file(str(path)), unet, text_encoder)
-
-
-class Hooks:
-    """The updates of a set of (LoRA, weight) pairs, hooked into the modules' forward."""
-
-    def __init__(self) -> None:
-        self.handles: list = []
-
-    def clear(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-    def apply(self, modules: dict[str, torch.nn.Module], loras: list[tuple[dict, float]]) -> None:
-        """Replace the hooks by those of `loras`: [(updates of one file, weight), ...]."""
-        self.clear()
-        per_layer: dict[tuple[str, str], list[tuple[Update, float]]] = {}
-        for updates, weight in loras:
-            for where, update in updates.items():
-                per_layer.setdefault(where, []).append((update, weight))
-        for (component, name), items in per_layer.items():
-            layer = modules[component].get_submodule(name)
-            self.handles.append(layer.register_forward_hook(_hook(layer, items)))
+def _lora(t: Tensors, orig: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """network_lora.py: up @ down (rebuild_conventional), or CP with lora_mid (rebuild_cp_decomposition)."""
+    up_name, down_name = lora_parts(t)
+    up, down = t[up_name], t[down_name]
+    if orig.dim() == 2:  # create_module: Linear layers take their weights flattened to 2-D
+        up, down = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
+    elif down.dim() == 2:  # and a conv's 2-D lora_down is a 1x1 conv
+        down = down.reshape(down.shape[0], -1, 1, 1)
+    shape = [up.size(0), down.size(1)]
+    if "lora_mid.weight" in t:
+        mid = t["lora_mid.weight"]
+        delta = torch.einsum("n m k l, i n, m j -> i j k l", mid, up.reshape(up.size(0), -1),
+                             down.reshape(down.size(0), -1))
+        return delta, shape + list(mid.shape[2:])
+    if down.dim() == 4:
+        shape += list(down.shape[2:])
+    return (up.reshape(up.size(0), -1) @ down.reshape(down.size(0), -1)).reshape(shape), shape
 
 
-def _hook(layer: torch.nn.Module, items: list[tuple[Update, float]]):
-    weight: torch.Tensor = layer.weight  # type: ignore[assignment]  # Linear and Conv2d have one
-    device, dtype = weight.device, weight.dtype
-    terms = [(u.down.to(device, dtype), u.up.to(device, dtype), weight * u.scale) for u, weight in items]
-    conv = isinstance(layer, torch.nn.Conv2d)
+def _make_weight_cp(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """lyco_helpers.make_weight_cp: a Tucker core contracted with its two factors."""
+    temp = torch.einsum("i j k l, j r -> i r k l", t, wb)
+    return torch.einsum("i j k l, i r -> r j k l", temp, wa)
 
-    def hook(module, args, output):
-        x = args[0]
-        for down, up, scale in terms:
-            if conv:
-                low = F.conv2d(x, down, stride=module.stride, padding=module.padding, dilation=module.dilation)
-                output = output + scale * F.conv2d(low, up)
-            else:
-                output = output + scale * F.linear(F.linear(x, down), up)
-        return output
 
-    return hook
+def _conventional(up: torch.Tensor, down: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """lyco_helpers.rebuild_conventional."""
+    return (up.reshape(up.size(0), -1) @ down.reshape(down.size(0), -1)).reshape(list(shape))
+
+
+def _hada(t: Tensors) -> tuple[torch.Tensor, list[int]]:
+    """network_hada.py: the Hadamard product of two low-rank (or Tucker) products."""
+    w1a, w1b, w2a, w2b = t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"]
+    shape = [w1a.size(0), w1b.size(1)]
+    if "hada_t1" in t:
+        shape = [w1a.size(1), w1b.size(1)] + list(t["hada_t1"].shape[2:])
+        first = _make_weight_cp(t["hada_t1"], w1a, w1b)
+    else:
+        if w1b.dim() == 4:
+            shape += list(w1b.shape[2:])
+        first = _conventional(w1a, w1b, shape)
+    second = _make_weight_cp(t["hada_t2"], w2a, w2b) if "hada_t2" in t else _conventional(w2a, w2b, shape)
+    return first * second, shape
+
+
+def _lokr(t: Tensors, orig: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """network_lokr.py: kron(w1, w2), each side whole, factored (a @ b) or Tucker (w2 only)."""
+    w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+    if "lokr_w2" in t:
+        w2 = t["lokr_w2"]
+    elif "lokr_t2" not in t:
+        w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
+    else:
+        w2 = _make_weight_cp(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
+    shape = list(orig.shape) if orig.dim() == 4 else [w1.size(0) * w2.size(0), w1.size(1) * w2.size(1)]
+    if w2.dim() == 4:
+        w1 = w1.unsqueeze(2).unsqueeze(2)
+    return torch.kron(w1, w2.contiguous()).reshape(shape), shape
+
+
+def _finalize(module: Module, t: Tensors, delta: torch.Tensor, orig: torch.Tensor,
+              shape: Sequence[int]) -> torch.Tensor:
+    """network.py finalize_updown (without the multiplier): fit the shape, scale, DoRA."""
+    if len(shape) == 4:
+        delta = delta.reshape(list(shape))
+    if orig.numel() == delta.numel():
+        delta = delta.reshape(orig.shape)
+    delta = delta * _scale(module, t)
+    if "dora_scale" in t:
+        delta = _a1111_dora(delta, orig, t["dora_scale"])
+    elif "magnitude" in t:
+        delta = _peft_dora(delta, orig, t["magnitude"])
+    return delta
+
+
+def _scale(module: Module, t: Tensors) -> float:
+    """NetworkModule.calc_scale: `scale` if the file has one, else alpha / rank, else 1."""
+    if "scale" in t:
+        return float(t["scale"].item())
+    alpha = float(t["alpha"].item()) if "alpha" in t else module.alpha
+    if module.dim is not None and alpha is not None:
+        return alpha / module.dim
+    return 1.0
+
+
+def _a1111_dora(delta: torch.Tensor, orig: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
+    """network.py apply_weight_decompose: W' = (W + ΔW) · dora_scale / ‖W + ΔW‖ per input column."""
+    merged = delta + orig
+    dims = orig.dim() - 1
+    norm = (merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+            .reshape(merged.shape[1], *[1] * dims).transpose(0, 1))
+    return merged * (dora_scale / norm) - orig
+
+
+def _peft_dora(delta: torch.Tensor, orig: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """PEFT's DoRA (lora_magnitude_vector): the same re-normalisation per output row, as PEFT trains it."""
+    merged = delta + orig
+    norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (orig.dim() - 1))
+    return merged * (magnitude.reshape(norm.shape) / norm) - orig
+
+
+Applied = tuple[Network, float, float]  # (network, text-encoder multiplier, UNet multiplier)
+
+
+@dataclass
+class Merged:
+    """The LoRA set merged into a pipeline's layers now, and their base weights to go back to."""
+
+    backups: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (component, path) -> base weight
+    changed: set[tuple[str, str]] = field(default_factory=set)  # layers that differ from their base now
+
+    def apply(self, roots: Mapping[str, torch.nn.Module], networks: Sequence[Applied]) -> int:
+        """Make the layers hold base + these networks (none: the base, bit for bit). Returns layers written."""
+        wanted: dict[tuple[str, str], list[tuple[Module, dict[str, torch.Tensor], float]]] = {}
+        for network, te, unet in networks:
+            for module, tensors in network.modules:
+                multiplier = te if module.text_encoder else unet
+                if multiplier != 0.0:
+                    wanted.setdefault((module.layer.component, module.layer.path), []).append((module, tensors, multiplier))
+        written = 0
+        with torch.no_grad():
+            for where in self.changed - wanted.keys():
+                self._weight(roots, where).copy_(self.backups[where])
+                written += 1
+            for where, items in wanted.items():
+                weight = self._weight(roots, where)
+                if where not in self.backups:  # the first change to this layer: keep its base weight
+                    self.backups[where] = weight.detach().clone()
+                merged = self.backups[where].float()
+                for module, tensors, multiplier in items:
+                    merged = merged + multiplier * updown(module, tensors, merged)
+                weight.copy_(merged.to(weight.dtype))
+                written += 1
+        self.changed = set(wanted)
+        return written
+
+    @staticmethod
+    def _weight(roots: Mapping[str, torch.nn.Module], where: tuple[str, str]) -> torch.Tensor:
+        component, path = where
+        weight = roots[component].get_submodule(path).weight
+        assert isinstance(weight, torch.Tensor)
+        return weight

@@ -75,11 +75,7 @@ class Loaded:
     sigmas: ModelSigmas | None  # None: the model's noise schedule is not one A1111's samplers know
     unet: Callable[..., Any]  # pipe.unet, compiled where compiling is on
     decode: Callable[..., Any]  # pipe.vae.decode, likewise
-    extras: Extras = field(default_factory=Extras)  # LoRA adapters, other VAEs, embedding vectors
-
-    def unet_for(self, loras: tuple) -> Callable[..., Any]:
-        """The compiled UNet, or eager while LoRA hooks are in (they would recompile it per set)."""
-        return self.pipe.unet if loras else self.unet
+    extras: Extras = field(default_factory=Extras)  # merged LoRAs, other VAEs, embedding vectors
 
     def vae_config_folder(self) -> Path:
         """A folder with the model's VAE config, for loading a single-file VAE offline."""

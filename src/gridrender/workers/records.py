@@ -65,7 +65,8 @@ def build_record(rendered: Rendered, model: ModelSpec, image_sha256: str, device
         "texts": {"prompt": cell.text, "negative_prompt": cell.negative_text},  # as the text encoder read them
         "model": model.record(),
         "vae": cell.vae.record() if cell.vae else None,
-        "loras": [{**c.record(), "weight": w} for c, w in cell.loras],
+        "loras": [{**use.lora.record(), "weight": use.te, "unet_weight": use.unet, "mention": use.mention}
+                  for use in cell.loras],
         "embeddings": [e.record() for e in cell.embeddings],
         "hires": cell.hires.to_dict() if cell.hires else None,  # resolved: what reproduce renders again
         "init_image": cell.init_image.to_dict() if cell.init_image else None,

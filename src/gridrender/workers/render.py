@@ -77,7 +77,7 @@ class Renderer:
         for cell in cells:
             if not 1 <= cell.clip_skip <= encoder.layers:  # SDXL: the smaller encoder's layers
                 raise RenderError(f"clip_skip {cell.clip_skip} is outside 1..{encoder.layers} for {model.source}")
-        use_loras(loaded.pipe, loaded.extras, cells[0].loras)  # text-encoder LoRA layers change the encoding
+        use_loras(loaded.pipe, loaded.extras, cells[0].loras)  # merged before encoding: LoRAs change the text encoders too
         used = {e.name: e for c in cells for e in c.embeddings}
         vectors = {name: embedding_vectors(loaded.extras, e) for name, e in used.items()}
         texts = [t for c in cells for t in cell_texts(c)]
@@ -250,7 +250,7 @@ class Renderer:
         noise = BatchNoise(first.rng, seeds, first.eta_noise_seed_delta, tuple(samples.shape[1:]), self.device)
         sampler, schedule = hires.sampler or first.sampler, hires.schedule or first.schedule
         assert loaded.sigmas is not None  # the first pass checked it
-        guided = Guided(loaded.unet_for(first.loras), cond, uncond, uncond_first=False)
+        guided = Guided(loaded.unet, cond, uncond, uncond_first=False)
         out, sigmas = a1111_sample(guided, loaded.sigmas, sampler, schedule, first.steps, first.guidance, noise, seeds,
                                    Img2Img(samples, hires.denoise, hires.steps or first.steps), loaded.v_prediction)
         described = describe_a1111(loaded, sampler, schedule, first.rng, first.eta_noise_seed_delta, sigmas)
@@ -263,7 +263,7 @@ class Renderer:
         if loaded.sigmas is None:
             raise RenderError(f"{first.sampler!r} needs a model with a standard (linear or scaled-linear) noise "
                               f"schedule; use a diffusers scheduler class for {loaded.model.source}")
-        guided = Guided(loaded.unet_for(first.loras), cond, uncond, uncond_first=False)
+        guided = Guided(loaded.unet, cond, uncond, uncond_first=False)
         latents, sigmas = a1111_sample(guided, loaded.sigmas, first.sampler, first.schedule, first.steps,
                                        first.guidance, noise, seeds, start, loaded.v_prediction)
         return latents, describe_a1111(loaded, first.sampler, first.schedule, first.rng, first.eta_noise_seed_delta,
@@ -283,7 +283,7 @@ class Renderer:
         if initial is None:  # CPU: prepare_latents' draw, in the UNet's dtype, as diffusers makes it
             initial = torch.cat([torch.randn((1, *noise.images[0].shape), generator=g, dtype=dtype)
                                  for g in generators]).to(self.device)
-        guided = Guided(loaded.unet_for(first.loras), cond, uncond, uncond_first=True)
+        guided = Guided(loaded.unet, cond, uncond, uncond_first=True)
         latents = diffusers_sample(guided, scheduler, first.steps, first.guidance, initial, generators)
         config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
         return latents, {"family": "diffusers", "name": first.sampler, "schedule": first.schedule,

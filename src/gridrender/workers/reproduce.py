@@ -11,7 +11,8 @@ import numpy as np
 from PIL import Image
 
 from gridrender.scheduler import layout, models
-from gridrender.scheduler.components import Component, resolve_embeddings, resolve_lora, resolve_upscaler, resolve_vae
+from gridrender.scheduler.components import (Component, LoraUse, resolve_embeddings, resolve_lora, resolve_upscaler,
+                                             resolve_vae)
 from gridrender.scheduler.errors import InputError, StorageError
 from gridrender.scheduler.families import Prediction
 from gridrender.scheduler.grid import Cell, make_cell
@@ -87,7 +88,8 @@ def recorded_cell(record: dict, ref: str = "record") -> tuple[ModelSpec, Cell]:
     if model.identity() != identity:
         raise InputError(f"the model found now is not the recorded one: {model.identity()} != {identity}")
     params["vae"] = _again(record["vae"], lambda s: resolve_vae(s, model, settings)) if record.get("vae") else None
-    params["loras"] = tuple((_again(x, lambda s: resolve_lora(s, model, settings)), float(x["weight"]))
+    params["loras"] = tuple(LoraUse(_again(x, lambda s: resolve_lora(s, model, settings)), float(x["weight"]),
+                                    float(x.get("unet_weight", x["weight"])), str(x.get("mention", x["name"])))
                             for x in record.get("loras", []))
     params["embeddings"] = tuple(_again(e, lambda s: next(iter(resolve_embeddings([s], model, settings).values())))
                                  for e in record.get("embeddings", []))

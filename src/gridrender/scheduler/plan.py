@@ -15,8 +15,7 @@ from functools import cached_property
 from pathlib import Path
 
 from . import families, grid, hires, models, samplers
-from .components import (Component, LoraUse, resolve_embeddings, resolve_init_image, resolve_lora, resolve_upscaler,
-                         resolve_vae)
+from .components import Component, LoraUse, resolve_embeddings, resolve_init_image, resolve_lora, resolve_upscaler, resolve_vae
 from .errors import JobError, ModelError, Problem
 from .grid import Cell
 from .hires import InitImage

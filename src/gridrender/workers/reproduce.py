@@ -11,8 +11,7 @@ import numpy as np
 from PIL import Image
 
 from gridrender.scheduler import layout, models
-from gridrender.scheduler.components import (Component, LoraUse, resolve_embeddings, resolve_lora, resolve_upscaler,
-                                             resolve_vae)
+from gridrender.scheduler.components import Component, LoraUse, resolve_embeddings, resolve_lora, resolve_upscaler, resolve_vae
 from gridrender.scheduler.errors import InputError, StorageError
 from gridrender.scheduler.families import Prediction
 from gridrender.scheduler.grid import Cell, make_cell

@@ -64,7 +64,8 @@ INFOTEXTS = [
       "hires": {"scale": 1.5, "upscaler": "Latent", "steps": 0, "denoise": 0.5, "sampler": "DPM++ 2M",
                 "schedule": "Exponential", "prompt": "a castle on a hill, detailed, sharp"}}),
 ]
-UNSUPPORTED = [set(), set(), set(), {"ADetailer model", "ADetailer confidence"}, {"ControlNet 0"}]
+# 3 was made by 1.6: A1111 1.10 renders it with alphas_cumprod in float16 (infotext_versions.backcompat)
+UNSUPPORTED = [set(), set(), {"Downcast alphas_cumprod"}, {"ADetailer model", "ADetailer confidence"}, {"ControlNet 0"}]
 
 
 @pytest.mark.parametrize("index", range(len(INFOTEXTS)))
@@ -94,6 +95,75 @@ def test_a1111_infotexts_import_to_the_settings_they_state(index, tmp_path):
     assert (cell.sampler, cell.schedule) == samplers.canonical(expected["sampler"], expected["schedule"])
     for line in UNSUPPORTED[index]:
         assert line in imported.yaml()  # listed in the job file, not dropped
+
+
+def _import(text: str) -> importer.Imported:
+    return importer.to_job(importer.parse_generation_parameters(text), "img", importer.HashIndex(None))
+
+
+def _cell(job: dict, tmp_path):
+    job = {**job, "model": "builtin:tiny", "output": str(tmp_path / "out")}
+    (cell,) = list(prepare(parse_job(yaml.safe_dump(job).encode()), cuda=False).cells())
+    return cell
+
+
+LINE = "Steps: 20, CFG scale: 7, Seed: 5, Size: 512x512, Model: builtin:tiny"
+
+
+def test_a_hires_sampler_without_its_schedule_type_runs_as_a1111_pastes_it(tmp_path):
+    """sd_samplers.get_hr_sampler_and_scheduler: no "Hires schedule type" is "Use same scheduler", and the
+    pasted setting is Automatic where the schedule is the first sampler's own (get_sampler_and_scheduler,
+    convert_automatic): the hires pass runs the hires sampler's own schedule (get_sigmas: Automatic)."""
+    text = (f"a cat\n{LINE}, Sampler: DPM++ 2M, Schedule type: Karras, Denoising strength: 0.5, "
+            "Hires upscale: 2, Hires upscaler: Latent, Hires sampler: Euler, Version: v1.10.1")
+    cell = _cell(_import(text).job, tmp_path)
+    assert (cell.sampler, cell.schedule) == ("DPM++ 2M", "Karras")
+    assert (cell.hires.sampler, cell.hires.schedule) == ("Euler", "Uniform")
+    # a schedule that is not the first sampler's own is the hires pass's too
+    text = text.replace("Schedule type: Karras", "Schedule type: Exponential")
+    cell = _cell(_import(text).job, tmp_path)
+    assert (cell.hires.sampler, cell.hires.schedule) == ("Euler", "Exponential")
+    # Euler a's own schedule is Uniform (no 'scheduler' option): the setting stays, DPM++ 2M runs it
+    text = text.replace("Sampler: DPM++ 2M, Schedule type: Exponential", "Sampler: Euler a, Schedule type: Uniform")
+    cell = _cell(_import(text.replace("Hires sampler: Euler", "Hires sampler: DPM++ 2M")).job, tmp_path)
+    assert (cell.hires.sampler, cell.hires.schedule) == ("DPM++ 2M", "Uniform")
+
+
+def test_a_gridrender_png_with_a_hires_sampler_on_the_same_schedule_imports_to_its_cell(tiny, tmp_path):
+    from gridrender.scheduler.grid import make_cell
+    from gridrender.scheduler.hires import Hires
+    from gridrender.scheduler.infotext import parameters
+
+    # DPM++ 2M with an explicit Karras: the hires Euler runs Karras too, which the text must say
+    cell = make_cell(tiny, prompt="a cat", negative_prompt="", clip_skip=1, seed=5, sampler="DPM++ 2M",
+                     schedule="Karras", steps=20, guidance=7.0, width=64, height=64, dtype="float32",
+                     hires=Hires("Latent", 0.5, sampler="Euler"))
+    assert (cell.hires.sampler, cell.hires.schedule) == ("Euler", "Karras")
+    text = parameters(cell)
+    assert "Hires schedule type: Karras" in text
+    job = {**_import(text).job, "dtype": "float32"}
+    assert _cell(job, tmp_path).id == cell.id
+
+
+def test_fields_that_change_the_image_are_listed_not_taken_for_defaults():
+    # Pad conds: written only when A1111 padded the shorter conditioning (Sampler.add_infotext)
+    assert "Pad conds" in _import(f"a cat\n{LINE}, Sampler: Euler a, Pad conds: True").unsupported
+    # a version A1111 1.10 renders with float16 alphas_cumprod (infotext_versions.backcompat), and one it does not
+    for version, downcast in (("v1.6.0", True), ("v1.7.0-133-gde03882d", True), ("v1.7.0-225-g1a2b3c4", False),
+                              ("v1.8.0", False), ("f0.0.17v1.8.0rc-latest-276-g29be1da7", False)):
+        imported = _import(f"a cat\n{LINE}, Sampler: Euler a, Version: {version}")
+        assert ("Downcast alphas_cumprod" in imported.unsupported) == downcast, version
+
+
+def test_sampler_names_and_schedules_as_a1111_reads_them():
+    # the name's suffix wins over Schedule type (get_sampler_and_scheduler)
+    job = _import(f"a cat\n{LINE}, Sampler: DPM++ 2M Karras, Schedule type: Exponential, Version: v1.10.1").job
+    assert (job["sampler"], job["schedule"]) == ("DPM++ 2M", "Karras")
+    # no Schedule type and no Version: A1111 before 1.9 wrote it so (1.9+ always writes Schedule type)
+    job = _import(f"a cat\n{LINE}, Sampler: DPM++ 2M").job
+    assert (job["sampler"], job["schedule"]) == ("DPM++ 2M", "Uniform")
+    job = _import(f"a cat\n{LINE}, Sampler: DPM++ 2M, Schedule type: Automatic, Version: v1.9.0").job
+    assert (job["sampler"], job["schedule"]) == ("DPM++ 2M", "Automatic")
 
 
 def test_the_model_is_found_by_its_hash_in_the_model_dir(tmp_path, monkeypatch):

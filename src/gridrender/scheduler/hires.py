@@ -95,7 +95,10 @@ class Hires:
             fields["Hires sampler"] = self.sampler
         if self.prompt is not None and self.prompt != prompt:
             fields["Hires prompt"] = self.prompt
-        if self.schedule and self.schedule != schedule:
+        # With a hires sampler of its own, its schedule is written even when it is the first pass's: a text
+        # without it means "Use same scheduler", which A1111's paste (and `gridrender import`) resolve from
+        # the Automatic setting ("DPM++ 2M, Karras, Hires sampler: Euler" runs Euler with Uniform).
+        if self.schedule and (self.schedule != schedule or "Hires sampler" in fields):
             fields["Hires schedule type"] = self.schedule
         if self.resize_x == 0 and self.resize_y == 0:
             fields["Hires upscale"] = f"{self.scale:g}"

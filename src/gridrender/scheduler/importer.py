@@ -37,10 +37,11 @@ HANDLED = {
     "VAE", "VAE hash", "Lora hashes", "TI hashes",
 }
 HARMLESS = {"Version", "Hashes", "Civitai resources", "Civitai metadata", "User", "Init image hash"}
-# Fields at A1111's default (what gridrender renders): no need to list them.
+# Fields at A1111's default (what gridrender renders): no need to list them. ("Pad conds: True" is not
+# one: A1111 writes it only when it padded the shorter conditioning, which gridrender never does.)
 DEFAULTS = {"Emphasis": "Original", "Eta": "1", "Hires negative prompt": "", "Hires checkpoint": "Use same checkpoint",
             "Hires sampler": "Use same sampler", "Schedule rho": "0", "Schedule max sigma": "0",
-            "Schedule min sigma": "0", "VAE Encoder": "Full", "VAE Decoder": "Full", "Pad conds": "True"}
+            "Schedule min sigma": "0", "VAE Encoder": "Full", "VAE Decoder": "Full"}
 
 
 def read_parameters(data: bytes) -> str | None:
@@ -180,11 +181,19 @@ def to_job(params: dict[str, str], name: str, index: HashIndex) -> Imported:
     if params.get("Negative prompt"):
         job["negative_prompt"] = params["Negative prompt"]
     sampler, schedule = _sampler(params.get("Sampler", "Euler a"), params["Schedule type"], imported)
-    if "Schedule type" in params.get("_missing", "") and _before_1_9(params.get("Version", "")) \
+    # A1111 1.9+ always writes "Schedule type" (create_infotext: p.scheduler, "Automatic" at least), so a text
+    # without it comes from an older A1111, where a name without a schedule suffix meant Uniform. A1111 1.10's
+    # paste reads it as Automatic (parse_generation_parameters' default) and renders another image.
+    if "Schedule type" in params.get("_missing", "") and not _at_least(params.get("Version", ""), (1, 9)) \
             and not samplers.split_name(params.get("Sampler", "Euler a"))[1] and schedule != samplers.UNIFORM:
-        schedule = samplers.UNIFORM  # before 1.9 a name without a schedule meant Uniform
-        imported.comments.append(f"made by {params['Version']}: a sampler name without a schedule, so Uniform, "
-                                 "as it rendered then (A1111 1.9+ would read it as Automatic)")
+        schedule = samplers.UNIFORM
+        made_by = f"made by {params['Version']}" if params.get("Version") else "no Schedule type, so made before 1.9"
+        imported.comments.append(f"{made_by}: a sampler name without a schedule, so Uniform, as it rendered then "
+                                 "(A1111 1.9+ would read it as Automatic)")
+    if _downcast_alphas(params.get("Version", "")) and "Downcast alphas_cumprod" not in params:
+        # infotext_versions.backcompat: A1111 1.10 renders such a text with alphas_cumprod in float16
+        imported.unsupported["Downcast alphas_cumprod"] = (f"True (implied by Version {params['Version']}: A1111 "
+                                                           "before 1.7.0-225 rounded alphas_cumprod to float16)")
     job["sampler"] = sampler
     job["schedule"] = schedule
     job["steps"] = _int(params.get("Steps", "20"), "Steps")
@@ -197,7 +206,7 @@ def to_job(params: dict[str, str], name: str, index: HashIndex) -> Imported:
         job["rng"] = params["RNG"].upper()
     if params.get("ENSD"):
         job["eta_noise_seed_delta"] = _int(params["ENSD"], "ENSD")
-    hires = _hires(params, imported)
+    hires = _hires(params, imported, sampler, schedule)
     if hires:
         job["hires"] = hires
     elif "Denoising strength" in params:
@@ -219,10 +228,23 @@ def to_job(params: dict[str, str], name: str, index: HashIndex) -> Imported:
     return imported
 
 
-def _before_1_9(version: str) -> bool:
-    """An A1111 version string ("v1.8.0", "v1.6.0-2-g4afaaf8a") older than 1.9; Forge's ("f0.0.17v1.8.0rc") too."""
+def _at_least(version: str, minimum: tuple[int, int]) -> bool:
+    """An A1111 version string ("v1.9.4", "v1.6.0-2-g4afaaf8a") at least `minimum`; Forge's ("f0.0.17v1.8.0rc") too."""
     match = re.search(r"v(\d+)\.(\d+)\.\d+", version)
-    return match is not None and (int(match.group(1)), int(match.group(2))) < (1, 9)
+    return match is not None and (int(match.group(1)), int(match.group(2))) >= minimum
+
+
+def _downcast_alphas(version: str) -> bool:
+    """infotext_versions.backcompat: Version below v1.7.0-225 turns on "Downcast alphas_cumprod".
+
+    A1111's parse_version keeps "MAJOR.MINOR.PATCH-N" of "v1.7.0-133-gde03882d" (N: commits since the tag,
+    a post-release to `packaging`); a text it cannot parse (Forge's "f0.0.17v1.8.0rc") turns nothing on.
+    """
+    match = re.match(r"v?(\d+)\.(\d+)\.(\d+)(?:-(\d+))?(?:-|$)", version)
+    if match is None:
+        return False
+    major, minor, patch, post = (int(g) if g else 0 for g in match.groups())
+    return (major, minor, patch, post) < (1, 7, 0, 225)
 
 
 def _is_default(key: str, value: str) -> bool:
@@ -242,18 +264,24 @@ def _model(params: dict[str, str], index: HashIndex, imported: Imported) -> str:
 
 
 def _sampler(name: str, schedule: str, imported: Imported) -> tuple[str, str]:
-    """sd_samplers.get_sampler_and_scheduler: "DPM++ 2M Karras" is DPM++ 2M with Karras."""
+    """sd_samplers.get_sampler_and_scheduler: "DPM++ 2M Karras" is DPM++ 2M with Karras (the suffix wins)."""
     try:
         base, implied = samplers.split_name(name)
         chosen = samplers.schedule(schedule)
     except samplers.UnknownName as exc:
         imported.unsupported["Sampler"] = f"{name} ({exc})"
         return "Euler a", samplers.AUTOMATIC
-    label = implied.label if implied and chosen.label == samplers.AUTOMATIC else chosen.label
-    return base.name, label
+    return base.name, (implied or chosen).label
 
 
-def _hires(params: dict[str, str], imported: Imported) -> dict[str, Any] | None:
+def _paste_setting(sampler: str, schedule: str) -> str:
+    """The schedule setting A1111 1.10's paste leaves (get_sampler_and_scheduler, convert_automatic): Automatic
+    where the schedule is the sampler's own 'scheduler' option (Karras for DPM++ 2M), else the schedule."""
+    own = samplers.lookup(sampler).default_schedule
+    return samplers.AUTOMATIC if own != samplers.UNIFORM and schedule == own else schedule
+
+
+def _hires(params: dict[str, str], imported: Imported, sampler: str, schedule: str) -> dict[str, Any] | None:
     if not any(k.startswith("Hires ") for k in params if k not in ("Hires negative prompt", "Hires checkpoint")):
         return None
     hires: dict[str, Any] = {}
@@ -273,9 +301,31 @@ def _hires(params: dict[str, str], imported: Imported) -> dict[str, Any] | None:
         hires["sampler"] = params["Hires sampler"]
     if params.get("Hires schedule type") and params["Hires schedule type"] != "Use same scheduler":
         hires["schedule"] = params["Hires schedule type"]
+    elif "sampler" in hires:
+        hires_schedule = _same_scheduler(hires["sampler"], sampler, schedule)
+        if hires_schedule is not None:
+            hires["schedule"] = hires_schedule
     if params.get("Hires prompt"):
         hires["prompt"] = params["Hires prompt"]
     return hires
+
+
+def _same_scheduler(hires_sampler: str, sampler: str, schedule: str) -> str | None:
+    """A hires sampler's schedule under "Use same scheduler", as A1111 1.10 pastes and renders it.
+
+    get_hr_sampler_and_scheduler leaves hr_scheduler unset, so the hires pass takes the pasted setting
+    (Automatic where the schedule was the first sampler's own), and Automatic means the hires sampler's own
+    schedule (sd_samplers_kdiffusion.get_sigmas): "DPM++ 2M, Karras, Hires sampler: Euler" runs Euler with
+    Uniform. None where the job's own schedule already gives that (no key to write).
+    """
+    try:
+        base, implied = samplers.split_name(hires_sampler)
+    except samplers.UnknownName:
+        return None  # the job file's validation names it
+    if implied is not None or base.family != "a1111":
+        return None
+    setting = _paste_setting(sampler, schedule)
+    return None if setting == schedule else samplers.canonical(base.name, setting)[1]
 
 
 def _int(value: str, key: str) -> int:

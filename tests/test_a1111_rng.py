@@ -125,6 +125,90 @@ LATENT_MODES = {"Latent": ("bilinear", False), "Latent (antialiased)": ("bilinea
                 "Latent (nearest)": ("nearest", False), "Latent (nearest-exact)": ("nearest-exact", False)}
 
 
+# -- A1111's tiled model upscale (images.split_grid / combine_grid, upscaler_utils) ------------
+
+ESRGAN_TILE, ESRGAN_TILE_OVERLAP = 192, 8  # shared_options: ESRGAN_tile, ESRGAN_tile_overlap
+
+
+def split_grid(image, tile_w=512, tile_h=512, overlap=64):
+    w, h = image.width, image.height
+    cols = math.ceil((w - overlap) / (tile_w - overlap))
+    rows = math.ceil((h - overlap) / (tile_h - overlap))
+    dx = (w - tile_w) / (cols - 1) if cols > 1 else 0
+    dy = (h - tile_h) / (rows - 1) if rows > 1 else 0
+    tiles = []
+    for row in range(rows):
+        y = int(row * dy)
+        if y + tile_h >= h:
+            y = h - tile_h
+        row_images = []
+        for col in range(cols):
+            x = int(col * dx)
+            if x + tile_w >= w:
+                x = w - tile_w
+            row_images.append([x, tile_w, image.crop((x, y, x + tile_w, y + tile_h))])
+        tiles.append([y, tile_h, row_images])
+    return {"tiles": tiles, "tile_w": tile_w, "tile_h": tile_h, "image_w": w, "image_h": h, "overlap": overlap}
+
+
+def combine_grid(grid):
+    def make_mask_image(r):
+        return Image.fromarray((r * 255 / grid["overlap"]).astype(np.uint8), "L")
+
+    overlap = grid["overlap"]
+    mask_w = make_mask_image(np.arange(overlap, dtype=np.float32).reshape((1, overlap)).repeat(grid["tile_h"], axis=0))
+    mask_h = make_mask_image(np.arange(overlap, dtype=np.float32).reshape((overlap, 1)).repeat(grid["image_w"], axis=1))
+    combined_image = Image.new("RGB", (grid["image_w"], grid["image_h"]))
+    for y, h, row in grid["tiles"]:
+        combined_row = Image.new("RGB", (grid["image_w"], h))
+        for x, w, tile in row:
+            if x == 0:
+                combined_row.paste(tile, (0, 0))
+                continue
+            combined_row.paste(tile.crop((0, 0, overlap, h)), (x, 0), mask=mask_w)
+            combined_row.paste(tile.crop((overlap, 0, w, h)), (x + overlap, 0))
+        if y == 0:
+            combined_image.paste(combined_row, (0, 0))
+            continue
+        combined_image.paste(combined_row.crop((0, 0, combined_row.width, overlap)), (0, y), mask=mask_h)
+        combined_image.paste(combined_row.crop((0, overlap, combined_row.width, h)), (0, y + overlap))
+    return combined_image
+
+
+def upscale_pil_patch(model, img):
+    tensor = torch.from_numpy(np.ascontiguousarray(np.transpose(np.array(img.convert("RGB"))[:, :, ::-1], (2, 0, 1)))
+                              / 255).unsqueeze(0).to(dtype=torch.float32)
+    with torch.inference_mode():
+        arr = model(tensor).squeeze(0).float().cpu().clamp_(0, 1).numpy()
+    arr = (255.0 * np.moveaxis(arr, 0, 2)).round().astype(np.uint8)[:, :, ::-1]
+    return Image.fromarray(arr, "RGB")
+
+
+def upscale_with_model(model, img, tile_size, tile_overlap):
+    grid = split_grid(img, tile_size, tile_size, tile_overlap)
+    newtiles = []
+    for y, h, row in grid["tiles"]:
+        newrow = []
+        for x, w, tile in row:
+            output = upscale_pil_patch(model, tile)
+            scale_factor = output.width // tile.width
+            newrow.append([x * scale_factor, w * scale_factor, output])
+        newtiles.append([y * scale_factor, h * scale_factor, newrow])
+    return combine_grid({"tiles": newtiles, "tile_w": grid["tile_w"] * scale_factor,
+                         "tile_h": grid["tile_h"] * scale_factor, "image_w": grid["image_w"] * scale_factor,
+                         "image_h": grid["image_h"] * scale_factor, "overlap": grid["overlap"] * scale_factor})
+
+
+def fake_esrgan() -> torch.nn.Module:
+    """A 4x model shaped like ESRGAN (convolutions with biases, pixel shuffle, [0, 1]), seeded random weights.
+
+    Two layers with biases: a tile's black border is not the zero padding of an untiled run.
+    """
+    torch.manual_seed(11)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.LeakyReLU(0.2),
+                               torch.nn.Conv2d(16, 48, 3, padding=1), torch.nn.PixelShuffle(4), torch.nn.Sigmoid()).eval()
+
+
 class Reference:
     """A1111's txt2img (with hires fix) and img2img for one image, on the test's model folder."""
 
@@ -216,11 +300,20 @@ class Reference:
             mode, antialias = LATENT_MODES[hr["upscaler"]]
             samples = torch.nn.functional.interpolate(samples, size=(target_h // 8, target_w // 8), mode=mode,
                                                       antialias=antialias)
-        else:  # decode, images.resize_image(0, image, w, h, upscaler_name="Lanczos"), encode
+        else:  # decode, images.resize_image(0, image, w, h, upscaler_name="Lanczos" or a model's), encode
             image = Image.fromarray(self.decode(samples)[0])
             scale = max(target_w / image.width, target_h / image.height)
             dest_w, dest_h = int((image.width * scale) // 8 * 8), int((image.height * scale) // 8 * 8)
-            image = image.resize((int(image.width * scale), int(image.height * scale)), resample=Image.LANCZOS)
+            if hr.get("model") is not None:  # Upscaler.upscale: the model until the size is reached
+                for i in range(3):
+                    if image.width >= dest_w and image.height >= dest_h and (i > 0 or scale != 1):
+                        break
+                    shape = image.size
+                    image = upscale_with_model(hr["model"], image, ESRGAN_TILE, ESRGAN_TILE_OVERLAP)
+                    if shape == image.size:
+                        break
+            else:
+                image = image.resize((int(image.width * scale), int(image.height * scale)), resample=Image.LANCZOS)
             if image.size != (dest_w, dest_h):
                 image = image.resize((dest_w, dest_h), resample=Image.LANCZOS)
             if image.size != (target_w, target_h):
@@ -378,6 +471,39 @@ def test_hires_fix_matches_a1111(upscaler, denoise, hr_steps, ours, model, refer
     assert rendered.image.size == (128, 128)
     want = reference.txt2img(spec, {"upscaler": upscaler, "scale": 2.0, "denoise": denoise, "steps": hr_steps})
     assert differs(rendered.image, want) <= 2, f"{upscaler} {denoise} {hr_steps}: {differs(rendered.image, want)}/255"
+
+
+@pytest.mark.parametrize("size", [(64, 64), (200, 136), (400, 392)])
+def test_esrgan_models_run_in_a1111s_tiles(size, monkeypatch):
+    """esrgan_model.esrgan_upscale: 192 px tiles overlapping by 8, blended by images.combine_grid; an image
+    smaller than a tile is one tile cropped at a negative offset."""
+    from gridrender.scheduler.components import Component
+    from gridrender.workers import twopass
+
+    net = fake_esrgan()
+    monkeypatch.setattr(twopass, "_upscaler_model", lambda location, sha256, device: net)
+    rng = np.random.default_rng(sum(size))
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    ours = twopass.esrgan_upscale(Component("upscaler", "fake", "fake.pth", "/nowhere/fake.pth", "0" * 64), image)
+    want = upscale_with_model(net, image, ESRGAN_TILE, ESRGAN_TILE_OVERLAP)
+    assert ours.size == want.size == (4 * size[0], 4 * size[1])
+    assert differs(ours, want) == 0
+    untiled = upscale_pil_patch(net, image)
+    assert differs(untiled, want) > 0  # the tiles' borders and seams are A1111's, not the model's
+
+
+def test_hires_fix_with_an_esrgan_model_matches_a1111(ours, model, reference, monkeypatch):
+    from gridrender.scheduler.components import Component
+    from gridrender.workers import twopass
+
+    net = fake_esrgan()
+    monkeypatch.setattr(twopass, "_upscaler_model", lambda location, sha256, device: net)
+    upscaler = Component("upscaler", "fake4x", "fake4x.pth", "/nowhere/fake4x.pth", "1" * 64)
+    spec = Spec(sampler="DPM++ 2M", steps=4, width=56, height=48)
+    (rendered,) = ours.render(model, [spec.cell(model, hires=Hires("fake4x", 0.55, 3, 2.0, model=upscaler))])
+    want = reference.txt2img(spec, {"upscaler": "fake4x", "model": net, "scale": 2.0, "denoise": 0.55, "steps": 3})
+    assert rendered.image.size == (112, 96)
+    assert differs(rendered.image, want) <= 2, f"{differs(rendered.image, want)}/255"
 
 
 def test_hires_with_another_sampler_and_ensd_shares_its_first_pass(ours, model, reference):

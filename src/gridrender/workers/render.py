@@ -243,7 +243,7 @@ class Renderer:
             samples = latent_upscale(latents, mode, antialias, width, height)
         else:  # decode, upscale the pixels, encode again
             pixels, _ = _decode(loaded, latents, first.vae, truncate=True)
-            upscaled = [resize_image(im, width, height, hires.upscaler, hires.model) for im in pixels]
+            upscaled = [resize_image(im, width, height, hires.upscaler, hires.model, self.device) for im in pixels]
             samples = encode(vae, upscaled, seeds, self.device)
         samples = truncate(samples, cut_x, cut_y)
         cond, uncond = self._conditioning(loaded, cells, embeddings, width, height, hires)

@@ -199,6 +199,24 @@ def upscale_with_model(model, img, tile_size, tile_overlap):
                          "image_h": grid["image_h"] * scale_factor, "overlap": grid["overlap"] * scale_factor})
 
 
+def calculate_target_resolution(width, height, hr_scale, hr_resize_x, hr_resize_y):
+    """StableDiffusionProcessingTxt2Img.calculate_target_resolution: (to_x, to_y, truncate_x, truncate_y)."""
+    truncate_x = truncate_y = 0
+    if hr_resize_x == 0 and hr_resize_y == 0:
+        return int(width * hr_scale), int(height * hr_scale), 0, 0
+    if hr_resize_y == 0:
+        to_x, to_y = hr_resize_x, hr_resize_x * height // width
+    elif hr_resize_x == 0:
+        to_x, to_y = hr_resize_y * width // height, hr_resize_y
+    else:
+        if width / height < hr_resize_x / hr_resize_y:
+            to_x, to_y = hr_resize_x, hr_resize_x * height // width
+        else:
+            to_x, to_y = hr_resize_y * width // height, hr_resize_y
+        truncate_x, truncate_y = (to_x - hr_resize_x) // 8, (to_y - hr_resize_y) // 8
+    return to_x, to_y, truncate_x, truncate_y
+
+
 def fake_esrgan() -> torch.nn.Module:
     """A 4x model shaped like ESRGAN (convolutions with biases, pixel shuffle, [0, 1]), seeded random weights.
 
@@ -295,7 +313,8 @@ class Reference:
         return self.hires_pass(c, hires, samples, cond, uncond)
 
     def hires_pass(self, c, hr, samples, cond, uncond) -> np.ndarray:
-        target_w, target_h = int(c.width * hr["scale"]), int(c.height * hr["scale"])  # calculate_target_resolution
+        target_w, target_h, truncate_x, truncate_y = calculate_target_resolution(
+            c.width, c.height, hr.get("scale", 2.0), *hr.get("resize", (0, 0)))
         if hr["upscaler"] in LATENT_MODES:
             mode, antialias = LATENT_MODES[hr["upscaler"]]
             samples = torch.nn.functional.interpolate(samples, size=(target_h // 8, target_w // 8), mode=mode,
@@ -319,6 +338,8 @@ class Reference:
             if image.size != (target_w, target_h):
                 image = image.resize((target_w, target_h), resample=Image.LANCZOS)
             samples = self.encode([image], c.seed)
+        samples = samples[:, :, truncate_y // 2:samples.shape[2] - (truncate_y + 1) // 2,
+                          truncate_x // 2:samples.shape[3] - (truncate_x + 1) // 2]
         rng = ImageRNG(tuple(samples.shape[1:]), [c.seed], c.rng, c.eta_noise_seed_delta)
         noise = rng.next()
         name = hr.get("sampler") or c.sampler
@@ -504,6 +525,25 @@ def test_hires_fix_with_an_esrgan_model_matches_a1111(ours, model, reference, mo
     want = reference.txt2img(spec, {"upscaler": "fake4x", "model": net, "scale": 2.0, "denoise": 0.55, "steps": 3})
     assert rendered.image.size == (112, 96)
     assert differs(rendered.image, want) <= 2, f"{differs(rendered.image, want)}/255"
+
+
+def test_hires_targets_are_a1111s():
+    for width, height in ((512, 768), (768, 512), (640, 448), (64, 48), (520, 512)):
+        for scale, rx, ry in ((2.0, 0, 0), (1.5, 0, 0), (1.33, 0, 0), (2.0, 1024, 0), (2.0, 0, 1000),
+                              (2.0, 1024, 1024), (2.0, 1280, 896), (2.0, 800, 1200), (2.0, 96, 64)):
+            target = Hires("Latent", 0.5, 0, scale, rx, ry).target(width, height)
+            assert (target.width, target.height, target.truncate_x, target.truncate_y) == \
+                calculate_target_resolution(width, height, scale, rx, ry), (width, height, scale, rx, ry)
+
+
+@pytest.mark.parametrize(("size", "resize", "final"), [((64, 48), (80, 0), (80, 56)), ((64, 64), (96, 64), (96, 64))])
+def test_hires_resize_with_one_side_or_a_crop_matches_a1111(size, resize, final, ours, model, reference):
+    spec = Spec(sampler="Euler a", steps=4, width=size[0], height=size[1])
+    hires = Hires("Latent", 0.6, 3, 2.0, *resize)
+    (rendered,) = ours.render(model, [spec.cell(model, hires=hires)])
+    assert rendered.image.size == final
+    want = reference.txt2img(spec, {"upscaler": "Latent", "resize": resize, "denoise": 0.6, "steps": 3})
+    assert differs(rendered.image, want) <= 2, f"{resize}: {differs(rendered.image, want)}/255"
 
 
 def test_hires_with_another_sampler_and_ensd_shares_its_first_pass(ours, model, reference):

@@ -434,18 +434,38 @@ def test_an_images_generator_reseeds_with_ensd_after_the_initial_noise():
 
 @pytest.mark.gpu
 def test_torch_cuda_randn_is_the_emulation_for_sd_latent_shapes():
-    """GPU means torch's CUDA generator: the emulation must draw what it draws (SD 1.x, SDXL latents)."""
+    """GPU means torch's CUDA generator: the emulation must draw what it draws, up to the GPU's thread count.
+
+    torch's normal kernel (ATen DistributionTemplates.h, calc_execution_policy) launches at most
+    SMs x maxThreadsPerSM threads; thread i draws one curand_normal4 from Philox subsequence i and
+    element i takes its first normal, so a tensor of at most that many numbers is the emulation's.
+    Past it, element cap + i takes thread i's second normal (the emulation does not have it), and
+    the offset still moves by one block per draw while the tensor has at most 4 x cap numbers.
+    """
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     from gridrender.workers.philox import PhiloxGenerator
 
+    props = torch.cuda.get_device_properties(0)
+    per_sm = getattr(props, "max_threads_per_multi_processor", None)
+    cap = props.multi_processor_count * per_sm if per_sm else None
+    shapes = [(4, 64, 64), (4, 96, 64), (4, 128, 128), (4, 152, 104), (4, 256, 256)]
     for seed in (0, 5, 31337, 4294967295):
-        for shape in ((4, 64, 64), (4, 96, 64), (4, 128, 128), (4, 152, 104)):
+        for shape in shapes:
+            if cap is not None and math.prod(shape) > cap:
+                continue  # this card draws past its threads: below
             generator = torch.Generator("cuda").manual_seed(seed)
             emulated = PhiloxGenerator(seed)
             for _ in range(3):  # the initial noise and two later draws
                 cuda = torch.randn(shape, device="cuda", generator=generator).cpu().numpy()
                 np.testing.assert_allclose(emulated.randn(shape), cuda, rtol=0, atol=1e-5)
+    if cap is None:
+        pytest.skip("torch does not report max_threads_per_multi_processor: the bound was not checked")
+    shape = (4, 8, math.ceil((cap + 4096) / 32))  # a little past the threads this card runs at once
+    cuda = torch.randn(shape, device="cuda", generator=torch.Generator("cuda").manual_seed(7)).cpu().numpy()
+    emulated = PhiloxGenerator(7).randn(shape)
+    np.testing.assert_allclose(emulated.reshape(-1)[:cap], cuda.reshape(-1)[:cap], rtol=0, atol=1e-5)
+    assert not np.allclose(emulated.reshape(-1)[cap:], cuda.reshape(-1)[cap:], rtol=0, atol=1e-3)
 
 
 # -- samplers with GPU noise, Automatic schedules, ENSD ----------------------------------------

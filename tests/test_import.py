@@ -145,6 +145,21 @@ def test_a_gridrender_png_with_a_hires_sampler_on_the_same_schedule_imports_to_i
     assert _cell(job, tmp_path).id == cell.id
 
 
+def test_the_hires_prompt_is_written_as_rendered(tiny):
+    from gridrender.scheduler.grid import make_cell
+    from gridrender.scheduler.hires import Hires
+    from gridrender.scheduler.infotext import parameters
+
+    def text(hires_prompt: str) -> str:
+        return parameters(make_cell(tiny, prompt="a dog", prompt_sr=("dog", "cat"), negative_prompt="", clip_skip=1,
+                                    seed=1, sampler="Euler", steps=4, guidance=7.0, width=64, height=64,
+                                    dtype="float32", hires=Hires("Latent", 0.5, prompt=hires_prompt)))
+
+    # the S/R cell renders "a cat" in both passes: no Hires prompt (create_infotext's get_hr_prompt)
+    assert "Hires prompt" not in text("a dog")
+    assert "Hires prompt: a cat, sharp" not in text("a dog, sharp") and 'Hires prompt: "a cat, sharp"' in text("a dog, sharp")
+
+
 def test_fields_that_change_the_image_are_listed_not_taken_for_defaults():
     # Pad conds: written only when A1111 padded the shorter conditioning (Sampler.add_infotext)
     assert "Pad conds" in _import(f"a cat\n{LINE}, Sampler: Euler a, Pad conds: True").unsupported

@@ -88,13 +88,16 @@ class Hires:
     def latent_mode(self) -> tuple[str, bool] | None:
         return LATENT_MODES.get(self.upscaler)
 
-    def infotext(self, sampler: str, schedule: str, prompt: str) -> dict[str, object]:
-        """The fields A1111 writes for it (StableDiffusionProcessingTxt2Img.init and get_sigmas)."""
+    def infotext(self, sampler: str, schedule: str, prompt: str, hires_prompt: str | None = None) -> dict[str, object]:
+        """The fields A1111 writes for it (StableDiffusionProcessingTxt2Img.init and get_sigmas).
+
+        `prompt` and `hires_prompt` as rendered (Prompt S/R applied); "Hires prompt" only where they differ.
+        """
         fields: dict[str, object] = {"Denoising strength": f"{self.denoise:g}"}
         if self.sampler and self.sampler != sampler:
             fields["Hires sampler"] = self.sampler
-        if self.prompt is not None and self.prompt != prompt:
-            fields["Hires prompt"] = self.prompt
+        if hires_prompt is not None and hires_prompt != prompt:
+            fields["Hires prompt"] = hires_prompt
         # With a hires sampler of its own, its schedule is written even when it is the first pass's: a text
         # without it means "Use same scheduler", which A1111's paste (and `gridrender import`) resolve from
         # the Automatic setting ("DPM++ 2M, Karras, Hires sampler: Euler" runs Euler with Uniform).

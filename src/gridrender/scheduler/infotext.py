@@ -68,9 +68,7 @@ def parameters(cell: Cell) -> str:
         pairs["RNG"] = cell.rng
     if cell.hires is not None:
         hires_prompt = None if cell.hires.prompt is None else search_replace(cell.hires.prompt, cell.prompt_sr)
-        fields = cell.hires.infotext(cell.sampler, cell.schedule, prompt)
-        if hires_prompt is not None and hires_prompt != prompt:
-            fields["Hires prompt"] = hires_prompt
+        fields = cell.hires.infotext(cell.sampler, cell.schedule, prompt, hires_prompt)
         if "Hires sampler" in fields:
             fields["Hires sampler"] = samplers.infotext_name(str(fields["Hires sampler"]), cell.hires.schedule or "")
         pairs.update(fields)

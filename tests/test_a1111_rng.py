@@ -473,6 +473,40 @@ def test_torch_cuda_randn_is_the_emulation_for_sd_latent_shapes():
 KEPT = [s.name for s in samplers.A1111]
 
 
+def get_align_your_steps_sigmas(n, is_sdxl):
+    """sd_schedulers.get_align_your_steps_sigmas (1.10): NVIDIA's 10-step tables, log-linear in between."""
+    def loglinear_interp(t_steps, num_steps):
+        xs = np.linspace(0, 1, len(t_steps))
+        ys = np.log(t_steps[::-1])
+        new_ys = np.interp(np.linspace(0, 1, num_steps), xs, ys)
+        return np.exp(new_ys)[::-1].copy()
+
+    if is_sdxl:
+        sigmas = [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029]
+    else:
+        sigmas = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]
+    if n != len(sigmas):
+        sigmas = np.append(loglinear_interp(sigmas, n), [0.0])
+    else:
+        sigmas.append(0.0)
+    return torch.FloatTensor(sigmas)
+
+
+def test_align_your_steps_takes_the_families_table():
+    from gridrender.workers.sigmas import ModelSigmas, sigmas_for
+
+    cumprod = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2, 0).float()
+    for xl in (False, True):
+        for n in (6, 10, 11, 20):
+            ours = sigmas_for("Align Your Steps", n, ModelSigmas(cumprod, xl=xl))
+            torch.testing.assert_close(ours, get_align_your_steps_sigmas(n, xl), rtol=0, atol=0)
+    # what the name renders changed on SDXL: its cells have new ids (Karras' stay)
+    from gridrender.scheduler.params import BY_NAME
+
+    assert BY_NAME["schedule"].identity("Karras") == "Karras"
+    assert BY_NAME["schedule"].identity("Align Your Steps") != "Align Your Steps"
+
+
 def test_the_table_is_a1111s_1_9_table():
     assert set(KEPT) == TABLE.keys()
     for name in KEPT:  # Automatic resolves to the sampler's own 'scheduler' option

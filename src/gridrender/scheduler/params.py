@@ -106,7 +106,7 @@ PARAMS: tuple[Param, ...] = (
           label=_loras_label, pack=lambda loras: [use.pack() for use in loras], unpack=_loras_unpack, default=()),
     Param("dtype", "dtype", "dtype", call=True),
     Param("sampler", "sampler", "sampler", call=True, identity=samplers.identity),
-    Param("schedule", "schedule", "schedule", call=True, default=samplers.AUTOMATIC),
+    Param("schedule", "schedule", "schedule", call=True, identity=samplers.schedule_identity, default=samplers.AUTOMATIC),
     Param("rng", "rng", "rng", call=True, default=samplers.DEFAULT_RNG),
     # A1111's eta_noise_seed_delta; 0 leaves no trace in the id (ids stay as they were without it)
     Param("eta_noise_seed_delta", "eta_noise_seed_delta", "eta_noise_seed_delta", call=True,

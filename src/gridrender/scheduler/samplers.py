@@ -206,6 +206,17 @@ def identity(name: str) -> dict:
     return {"name": name, "semantics": lookup(name).semantics}
 
 
+# Schedules whose meaning changed after cells were rendered with them: their ids carry a version.
+# Align Your Steps took SD 1.5's table on SDXL too; it now takes SDXL's there, as A1111 does.
+SCHEDULE_VERSIONS = {"Align Your Steps": "sd15-sdxl-tables"}
+
+
+def schedule_identity(label: str) -> str | dict[str, str]:
+    """A schedule's part of the cell id: its label, with a version where its meaning changed."""
+    version = SCHEDULE_VERSIONS.get(label)
+    return label if version is None else {"label": label, "version": version}
+
+
 def infotext_name(name: str, schedule_label: str) -> str:
     """"Sampler:" as both A1111 generations read it: the old combined name where one existed."""
     sampler = lookup(name)

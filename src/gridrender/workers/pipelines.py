@@ -97,7 +97,8 @@ class Loaded:
                   "rescale_betas_zero_snr": model.zero_terminal_snr}
         try:
             cumprod = alphas_cumprod(config)
-            sigmas = ModelSigmas(rescale_zero_terminal_snr(cumprod) if model.zero_terminal_snr else cumprod)
+            sigmas = ModelSigmas(rescale_zero_terminal_snr(cumprod) if model.zero_terminal_snr else cumprod,
+                                 xl=model.family == SDXL)
         except (KeyError, ValueError):
             sigmas = None
         upcast_vae(pipe.vae, xl=model.family == SDXL)

@@ -12,8 +12,10 @@ import math
 import numpy as np
 import torch
 
-# A1111's "Align Your Steps" noise levels for SD 1.5 (NVIDIA's published schedule).
+# A1111's "Align Your Steps" noise levels (NVIDIA's published 10-step schedules; sd_schedulers.py
+# get_align_your_steps_sigmas picks SDXL's when shared.sd_model.is_sdxl, else SD 1.5's).
 AYS_SD15 = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]
+AYS_SDXL = [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029]
 BETA_ALPHA = BETA_BETA = 0.6  # A1111's beta_dist_alpha / beta_dist_beta defaults
 
 
@@ -54,11 +56,12 @@ def _append_zero(x: torch.Tensor) -> torch.Tensor:
 
 
 class ModelSigmas:
-    """k-diffusion's DiscreteSchedule over the model's sigmas (CPU, float32)."""
+    """k-diffusion's DiscreteSchedule over the model's sigmas (CPU, float32); `xl`: an SDXL-family model."""
 
-    def __init__(self, cumprod: torch.Tensor):
+    def __init__(self, cumprod: torch.Tensor, xl: bool = False):
         self.sigmas = ((1 - cumprod) / cumprod) ** 0.5
         self.log_sigmas = self.sigmas.log()
+        self.xl = xl
 
     @property
     def sigma_min(self) -> float:
@@ -116,8 +119,8 @@ def kl_optimal(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
     return torch.tan(steps / n * alpha_min + (1.0 - steps / n) * alpha_max)
 
 
-def align_your_steps(n: int) -> torch.Tensor:
-    sigmas = list(AYS_SD15)
+def align_your_steps(n: int, xl: bool = False) -> torch.Tensor:
+    sigmas = list(AYS_SDXL if xl else AYS_SD15)
     if n != len(sigmas):
         xs, ys = np.linspace(0, 1, len(sigmas)), np.log(sigmas[::-1])
         interpolated = np.exp(np.interp(np.linspace(0, 1, n), xs, ys))[::-1].copy()
@@ -160,7 +163,7 @@ def sigmas_for(schedule: str, steps: int, model: ModelSigmas, discard_penultimat
         "Polyexponential": lambda: polyexponential(n, lo, hi),
         "SGM Uniform": lambda: sgm_uniform(n, model),
         "KL Optimal": lambda: kl_optimal(n, lo, hi),
-        "Align Your Steps": lambda: align_your_steps(n),
+        "Align Your Steps": lambda: align_your_steps(n, model.xl),
         "Simple": lambda: simple(n, model),
         "Normal": lambda: normal(n, model),
         "DDIM": lambda: ddim(n, model),

@@ -164,7 +164,8 @@ def sd1_case(kind: str, pipe: Any, seed: int) -> tuple[dict[str, build.Parts], C
             add(component, path, "dora", build.dora(tuple(base.shape), base, RANK, rng, ALPHA))
     elif kind == "full":
         for component, path in (targets[0], ("unet", CONV1[0]), targets[-1]):
-            add(component, path, "full", build.full(shape(component, path), rng))
+            module = roots(pipe)[component].get_submodule(path)
+            add(component, path, "full", build.full(shape(component, path), rng, bias=module.bias is not None))
     if kind not in ("peft", "peft_dora"):
         return layers, case, None
     names = {build.kohya_unet_sd1(p) if c == "unet" else build.kohya_te_sd1(p): (c, p) for c, p in case}
@@ -201,16 +202,21 @@ def test_each_layout_merges_the_formula_into_exactly_its_layers_and_unloads_bit_
     merge(loaded, (LoraUse(component, TE, UNET_M, "x"),))
     after = snapshot(pipe)
     for (component_name, name), value in after.items():
-        layer = name.removesuffix(".weight")
-        if name.endswith(".weight") and (component_name, layer) in case:
+        layer, _, tensor = name.rpartition(".")
+        base = before[(component_name, name)]
+        multiplier = TE if component_name == "text_encoder" else UNET_M
+        if tensor == "weight" and (component_name, layer) in case:
             layer_kind, parts = case[(component_name, layer)]
-            base = before[(component_name, name)]
-            multiplier = TE if component_name == "text_encoder" else UNET_M
             expected = base + multiplier * reference(layer_kind, parts, base)
             assert torch.allclose(value, expected, atol=2e-5, rtol=1e-4), (kind, layer)
             assert not torch.equal(value, base)
+        elif tensor == "bias" and "diff_b" in case.get((component_name, layer), ("", {}))[1]:
+            # network.py finalize_updown: ex_bias = diff_b times the multiplier (no scale), added to the bias
+            expected = base + multiplier * case[(component_name, layer)][1]["diff_b"]
+            assert torch.allclose(value, expected, atol=2e-5, rtol=1e-4), (kind, name)
+            assert not torch.equal(value, base)
         else:
-            assert torch.equal(value, before[(component_name, name)]), (kind, name)  # nothing else moves
+            assert torch.equal(value, base), (kind, name)  # nothing else moves
     merge(loaded, ())
     assert all(torch.equal(value, before[key]) for key, value in snapshot(pipe).items())
 
@@ -437,6 +443,38 @@ def test_an_sdxl_kohya_file_merges_as_a1111_merges_it(sdxl, tmp_path):
             assert torch.allclose(value, base + multiplier * reference(kind, parts, base), atol=2e-5, rtol=1e-4), layer
         else:  # bigG's layer 1 attention (q and v only) is left alone, as A1111 leaves it
             assert torch.equal(value, before[(component_name, name)]), (component_name, name)
+    use_loras(pipe, extras, ())
+    assert all(torch.equal(value, before[key]) for key, value in snapshot(pipe).items())
+
+
+def test_full_diffs_change_biases_as_a1111_and_a_fused_bigg_attention_only_its_out_bias(sdxl, tmp_path):
+    """networks.py network_apply_weights: a layer's bias += multiplier · diff_b; through bigG's fused
+    MultiheadAttention `updown_q, _ = module_q.calc_updown(qw)` drops q, k and v's ex_bias, out's is added."""
+    from gridrender.workers.components import Extras, use_loras
+
+    folder, pipe = sdxl
+    rng = torch.Generator().manual_seed(4)
+    attention = [f"encoder.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    layers = {"lora_te2_text_model_" + p.replace(".", "_"): build.full(tuple(weight(pipe, "text_encoder_2", p).shape),
+                                                                      rng) for p in attention}
+    proj_in = "down_blocks.1.attentions.0.proj_in"
+    layers["lora_unet_input_blocks_4_1_proj_in"] = build.full(tuple(weight(pipe, "unet", proj_in).shape), rng)
+    path = build.write(tmp_path / "full.safetensors", layers)
+    component = resolve_lora(str(path), resolve(str(folder)), Settings())
+    before = snapshot(pipe)
+    extras = Extras()
+    use_loras(pipe, extras, (LoraUse(component, 0.6, 1.4, "full"),))
+    after = snapshot(pipe)
+    diffs = {("text_encoder_2", p): layers["lora_te2_text_model_" + p.replace(".", "_")] for p in attention}
+    diffs[("unet", proj_in)] = layers["lora_unet_input_blocks_4_1_proj_in"]
+    for (component_name, layer), parts in diffs.items():
+        m = 1.4 if component_name == "unet" else 0.6
+        w, b = (component_name, layer + ".weight"), (component_name, layer + ".bias")
+        assert torch.allclose(after[w], before[w] + m * parts["diff"], atol=1e-6), layer
+        if layer.endswith(("q_proj", "k_proj", "v_proj")):
+            assert torch.equal(after[b], before[b]), layer  # A1111 drops their ex_bias
+        else:
+            assert torch.allclose(after[b], before[b] + m * parts["diff_b"], atol=1e-6), layer
     use_loras(pipe, extras, ())
     assert all(torch.equal(value, before[key]) for key, value in snapshot(pipe).items())
 

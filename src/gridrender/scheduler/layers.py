@@ -38,6 +38,7 @@ class Layer:
     # forward never calls out_proj's), named here; q, k and v have no A1111 name of their own.
     attention: str | None = None
     listed: bool = True  # A1111 has a module of this name (its network_layer_mapping)
+    bias: bool = True  # the module has a bias (a full-weight diff's `diff_b` changes it)
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,13 @@ def layer_table(unet: Mapping[str, Any], text_encoders: Sequence[Mapping[str, An
     return LayerTable.of(layers, family)
 
 
+# The UNet's attention projections q, k and v have no bias (diffusers' Attention, LDM's CrossAttention).
+_BIASLESS = (".to_q", ".to_k", ".to_v")
+
+
 def _named(component: str, prefix: str, path: str, original: str, shape: tuple[int, ...], kind: Kind) -> Layer:
-    return Layer(f"{prefix}_{original.replace('.', '_')}", component, path, shape, kind, original)
+    bias = not (component == UNET and path.endswith(_BIASLESS))
+    return Layer(f"{prefix}_{original.replace('.', '_')}", component, path, shape, kind, original, bias=bias)
 
 
 # -- UNet ---------------------------------------------------------------------------------

@@ -61,6 +61,19 @@ class Module:
         """Whether A1111 scales it by the text-encoder multiplier ('transformer' in sd_key[:20])."""
         return self.layer.component != UNET
 
+    @property
+    def changes_bias(self) -> bool:
+        """Whether A1111 adds the module's bias difference to the layer's bias.
+
+        network_full.py passes `diff_b` on as ex_bias, which network_apply_weights adds
+        (times the multiplier, without the scale) to the layer's bias. Through a fused
+        OpenCLIP attention only the out projection's counts: its q, k and v
+        calc_updown results are taken as `updown_q, _ = ...`, their ex_bias dropped.
+        """
+        if self.type != "full" or "diff_b" not in self.parts:
+            return False
+        return self.layer.attention is None or self.layer.path.endswith(".out_proj")
+
 
 @dataclass(frozen=True)
 class LoraFit:
@@ -328,6 +341,11 @@ def _misfit(kind: str, shape: Mapping[str, list[int]], layer: Layer) -> str | No
         norm = [1, layer.shape[1], *[1] * (len(layer.shape) - 2)]
         if _broadcast(list(layer.shape), shape["dora_scale"], norm) != list(layer.shape):
             return f"its dora_scale {shape['dora_scale']} does not fit the layer {list(layer.shape)}"
+    if "diff_b" in shape:
+        if not layer.bias:  # LyCORIS writes diff_b only for layers with a bias
+            return "its diff_b would give the layer a bias it does not have"
+        if math.prod(shape["diff_b"]) != layer.shape[0]:
+            return f"its diff_b {shape['diff_b']} does not fit the layer's bias [{layer.shape[0]}]"
     if "magnitude" in shape and math.prod(shape["magnitude"]) != layer.shape[0]:
         return f"its lora_magnitude_vector {shape['magnitude']} does not fit the layer {list(layer.shape)}"
     return None

@@ -163,7 +163,8 @@ def sd1_case(kind: str, pipe: Any, seed: int) -> tuple[dict[str, build.Parts], C
             base = weight(pipe, component, path).detach()
             add(component, path, "dora", build.dora(tuple(base.shape), base, RANK, rng, ALPHA))
     elif kind == "full":
-        for component, path in (targets[0], ("unet", CONV1[0]), targets[-1]):
+        norms = (("unet", "down_blocks.1.resnets.0.norm1"), ("text_encoder", "encoder.layers.2.layer_norm2"))
+        for component, path in (targets[0], ("unet", CONV1[0]), targets[-1], *norms):  # A1111 patches norms too
             module = roots(pipe)[component].get_submodule(path)
             add(component, path, "full", build.full(shape(component, path), rng, bias=module.bias is not None))
     if kind not in ("peft", "peft_dora"):

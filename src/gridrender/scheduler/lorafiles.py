@@ -146,6 +146,9 @@ def fit_lora(shapes: Mapping[str, list[int]], metadata: Mapping[str, str], table
             unsupported[key] = UNSUPPORTED.get(kind or "", "unknown (keys " + ", ".join(sorted(parts)) + ")")
             continue
         layer = layers[key]
+        if layer.kind == "norm" and kind != "full":  # LyCORIS's norm modules, or low-rank ones A1111 cannot build
+            unsupported[key] = UNSUPPORTED["norm"]
+            continue
         shape = {part: shapes[tensor] for part, tensor in parts.items()}
         problem = _misfit(kind, shape, layer)
         if problem:
@@ -338,6 +341,8 @@ def _misfit(kind: str, shape: Mapping[str, list[int]], layer: Layer) -> str | No
     if math.prod(out) != math.prod(layer.shape):
         return f"its update has shape {out}, the model's layer {list(layer.shape)}"
     if "dora_scale" in shape:
+        if len(layer.shape) < 2:
+            return "DoRA's column norms need a 2-D or 4-D weight"
         norm = [1, layer.shape[1], *[1] * (len(layer.shape) - 2)]
         if _broadcast(list(layer.shape), shape["dora_scale"], norm) != list(layer.shape):
             return f"its dora_scale {shape['dora_scale']} does not fit the layer {list(layer.shape)}"

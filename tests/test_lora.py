@@ -337,6 +337,22 @@ def test_two_tags_are_two_loras_in_prompt_order():
     assert isinstance(lora_tags("<lora:b:1>")[0], LoraTag)
 
 
+@pytest.mark.parametrize("prompt, listed", [("<lora:twice:0.5> a cow <lora:twice:1>", False),
+                                             ("a cow <lora:twice:0.5>", True)])
+def test_a_lora_named_twice_is_refused_at_validate(prompt, listed, loaded, job_file, tmp_path):
+    """networks.py load_networks reuses the one Network of a name and sets its multipliers again for each
+    mention: A1111 applies `<lora:x:0.5> <lora:x:1>` as x twice at 1, not as written."""
+    from gridrender.scheduler.errors import JobError
+    from gridrender.scheduler.plan import prepare
+
+    layers, _, _ = sd1_case("lora", loaded.pipe, 1)
+    path = build.write(tmp_path / "loras" / "twice.safetensors", layers)
+    job = job_file(prompts=[prompt], loras=[{"path": str(path), "weight": 0.8}] if listed else [])
+    with pytest.raises(JobError, match="'twice' is (named twice|also in `loras:`)"):
+        prepare(job, cuda=False, settings=Settings(lora_dir=str(path.parent)))
+    prepare(job_file(prompts=["<lora:twice:0.5> a cow"]), cuda=False, settings=Settings(lora_dir=str(path.parent)))
+
+
 def test_lora_hash_is_a1111s_hash_of_the_tensor_data_or_kohyas_metadata(loaded, tiny, tmp_path):
     path, _ = write_case("lora", loaded.pipe, tmp_path)
     data = path.read_bytes()

@@ -242,6 +242,26 @@ def test_several_loras_sum_and_switching_sets_never_drifts(loaded, tiny, tmp_pat
     assert all(torch.equal(value, before[key]) for key, value in snapshot(pipe).items())
 
 
+def test_a_sweep_over_many_loras_keeps_few_in_memory_and_reads_one_again(loaded, tiny, tmp_path, monkeypatch):
+    from gridrender.workers import components
+
+    monkeypatch.setattr(components, "KEEP_LORAS", 2)
+    pipe = loaded.pipe
+    merge(loaded, ())
+    before = snapshot(pipe)
+    files = [write_case("lora", pipe, tmp_path / str(i), seed=20 + i) for i in range(4)]
+    uses = [LoraUse(resolve_lora(str(path), tiny, Settings()), 1.0, 1.0, f"l{i}") for i, (path, _) in enumerate(files)]
+    for use in uses:
+        merge(loaded, (use,))
+    assert len(loaded.extras.loras) == 2 and uses[0].lora.identity_key() not in loaded.extras.loras
+    merge(loaded, (uses[0],))  # read from its file again
+    for (component, layer), (kind, parts) in files[0][1].items():
+        base = before[(component, layer + ".weight")]
+        assert torch.allclose(weight(pipe, component, layer), base + reference(kind, parts, base), atol=2e-5), layer
+    merge(loaded, ())
+    assert all(torch.equal(value, before[key]) for key, value in snapshot(pipe).items())
+
+
 # -- images ----------------------------------------------------------------------------------
 
 CELL = dict(prompt="a cow standing in a field", negative_prompt="lowres", clip_skip=1, seed=3, sampler="Euler a",

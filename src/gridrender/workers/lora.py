@@ -35,7 +35,7 @@ Tensors = Mapping[str, torch.Tensor]
 
 @dataclass
 class Network:
-    """A LoRA file read for one model: each matched module with its tensors (float32, CPU)."""
+    """A LoRA file read for one model: each matched module with its tensors (as stored, on the CPU)."""
 
     modules: list[tuple[Module, dict[str, torch.Tensor]]]
     fit: LoraFit
@@ -53,7 +53,7 @@ def load(path: Path, table: LayerTable) -> Network:
     modules = []
     with safe_open(str(path), framework="pt") as f:
         for module in fit.modules:
-            modules.append((module, {part: f.get_tensor(name).float() for part, name in module.parts.items()}))
+            modules.append((module, {part: f.get_tensor(name) for part, name in module.parts.items()}))
     return Network(modules, fit)
 
 
@@ -61,7 +61,7 @@ def updown(module: Module, tensors: Tensors, orig: torch.Tensor) -> torch.Tensor
     """The change one module makes to a layer whose weight is `orig`, before the multiplier (float32)."""
     orig = orig.float()
     device = orig.device
-    t = {part: value.to(device) for part, value in tensors.items()}
+    t = {part: value.to(device=device, dtype=torch.float32) for part, value in tensors.items()}
     if module.type == "lora":
         delta, shape = _lora(t, orig)
     elif module.type == "hada":

@@ -262,6 +262,31 @@ def test_a_sweep_over_many_loras_keeps_few_in_memory_and_reads_one_again(loaded,
     assert all(torch.equal(value, before[key]) for key, value in snapshot(pipe).items())
 
 
+def test_a_merge_that_fails_midway_leaves_the_base_weights_not_half_a_set(loaded, tiny, tmp_path):
+    """A layer whose tensors do not multiply fails the chunk; the next chunk must find the base, not a part."""
+    from gridrender.scheduler.components import Component
+    from gridrender.workers import lora
+    from gridrender.workers.components import use_loras
+
+    pipe = loaded.pipe
+    merge(loaded, ())
+    before = snapshot(pipe)
+    good, _ = write_case("lora", pipe, tmp_path / "good", seed=2)
+    merge(loaded, (LoraUse(resolve_lora(str(good), tiny, Settings()), 1.0, 1.0, "good"),))
+    network = loaded.extras.loras[resolve_lora(str(good), tiny, Settings()).identity_key()]
+    (module, tensors), *rest = network.modules
+    broken = {**tensors, "lora_up.weight": tensors["lora_up.weight"][:, :-1]}  # rank 3 up, rank 4 down
+    bad = lora.Network([*rest, (module, broken)], network.fit)
+    loaded.extras.loras["broken"] = bad
+    component = Component("lora", "broken", "broken", str(good), "broken")
+    with pytest.raises(RuntimeError):
+        use_loras(pipe, loaded.extras, (LoraUse(component, 0.7, 0.7, "broken"),))
+    assert all(torch.equal(value, before[key]) for key, value in snapshot(pipe).items())
+    del loaded.extras.loras["broken"]
+    merge(loaded, ())  # the base is what the worker believes it holds
+    assert all(torch.equal(value, before[key]) for key, value in snapshot(pipe).items())
+
+
 # -- images ----------------------------------------------------------------------------------
 
 CELL = dict(prompt="a cow standing in a field", negative_prompt="lowres", clip_skip=1, seed=3, sampler="Euler a",

@@ -104,6 +104,7 @@ def use_loras(pipe: Any, extras: Extras, loras: tuple[LoraUse, ...]) -> None:
     while len(extras.loras) > max(len(loras), KEEP_LORAS):  # a sweep over many LoRAs keeps a few in memory
         extras.loras.pop(next(iter(extras.loras)))
     networks = [(extras.loras[use.lora.identity_key()], use.te, use.unet) for use in loras]
+    extras.active = ()  # what a failed merge leaves: the base weights (Merged.apply restores them)
     written = extras.merged.apply(lora_roots(pipe), networks)
     extras.active = key
     seconds = time.perf_counter() - start

@@ -205,24 +205,37 @@ class Merged:
                 if module.changes_bias:
                     wanted.setdefault((component, path, "bias"), []).append((module, tensors, multiplier))
         written = 0
-        with torch.no_grad():
-            for where in self.changed - wanted.keys():
-                self._tensor(roots, where).copy_(self.backups[where])
-                written += 1
-            for where, items in wanted.items():
-                tensor = self._tensor(roots, where)
-                if where not in self.backups:  # the first change to this tensor: keep its base
-                    self.backups[where] = tensor.detach().clone()
-                merged = self.backups[where].float()
-                for module, tensors, multiplier in items:
-                    if where[2] == "weight":
-                        merged = merged + multiplier * updown(module, tensors, merged)
-                    else:
-                        merged = merged + multiplier * tensors["diff_b"].to(merged).reshape(merged.shape)
-                tensor.copy_(merged.to(tensor.dtype))
-                written += 1
+        touched: set[Where] = set()
+        try:
+            with torch.no_grad():
+                for where in self.changed - wanted.keys():
+                    self._tensor(roots, where).copy_(self.backups[where])
+                    written += 1
+                for where, items in wanted.items():
+                    tensor = self._tensor(roots, where)
+                    if where not in self.backups:  # the first change to this tensor: keep its base
+                        self.backups[where] = tensor.detach().clone()
+                    merged = self.backups[where].float()
+                    for module, tensors, multiplier in items:
+                        if where[2] == "weight":
+                            merged = merged + multiplier * updown(module, tensors, merged)
+                        else:
+                            merged = merged + multiplier * tensors["diff_b"].to(merged).reshape(merged.shape)
+                    touched.add(where)
+                    tensor.copy_(merged.to(tensor.dtype))
+                    written += 1
+        except BaseException:
+            self.restore(roots, touched)  # never a half-merged set left for the next chunk
+            raise
         self.changed = set(wanted)
         return written
+
+    def restore(self, roots: Mapping[str, torch.nn.Module], also: set[Where] | None = None) -> None:
+        """Put every tensor this set (and `also`) changed back to its base, bit for bit."""
+        with torch.no_grad():
+            for where in self.changed | (also or set()):
+                self._tensor(roots, where).copy_(self.backups[where])
+        self.changed = set()
 
     @staticmethod
     def _tensor(roots: Mapping[str, torch.nn.Module], where: Where) -> torch.Tensor:

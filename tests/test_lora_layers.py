@@ -172,3 +172,19 @@ def test_a_bias_diff_for_a_layer_without_bias_is_skipped_with_a_note(sd1):
     to_q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     fit = fit_lora({f"{to_q}.diff": [32, 32], f"{to_q}.diff_b": [32]}, {}, table)
     assert not fit.modules and "bias it does not have" in fit.skipped[0]
+
+
+@pytest.mark.parametrize("parts", [
+    {"hada_w1_a": [32, 4], "hada_w1_b": [3, 32], "hada_w2_a": [32, 4], "hada_w2_b": [4, 32]},
+    {"hada_w1_a": [4, 32], "hada_w1_b": [4, 32], "hada_t1": [4, 3, 1, 1],
+     "hada_w2_a": [32, 4], "hada_w2_b": [4, 32]},
+    {"lokr_w1_a": [4, 2], "lokr_w1_b": [3, 4], "lokr_w2": [8, 8]},
+    {"lokr_w1": [4, 4], "lokr_t2": [2, 2, 1, 1], "lokr_w2_a": [3, 8], "lokr_w2_b": [2, 8]},
+    {"lora_down.weight": [4, 32, 1, 1], "lora_mid.weight": [4, 3, 1, 1], "lora_up.weight": [32, 4, 1, 1]},
+])
+def test_factors_that_do_not_multiply_skip_the_layer_as_a1111s_runtime_error_does(parts, sd1):
+    """network_apply_weights catches the RuntimeError of calc_updown and skips the layer: validate says so."""
+    _, _, table = sd1
+    key = "lora_unet_down_blocks_0_attentions_0_proj_in"  # a 32x32 1x1 conv
+    fit = fit_lora({f"{key}.{part}": shape for part, shape in parts.items()}, {}, table)
+    assert not fit.modules and len(fit.skipped) == 1 and "diffusion_model_input_blocks_1_1_proj_in" in fit.skipped[0]

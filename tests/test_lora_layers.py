@@ -188,3 +188,16 @@ def test_factors_that_do_not_multiply_skip_the_layer_as_a1111s_runtime_error_doe
     key = "lora_unet_down_blocks_0_attentions_0_proj_in"  # a 32x32 1x1 conv
     fit = fit_lora({f"{key}.{part}": shape for part, shape in parts.items()}, {}, table)
     assert not fit.modules and len(fit.skipped) == 1 and "diffusion_model_input_blocks_1_1_proj_in" in fit.skipped[0]
+
+
+def test_peft_alpha_patterns_match_module_names_as_peft_does(sd1):
+    """peft.utils.other.get_pattern_key: re.match(rf"(.*\\.)?({key})$", module name); else lora_alpha."""
+    import json
+
+    _, _, table = sd1
+    block = "down_blocks.0.attentions.0.transformer_blocks.0"
+    shapes = {f"unet.{block}.attn1.{p}.{ab}": shape for p in ("to_q", "to_k", "to_v")
+              for ab, shape in (("lora_A.weight", [4, 32]), ("lora_B.weight", [32, 4]))}
+    config = {"unet.lora_alpha": 2, "unet.r": 4, "unet.alpha_pattern": {"attn1.to_q|attn1.to_k": 8}}
+    fit = fit_lora(shapes, {"lora_adapter_metadata": json.dumps(config)}, table)
+    assert {m.layer.path.rsplit(".", 1)[1]: m.alpha for m in fit.modules} == {"to_q": 8.0, "to_k": 8.0, "to_v": 2.0}

@@ -446,7 +446,7 @@ def _alpha_for(alphas: Mapping[str, tuple[float, dict[str, float]]], key: str) -
         return None
     alpha, pattern = alphas[component]
     for suffix, value in pattern.items():  # PEFT matches alpha_pattern keys as module-name suffixes
-        if re.fullmatch(rf"(.*\.)?{suffix}", path):
+        if re.fullmatch(rf"(.*\.)?({suffix})", path):  # peft.utils.other.get_pattern_key
             return value
     return alpha
 

@@ -242,6 +242,28 @@ def test_several_loras_sum_and_switching_sets_never_drifts(loaded, tiny, tmp_pat
     assert all(torch.equal(value, before[key]) for key, value in snapshot(pipe).items())
 
 
+def test_two_doras_apply_one_after_the_other_each_on_the_weight_the_other_left(loaded, tiny, tmp_path):
+    """networks.py network_apply_weights: for net in loaded_networks: updown = calc_updown(self.weight) on the
+    weight as the previous network left it, so DoRA's renormalisation depends on the order."""
+    pipe = loaded.pipe
+    merge(loaded, ())
+    before = snapshot(pipe)
+    (first, case1), (second, case2) = (write_case("dora", pipe, tmp_path / n, seed=s) for n, s in (("a", 7), ("b", 8)))
+    uses = [LoraUse(resolve_lora(str(p), tiny, Settings()), 0.9, 0.6, n) for p, n in ((first, "a"), (second, "b"))]
+    for order in (uses, uses[::-1]):
+        merge(loaded, tuple(order))
+        cases = (case1, case2) if order[0] is uses[0] else (case2, case1)
+        for key in case1:
+            m = 0.9 if key[0] == "text_encoder" else 0.6
+            expected = before[(key[0], key[1] + ".weight")]
+            for case in cases:
+                kind, parts = case[key]
+                expected = expected + m * reference(kind, parts, expected)
+            assert torch.allclose(weight(pipe, *key), expected, atol=2e-5, rtol=1e-4), key
+    merge(loaded, ())
+    assert all(torch.equal(value, before[k]) for k, value in snapshot(pipe).items())
+
+
 def test_a_sweep_over_many_loras_keeps_few_in_memory_and_reads_one_again(loaded, tiny, tmp_path, monkeypatch):
     from gridrender.workers import components
 

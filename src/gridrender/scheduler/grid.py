@@ -1,6 +1,7 @@
 """Cells: one image each, named by its content, expanded from the job's axes as a stream."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -49,6 +50,11 @@ class Cell:
     def params(self) -> dict:
         """The cell's parameters under the job file's own key names."""
         return public_params(self.values)
+
+    def rendered(self) -> dict[str, str]:
+        """The texts as rendered (Prompt S/R and templates applied, `<lora:>` tags removed), beside `params`'
+        prompts as written: what records, manifests and dataset captions carry."""
+        return {"rendered_prompt": self.text, "rendered_negative_prompt": self.negative_text}
 
     @property
     def text(self) -> str:
@@ -132,6 +138,8 @@ def make_cell(model: Any, **params: Any) -> Cell:
     missing = set(NAMES) - params.keys()
     if missing:
         raise TypeError(f"missing cell parameters: {', '.join(sorted(missing))}")
+    if params["hires"] is not None:
+        params["hires"] = params["hires"].resolved(params["sampler"], params["schedule"])
     params["sampler"], params["schedule"] = samplers.canonical(params["sampler"], params["schedule"])
     return Cell(tuple(params[name] for name in NAMES))
 
@@ -154,15 +162,22 @@ def expand(values: Mapping[str, Sequence], derive: Callable[[list], None] | None
         listed = values[param.axis] if len(members) > 1 else [(v,) for v in values[param.name]]
         dimensions.append((members, listed))
     slots: list[Any] = [None] * len(PARAMS)
-    sampler_at, schedule_at = INDEX["sampler"], INDEX["schedule"]
+    sampler_at, schedule_at, hires_at = INDEX["sampler"], INDEX["schedule"], INDEX["hires"]
     for combo in itertools.product(*(listed for _, listed in dimensions)):
         for (members, _), value in zip(dimensions, combo):
             for index, part in zip(members, value):
                 slots[index] = part
+        if slots[hires_at] is not None:  # the hires sampler and schedule as A1111 resolves them
+            slots[hires_at] = _resolved_hires(slots[hires_at], slots[sampler_at], slots[schedule_at])
         slots[sampler_at], slots[schedule_at] = samplers.canonical(slots[sampler_at], slots[schedule_at])
         if derive is not None:
             derive(slots)
         yield Cell(tuple(slots))
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolved_hires(hires: Any, sampler: str, schedule: str) -> Any:
+    return hires.resolved(sampler, schedule)
 
 
 def chunked(cells: Iterable[Cell], size: int) -> Iterator[list[Cell]]:

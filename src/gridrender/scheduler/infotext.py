@@ -1,7 +1,10 @@
 """A1111's "parameters" PNG text: what its PNG-info tab and civitai read back.
 
 Written so that A1111 before and after 1.9 read the same sampler: the old combined
-name where the schedule is not Uniform ("DPM++ 2M Karras"), and "Schedule type".
+name where A1111 had one ("DPM++ 2M Karras"; never one it did not, like "Euler a
+Karras"), and "Schedule type", the schedule used. "RNG" unless GPU and "ENSD" unless
+0, as A1111 writes them (it writes ENSD only for samplers that use it; gridrender
+writes any nonzero value, so that an imported PNG names the same cell).
 Components as A1111 and civitai name them: `<lora:NAME:WEIGHT>` in the prompt,
 "Lora hashes" (A1111's hash of each LoRA's tensor data), "VAE"/"VAE hash", "TI hashes".
 """
@@ -56,7 +59,21 @@ def parameters(cell: Cell) -> str:
     if cell.vae is not None:
         pairs["VAE hash"] = cell.vae.short_hash()
         pairs["VAE"] = cell.vae.name
+    if cell.init_image is not None:
+        pairs["Denoising strength"] = f"{cell.denoise:g}"
     pairs["Clip skip"] = cell.clip_skip
+    if cell.eta_noise_seed_delta:
+        pairs["ENSD"] = cell.eta_noise_seed_delta
+    if cell.rng != samplers.DEFAULT_RNG:
+        pairs["RNG"] = cell.rng
+    if cell.hires is not None:
+        hires_prompt = None if cell.hires.prompt is None else search_replace(cell.hires.prompt, cell.prompt_sr)
+        fields = cell.hires.infotext(cell.sampler, cell.schedule, prompt)
+        if hires_prompt is not None and hires_prompt != prompt:
+            fields["Hires prompt"] = hires_prompt
+        if "Hires sampler" in fields:
+            fields["Hires sampler"] = samplers.infotext_name(str(fields["Hires sampler"]), cell.hires.schedule or "")
+        pairs.update(fields)
     if cell.model.zero_terminal_snr:  # A1111's setting: written so that A1111 renders it so again
         pairs["Noise Schedule"] = "Zero Terminal SNR"
     if cell.loras:  # extra_networks_lora.py: mentioned name without ":" and ",", A1111's 12-digit hash, once each

@@ -18,6 +18,7 @@ from typing import Any
 from . import samplers
 from .components import Component, LoraUse
 from .families import SDXL
+from .hires import Hires, InitImage
 from .models import ModelSpec
 from .prompts import is_empty_prompt
 
@@ -85,6 +86,13 @@ def _loras_unpack(data: list[list[Any]]) -> tuple[LoraUse, ...]:
     return tuple(LoraUse.unpack(item) for item in data)
 
 
+def _hires_label(public: dict[str, Any] | None) -> str:
+    if not public:
+        return "no hires"
+    keys = {k: v for k, v in public.items() if k not in ("model",)}
+    return Hires(**keys).label()
+
+
 def _components_unpack(data: list) -> tuple:
     return tuple(Component.from_dict(c) for c in data)
 
@@ -100,10 +108,16 @@ PARAMS: tuple[Param, ...] = (
     Param("dtype", "dtype", "dtype", call=True),
     Param("sampler", "sampler", "sampler", call=True, identity=samplers.identity),
     Param("schedule", "schedule", "schedule", call=True, default=samplers.AUTOMATIC),
+    Param("rng", "rng", "rng", call=True, default=samplers.DEFAULT_RNG),
+    # A1111's eta_noise_seed_delta; 0 leaves no trace in the id (ids stay as they were without it)
+    Param("eta_noise_seed_delta", "eta_noise_seed_delta", "eta_noise_seed_delta", call=True,
+          identity=lambda d: d or None, default=0),
     Param("steps", "steps", "steps", call=True),
     Param("guidance", "guidance", "guidance", call=True, label=lambda g: f"{g:g}"),
     Param("width", "size", "size", call=True),
     Param("height", "size", "size", call=True),
+    # img2img's denoising strength (None without init images): it sets the pass's sigmas
+    Param("denoise", "denoise", "denoise", call=True, label=lambda d: "-" if d is None else f"{d:g}", default=None),
     Param("prompt", "prompts", "prompt", call=False, text=True),
     Param("negative_prompt", "negative_prompt", "negative_prompt", call=False, text=True),
     # (search, replacement) of A1111's Prompt S/R; the id holds the replaced texts instead
@@ -117,6 +131,16 @@ PARAMS: tuple[Param, ...] = (
           identity=lambda es: sorted(c.identity()["sha256"] for c in es) or None,
           public=lambda es: [c.name for c in es], label=lambda names: ", ".join(names) or "none",
           pack=lambda es: [c.to_dict() for c in es], unpack=_components_unpack, default=()),
+    # img2img's init image: its sha256 is part of the id
+    Param("init_image", "init_images", "init_image", call=False, identity=lambda i: i.identity() if i else None,
+          public=lambda i: i.source if i else None, label=lambda s: PurePosixPath(s).name if s else "-",
+          pack=lambda i: i.to_dict() if i else None, unpack=lambda d: InitImage.from_dict(d) if d else None,
+          default=None),
+    # the hires fix, innermost: cells that differ only in it follow each other and share one first pass
+    Param("hires", "hires", "hires", call=False, identity=lambda h: h.identity() if h else None,
+          public=lambda h: h.public() if h else None, label=_hires_label,
+          pack=lambda h: h.to_dict() if h else None, unpack=lambda d: Hires.from_dict(d) if d else None,
+          default=None),
 )
 
 NAMES: tuple[str, ...] = tuple(p.name for p in PARAMS)
@@ -182,7 +206,8 @@ def negative_identity(model: ModelSpec, text: str, raw: str, sr: tuple[str, str]
     return text
 
 
-_OPTIONAL = ("vae", "loras", "prompt_sr", "embeddings")  # components a job may not use at all
+# components and settings a job may not use at all
+_OPTIONAL = ("vae", "loras", "prompt_sr", "embeddings", "eta_noise_seed_delta", "denoise", "init_image", "hires")
 
 
 def public_params(values: tuple) -> dict:

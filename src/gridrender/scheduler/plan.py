@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from . import families, grid, models, samplers
-from .components import Component, LoraUse, resolve_embeddings, resolve_lora, resolve_vae
+from . import families, grid, hires, models, samplers
+from .components import Component, LoraUse, resolve_embeddings, resolve_init_image, resolve_lora, resolve_upscaler, resolve_vae
 from .errors import JobError, ModelError, Problem
 from .grid import Cell
+from .hires import InitImage
 from .job import Job, SheetLayout
 from .jobfile import load_job
 from .models import ModelSpec
@@ -51,13 +52,16 @@ class Components:
     vaes: dict[str | None, Component | None] = field(default_factory=lambda: {None: None})
     loras: dict[str, Component] = field(default_factory=dict)  # `loras:` paths and <lora:NAME:W> names
     embeddings: dict[str, Component] = field(default_factory=dict)  # trigger word -> embedding
+    upscalers: dict[str, Component] = field(default_factory=dict)  # hires upscaler model files
+    init_images: dict[str, InitImage] = field(default_factory=dict)  # img2img: source -> image
 
     def to_dict(self) -> dict:
         def components(d: dict) -> list:
             return [[k, v.to_dict() if v else None] for k, v in d.items()]
 
         return {"models": [[k, m.to_dict()] for k, m in self.models.items()], "vaes": components(self.vaes),
-                "loras": components(self.loras), "embeddings": components(self.embeddings)}
+                "loras": components(self.loras), "embeddings": components(self.embeddings),
+                "upscalers": components(self.upscalers), "init_images": components(self.init_images)}
 
     @classmethod
     def from_dict(cls, data: dict) -> Components:
@@ -65,13 +69,16 @@ class Components:
             return {k: Component.from_dict(v) if v else None for k, v in pairs}
 
         return cls({k: ModelSpec.from_dict(m) for k, m in data["models"]}, components(data["vaes"]),
-                   components(data["loras"]), components(data["embeddings"]))
+                   components(data["loras"]), components(data["embeddings"]), components(data.get("upscalers", [])),
+                   {k: InitImage.from_dict(v) for k, v in data.get("init_images", [])})
 
     def identity(self) -> dict:
         return {"models": {k: m.identity() for k, m in self.models.items()},
                 "vaes": {str(k): v.identity() if v else None for k, v in self.vaes.items()},
                 "loras": {k: v.identity() for k, v in self.loras.items()},
-                "embeddings": {k: v.identity() for k, v in self.embeddings.items()}}
+                "embeddings": {k: v.identity() for k, v in self.embeddings.items()},
+                "upscalers": {k: v.identity() for k, v in self.upscalers.items()},
+                "init_images": {k: v.identity() for k, v in self.init_images.items()}}
 
 
 @dataclass
@@ -104,6 +111,8 @@ class Plan:
             "vae": [c.vaes[v] for v in self.job.vae],
             "loras": [tuple(LoraUse(c.loras[path], w, w, c.loras[path].name) for path, w in combo)
                       for combo in self.job.values_of("loras")],
+            "init_image": [c.init_images[s] if s else None for s in self.job.values_of("init_images")],
+            "hires": self.job.hires.values(c.upscalers) if self.job.hires else [None],
         }
         return grid.expand(values, Derivation(c).derive)
 
@@ -239,7 +248,7 @@ def prepare(job: Job | str | Path, cuda: bool | None = None, settings: Settings 
     job = job.with_output(output)
     notes: list[Problem] = []
     components = resolve_components(job, settings, notes)
-    errors, warnings = [], notes
+    errors, warnings = check_passes(job), notes
     for model in components.models.values():
         more_errors, more_warnings = check_against_model(job, model)
         errors += more_errors
@@ -305,9 +314,17 @@ def resolve_components(job: Job, settings: Settings, notes: list[Problem] | None
     if any(_has_lora_tag(n) for n in job.negative_prompt):
         problems.append(job.problem("negative_prompt", "<lora:…> tags go in the prompt, not the negative prompt"))
     embeddings = attempt("embeddings", resolve_embeddings, job.embeddings, first, settings) if job.embeddings else {}
+    upscalers = {}
+    for i, name in enumerate(job.hires.upscaler if job.hires else []):
+        if hires.is_model_file(name):
+            upscalers[name] = attempt(f"hires.upscaler.{i}", resolve_upscaler, name, settings)
+    init_images = {}
+    for i, source in enumerate(job.init_images or []):
+        init_images[source] = attempt(f"init_images.{i}", resolve_init_image, source)
     if problems:
         raise job.error(list(dict.fromkeys(problems)))
-    return Components(resolved_models, vaes, {k: v for k, v in loras.items() if v is not None}, embeddings or {})
+    return Components(resolved_models, vaes, {k: v for k, v in loras.items() if v is not None}, embeddings or {},
+                      upscalers, init_images)
 
 
 def _named_twice(tags: list[LoraTag], listed: set[str]) -> str | None:
@@ -384,3 +401,19 @@ def check_against_model(job: Job, model: ModelSpec) -> tuple[list[Problem], list
                                     "penultimate layer of both text encoders, as SDXL was trained; its images "
                                     "are rendered once and shown under both"))
     return errors, warnings
+
+
+def check_passes(job: Job) -> list[Problem]:
+    """Hires fix and img2img run A1111's samplers, on sizes the VAE can encode and decode."""
+    if job.hires is None and job.init_images is None:
+        return []
+    key = "hires" if job.hires is not None else "init_images"
+    problems = [job.problem("sampler", f"{name!r} is a diffusers class; {key} runs A1111's samplers (A1111 names)")
+                for name in job.sampler if samplers.split_name(name)[0].family != "a1111"]
+    for setting in job.hires.values() if job.hires else []:
+        for width, height in job.sizes:
+            target = setting.target(width, height)
+            if target.width % 8 or target.height % 8 or min(target.final) <= 0:
+                problems.append(job.problem("hires", f"{width}x{height} upscaled by {setting.label()} is "
+                                            f"{target.width}x{target.height}: both sides must be multiples of 8"))
+    return problems

@@ -2,12 +2,14 @@
 
 Two families:
 - A1111 names ("Euler a", "DPM++ 2M", ...): A1111's k-diffusion sampler with A1111's
-  default options and its CPU random-number source; sigmas from the model's own
-  `alphas_cumprod` (`workers/sigmas.py`), whatever the model's scheduler config says.
-  A1111 1.9+ names the schedule apart ("Sampler: DPM++ 2M, Schedule type: Karras");
-  the older combined names ("DPM++ 2M Karras") are the same cells. `Automatic`
-  means what a name without a schedule meant before 1.9: Uniform, i.e. k-diffusion's
-  discretization of the model's own sigmas.
+  default options, its noise from the cell's random-number source (`rng`, GPU by
+  default, as in A1111); sigmas from the model's own `alphas_cumprod`
+  (`workers/sigmas.py`), whatever the model's scheduler config says. A1111 1.9+
+  names the schedule apart ("Sampler: DPM++ 2M, Schedule type: Karras"); the older
+  combined names ("DPM++ 2M Karras") are the same cells. `Automatic` is A1111 1.9+'s:
+  the sampler's own default schedule (sd_samplers_kdiffusion.samplers_k_diffusion's
+  'scheduler' option: Karras for DPM++ 2M, Exponential for DPM++ 2M SDE, ...), else
+  Uniform, k-diffusion's discretization of the model's own sigmas.
 - diffusers class names ("EulerDiscreteScheduler"): that class, built on the model's
   own scheduler config, as diffusers' pipelines run it.
 """
@@ -17,10 +19,16 @@ from dataclasses import dataclass, field
 from functools import cache
 
 # Bump when what an A1111 name renders changes: it is part of every such cell's id.
-A1111_SEMANTICS = "a1111-kdiffusion-1"
+# 2: GPU noise by default (the `rng` parameter), Automatic = the sampler's default schedule.
+A1111_SEMANTICS = "a1111-kdiffusion-2"
 DIFFUSERS_SEMANTICS = "diffusers-class-1"
 AUTOMATIC = "Automatic"
 UNIFORM = "Uniform"
+KARRAS = "Karras"
+EXPONENTIAL = "Exponential"
+# A1111's "Random number generator source"; an infotext without "RNG" means GPU.
+RNG_SOURCES = ("GPU", "CPU", "NV")
+DEFAULT_RNG = "GPU"
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,8 @@ class Sampler:
     discard_penultimate_sigma: bool = False  # A1111's discard_next_to_last_sigma
     noise: str = "none"  # "ancestral": per-cell CPU draws; "brownian": per-cell Brownian tree
     options: dict = field(default_factory=dict, hash=False)  # keyword arguments of the function
+    default_schedule: str = UNIFORM  # what Automatic means for it (A1111 1.9+'s 'scheduler' option)
+    uses_ensd: bool = False  # A1111 writes "ENSD" for it: its later draws come from the reseeded generator
     # Samplers whose noise is drawn for the whole call at once render one cell per call.
     batch_invariant: bool = True
 
@@ -72,22 +82,34 @@ def _a1111(name: str, function: str, aliases: tuple[str, ...] = (), **kw) -> Sam
 # and DPM fast/adaptive are not matched exactly and are not in this table; their
 # diffusers classes stay available under the class names.
 A1111 = [
-    _a1111("Euler a", "sample_euler_ancestral", ("k_euler_a", "k_euler_ancestral"), noise="ancestral"),
+    _a1111("Euler a", "sample_euler_ancestral", ("k_euler_a", "k_euler_ancestral"), noise="ancestral", uses_ensd=True),
     _a1111("Euler", "sample_euler", ("k_euler",)),
     _a1111("LMS", "sample_lms", ("k_lms",)),
     _a1111("Heun", "sample_heun", ("k_heun",)),
-    _a1111("DPM2", "sample_dpm_2", ("k_dpm_2",), discard_penultimate_sigma=True),
-    _a1111("DPM2 a", "sample_dpm_2_ancestral", ("k_dpm_2_a",), discard_penultimate_sigma=True, noise="ancestral"),
-    _a1111("DPM++ 2S a", "sample_dpmpp_2s_ancestral", ("k_dpmpp_2s_a",), noise="ancestral"),
-    _a1111("DPM++ 2M", "sample_dpmpp_2m", ("k_dpmpp_2m",)),
-    _a1111("DPM++ SDE", "sample_dpmpp_sde", ("k_dpmpp_sde",), noise="brownian"),
+    _a1111("DPM2", "sample_dpm_2", ("k_dpm_2",), discard_penultimate_sigma=True, default_schedule=KARRAS),
+    _a1111("DPM2 a", "sample_dpm_2_ancestral", ("k_dpm_2_a",), discard_penultimate_sigma=True, noise="ancestral",
+           default_schedule=KARRAS, uses_ensd=True),
+    _a1111("DPM++ 2S a", "sample_dpmpp_2s_ancestral", ("k_dpmpp_2s_a",), noise="ancestral", default_schedule=KARRAS,
+           uses_ensd=True),
+    _a1111("DPM++ 2M", "sample_dpmpp_2m", ("k_dpmpp_2m",), default_schedule=KARRAS),
+    _a1111("DPM++ SDE", "sample_dpmpp_sde", ("k_dpmpp_sde",), noise="brownian", default_schedule=KARRAS),
     _a1111("DPM++ 2M SDE", "sample_dpmpp_2m_sde", ("k_dpmpp_2m_sde",), noise="brownian",
-           options={"solver_type": "midpoint"}),
+           options={"solver_type": "midpoint"}, default_schedule=EXPONENTIAL),
     _a1111("DPM++ 2M SDE Heun", "sample_dpmpp_2m_sde", ("k_dpmpp_2m_sde_heun",), noise="brownian",
-           options={"solver_type": "heun"}),
+           options={"solver_type": "heun"}, default_schedule=EXPONENTIAL),
     _a1111("DPM++ 3M SDE", "sample_dpmpp_3m_sde", ("k_dpmpp_3m_sde",), discard_penultimate_sigma=True,
-           noise="brownian"),
+           noise="brownian", default_schedule=EXPONENTIAL),
 ]
+
+# The combined names A1111 had before 1.9 (its samplers_k_diffusion up to 1.8): written as
+# "Sampler:" so that those versions render the same image; every other pair is written
+# as A1111 1.9+ writes it, the sampler's name and "Schedule type".
+COMBINED_NAMES = frozenset({
+    ("LMS", "Karras"), ("DPM2", "Karras"), ("DPM2 a", "Karras"), ("DPM++ 2S a", "Karras"), ("DPM++ 2M", "Karras"),
+    ("DPM++ SDE", "Karras"), ("DPM++ 2M SDE", "Karras"), ("DPM++ 2M SDE", "Exponential"),
+    ("DPM++ 2M SDE Heun", "Karras"), ("DPM++ 2M SDE Heun", "Exponential"), ("DPM++ 3M SDE", "Karras"),
+    ("DPM++ 3M SDE", "Exponential"),
+})
 
 # diffusers classes accepted under their own names, with the model's own config.
 # DPMSolverSDEScheduler seeds one Brownian tree per call: one cell per call, seeded by it.
@@ -175,7 +197,7 @@ def canonical(name: str, schedule_label: str = AUTOMATIC) -> tuple[str, str]:
     if implied is not None and chosen.label not in (AUTOMATIC, implied.label):
         raise ValueError(f"sampler {name!r} already names its schedule ({implied.label}) but schedule is "
                          f"{chosen.label!r}; write sampler {sampler.name!r} with the schedule you want")
-    resolved = implied or (chosen if chosen.label != AUTOMATIC else schedule(UNIFORM))
+    resolved = implied or (chosen if chosen.label != AUTOMATIC else schedule(sampler.default_schedule))
     return sampler.name, resolved.label
 
 
@@ -187,9 +209,14 @@ def identity(name: str) -> dict:
 def infotext_name(name: str, schedule_label: str) -> str:
     """"Sampler:" as both A1111 generations read it: the old combined name where one existed."""
     sampler = lookup(name)
-    if sampler.family == "a1111" and schedule_label not in (UNIFORM, AUTOMATIC):
+    if (sampler.name, schedule_label) in COMBINED_NAMES:
         return f"{sampler.name} {schedule_label}"
     return sampler.name
+
+
+def uses_ensd(name: str) -> bool:
+    """Whether ENSD changes what `name` renders: its draws after the initial noise come from the generator."""
+    return lookup(name).uses_ensd
 
 
 def _unknown_sampler(name: str) -> str:

@@ -23,6 +23,7 @@ from gridrender.scheduler import samplers
 
 from . import ksampling
 from .conditioning import Conditioning
+from .noise import BatchNoise
 from .sigmas import ModelSigmas, sigmas_for
 
 
@@ -50,13 +51,37 @@ class Guided:
         return self.unet(x, t, **conditioning.unet_kwargs(), return_dict=False)[0]
 
 
+@dataclass
+class Img2Img:
+    """Where an img2img pass starts: A1111's sample_img2img on VAE-encoded (or upscaled) latents."""
+
+    latents: torch.Tensor  # (B, C, h, w) float32: the encoded init images, or the upscaled first pass
+    denoise: float  # A1111's denoising strength, in (0, 1]
+    steps: int | None = None  # hires fix: the pass's own steps (setup_img2img_steps' fixed-steps branch)
+
+
+def img2img_steps(steps: int, denoise: float, fixed: int | None) -> tuple[int, int]:
+    """(steps of the full schedule, t_enc): A1111's sd_samplers_common.setup_img2img_steps.
+
+    A hires pass passes its steps (fixed): the schedule is stretched so that exactly those
+    steps remain; img2img (img2img_fix_steps off, A1111's default) runs int(denoise * steps)+1.
+    """
+    if fixed is not None:
+        return int(fixed / min(denoise, 0.999)), fixed - 1
+    return steps, int(min(denoise, 0.999) * steps)
+
+
 def a1111_sample(guided: Guided, model_sigmas: ModelSigmas, name: str, schedule: str, steps: int, scale: float,
-                 noise: torch.Tensor, generators: list[torch.Generator], seeds: list[int],
+                 noise: BatchNoise, seeds: list[int], start: Img2Img | None = None,
                  v_prediction: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latents, sigmas) of an A1111 sampler; `noise` is the batch's initial unit noise (float32)."""
+    """(latents, sigmas run) of an A1111 sampler; `noise` is the batch's generators (first draw: initial noise).
+
+    The sigmas stay on the CPU, as A1111 keeps them; latents are float32 on the noise's device.
+    """
     sampler = samplers.lookup(name)
-    device = noise.device
-    sigmas = sigmas_for(schedule, steps, model_sigmas, sampler.discard_penultimate_sigma).to(device)
+    total, t_enc = img2img_steps(steps, start.denoise, start.steps) if start else (steps, steps - 1)
+    sigmas = sigmas_for(schedule, total, model_sigmas, sampler.discard_penultimate_sigma)
+    run = sigmas[total - t_enc - 1:] if start else sigmas
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         c_in = (1 / (sigma**2 + 1) ** 0.5)[:, None, None, None]
@@ -71,14 +96,12 @@ def a1111_sample(guided: Guided, model_sigmas: ModelSigmas, name: str, schedule:
             cond, uncond = x + out_cond.float() * c_out, x + out_uncond.float() * c_out
         return uncond + (cond - uncond) * scale
 
-    shape = tuple(noise.shape[1:])
-    step_noise: ksampling.Noise
-    if sampler.noise == "brownian":
-        step_noise = ksampling.CellBrownianNoise(seeds, shape, sigmas, device)
-    else:
-        step_noise = ksampling.CellNoise(generators, shape, device)
-    x = noise * sigmas[0]
-    return ksampling.FUNCTIONS[sampler.function](denoise, x, sigmas, step_noise, **sampler.options), sigmas
+    first = noise.next()
+    x = first * run[0] if start is None else start.latents.to(first) + first * run[0]
+    step_noise: ksampling.Noise = noise
+    if sampler.noise == "brownian":  # A1111's create_noise_sampler: over the whole schedule's range
+        step_noise = ksampling.CellBrownianNoise(seeds, tuple(first.shape[1:]), sigmas, first.device, noise.source)
+    return ksampling.FUNCTIONS[sampler.function](denoise, x, run, step_noise, **sampler.options), run
 
 
 def diffusers_sample(guided: Guided, scheduler, steps: int, scale: float, noise: torch.Tensor,

@@ -7,9 +7,9 @@ that a render worker has no use for. `tests/test_a1111.py` checks every function
 here against k-diffusion's own.
 
 The one difference is where noise comes from, which is A1111's too: every draw of
-a cell comes from that cell's own CPU generator (ancestral samplers), or from a
-Brownian tree seeded with the cell's seed (SDE samplers), so a cell's image does
-not depend on the batch it is rendered in.
+a cell comes from that cell's own generator (ancestral samplers: `noise.BatchNoise`),
+or from a Brownian tree seeded with the cell's seed (SDE samplers), so a cell's
+image does not depend on the batch it is rendered in.
 """
 from __future__ import annotations
 
@@ -21,37 +21,33 @@ import torch
 import torchsde
 from scipy import integrate
 
+from .noise import brownian_draws
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, sigma per cell) -> denoised x
 Noise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (sigma, sigma_next) -> unit noise like x
-
-
-class CellNoise:
-    """A1111's ancestral noise: each draw is one `randn((4, h, w))` per cell from its own generator."""
-
-    def __init__(self, generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device):
-        self.generators, self.shape, self.device = generators, shape, device
-
-    def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
-        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators]).to(self.device)
 
 
 class CellBrownianNoise:
     """k-diffusion's BrownianTreeNoiseSampler with one tree per cell seeded by its seed, as A1111 builds it.
 
-    The trees live on the CPU, so a seed means the same noise on any device.
+    The trees live on the CPU and their node draws come from the cell's random-number
+    source, as A1111's patch of torchsde makes them: a seed means the same noise on any device.
     """
 
-    def __init__(self, seeds: list[int], shape: tuple[int, ...], sigmas: torch.Tensor, device: torch.device):
+    def __init__(self, seeds: list[int], shape: tuple[int, ...], sigmas: torch.Tensor, device: torch.device,
+                 source: str = "CPU"):
         sigmas = sigmas.cpu()
         t0, t1, self.sign = _sort(sigmas[sigmas > 0].min(), sigmas.max())
         w0 = torch.zeros(shape)
-        self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=seed) for seed in seeds]
+        self.source = source
+        with brownian_draws(source):
+            self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=seed) for seed in seeds]
         self.device = device
 
     def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
         t0, t1 = torch.as_tensor(sigma).cpu(), torch.as_tensor(sigma_next).cpu()
         a, b, sign = _sort(t0, t1)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), brownian_draws(self.source):
             # torchsde notes float32 sigmas a hair outside its float64 interval ("Should have ta>=t0");
             # k-diffusion and A1111 query it the same way, the noise is the same.
             warnings.filterwarnings("ignore", message="Should have", category=UserWarning)

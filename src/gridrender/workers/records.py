@@ -56,6 +56,7 @@ def build_record(rendered: Rendered, model: ModelSpec, image_sha256: str, device
     return {
         "cell_id": cell.id,
         "params": cell.params(),
+        **cell.rendered(),
         "clip_skip": cell.clip_skip,
         "clip_layer": rendered.clip_layer,
         "clip_layers": rendered.clip_layers,
@@ -67,8 +68,12 @@ def build_record(rendered: Rendered, model: ModelSpec, image_sha256: str, device
         "loras": [{**use.lora.record(), "weight": use.te, "unet_weight": use.unet, "mention": use.mention}
                   for use in cell.loras],
         "embeddings": [e.record() for e in cell.embeddings],
+        "hires": cell.hires.to_dict() if cell.hires else None,  # resolved: what reproduce renders again
+        "init_image": cell.init_image.to_dict() if cell.init_image else None,
         "sampler": rendered.sampler,
-        "generator": {"device": "cpu", "seed": cell.seed},
+        # every source is computed on the CPU (GPU and NV by emulation), whatever the worker's device
+        "generator": {"device": "cpu", "source": cell.rng, "seed": cell.seed,
+                      "eta_noise_seed_delta": cell.eta_noise_seed_delta},
         "versions": versions(),
         "device": device_info(device),
         "timings": {k: round(v, 6) for k, v in rendered.timings.items()},

@@ -1,9 +1,10 @@
 """Rendering a batch of cells that share one pipeline call.
 
-Every cell gets its own CPU generator seeded with its seed: its starting noise and
-every later draw (ancestral samplers), or its Brownian tree (SDE samplers), are the
-same alone or in a batch, on any device. SD 1.x and SDXL share every step; what
-differs is the conditioning (`conditioning.Conditioning`) and, for v-prediction
+Every cell gets its own generator of its random-number source (`noise.ImageNoise`,
+A1111's ImageRNG) seeded with its seed: its starting noise and every later draw
+(ancestral samplers), or its Brownian tree (SDE samplers), are the same alone or in
+a batch, on any device. SD 1.x and SDXL share every step; what differs is the
+conditioning (`conditioning.Conditioning`, at each pass's size) and, for v-prediction
 models, the denoiser.
 """
 from __future__ import annotations
@@ -11,25 +12,29 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from gridrender.scheduler import samplers
 from gridrender.scheduler.errors import RenderError
 from gridrender.scheduler.grid import Cell, make_cell
+from gridrender.scheduler.hires import Hires
 from gridrender.scheduler.models import ModelSpec
+from gridrender.scheduler.prompts import encoder_text
 
 from .clip import Encoded
 from .components import embedding_vectors, fp32_vae, use_loras, vae_for
 from .conditioning import Conditioning
-from .denoise import Guided, a1111_sample, diffusers_sample
+from .denoise import Guided, Img2Img, a1111_sample, diffusers_sample
+from .noise import BatchNoise
 from .pipelines import Loaded, PipelineCache
+from .twopass import encode, hires_target, latent_upscale, load_init_image, resize_image, to_pil, truncate
 
 log = logging.getLogger(__name__)
 Embeddings = dict[tuple[str, int], Encoded]
-LARGE_IMAGE = 1024 * 1024  # pixels above which the VAE decodes in tiles
+LARGE_IMAGE = 1024 * 1024  # pixels above which the VAE decodes in tiles (diffusers classes only)
 
 
 @dataclass
@@ -75,7 +80,7 @@ class Renderer:
         use_loras(loaded.pipe, loaded.extras, cells[0].loras)  # merged before encoding: LoRAs change the text encoders too
         used = {e.name: e for c in cells for e in c.embeddings}
         vectors = {name: embedding_vectors(loaded.extras, e) for name, e in used.items()}
-        texts = [t for c in cells for t in (c.text, c.negative_text)]
+        texts = [t for c in cells for t in cell_texts(c)]
         return encoder.encode(texts, {c.clip_skip for c in cells}, vectors)
 
     def warm_up(self, model: ModelSpec, dtype: str, width: int, height: int, batch: int) -> float:
@@ -97,8 +102,7 @@ class Renderer:
         """
         groups: dict[tuple, list[Cell]] = {}
         for cell in cells:
-            lengths = (embeddings[(cell.text, cell.clip_skip)].chunks,
-                       embeddings[(cell.negative_text, cell.clip_skip)].chunks)
+            lengths = tuple(embeddings[(text, cell.clip_skip)].chunks for text in cell_texts(cell))
             groups.setdefault((cell.call_key(), lengths), []).append(cell)
         out: list[list[Cell]] = []
         for group in groups.values():
@@ -114,96 +118,220 @@ class Renderer:
         `embeddings` from `encode` (for a whole chunk) saves the encoder pass here.
         A short batch is padded to `pad_to` cells (copies of its last cell, whose images
         are dropped): every call of a job has one shape, so kernels round alike for every
-        cell whatever its batch holds, and a compiled UNet compiles once.
+        cell whatever its batch holds, and a compiled UNet compiles once. Cells that
+        differ only in their hires fix share one first pass.
         """
         first = cells[0]
         if any(c.call_key() != first.call_key() for c in cells):
             raise RenderError("a batch must share model, sampler, schedule, steps, guidance, size and dtype")
+        sampler = samplers.lookup(first.sampler)
+        if sampler.family != "a1111" and any(c.hires or c.init_image for c in cells):
+            raise RenderError("hires fix and img2img run A1111's samplers; use an A1111 sampler name")
         timings: dict[str, float] = {}
 
         # 1. The resident pipeline for this model and dtype; a static shape when compiled.
         loads_before = self.cache.loads
         loaded = self.cache.get(model, first.dtype)
         timings["load"] = loaded.load_seconds if self.cache.loads > loads_before else 0.0
-        real = len(cells)
-        if pad_to and real < pad_to and samplers.lookup(first.sampler).batch_invariant:
-            cells = cells + [cells[-1]] * (pad_to - real)
+        pad = pad_to if sampler.batch_invariant else None
 
         # 2. Conditioning, unless the chunk's single encoder pass already made it.
         start = time.perf_counter()
-        needed = {(t, c.clip_skip) for c in cells for t in (c.text, c.negative_text)}
+        needed = {(t, c.clip_skip) for c in cells for t in cell_texts(c)}
         if embeddings is None or not needed <= embeddings.keys():
             embeddings = self.encode(model, cells)
         use_loras(loaded.pipe, loaded.extras, first.loras)
-        unet_dtype = loaded.pipe.unet.dtype
-        size = (first.width, first.height)
-        cond = Conditioning.of([embeddings[(c.text, c.clip_skip)] for c in cells], unet_dtype, *size)
-        uncond = Conditioning.of([embeddings[(c.negative_text, c.clip_skip)] for c in cells], unet_dtype, *size,
-                                 zero=[c.negative_is_empty for c in cells])
         timings["encode"] = time.perf_counter() - start
 
-        # 3. One CPU generator per cell: the seed fixes the noise, whatever the batch.
-        generators = [torch.Generator("cpu").manual_seed(c.seed) for c in cells]
-        latent_shape = _latent_shape(loaded, first)
-
-        # 4. Denoise.
+        # 3. The first pass (txt2img, or img2img from init images), once per distinct first pass.
         start = time.perf_counter()
-        sampler = samplers.lookup(first.sampler)
-        if sampler.family == "a1111":
-            latents, described = self._a1111(loaded, first, cond, uncond, generators, latent_shape, [c.seed for c in cells])
-        else:
-            latents, described = self._diffusers(loaded, first, cond, uncond, generators, latent_shape, unet_dtype)
+        firsts: dict[str, int] = {}
+        rows = [firsts.setdefault(c.replace(hires=None).id if c.hires else c.id, len(firsts)) for c in cells]
+        first_cells = list({row: c for row, c in zip(rows, cells, strict=True)}.values())
+        latents, described = self._first_pass(loaded, first_cells, embeddings, pad)
+
+        # 4. Hires fix: each setting's second pass on its cells' first-pass latents.
+        finals: list[torch.Tensor | None] = [None] * len(cells)
+        per_cell_described: list[dict[str, Any]] = [described] * len(cells)
+        groups: dict[Hires | None, list[int]] = {}
+        for i, cell in enumerate(cells):
+            groups.setdefault(cell.hires, []).append(i)
+        for setting, members in groups.items():
+            group_latents = latents[[rows[i] for i in members]]
+            if setting is not None:
+                group_latents, hires_described = self._hires_pass(loaded, [cells[i] for i in members], group_latents,
+                                                                  setting, embeddings, pad)
+                for i in members:
+                    per_cell_described[i] = {**described, "hires": hires_described}
+            for k, i in enumerate(members):
+                finals[i] = group_latents[k]
         _sync(self.device)
         timings["denoise"] = time.perf_counter() - start
 
         # 5. Decode to pixels, rounded the way the sampler family's reference does.
         start = time.perf_counter()
-        images, decoded = _decode(loaded, latents, first.vae, truncate=sampler.family == "a1111")
+        images: list[Image.Image] = [None] * len(cells)  # type: ignore[list-item]
+        decode_described: dict[str, Any] = {}
+        for members in _same_shape(finals):
+            stacked = torch.stack([_present(finals[i]) for i in members])
+            if pad and len(members) < pad:  # the VAE decodes the call's shape too: padded, copies dropped
+                stacked = torch.cat([stacked, stacked[-1:].expand(pad - len(members), *stacked.shape[1:])])
+            decoded, decode_described = _decode(loaded, stacked, first.vae, truncate=sampler.family == "a1111")
+            for i, image in zip(members, decoded[: len(members)], strict=True):
+                images[i] = image
         timings["decode"] = time.perf_counter() - start
 
-        per_cell = {k: v / real for k, v in timings.items()}
+        per_cell = {k: v / len(cells) for k, v in timings.items()}
         compile_state = loaded.compile_state()
         rendered = []
-        for cell, image in zip(cells[:real], images):
+        for cell, image, cell_described in zip(cells, images, per_cell_described, strict=True):
             encoders = loaded.encoder.describe(cell.clip_skip)
-            rendered.append(Rendered(cell, image, encoders[0]["layer"], encoders[0]["layers"], described,
-                                     _token_counts(embeddings, cell), dict(per_cell), len(cells), compile_state,
-                                     encoders, decoded))
+            rendered.append(Rendered(cell, image, encoders[0]["layer"], encoders[0]["layers"], cell_described,
+                                     _token_counts(embeddings, cell), dict(per_cell), max(pad or 0, len(first_cells)),
+                                     compile_state, encoders, decode_described))
         return rendered
 
-    def _a1111(self, loaded: Loaded, first: Cell, cond: Conditioning, uncond: Conditioning, generators, shape,
-               seeds) -> tuple[torch.Tensor, dict]:
+    def _conditioning(self, loaded: Loaded, cells: list[Cell], embeddings: Embeddings, width: int, height: int,
+                      hires: Hires | None = None) -> tuple[Conditioning, Conditioning]:
+        """cond and uncond of a pass; SDXL's size conditioning is the pass's size (A1111's calculate_hr_conds)."""
+        dtype = loaded.pipe.unet.dtype
+        texts = [hires_text(c, hires) for c in cells]
+        cond = Conditioning.of([embeddings[(t, c.clip_skip)] for t, c in zip(texts, cells, strict=True)], dtype,
+                               width, height)
+        uncond = Conditioning.of([embeddings[(c.negative_text, c.clip_skip)] for c in cells], dtype, width, height,
+                                 zero=[c.negative_is_empty for c in cells])
+        return cond, uncond
+
+    def _first_pass(self, loaded: Loaded, cells: list[Cell], embeddings: Embeddings,
+                    pad_to: int | None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(latents of `cells`, what the record says): txt2img, or img2img from the cells' init images."""
+        real = len(cells)
+        if pad_to and real < pad_to:
+            cells = cells + [cells[-1]] * (pad_to - real)
+        first = cells[0]
+        cond, uncond = self._conditioning(loaded, cells, embeddings, first.width, first.height)
+        shape = _latent_shape(loaded, first)
+        seeds = [c.seed for c in cells]
+        # One generator per cell, of the cell's source: the seed fixes the noise, whatever the batch.
+        noise = BatchNoise(first.rng, seeds, first.eta_noise_seed_delta, shape, self.device)
+        if samplers.lookup(first.sampler).family != "a1111":
+            latents, described = self._diffusers(loaded, cells, cond, uncond, noise, loaded.pipe.unet.dtype)
+            return latents[:real], described
+        start = None
+        if first.init_image is not None:  # img2img: "Just resize" to the size, then the VAE's posterior
+            images = [resize_image(load_init_image(c.init_image), c.width, c.height) for c in cells]
+            vae = vae_for(loaded.pipe, loaded.extras, first.vae, loaded.vae_config_folder)
+            start = Img2Img(encode(vae, images, seeds, self.device), float(first.denoise))
+        latents, described = self._a1111(loaded, first, cond, uncond, noise, seeds, start)
+        if start is not None:
+            described["denoise"] = first.denoise
+        return latents[:real], described
+
+    def _hires_pass(self, loaded: Loaded, cells: list[Cell], latents: torch.Tensor, hires: Hires,
+                    embeddings: Embeddings, pad_to: int | None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """A1111's sample_hr_pass: upscale, fresh noise at the new size, img2img with the hires settings."""
+        real = len(cells)
+        if pad_to and real < pad_to:  # every step of the pass runs the call's shape
+            cells = cells + [cells[-1]] * (pad_to - real)
+            latents = torch.cat([latents, latents[-1:].expand(pad_to - real, *latents.shape[1:])])
+        first = cells[0]
+        width, height, cut_x, cut_y = hires_target(hires, first.width, first.height)
+        vae = vae_for(loaded.pipe, loaded.extras, first.vae, loaded.vae_config_folder)
+        seeds = [c.seed for c in cells]
+        if hires.latent_mode is not None:
+            mode, antialias = hires.latent_mode
+            samples = latent_upscale(latents, mode, antialias, width, height)
+        else:  # decode, upscale the pixels, encode again
+            pixels, _ = _decode(loaded, latents, first.vae, truncate=True)
+            upscaled = [resize_image(im, width, height, hires.upscaler, hires.model) for im in pixels]
+            samples = encode(vae, upscaled, seeds, self.device)
+        samples = truncate(samples, cut_x, cut_y)
+        cond, uncond = self._conditioning(loaded, cells, embeddings, width, height, hires)
+        noise = BatchNoise(first.rng, seeds, first.eta_noise_seed_delta, tuple(samples.shape[1:]), self.device)
+        sampler, schedule = hires.sampler or first.sampler, hires.schedule or first.schedule
+        assert loaded.sigmas is not None  # the first pass checked it
+        guided = Guided(loaded.unet, cond, uncond, uncond_first=False)
+        out, sigmas = a1111_sample(guided, loaded.sigmas, sampler, schedule, first.steps, first.guidance, noise, seeds,
+                                   Img2Img(samples, hires.denoise, hires.steps or first.steps), loaded.v_prediction)
+        described = describe_a1111(loaded, sampler, schedule, first.rng, first.eta_noise_seed_delta, sigmas)
+        described.update(upscaler=hires.upscaler, target=[width, height], denoise=hires.denoise,
+                         steps=hires.steps or first.steps)
+        return out[:real], described
+
+    def _a1111(self, loaded: Loaded, first: Cell, cond: Conditioning, uncond: Conditioning, noise: BatchNoise,
+               seeds: list[int], start: Img2Img | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         if loaded.sigmas is None:
             raise RenderError(f"{first.sampler!r} needs a model with a standard (linear or scaled-linear) noise "
                               f"schedule; use a diffusers scheduler class for {loaded.model.source}")
-        noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
         guided = Guided(loaded.unet, cond, uncond, uncond_first=False)
         latents, sigmas = a1111_sample(guided, loaded.sigmas, first.sampler, first.schedule, first.steps,
-                                       first.guidance, noise, generators, seeds, loaded.v_prediction)
-        sampler = samplers.lookup(first.sampler)
-        denoiser = "CompVisVDenoiser" if loaded.v_prediction else "CompVisDenoiser"
-        described = {"family": "a1111", "name": first.sampler, "schedule": first.schedule,
-                     "class": f"k-diffusion:{sampler.function}", "semantics": sampler.semantics,
-                     "config": {"discard_penultimate_sigma": sampler.discard_penultimate_sigma, "noise": sampler.noise,
-                                "eta": 1.0 if sampler.noise != "none" else 0.0, "s_noise": 1.0, **sampler.options,
-                                "rng": "cpu", "denoiser": f"k-diffusion:{denoiser}",
-                                "zero_terminal_snr": loaded.model.zero_terminal_snr},
-                     "sigmas": [round(float(s), 6) for s in sigmas.cpu()]}
-        return latents, described
+                                       first.guidance, noise, seeds, start, loaded.v_prediction)
+        return latents, describe_a1111(loaded, first.sampler, first.schedule, first.rng, first.eta_noise_seed_delta,
+                                       sigmas)
 
-    def _diffusers(self, loaded: Loaded, first: Cell, cond: Conditioning, uncond: Conditioning, generators, shape,
-                   dtype) -> tuple[torch.Tensor, dict]:
+    def _diffusers(self, loaded: Loaded, cells: list[Cell], cond: Conditioning, uncond: Conditioning,
+                   noise: BatchNoise, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, Any]]:
         import diffusers
 
+        first = cells[0]
         cls = getattr(diffusers, first.sampler)
         extra = {"noise_sampler_seed": first.seed} if first.sampler == "DPMSolverSDEScheduler" else {}
         scheduler = cls.from_config(loaded.scheduler_config, **extra)
-        noise = torch.cat([torch.randn((1, *shape), generator=g, dtype=dtype) for g in generators]).to(self.device)
+        initial = noise.next().to(dtype) if first.rng != "CPU" else None
+        # the scheduler's own step noise takes torch generators: the cells' CPU generators
+        generators = [torch.Generator("cpu").manual_seed(c.seed) for c in cells]
+        if initial is None:  # CPU: prepare_latents' draw, in the UNet's dtype, as diffusers makes it
+            initial = torch.cat([torch.randn((1, *noise.images[0].shape), generator=g, dtype=dtype)
+                                 for g in generators]).to(self.device)
         guided = Guided(loaded.unet, cond, uncond, uncond_first=True)
-        latents = diffusers_sample(guided, scheduler, first.steps, first.guidance, noise, generators)
+        latents = diffusers_sample(guided, scheduler, first.steps, first.guidance, initial, generators)
         config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
         return latents, {"family": "diffusers", "name": first.sampler, "schedule": first.schedule,
                          "class": type(scheduler).__name__, "semantics": samplers.DIFFUSERS_SEMANTICS, "config": config}
+
+
+def cell_texts(cell: Cell) -> tuple[str, ...]:
+    """Every text a cell's passes encode: its prompt and negative prompt, and its hires prompt."""
+    texts = (cell.text, cell.negative_text)
+    return (*texts, hires_text(cell, cell.hires)) if cell.hires and cell.hires.prompt is not None else texts
+
+
+def hires_text(cell: Cell, hires: Hires | None) -> str:
+    """The prompt a pass encodes: the hires prompt (Prompt S/R applied) in a hires pass that has one."""
+    if hires is None or hires.prompt is None:
+        return cell.text
+    return encoder_text(hires.prompt, cell.prompt_sr)
+
+
+def _present(x: torch.Tensor | None) -> torch.Tensor:
+    assert x is not None
+    return x
+
+
+def _same_shape(latents: list[torch.Tensor | None]) -> list[list[int]]:
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(latents):
+        assert x is not None
+        groups.setdefault(tuple(x.shape), []).append(i)
+    return list(groups.values())
+
+
+def describe_a1111(loaded: Loaded, name: str, schedule: str, rng: str, ensd: int,
+                   sigmas: torch.Tensor) -> dict[str, Any]:
+    """What a record says about an A1111 sampler run: function, options, denoiser, noise source, sigmas."""
+    sampler = samplers.lookup(name)
+    denoiser = "CompVisVDenoiser" if loaded.v_prediction else "CompVisDenoiser"
+    return {"family": "a1111", "name": name, "schedule": schedule,
+            "class": f"k-diffusion:{sampler.function}", "semantics": sampler.semantics,
+            "config": {"discard_penultimate_sigma": sampler.discard_penultimate_sigma, "noise": sampler.noise,
+                       "eta": 1.0 if sampler.noise != "none" else 0.0, "s_noise": 1.0, **sampler.options,
+                       "rng": rng, "rng_algorithm": RNG_ALGORITHMS[rng], "eta_noise_seed_delta": ensd,
+                       "denoiser": f"k-diffusion:{denoiser}", "zero_terminal_snr": loaded.model.zero_terminal_snr},
+            "sigmas": [round(float(s), 6) for s in sigmas.cpu()]}
+
+
+RNG_ALGORITHMS = {"GPU": "philox4x32-10 (torch CUDA randn, A1111's NV emulation)",
+                  "NV": "philox4x32-10 (A1111's NV emulation)", "CPU": "torch CPU mt19937"}
 
 
 def _latent_shape(loaded: Loaded, cell: Cell) -> tuple[int, int, int]:
@@ -217,10 +345,11 @@ def _latent_shape(loaded: Loaded, cell: Cell) -> tuple[int, int, int]:
 def _decode(loaded: Loaded, latents: torch.Tensor, component, truncate: bool) -> tuple[list[Image.Image], dict]:
     """VAE decode (the model's own or the cell's); A1111 truncates to uint8 (astype), diffusers rounds.
 
-    A decode with NaN or inf (a VAE overflowing in fp16) is done again in float32, as
-    A1111's "auto VAE precision" does: never a black or NaN image under a cell id. NaN/inf
-    latents (the UNet overflowed) or a float32 decode that still is not finite fail the
-    cells, as A1111's test_for_nans(batch, "unet") / (sample, "vae") raise.
+    A1111's samplers decode whole (no tiles). A decode with NaN or inf (a VAE overflowing
+    in fp16) is done again in float32, as A1111's "auto VAE precision" does: never a black
+    or NaN image under a cell id. NaN/inf latents (the UNet overflowed) or a float32 decode
+    that still is not finite fail the cells, as A1111's test_for_nans(batch, "unet") /
+    (sample, "vae") raise.
     """
     if not bool(torch.isfinite(latents).all()):
         raise RenderError("the UNet produced NaN/inf latents (it overflowed in this dtype); "
@@ -228,7 +357,8 @@ def _decode(loaded: Loaded, latents: torch.Tensor, component, truncate: bool) ->
     pipe = loaded.pipe
     vae = vae_for(pipe, loaded.extras, component, loaded.vae_config_folder)
     decode = loaded.decode if vae is pipe.vae else vae.decode
-    _size_vae(vae, latents.shape[-1] * latents.shape[-2] * pipe.vae_scale_factor**2, latents.shape[0])
+    pixels_each = latents.shape[-1] * latents.shape[-2] * pipe.vae_scale_factor**2
+    _size_vae(vae, pixels_each, latents.shape[0], tile=not truncate)
     cast = latents.to(vae.dtype)  # A1111 and diffusers cast to the VAE's dtype, then scale
     scaled = cast * (1.0 / vae.config.scaling_factor) if truncate else cast / vae.config.scaling_factor
     decoded = decode(scaled, return_dict=False)[0]
@@ -236,7 +366,7 @@ def _decode(loaded: Loaded, latents: torch.Tensor, component, truncate: bool) ->
     if not bool(torch.isfinite(decoded).all()):
         log.warning("the VAE decoded NaN/inf in %s; decoding again in float32", described["dtype"])
         vae = fp32_vae(loaded.extras, vae, component)
-        _size_vae(vae, latents.shape[-1] * latents.shape[-2] * pipe.vae_scale_factor**2, latents.shape[0])
+        _size_vae(vae, pixels_each, latents.shape[0], tile=not truncate)
         latents32 = latents.float()
         again = latents32 * (1.0 / vae.config.scaling_factor) if truncate else latents32 / vae.config.scaling_factor
         decoded = vae.decode(again, return_dict=False)[0]
@@ -244,16 +374,17 @@ def _decode(loaded: Loaded, latents: torch.Tensor, component, truncate: bool) ->
         if not bool(torch.isfinite(decoded).all()):
             raise RenderError("the VAE decoded NaN/inf even in float32")
     if truncate:
-        pixels = torch.clamp((decoded.float() + 1.0) / 2.0, min=0.0, max=1.0)
-        arrays = (255.0 * np.moveaxis(pixels.cpu().numpy(), 1, 3)).astype(np.uint8)
-        return [Image.fromarray(a) for a in arrays], described
+        return to_pil(decoded), described
     return pipe.image_processor.postprocess(decoded, output_type="pil"), described
 
 
-def _size_vae(vae, pixels: int, batch: int) -> None:
-    """Tile and slice the VAE only when an image is large: it costs time on small ones."""
+def _size_vae(vae, pixels: int, batch: int, tile: bool) -> None:
+    """Tile and slice the VAE only when an image is large: it costs time on small ones.
+
+    A1111's samplers decode whole (A1111's decode_first_stage): `tile` is off for them.
+    """
     large = pixels > LARGE_IMAGE
-    (vae.enable_tiling if large else vae.disable_tiling)()
+    (vae.enable_tiling if large and tile else vae.disable_tiling)()
     (vae.enable_slicing if large or batch > 8 else vae.disable_slicing)()
 
 

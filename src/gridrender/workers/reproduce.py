@@ -11,10 +11,11 @@ import numpy as np
 from PIL import Image
 
 from gridrender.scheduler import layout, models
-from gridrender.scheduler.components import Component, LoraUse, resolve_embeddings, resolve_lora, resolve_vae
+from gridrender.scheduler.components import Component, LoraUse, resolve_embeddings, resolve_lora, resolve_upscaler, resolve_vae
 from gridrender.scheduler.errors import InputError, StorageError
 from gridrender.scheduler.families import Prediction
 from gridrender.scheduler.grid import Cell, make_cell
+from gridrender.scheduler.hires import Hires, InitImage
 from gridrender.scheduler.models import ModelSpec
 from gridrender.scheduler.params import NAMES
 from gridrender.scheduler.s3 import S3Store
@@ -61,6 +62,15 @@ def _again(recorded: dict, resolve) -> Component:
     return component
 
 
+def _hires_again(data: dict, settings: Settings) -> Hires:
+    """The recorded hires setting; an upscaler model file found again and checked."""
+    hires = Hires.from_dict(data)
+    if hires.model is None:
+        return hires
+    model = _again(hires.model.record(), lambda s: resolve_upscaler(s, settings))
+    return Hires.from_dict({**data, "model": model.to_dict()})
+
+
 def recorded_cell(record: dict, ref: str = "record") -> tuple[ModelSpec, Cell]:
     """The record's model and components, found again and checked, and its cell, checked against the id."""
     settings = Settings()
@@ -83,6 +93,8 @@ def recorded_cell(record: dict, ref: str = "record") -> tuple[ModelSpec, Cell]:
     params["embeddings"] = tuple(_again(e, lambda s: next(iter(resolve_embeddings([s], model, settings).values())))
                                  for e in record.get("embeddings", []))
     params["prompt_sr"] = tuple(params["prompt_sr"]) if params.get("prompt_sr") else None
+    params["hires"] = _hires_again(record["hires"], settings) if record.get("hires") else None
+    params["init_image"] = InitImage.from_dict(record["init_image"]) if record.get("init_image") else None
     cell = make_cell(**{**params, "model": model})
     if cell.id != record["cell_id"]:
         raise InputError(f"record {record['cell_id']} does not match its own parameters (they hash to {cell.id})")
@@ -102,7 +114,7 @@ def reproduce(ref: str, renderer: Renderer | None = None) -> Comparison:
     batch = max(1, min(int(record.get("batch_size") or 1), 64))
     mode = (record.get("compile") or {}).get("unet", EAGER)
     renderer = renderer or Renderer(compile_mode=mode)
-    rendered = renderer.render(model, [cell] * batch)[0]
+    rendered = renderer.render(model, [cell], pad_to=batch)[0]
     stored = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int64)
     again = np.asarray(rendered.image.convert("RGB"), dtype=np.int64)
     used = rendered.compile.get("unet", EAGER)

@@ -15,16 +15,17 @@ from ..params import AXES, PARAMS
 from .components import ComponentFields
 from .fields import MAX_SEED, RANDOM_SEED, as_list
 from .output import OutputFields, output_root
+from .passes import PassFields
 from .prompts import PromptFields
 from .sampling import SamplingFields, SeedRange
 
 
-class Job(SamplingFields, PromptFields, ComponentFields, OutputFields):  # job.yaml lists OutputFields first
+class Job(SamplingFields, PromptFields, ComponentFields, PassFields, OutputFields):  # job.yaml lists OutputFields first
     """A job file. Axis keys take one value or a list; the grid is their product.
 
     Each key lives with its concern: prompts.py (texts), sampling.py (noise, sampler,
-    shape), components.py (checkpoint, VAE, LoRAs, embeddings), output.py (name,
-    output, sheets). A new key goes into the part it belongs to.
+    shape), components.py (checkpoint, VAE, LoRAs, embeddings), passes.py (hires
+    fix, img2img), output.py (name, output, sheets). A new key goes into the part it belongs to.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -54,6 +55,12 @@ class Job(SamplingFields, PromptFields, ComponentFields, OutputFields):  # job.y
             return [None] if self.prompt_sr is None else [(self.prompt_sr[0], v) for v in self.prompt_sr]
         if key == "embeddings":
             return [()]  # derived per cell from its texts
+        if key == "hires":
+            return [None] if self.hires is None else self.hires.values()
+        if key == "init_images":
+            return [None] if self.init_images is None else list(self.init_images)
+        if key == "denoise":
+            return [None] if self.init_images is None else list(self.denoise)
         return as_list(getattr(self, key))
 
     def axes(self) -> dict[str, Sequence]:

@@ -33,6 +33,8 @@ class SamplingFields(BaseModel):
     seeds: list[Annotated[int, Field(ge=RANDOM_SEED, le=MAX_SEED)]] | SeedRange = [0]
     sampler: list[str] = ["Euler a"]
     schedule: list[str] = [samplers.AUTOMATIC]
+    rng: list[str] = [samplers.DEFAULT_RNG]
+    eta_noise_seed_delta: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = [0]
     steps: list[Annotated[int, Field(ge=1, le=1000)]] = [25]
     guidance: list[Annotated[float, Field(ge=0, le=100)]] = [7.0]
     width: Side | None = None
@@ -40,10 +42,23 @@ class SamplingFields(BaseModel):
     size: list[tuple[Side, Side]] | None = None
     batch_size: Annotated[int, Field(ge=1, le=256)] = 4
 
-    @field_validator("sampler", "schedule", "steps", mode="before")
+    @field_validator("sampler", "schedule", "steps", "eta_noise_seed_delta", mode="before")
     @classmethod
     def _sampling_axes(cls, value: Any) -> Any:
         return as_list(value)
+
+    @field_validator("rng", mode="before")
+    @classmethod
+    def _rng_sources(cls, value: Any) -> Any:
+        """A1111's spellings: GPU, CPU, NV (case forgiven)."""
+        sources = []
+        for source in as_list(value):
+            if not isinstance(source, str):
+                return value  # the type check reports it
+            if source.upper() not in samplers.RNG_SOURCES:
+                raise ValueError(f"unknown random-number source {source!r}; valid: {', '.join(samplers.RNG_SOURCES)}")
+            sources.append(source.upper())
+        return sources
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -64,7 +79,7 @@ class SamplingFields(BaseModel):
             return [tuple(v) if isinstance(v, list) else v for v in value]
         return value
 
-    @field_validator("sampler", "schedule", "steps", "guidance", "seeds", "size")
+    @field_validator("sampler", "schedule", "steps", "guidance", "seeds", "size", "rng", "eta_noise_seed_delta")
     @classmethod
     def _sampling_axes_distinct(cls, value: Any) -> Any:
         return distinct_axis(value)

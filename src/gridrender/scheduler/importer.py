@@ -1,0 +1,310 @@
+"""`gridrender import IMAGE...`: the job file that renders an A1111, Forge or civitai image again.
+
+Reads the "parameters" text an image carries (a PNG tEXt/iTXt chunk, or a JPEG/WebP EXIF
+UserComment), parses it as A1111 does (modules/infotext_utils.py parse_generation_parameters),
+and writes a job: every field gridrender renders becomes a key; the model is found by its
+hash among GRIDRENDER_MODEL_DIR's files, else named in a comment; every field it does not
+render (ControlNet, ADetailer, regional prompts, variation seeds, ...) is listed.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import samplers
+from .errors import InputError
+from .hires import LATENT_MODES, PIXEL_UPSCALERS
+from .models import SINGLE_FILE_SUFFIXES, file_sha256
+from .settings import Settings
+
+# infotext_utils.re_param and re_imagesize, as A1111 spells them
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_IMAGE_SIZE = re.compile(r"^(\d+)x(\d+)$")
+_NAME_CHARS = re.compile(r"[^a-z0-9_-]+")
+
+# Fields gridrender renders (read below), and fields that describe the image without changing it.
+HANDLED = {
+    "_missing", "Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size-1", "Size-2",
+    "Model hash", "Model", "Clip skip", "RNG", "ENSD", "Denoising strength", "Hires upscale", "Hires resize-1",
+    "Hires resize-2", "Hires upscaler", "Hires steps", "Hires sampler", "Hires schedule type", "Hires prompt",
+    "VAE", "VAE hash", "Lora hashes", "TI hashes",
+}
+HARMLESS = {"Version", "Hashes", "Civitai resources", "Civitai metadata", "User", "Init image hash"}
+# Fields at A1111's default (what gridrender renders): no need to list them.
+DEFAULTS = {"Emphasis": "Original", "Eta": "1", "Hires negative prompt": "", "Hires checkpoint": "Use same checkpoint",
+            "Hires sampler": "Use same sampler", "Schedule rho": "0", "Schedule max sigma": "0",
+            "Schedule min sigma": "0", "VAE Encoder": "Full", "VAE Decoder": "Full", "Pad conds": "True"}
+
+
+def read_parameters(data: bytes) -> str | None:
+    """The generation parameters text an image file carries, or None."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        text = image.info.get("parameters")
+        if isinstance(text, str):
+            return text
+        comment = image.getexif().get_ifd(0x8769).get(0x9286)  # Exif IFD, UserComment
+    if isinstance(comment, bytes):
+        code, body = comment[:8], comment[8:]
+        if code.startswith(b"UNICODE"):  # piexif's "unicode": UTF-16, big-endian unless a BOM says
+            return (body.decode("utf-16") if body[:2] in (b"\xff\xfe", b"\xfe\xff") else body.decode("utf-16-be"))
+        return body.decode("utf-8", errors="replace").strip("\0")
+    if isinstance(comment, str):
+        return comment
+    return None
+
+
+def _unquote(text: str) -> str:
+    if not text or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        return str(json.loads(text))
+    except ValueError:
+        return text
+
+
+def parse_generation_parameters(text: str) -> dict[str, str]:
+    """infotext_utils.parse_generation_parameters, without A1111's settings: fields as strings.
+
+    The last line holds the `key: value` pairs when it has at least three; the lines
+    before it are the prompt, then (after "Negative prompt:") the negative prompt.
+    Missing fields get A1111's defaults: Clip skip 1, RNG GPU, Schedule type Automatic.
+    """
+    res: dict[str, str] = {}
+    prompt, negative = "", ""
+    done_with_prompt = False
+    *lines, lastline = text.strip().split("\n")
+    if len(_PARAM.findall(lastline)) < 3:
+        lines.append(lastline)
+        lastline = ""
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            done_with_prompt = True
+            line = line[16:].strip()
+        if done_with_prompt:
+            negative += ("" if negative == "" else "\n") + line
+        else:
+            prompt += ("" if prompt == "" else "\n") + line
+    res["Prompt"], res["Negative prompt"] = prompt, negative
+    for key, value in _PARAM.findall(lastline):
+        if value and value[0] == '"' and value[-1] == '"':
+            value = _unquote(value)
+        size = _IMAGE_SIZE.match(value)
+        if size is not None:
+            res[f"{key}-1"], res[f"{key}-2"] = size.group(1), size.group(2)
+        else:
+            res[key] = value
+    missing = [k for k in ("Clip skip", "RNG", "Schedule type") if k not in res]
+    res.setdefault("Clip skip", "1")
+    res.setdefault("RNG", "GPU")
+    res.setdefault("Schedule type", "Automatic")
+    if missing:
+        res["_missing"] = ",".join(missing)  # which defaults were filled in (not a field of the text)
+    return res
+
+
+@dataclass
+class Imported:
+    """One image's job: the job file's data, comments to write above it, fields not rendered."""
+
+    name: str
+    job: dict[str, Any]
+    comments: list[str] = field(default_factory=list)
+    unsupported: dict[str, str] = field(default_factory=dict)
+
+    def yaml(self) -> str:
+        header = "".join(f"# {line}\n" for line in self.comments)
+        if self.unsupported:
+            header += "# not rendered by gridrender (fields of the image's parameters):\n"
+            header += "".join(f"#   {k}: {v}\n" for k, v in self.unsupported.items())
+        return header + yaml.safe_dump(self.job, sort_keys=False, allow_unicode=True, width=1 << 16)
+
+
+class HashIndex:
+    """Model files under GRIDRENDER_MODEL_DIR by A1111's hashes: sha256[:10] and the old 8-digit one."""
+
+    def __init__(self, folder: str | None):
+        self.folder = Path(folder).expanduser() if folder else None
+        self._files: list[Path] | None = None
+
+    def files(self) -> list[Path]:
+        if self._files is None:
+            found = self.folder.rglob("*") if self.folder and self.folder.is_dir() else iter(())
+            self._files = sorted(p for p in found if p.is_file() and p.suffix in SINGLE_FILE_SUFFIXES)
+        return self._files
+
+    def find(self, digest: str) -> Path | None:
+        digest = digest.strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{8,64}", digest):
+            return None
+        for path in self.files():
+            if len(digest) == 8 and _legacy_hash(path) == digest:
+                return path
+            if file_sha256(path).startswith(digest):
+                return path
+        return None
+
+
+def _legacy_hash(path: Path) -> str:
+    """A1111's old "Model hash": sha256 of 64 KiB at offset 1 MiB, 8 hex digits."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+def job_name(stem: str) -> str:
+    name = _NAME_CHARS.sub("-", stem.lower()).strip("-_")
+    return (name if name and name[0].isalnum() else f"img-{name}")[:100] or "imported"
+
+
+def to_job(params: dict[str, str], name: str, index: HashIndex) -> Imported:
+    """The job that renders one image's parameters again, with what it cannot render listed."""
+    imported = Imported(name, {"name": name})
+    job = imported.job
+    for key, value in params.items():
+        if key not in HANDLED and key not in HARMLESS and not _is_default(key, value):
+            imported.unsupported[key] = value
+    job["model"] = _model(params, index, imported)
+    job["prompts"] = [params["Prompt"]]
+    if params.get("Negative prompt"):
+        job["negative_prompt"] = params["Negative prompt"]
+    sampler, schedule = _sampler(params.get("Sampler", "Euler a"), params["Schedule type"], imported)
+    if "Schedule type" in params.get("_missing", "") and _before_1_9(params.get("Version", "")) \
+            and not samplers.split_name(params.get("Sampler", "Euler a"))[1] and schedule != samplers.UNIFORM:
+        schedule = samplers.UNIFORM  # before 1.9 a name without a schedule meant Uniform
+        imported.comments.append(f"made by {params['Version']}: a sampler name without a schedule, so Uniform, "
+                                 "as it rendered then (A1111 1.9+ would read it as Automatic)")
+    job["sampler"] = sampler
+    job["schedule"] = schedule
+    job["steps"] = _int(params.get("Steps", "20"), "Steps")
+    job["guidance"] = _float(params.get("CFG scale", "7"), "CFG scale")
+    job["seeds"] = [_int(params.get("Seed", "-1"), "Seed")]
+    job["clip_skip"] = _int(params["Clip skip"], "Clip skip")
+    job["width"] = _int(params.get("Size-1", "512"), "Size")
+    job["height"] = _int(params.get("Size-2", "512"), "Size")
+    if params["RNG"] != samplers.DEFAULT_RNG:
+        job["rng"] = params["RNG"].upper()
+    if params.get("ENSD"):
+        job["eta_noise_seed_delta"] = _int(params["ENSD"], "ENSD")
+    hires = _hires(params, imported)
+    if hires:
+        job["hires"] = hires
+    elif "Denoising strength" in params:
+        job["denoise"] = _float(params["Denoising strength"], "Denoising strength")
+        imported.comments.append("img2img: the init image is not in the parameters; add `init_images: [FILE]`")
+    if "VAE" in params or "VAE hash" in params:
+        found = index.find(params.get("VAE hash", "")) if params.get("VAE hash") else None
+        if found is not None:
+            job["vae"] = str(found)
+        else:
+            imported.comments.append(f"VAE {params.get('VAE', '?')} (hash {params.get('VAE hash', '?')}): "
+                                     "not found under GRIDRENDER_MODEL_DIR; set `vae:` to its file")
+    if "Lora hashes" in params:
+        imported.comments.append(f"LoRAs (Lora hashes: {params['Lora hashes']}): the prompt's <lora:NAME:W> tags "
+                                 "load GRIDRENDER_LORA_DIR/NAME.safetensors")
+    if "TI hashes" in params:
+        imported.comments.append(f"embeddings (TI hashes: {params['TI hashes']}): list their files under "
+                                 "`embeddings:`")
+    return imported
+
+
+def _before_1_9(version: str) -> bool:
+    """An A1111 version string ("v1.8.0", "v1.6.0-2-g4afaaf8a") older than 1.9; Forge's ("f0.0.17v1.8.0rc") too."""
+    match = re.search(r"v(\d+)\.(\d+)\.\d+", version)
+    return match is not None and (int(match.group(1)), int(match.group(2))) < (1, 9)
+
+
+def _is_default(key: str, value: str) -> bool:
+    return key in DEFAULTS and DEFAULTS[key] == value
+
+
+def _model(params: dict[str, str], index: HashIndex, imported: Imported) -> str:
+    name, digest = params.get("Model", ""), params.get("Model hash", "")
+    if name.startswith("builtin:"):
+        return name
+    found = index.find(digest) if digest else None
+    if found is not None:
+        return str(found)
+    imported.comments.append(f"model {name or '?'} (hash {digest or '?'}) is not under GRIDRENDER_MODEL_DIR: "
+                             "set `model:` to its file")
+    return (name + ".safetensors") if name else "MODEL.safetensors"
+
+
+def _sampler(name: str, schedule: str, imported: Imported) -> tuple[str, str]:
+    """sd_samplers.get_sampler_and_scheduler: "DPM++ 2M Karras" is DPM++ 2M with Karras."""
+    try:
+        base, implied = samplers.split_name(name)
+        chosen = samplers.schedule(schedule)
+    except samplers.UnknownName as exc:
+        imported.unsupported["Sampler"] = f"{name} ({exc})"
+        return "Euler a", samplers.AUTOMATIC
+    label = implied.label if implied and chosen.label == samplers.AUTOMATIC else chosen.label
+    return base.name, label
+
+
+def _hires(params: dict[str, str], imported: Imported) -> dict[str, Any] | None:
+    if not any(k.startswith("Hires ") for k in params if k not in ("Hires negative prompt", "Hires checkpoint")):
+        return None
+    hires: dict[str, Any] = {}
+    if "Hires resize-1" in params:
+        hires["resize"] = [_int(params["Hires resize-1"], "Hires resize"), _int(params["Hires resize-2"], "Hires resize")]
+    else:
+        hires["scale"] = _float(params.get("Hires upscale", "2"), "Hires upscale")
+    upscaler = params.get("Hires upscaler", "Latent")
+    if upscaler not in LATENT_MODES and upscaler not in PIXEL_UPSCALERS:
+        imported.comments.append(f"hires upscaler {upscaler!r}: give its model file (.pth/.safetensors) as "
+                                 "hires.upscaler")
+        upscaler = upscaler + ".pth"
+    hires["upscaler"] = upscaler
+    hires["steps"] = _int(params.get("Hires steps", "0"), "Hires steps")
+    hires["denoise"] = _float(params.get("Denoising strength", "0.7"), "Denoising strength")
+    if params.get("Hires sampler") and params["Hires sampler"] != "Use same sampler":
+        hires["sampler"] = params["Hires sampler"]
+    if params.get("Hires schedule type") and params["Hires schedule type"] != "Use same scheduler":
+        hires["schedule"] = params["Hires schedule type"]
+    if params.get("Hires prompt"):
+        hires["prompt"] = params["Hires prompt"]
+    return hires
+
+
+def _int(value: str, key: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"{key}: {value!r} is not a whole number") from None
+
+
+def _float(value: str, key: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise InputError(f"{key}: {value!r} is not a number") from None
+
+
+def import_images(paths: list[Path], settings: Settings | None = None) -> Iterator[Imported]:
+    """One job per image, in order; an image without parameters is an input error."""
+    settings = settings or Settings()
+    index = HashIndex(settings.model_dir)
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read {path}: {exc.strerror}") from None
+        try:
+            text = read_parameters(data)
+        except Exception as exc:  # not an image PIL can open
+            raise InputError(f"{path} is not an image with parameters: {exc}") from None
+        if not text:
+            raise InputError(f"{path} carries no generation parameters (no 'parameters' text, no EXIF comment)")
+        yield to_job(parse_generation_parameters(text), job_name(path.stem), index)

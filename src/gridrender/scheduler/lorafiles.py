@@ -328,6 +328,8 @@ def delta_shape(kind: str, shape: Mapping[str, list[int]], layer: Layer) -> list
             return f"its two Hadamard factors have {math.prod(out)} and {math.prod(second)} elements"
         return out
     if kind == "lokr":
+        w1: list[int] | str
+        w2: list[int] | str
         if "lokr_w1" in shape:
             w1 = shape["lokr_w1"]
         else:

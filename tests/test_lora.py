@@ -163,8 +163,10 @@ def sd1_case(kind: str, pipe: Any, seed: int) -> tuple[dict[str, build.Parts], C
             base = weight(pipe, component, path).detach()
             add(component, path, "dora", build.dora(tuple(base.shape), base, RANK, rng, ALPHA))
     elif kind == "full":
-        for component, path in (targets[0], ("unet", CONV1[0]), targets[-1]):
-            add(component, path, "full", build.full(shape(component, path), rng))
+        norms = (("unet", "down_blocks.1.resnets.0.norm1"), ("text_encoder", "encoder.layers.2.layer_norm2"))
+        for component, path in (targets[0], ("unet", CONV1[0]), targets[-1], *norms):  # A1111 patches norms too
+            module = roots(pipe)[component].get_submodule(path)
+            add(component, path, "full", build.full(shape(component, path), rng, bias=module.bias is not None))
     if kind not in ("peft", "peft_dora"):
         return layers, case, None
     names = {build.kohya_unet_sd1(p) if c == "unet" else build.kohya_te_sd1(p): (c, p) for c, p in case}
@@ -201,16 +203,21 @@ def test_each_layout_merges_the_formula_into_exactly_its_layers_and_unloads_bit_
     merge(loaded, (LoraUse(component, TE, UNET_M, "x"),))
     after = snapshot(pipe)
     for (component_name, name), value in after.items():
-        layer = name.removesuffix(".weight")
-        if name.endswith(".weight") and (component_name, layer) in case:
+        layer, _, tensor = name.rpartition(".")
+        base = before[(component_name, name)]
+        multiplier = TE if component_name == "text_encoder" else UNET_M
+        if tensor == "weight" and (component_name, layer) in case:
             layer_kind, parts = case[(component_name, layer)]
-            base = before[(component_name, name)]
-            multiplier = TE if component_name == "text_encoder" else UNET_M
             expected = base + multiplier * reference(layer_kind, parts, base)
             assert torch.allclose(value, expected, atol=2e-5, rtol=1e-4), (kind, layer)
             assert not torch.equal(value, base)
+        elif tensor == "bias" and "diff_b" in case.get((component_name, layer), ("", {}))[1]:
+            # network.py finalize_updown: ex_bias = diff_b times the multiplier (no scale), added to the bias
+            expected = base + multiplier * case[(component_name, layer)][1]["diff_b"]
+            assert torch.allclose(value, expected, atol=2e-5, rtol=1e-4), (kind, name)
+            assert not torch.equal(value, base)
         else:
-            assert torch.equal(value, before[(component_name, name)]), (kind, name)  # nothing else moves
+            assert torch.equal(value, base), (kind, name)  # nothing else moves
     merge(loaded, ())
     assert all(torch.equal(value, before[key]) for key, value in snapshot(pipe).items())
 
@@ -232,6 +239,73 @@ def test_several_loras_sum_and_switching_sets_never_drifts(loaded, tiny, tmp_pat
     for chosen in ((LoraUse(uses["dora"], 1.0, 0.6, "d"),), (LoraUse(uses["loha"], 0.3, 0.3, "h"),),
                    (LoraUse(uses["lora"], 1.0, 1.0, "a"), LoraUse(uses["loha"], 2.0, 2.0, "h")), ()):
         merge(loaded, chosen)
+    assert all(torch.equal(value, before[key]) for key, value in snapshot(pipe).items())
+
+
+def test_two_doras_apply_one_after_the_other_each_on_the_weight_the_other_left(loaded, tiny, tmp_path):
+    """networks.py network_apply_weights: for net in loaded_networks: updown = calc_updown(self.weight) on the
+    weight as the previous network left it, so DoRA's renormalisation depends on the order."""
+    pipe = loaded.pipe
+    merge(loaded, ())
+    before = snapshot(pipe)
+    (first, case1), (second, case2) = (write_case("dora", pipe, tmp_path / n, seed=s) for n, s in (("a", 7), ("b", 8)))
+    uses = [LoraUse(resolve_lora(str(p), tiny, Settings()), 0.9, 0.6, n) for p, n in ((first, "a"), (second, "b"))]
+    for order in (uses, uses[::-1]):
+        merge(loaded, tuple(order))
+        cases = (case1, case2) if order[0] is uses[0] else (case2, case1)
+        for key in case1:
+            m = 0.9 if key[0] == "text_encoder" else 0.6
+            expected = before[(key[0], key[1] + ".weight")]
+            for case in cases:
+                kind, parts = case[key]
+                expected = expected + m * reference(kind, parts, expected)
+            assert torch.allclose(weight(pipe, *key), expected, atol=2e-5, rtol=1e-4), key
+    merge(loaded, ())
+    assert all(torch.equal(value, before[k]) for k, value in snapshot(pipe).items())
+
+
+def test_a_sweep_over_many_loras_keeps_few_in_memory_and_reads_one_again(loaded, tiny, tmp_path, monkeypatch):
+    from gridrender.workers import components
+
+    monkeypatch.setattr(components, "KEEP_LORAS", 2)
+    pipe = loaded.pipe
+    merge(loaded, ())
+    before = snapshot(pipe)
+    files = [write_case("lora", pipe, tmp_path / str(i), seed=20 + i) for i in range(4)]
+    uses = [LoraUse(resolve_lora(str(path), tiny, Settings()), 1.0, 1.0, f"l{i}") for i, (path, _) in enumerate(files)]
+    for use in uses:
+        merge(loaded, (use,))
+    assert len(loaded.extras.loras) == 2 and uses[0].lora.identity_key() not in loaded.extras.loras
+    merge(loaded, (uses[0],))  # read from its file again
+    for (component, layer), (kind, parts) in files[0][1].items():
+        base = before[(component, layer + ".weight")]
+        assert torch.allclose(weight(pipe, component, layer), base + reference(kind, parts, base), atol=2e-5), layer
+    merge(loaded, ())
+    assert all(torch.equal(value, before[key]) for key, value in snapshot(pipe).items())
+
+
+def test_a_merge_that_fails_midway_leaves_the_base_weights_not_half_a_set(loaded, tiny, tmp_path):
+    """A layer whose tensors do not multiply fails the chunk; the next chunk must find the base, not a part."""
+    from gridrender.scheduler.components import Component
+    from gridrender.workers import lora
+    from gridrender.workers.components import use_loras
+
+    pipe = loaded.pipe
+    merge(loaded, ())
+    before = snapshot(pipe)
+    good, _ = write_case("lora", pipe, tmp_path / "good", seed=2)
+    merge(loaded, (LoraUse(resolve_lora(str(good), tiny, Settings()), 1.0, 1.0, "good"),))
+    network = loaded.extras.loras[resolve_lora(str(good), tiny, Settings()).identity_key()]
+    (module, tensors), *rest = network.modules
+    broken = {**tensors, "lora_up.weight": tensors["lora_up.weight"][:, :-1]}  # rank 3 up, rank 4 down
+    bad = lora.Network([*rest, (module, broken)], network.fit)
+    loaded.extras.loras["broken"] = bad
+    component = Component("lora", "broken", "broken", str(good), "broken")
+    with pytest.raises(RuntimeError):
+        use_loras(pipe, loaded.extras, (LoraUse(component, 0.7, 0.7, "broken"),))
+    assert all(torch.equal(value, before[key]) for key, value in snapshot(pipe).items())
+    del loaded.extras.loras["broken"]
+    merge(loaded, ())  # the base is what the worker believes it holds
     assert all(torch.equal(value, before[key]) for key, value in snapshot(pipe).items())
 
 
@@ -328,6 +402,22 @@ def test_lora_tags_a1111_would_fail_on_are_refused(tag):
 def test_two_tags_are_two_loras_in_prompt_order():
     assert [t.name for t in lora_tags("<lora:b:1> x <lora:a:0.5:0>")] == ["b", "a"]
     assert isinstance(lora_tags("<lora:b:1>")[0], LoraTag)
+
+
+@pytest.mark.parametrize("prompt, listed", [("<lora:twice:0.5> a cow <lora:twice:1>", False),
+                                             ("a cow <lora:twice:0.5>", True)])
+def test_a_lora_named_twice_is_refused_at_validate(prompt, listed, loaded, job_file, tmp_path):
+    """networks.py load_networks reuses the one Network of a name and sets its multipliers again for each
+    mention: A1111 applies `<lora:x:0.5> <lora:x:1>` as x twice at 1, not as written."""
+    from gridrender.scheduler.errors import JobError
+    from gridrender.scheduler.plan import prepare
+
+    layers, _, _ = sd1_case("lora", loaded.pipe, 1)
+    path = build.write(tmp_path / "loras" / "twice.safetensors", layers)
+    job = job_file(prompts=[prompt], loras=[{"path": str(path), "weight": 0.8}] if listed else [])
+    with pytest.raises(JobError, match="'twice' is (named twice|also in `loras:`)"):
+        prepare(job, cuda=False, settings=Settings(lora_dir=str(path.parent)))
+    prepare(job_file(prompts=["<lora:twice:0.5> a cow"]), cuda=False, settings=Settings(lora_dir=str(path.parent)))
 
 
 def test_lora_hash_is_a1111s_hash_of_the_tensor_data_or_kohyas_metadata(loaded, tiny, tmp_path):
@@ -437,6 +527,38 @@ def test_an_sdxl_kohya_file_merges_as_a1111_merges_it(sdxl, tmp_path):
             assert torch.allclose(value, base + multiplier * reference(kind, parts, base), atol=2e-5, rtol=1e-4), layer
         else:  # bigG's layer 1 attention (q and v only) is left alone, as A1111 leaves it
             assert torch.equal(value, before[(component_name, name)]), (component_name, name)
+    use_loras(pipe, extras, ())
+    assert all(torch.equal(value, before[key]) for key, value in snapshot(pipe).items())
+
+
+def test_full_diffs_change_biases_as_a1111_and_a_fused_bigg_attention_only_its_out_bias(sdxl, tmp_path):
+    """networks.py network_apply_weights: a layer's bias += multiplier · diff_b; through bigG's fused
+    MultiheadAttention `updown_q, _ = module_q.calc_updown(qw)` drops q, k and v's ex_bias, out's is added."""
+    from gridrender.workers.components import Extras, use_loras
+
+    folder, pipe = sdxl
+    rng = torch.Generator().manual_seed(4)
+    attention = [f"encoder.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    layers = {"lora_te2_text_model_" + p.replace(".", "_"): build.full(tuple(weight(pipe, "text_encoder_2", p).shape),
+                                                                      rng) for p in attention}
+    proj_in = "down_blocks.1.attentions.0.proj_in"
+    layers["lora_unet_input_blocks_4_1_proj_in"] = build.full(tuple(weight(pipe, "unet", proj_in).shape), rng)
+    path = build.write(tmp_path / "full.safetensors", layers)
+    component = resolve_lora(str(path), resolve(str(folder)), Settings())
+    before = snapshot(pipe)
+    extras = Extras()
+    use_loras(pipe, extras, (LoraUse(component, 0.6, 1.4, "full"),))
+    after = snapshot(pipe)
+    diffs = {("text_encoder_2", p): layers["lora_te2_text_model_" + p.replace(".", "_")] for p in attention}
+    diffs[("unet", proj_in)] = layers["lora_unet_input_blocks_4_1_proj_in"]
+    for (component_name, layer), parts in diffs.items():
+        m = 1.4 if component_name == "unet" else 0.6
+        w, b = (component_name, layer + ".weight"), (component_name, layer + ".bias")
+        assert torch.allclose(after[w], before[w] + m * parts["diff"], atol=1e-6), layer
+        if layer.endswith(("q_proj", "k_proj", "v_proj")):
+            assert torch.equal(after[b], before[b]), layer  # A1111 drops their ex_bias
+        else:
+            assert torch.allclose(after[b], before[b] + m * parts["diff_b"], atol=1e-6), layer
     use_loras(pipe, extras, ())
     assert all(torch.equal(value, before[key]) for key, value in snapshot(pipe).items())
 

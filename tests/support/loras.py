@@ -10,6 +10,7 @@ Key names and tensor layouts follow the trainers, not gridrender:
   Tucker `hada_t1` (r, r, k, k) with `hada_w1_a` (r, out) / `hada_w1_b` (r, in); `lokr_w1`
   (a, c) or `lokr_w1_a`/`lokr_w1_b`, `lokr_w2` (b, d[, k, k]) or `lokr_w2_a` (b, r) /
   `lokr_w2_b` (r, d), Tucker `lokr_t2` (r, r, k, k) with `lokr_w2_a` (r, b) / `lokr_w2_b` (r, d).
+- LyCORIS full: `diff` (the weight's difference), `diff_b` (the bias's, where the layer has one).
 - diffusers/PEFT: `unet.<path>.lora_A.weight` (r, in), `.lora_B.weight` (out, r), alpha in
   the `lora_adapter_metadata` diffusers writes.
 """
@@ -86,8 +87,13 @@ def lokr(shape: tuple[int, ...], a: int, c: int, rank: int, rng: torch.Generator
     return parts
 
 
-def full(shape: tuple[int, ...], rng: torch.Generator) -> Parts:
-    return {"diff": _randn(rng, *shape, scale=0.05)}
+def full(shape: tuple[int, ...], rng: torch.Generator, bias: bool = True) -> Parts:
+    """LyCORIS's full module (lycoris/modules/full.py custom_state_dict): `diff`, and `diff_b` where the layer
+    has a bias."""
+    parts = {"diff": _randn(rng, *shape, scale=0.05)}
+    if bias:
+        parts["diff_b"] = _randn(rng, shape[0], scale=0.05)
+    return parts
 
 
 def kohya_unet_sd1(path: str) -> str:

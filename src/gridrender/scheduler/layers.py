@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 UNET, TEXT, TEXT_2 = "unet", "text_encoder", "text_encoder_2"
-Kind = Literal["linear", "conv", "attention"]
+Kind = Literal["linear", "conv", "attention", "norm"]
 
 
 @dataclass(frozen=True)
@@ -31,13 +31,14 @@ class Layer:
     name: str  # A1111's network layer name (underscored original path)
     component: str  # UNET | TEXT | TEXT_2
     path: str  # the diffusers / transformers module path inside the component
-    shape: tuple[int, ...]  # its weight's shape (an attention: one of its four projections)
+    shape: tuple[int, ...]  # its weight's shape (an attention: one of its four projections; a norm: (channels,))
     kind: Kind
     original: str  # the original checkpoint's dotted path, under model.diffusion_model. / the encoder
     # OpenCLIP's projections: A1111 changes them only through their fused attention (its
     # forward never calls out_proj's), named here; q, k and v have no A1111 name of their own.
     attention: str | None = None
     listed: bool = True  # A1111 has a module of this name (its network_layer_mapping)
+    bias: bool = True  # the module has a bias (a full-weight diff's `diff_b` changes it)
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,13 @@ def layer_table(unet: Mapping[str, Any], text_encoders: Sequence[Mapping[str, An
     return LayerTable.of(layers, family)
 
 
+# The UNet's attention projections q, k and v have no bias (diffusers' Attention, LDM's CrossAttention).
+_BIASLESS = (".to_q", ".to_k", ".to_v")
+
+
 def _named(component: str, prefix: str, path: str, original: str, shape: tuple[int, ...], kind: Kind) -> Layer:
-    return Layer(f"{prefix}_{original.replace('.', '_')}", component, path, shape, kind, original)
+    bias = not (component == UNET and path.endswith(_BIASLESS))
+    return Layer(f"{prefix}_{original.replace('.', '_')}", component, path, shape, kind, original, bias=bias)
 
 
 # -- UNet ---------------------------------------------------------------------------------
@@ -84,7 +90,8 @@ def _per_block(value: Any, blocks: int) -> list[Any]:
 
 
 def _unet(config: Mapping[str, Any]) -> _Found:
-    """Every Linear and Conv2d of a UNet2DConditionModel (SD 1.x/2.x, SDXL), as the LDM UNet names it.
+    """Every Linear, Conv2d, GroupNorm and LayerNorm of a UNet2DConditionModel (SD 1.x/2.x, SDXL), as the
+    LDM UNet names it (A1111 patches all four: a LyCORIS file may change norms).
 
     The LDM UNet numbers its blocks flat: input_blocks.0 is conv_in, then per down
     block `layers` resnets (+ attentions) and a downsampler; output_blocks likewise
@@ -102,17 +109,22 @@ def _unet(config: Mapping[str, Any]) -> _Found:
     down_types, up_types = list(config["down_block_types"]), list(config["up_block_types"])
 
     def resnet(ldm: str, path: str, cin: int, cout: int) -> _Found:
+        yield f"{ldm}.in_layers.0", f"{path}.norm1", (cin,), "norm"
         yield f"{ldm}.in_layers.2", f"{path}.conv1", (cout, cin, 3, 3), "conv"
         yield f"{ldm}.emb_layers.1", f"{path}.time_emb_proj", (2 * cout if scale_shift else cout, temb), "linear"
+        yield f"{ldm}.out_layers.0", f"{path}.norm2", (cout,), "norm"
         yield f"{ldm}.out_layers.3", f"{path}.conv2", (cout, cout, 3, 3), "conv"
         if cin != cout:
             yield f"{ldm}.skip_connection", f"{path}.conv_shortcut", (cout, cin, 1, 1), "conv"
 
     def transformer(ldm: str, path: str, c: int, blocks_deep: int, context: int) -> _Found:
         proj: tuple[tuple[int, ...], Kind] = ((c, c), "linear") if linear_proj else ((c, c, 1, 1), "conv")
+        yield f"{ldm}.norm", f"{path}.norm", (c,), "norm"
         yield f"{ldm}.proj_in", f"{path}.proj_in", *proj
         for k in range(blocks_deep):
             ldm_block, block = f"{ldm}.transformer_blocks.{k}", f"{path}.transformer_blocks.{k}"
+            for norm in ("norm1", "norm2", "norm3"):
+                yield f"{ldm_block}.{norm}", f"{block}.{norm}", (c,), "norm"
             for attn, kv in (("attn1", c), ("attn2", context)):
                 for name, width in (("to_q", c), ("to_k", kv), ("to_v", kv)):
                     yield f"{ldm_block}.{attn}.{name}", f"{block}.{attn}.{name}", (c, width), "linear"
@@ -170,6 +182,7 @@ def _unet(config: Mapping[str, Any]) -> _Found:
                        (out, out, 3, 3), "conv")
             index += 1
 
+    yield "out.0", "conv_norm_out", (c0,), "norm"
     yield "out.2", "conv_out", (int(config["out_channels"]), c0, 3, 3), "conv"
 
 
@@ -192,6 +205,9 @@ def _clip(config: Mapping[str, Any]) -> Iterator[tuple[str, tuple[int, ...], Kin
             yield f"encoder.layers.{n}.self_attn.{name}", (width, width), "linear"
         yield f"encoder.layers.{n}.mlp.fc1", (mlp, width), "linear"
         yield f"encoder.layers.{n}.mlp.fc2", (width, mlp), "linear"
+        yield f"encoder.layers.{n}.layer_norm1", (width,), "norm"
+        yield f"encoder.layers.{n}.layer_norm2", (width,), "norm"
+    yield "final_layer_norm", (width,), "norm"
 
 
 def _open_clip(config: Mapping[str, Any]) -> Iterator[Layer]:
@@ -213,3 +229,6 @@ def _open_clip(config: Mapping[str, Any]) -> Iterator[Layer]:
                     f"{original}.attn.out_proj", attention=attention)
         yield Layer(f"{name}_mlp_c_fc", TEXT_2, f"{path}.mlp.fc1", (mlp, width), "linear", f"{original}.mlp.c_fc")
         yield Layer(f"{name}_mlp_c_proj", TEXT_2, f"{path}.mlp.fc2", (width, mlp), "linear", f"{original}.mlp.c_proj")
+        for ln, norm in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2")):
+            yield Layer(f"{name}_{ln}", TEXT_2, f"{path}.{norm}", (width,), "norm", f"{original}.{ln}")
+    yield Layer("1_model_ln_final", TEXT_2, "final_layer_norm", (width,), "norm", "ln_final")

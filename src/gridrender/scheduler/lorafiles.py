@@ -61,6 +61,19 @@ class Module:
         """Whether A1111 scales it by the text-encoder multiplier ('transformer' in sd_key[:20])."""
         return self.layer.component != UNET
 
+    @property
+    def changes_bias(self) -> bool:
+        """Whether A1111 adds the module's bias difference to the layer's bias.
+
+        network_full.py passes `diff_b` on as ex_bias, which network_apply_weights adds
+        (times the multiplier, without the scale) to the layer's bias. Through a fused
+        OpenCLIP attention only the out projection's counts: its q, k and v
+        calc_updown results are taken as `updown_q, _ = ...`, their ex_bias dropped.
+        """
+        if self.type != "full" or "diff_b" not in self.parts:
+            return False
+        return self.layer.attention is None or self.layer.path.endswith(".out_proj")
+
 
 @dataclass(frozen=True)
 class LoraFit:
@@ -133,6 +146,9 @@ def fit_lora(shapes: Mapping[str, list[int]], metadata: Mapping[str, str], table
             unsupported[key] = UNSUPPORTED.get(kind or "", "unknown (keys " + ", ".join(sorted(parts)) + ")")
             continue
         layer = layers[key]
+        if layer.kind == "norm" and kind != "full":  # LyCORIS's norm modules, or low-rank ones A1111 cannot build
+            unsupported[key] = UNSUPPORTED["norm"]
+            continue
         shape = {part: shapes[tensor] for part, tensor in parts.items()}
         problem = _misfit(kind, shape, layer)
         if problem:
@@ -282,40 +298,83 @@ def _dim(kind: str, shape: Mapping[str, list[int]]) -> int | None:
 
 
 def delta_shape(kind: str, shape: Mapping[str, list[int]], layer: Layer) -> list[int] | str:
-    """The shape of A1111's update before it is fitted to the layer, or why A1111 fails on it."""
+    """The shape of A1111's update before it is fitted to the layer, or why A1111 fails on it.
+
+    A1111 catches the RuntimeError of factors that do not multiply and skips the layer;
+    so does gridrender, at `validate`.
+    """
     conv = len(layer.shape) == 4
     if kind == "lora":
         up, down = (shape[p] for p in lora_parts(shape))
+        if "lora_mid.weight" in shape:  # rebuild_cp_decomposition: einsum('n m k l, i n, m j -> i j k l')
+            mid = shape["lora_mid.weight"]
+            if len(mid) != 4 or mid[0] != math.prod(up[1:]) or mid[1] != down[0]:
+                return f"lora_mid {mid} does not join lora_up {up} and lora_down {down}"
+            return [up[0], math.prod(down[1:]), *mid[2:]]
         if math.prod(up[1:]) != down[0]:
             return f"lora_up has rank {math.prod(up[1:])}, lora_down {down[0]}"
-        if "lora_mid.weight" in shape:
-            return [up[0], down[1], *shape["lora_mid.weight"][2:]]
         if conv and len(down) == 4:
             return [up[0], *down[1:]]
         return [up[0], math.prod(down[1:])]
     if kind == "hada":
-        w1a, w1b, w2a, w2b = (shape[p] for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
-        if "hada_t1" in shape:
-            out = [w1a[1], w1b[1], *shape["hada_t1"][2:]]
-        else:
-            out = [w1a[0], w1b[1], *(w1b[2:] if len(w1b) == 4 else [])]
-        second = ([w2a[1], w2b[1], *shape["hada_t2"][2:]] if "hada_t2" in shape
-                  else [w2a[0], math.prod(w2b[1:])])
+        first = _hada_factor(shape, "1")
+        if isinstance(first, str):
+            return first
+        out = first if "hada_t1" in shape else [*first[:1], shape["hada_w1_b"][1], *shape["hada_w1_b"][2:]]
+        second = _hada_factor(shape, "2")
+        if isinstance(second, str):
+            return second
         if math.prod(second) != math.prod(out):
             return f"its two Hadamard factors have {math.prod(out)} and {math.prod(second)} elements"
         return out
     if kind == "lokr":
-        w1 = shape.get("lokr_w1") or [shape["lokr_w1_a"][0], shape["lokr_w1_b"][1]]
+        w1: list[int] | str
+        w2: list[int] | str
+        if "lokr_w1" in shape:
+            w1 = shape["lokr_w1"]
+        else:
+            w1 = _product(shape["lokr_w1_a"], shape["lokr_w1_b"], "lokr_w1")
         if "lokr_w2" in shape:
             w2 = shape["lokr_w2"]
         elif "lokr_t2" in shape:
-            w2 = [shape["lokr_w2_a"][1], shape["lokr_w2_b"][1], *shape["lokr_t2"][2:]]
+            w2 = _tucker(shape["lokr_t2"], shape["lokr_w2_a"], shape["lokr_w2_b"], "lokr_t2")
         elif len(shape["lokr_w2_b"]) == 2:
-            w2 = [shape["lokr_w2_a"][0], shape["lokr_w2_b"][1]]
+            w2 = _product(shape["lokr_w2_a"], shape["lokr_w2_b"], "lokr_w2")
         else:  # network_lokr.py multiplies w2_a @ w2_b, which a 4-D w2_b does not survive
             return "A1111 cannot multiply LoKr's lokr_w2_a by a 4-D lokr_w2_b and skips the layer"
+        if isinstance(w1, str):
+            return w1
+        if isinstance(w2, str):
+            return w2
+        if len(w1) != 2:
+            return f"lokr_w1 {w1} is not a matrix"
         return [w1[0] * w2[0], w1[1] * w2[1], *w2[2:]]
     return list(shape["diff"])
+
+
+def _product(a: list[int], b: list[int], name: str) -> list[int] | str:
+    """The shape of a @ b (2-D factors), or why they do not multiply."""
+    if len(a) != 2 or len(b) != 2 or a[1] != b[0]:
+        return f"{name}_a {a} and {name}_b {b} do not multiply"
+    return [a[0], b[1]]
+
+
+def _tucker(t: list[int], wa: list[int], wb: list[int], name: str) -> list[int] | str:
+    """lyco_helpers.make_weight_cp: einsum('i j k l, j r -> i r k l') with wb, then ('i j k l, i r -> r j k l')
+    with wa: the shape [wa's columns, wb's columns, k, l]."""
+    if len(t) != 4 or len(wa) != 2 or len(wb) != 2 or t[1] != wb[0] or t[0] != wa[0]:
+        return f"{name} {t} does not join its factors {wa} and {wb}"
+    return [wa[1], wb[1], *t[2:]]
+
+
+def _hada_factor(shape: Mapping[str, list[int]], n: str) -> list[int] | str:
+    """One Hadamard factor of network_hada.py: Tucker (hada_tN) or w_a @ w_b (rebuild_conventional, flattened)."""
+    wa, wb = shape[f"hada_w{n}_a"], shape[f"hada_w{n}_b"]
+    if f"hada_t{n}" in shape:
+        return _tucker(shape[f"hada_t{n}"], wa, wb, f"hada_t{n}")
+    if math.prod(wa[1:]) != wb[0]:
+        return f"hada_w{n}_a {wa} and hada_w{n}_b {wb} do not multiply"
+    return [wa[0], math.prod(wb[1:])]
 
 
 def _misfit(kind: str, shape: Mapping[str, list[int]], layer: Layer) -> str | None:
@@ -325,9 +384,16 @@ def _misfit(kind: str, shape: Mapping[str, list[int]], layer: Layer) -> str | No
     if math.prod(out) != math.prod(layer.shape):
         return f"its update has shape {out}, the model's layer {list(layer.shape)}"
     if "dora_scale" in shape:
+        if len(layer.shape) < 2:
+            return "DoRA's column norms need a 2-D or 4-D weight"
         norm = [1, layer.shape[1], *[1] * (len(layer.shape) - 2)]
         if _broadcast(list(layer.shape), shape["dora_scale"], norm) != list(layer.shape):
             return f"its dora_scale {shape['dora_scale']} does not fit the layer {list(layer.shape)}"
+    if "diff_b" in shape:
+        if not layer.bias:  # LyCORIS writes diff_b only for layers with a bias
+            return "its diff_b would give the layer a bias it does not have"
+        if math.prod(shape["diff_b"]) != layer.shape[0]:
+            return f"its diff_b {shape['diff_b']} does not fit the layer's bias [{layer.shape[0]}]"
     if "magnitude" in shape and math.prod(shape["magnitude"]) != layer.shape[0]:
         return f"its lora_magnitude_vector {shape['magnitude']} does not fit the layer {list(layer.shape)}"
     return None
@@ -382,7 +448,7 @@ def _alpha_for(alphas: Mapping[str, tuple[float, dict[str, float]]], key: str) -
         return None
     alpha, pattern = alphas[component]
     for suffix, value in pattern.items():  # PEFT matches alpha_pattern keys as module-name suffixes
-        if re.fullmatch(rf"(.*\.)?{suffix}", path):
+        if re.fullmatch(rf"(.*\.)?({suffix})", path):  # peft.utils.other.get_pattern_key
             return value
     return alpha
 

@@ -64,7 +64,8 @@ def _vae_label(source: str | None) -> str:
 
 # Bump when what a LoRA file renders changes: it is part of the id of every cell using LoRAs.
 # "a1111-merge-1": A1111's key matching and module types, merged into the weights.
-LORA_SEMANTICS = "a1111-merge-1"
+# "a1111-merge-2": a full-weight module's diff_b changes the layer's bias, as in A1111.
+LORA_SEMANTICS = "a1111-merge-2"
 
 
 def _loras_identity(loras: tuple[LoraUse, ...]) -> dict[str, Any] | None:

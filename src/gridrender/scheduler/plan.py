@@ -23,7 +23,7 @@ from .job import Job, SheetLayout
 from .jobfile import load_job
 from .models import ModelSpec
 from .params import AXES, INDEX
-from .prompts import encoder_text, lora_tags, search_replace
+from .prompts import LoraTag, encoder_text, lora_tags, search_replace
 from .settings import Settings, concrete_dtype
 from .storage import Store
 from .stores import open_store
@@ -297,6 +297,7 @@ def resolve_components(job: Job, settings: Settings, notes: list[Problem] | None
     for i, entry in enumerate(job.loras):
         for model in resolved_models.values():
             loras[entry.path] = lora(f"loras.{i}.path", entry.path, model)
+    listed = {found.name for found in loras.values() if found is not None}  # named as the infotext's tags name them
     for sr in job.values_of("prompt_sr"):
         for text in job.values_of("prompts"):
             try:
@@ -304,6 +305,8 @@ def resolve_components(job: Job, settings: Settings, notes: list[Problem] | None
             except ValueError as exc:
                 problems.append(job.problem("prompts", str(exc)))
                 continue
+            if twice := _named_twice(tags, listed):
+                problems.append(job.problem("prompts", twice))
             for tag in tags:
                 if tag.name not in loras:
                     for model in resolved_models.values():
@@ -322,6 +325,23 @@ def resolve_components(job: Job, settings: Settings, notes: list[Problem] | None
         raise job.error(list(dict.fromkeys(problems)))
     return Components(resolved_models, vaes, {k: v for k, v in loras.items() if v is not None}, embeddings or {},
                       upscalers, init_images)
+
+
+def _named_twice(tags: list[LoraTag], listed: set[str]) -> str | None:
+    """Why a prompt names a LoRA A1111 would apply differently than written, or None.
+
+    A1111 loads one network per name (networks.load_networks): a name's every mention applies
+    with its last mention's weights, so `<lora:x:0.5> <lora:x:1>` is x twice at 1.
+    """
+    names = [tag.name for tag in tags]
+    for tag in tags:
+        if names.count(tag.name) > 1:
+            return (f"{tag.written}: LoRA {tag.name!r} is named twice in the prompt; A1111 would apply it twice "
+                    "with the last tag's weights: name each LoRA once")
+        if tag.name in listed:
+            return (f"{tag.written}: LoRA {tag.name!r} is also in `loras:`; A1111 would apply it twice with one "
+                    "mention's weights: name each LoRA in one place")
+    return None
 
 
 def _has_lora_tag(text: str) -> bool:

@@ -1,6 +1,7 @@
 """VAEs, LoRAs and embeddings on a resident pipeline: loaded once, switched between chunks.
 
-The base pipeline never reloads. A LoRA file is read once; switching merges the
+The base pipeline never reloads. A LoRA file is read once while it is among the last
+few used (its tensors as stored, on the CPU); switching merges the
 set's updates into the UNet's and text encoders' weights (`workers/lora.py`), once
 per chunk, and puts the base weights back bit for bit when a set no longer needs
 them, so a chunk after a switch renders what a fresh process would. Alternate VAEs
@@ -29,6 +30,7 @@ from . import lora
 from .clip import EMBEDDING_KEYS, text_transformer
 
 log = logging.getLogger(__name__)
+KEEP_LORAS = 8  # LoRA files kept read beyond the set merged now (a weight axis switches among a few)
 
 
 def local_file(component: Component, settings: Settings | None = None) -> Path:
@@ -52,7 +54,7 @@ def local_file(component: Component, settings: Settings | None = None) -> Path:
 class Extras:
     """What a resident pipeline carries beside its own weights."""
 
-    loras: dict[str, lora.Network] = field(default_factory=dict)  # LoRA identity -> its modules, read once
+    loras: dict[str, lora.Network] = field(default_factory=dict)  # LoRA identity -> its modules, most recent last
     merged: lora.Merged = field(default_factory=lora.Merged)  # what is merged into the weights, and the base
     active: tuple[tuple[str, float, float], ...] = ()  # ((LoRA identity, te, unet), ...) merged now
     table: LayerTable | None = None  # the pipeline's layers as A1111 names them
@@ -90,14 +92,19 @@ def use_loras(pipe: Any, extras: Extras, loras: tuple[LoraUse, ...]) -> None:
         extras.table = pipeline_layers(pipe)
     for use in loras:
         component = use.lora
-        if use.lora.identity_key() not in extras.loras:
+        identity = component.identity_key()
+        network = extras.loras.pop(identity, None)  # re-inserted: the dict's order is the order of use
+        if network is None:
             try:
                 network = lora.load(local_file(component), extras.table)
             except ValueError as exc:
                 raise ModelError(f"LoRA {component.name!r} does not fit the model: {exc}") from None
-            extras.loras[component.identity_key()] = network
             log.info("LoRA %s loaded (%d layers)", component.name, len(network.modules))
+        extras.loras[identity] = network
+    while len(extras.loras) > max(len(loras), KEEP_LORAS):  # a sweep over many LoRAs keeps a few in memory
+        extras.loras.pop(next(iter(extras.loras)))
     networks = [(extras.loras[use.lora.identity_key()], use.te, use.unet) for use in loras]
+    extras.active = ()  # what a failed merge leaves: the base weights (Merged.apply restores them)
     written = extras.merged.apply(lora_roots(pipe), networks)
     extras.active = key
     seconds = time.perf_counter() - start

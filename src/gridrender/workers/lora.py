@@ -10,10 +10,11 @@ re-normalisation, then the multiplier (the text-encoder one for text-encoder lay
 Several LoRAs apply one after another in the order given, each to the weight the
 previous left (network_apply_weights), so DoRA stacks as in A1111.
 
+A full-weight module's `diff_b` is added to the layer's bias (A1111's ex_bias).
 Everything is computed in float32 and cast to the layer's dtype once (A1111 computes in
-the model's dtype, fp16 on most GPUs). A layer's base weight is copied aside the first
-time a LoRA changes it and copied back when a set no longer needs it: bit for bit
-the base, so a resident pipeline never drifts, whatever sets came before.
+the model's dtype, fp16 on most GPUs). A layer's base weight (and bias) is copied aside
+the first time a LoRA changes it and copied back when a set no longer needs it: bit for
+bit the base, so a resident pipeline never drifts, whatever sets came before.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ Tensors = Mapping[str, torch.Tensor]
 
 @dataclass
 class Network:
-    """A LoRA file read for one model: each matched module with its tensors (float32, CPU)."""
+    """A LoRA file read for one model: each matched module with its tensors (as stored, on the CPU)."""
 
     modules: list[tuple[Module, dict[str, torch.Tensor]]]
     fit: LoraFit
@@ -52,7 +53,7 @@ def load(path: Path, table: LayerTable) -> Network:
     modules = []
     with safe_open(str(path), framework="pt") as f:
         for module in fit.modules:
-            modules.append((module, {part: f.get_tensor(name).float() for part, name in module.parts.items()}))
+            modules.append((module, {part: f.get_tensor(name) for part, name in module.parts.items()}))
     return Network(modules, fit)
 
 
@@ -60,7 +61,7 @@ def updown(module: Module, tensors: Tensors, orig: torch.Tensor) -> torch.Tensor
     """The change one module makes to a layer whose weight is `orig`, before the multiplier (float32)."""
     orig = orig.float()
     device = orig.device
-    t = {part: value.to(device) for part, value in tensors.items()}
+    t = {part: value.to(device=device, dtype=torch.float32) for part, value in tensors.items()}
     if module.type == "lora":
         delta, shape = _lora(t, orig)
     elif module.type == "hada":
@@ -176,43 +177,69 @@ def _peft_dora(delta: torch.Tensor, orig: torch.Tensor, magnitude: torch.Tensor)
 
 
 Applied = tuple[Network, float, float]  # (network, text-encoder multiplier, UNet multiplier)
+Where = tuple[str, str, str]  # (component, layer path, "weight" | "bias")
 
 
 @dataclass
 class Merged:
-    """The LoRA set merged into a pipeline's layers now, and their base weights to go back to."""
+    """The LoRA set merged into a pipeline's layers now, and their base tensors to go back to."""
 
-    backups: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (component, path) -> base weight
-    changed: set[tuple[str, str]] = field(default_factory=set)  # layers that differ from their base now
+    backups: dict[Where, torch.Tensor] = field(default_factory=dict)  # a layer's base weight or bias
+    changed: set[Where] = field(default_factory=set)  # tensors that differ from their base now
 
     def apply(self, roots: Mapping[str, torch.nn.Module], networks: Sequence[Applied]) -> int:
-        """Make the layers hold base + these networks (none: the base, bit for bit). Returns layers written."""
-        wanted: dict[tuple[str, str], list[tuple[Module, dict[str, torch.Tensor], float]]] = {}
+        """Make the layers hold base + these networks (none: the base, bit for bit). Returns tensors written.
+
+        A weight takes each module's update in turn (network_apply_weights: DoRA sees the
+        weight the previous LoRA left); a bias takes each full-weight module's `diff_b`
+        times the multiplier, unscaled (finalize_updown's ex_bias).
+        """
+        wanted: dict[Where, list[tuple[Module, dict[str, torch.Tensor], float]]] = {}
         for network, te, unet in networks:
             for module, tensors in network.modules:
                 multiplier = te if module.text_encoder else unet
-                if multiplier != 0.0:
-                    wanted.setdefault((module.layer.component, module.layer.path), []).append((module, tensors, multiplier))
+                if multiplier == 0.0:
+                    continue
+                component, path = module.layer.component, module.layer.path
+                wanted.setdefault((component, path, "weight"), []).append((module, tensors, multiplier))
+                if module.changes_bias:
+                    wanted.setdefault((component, path, "bias"), []).append((module, tensors, multiplier))
         written = 0
-        with torch.no_grad():
-            for where in self.changed - wanted.keys():
-                self._weight(roots, where).copy_(self.backups[where])
-                written += 1
-            for where, items in wanted.items():
-                weight = self._weight(roots, where)
-                if where not in self.backups:  # the first change to this layer: keep its base weight
-                    self.backups[where] = weight.detach().clone()
-                merged = self.backups[where].float()
-                for module, tensors, multiplier in items:
-                    merged = merged + multiplier * updown(module, tensors, merged)
-                weight.copy_(merged.to(weight.dtype))
-                written += 1
+        touched: set[Where] = set()
+        try:
+            with torch.no_grad():
+                for where in self.changed - wanted.keys():
+                    self._tensor(roots, where).copy_(self.backups[where])
+                    written += 1
+                for where, items in wanted.items():
+                    tensor = self._tensor(roots, where)
+                    if where not in self.backups:  # the first change to this tensor: keep its base
+                        self.backups[where] = tensor.detach().clone()
+                    merged = self.backups[where].float()
+                    for module, tensors, multiplier in items:
+                        if where[2] == "weight":
+                            merged = merged + multiplier * updown(module, tensors, merged)
+                        else:
+                            merged = merged + multiplier * tensors["diff_b"].to(merged).reshape(merged.shape)
+                    touched.add(where)
+                    tensor.copy_(merged.to(tensor.dtype))
+                    written += 1
+        except BaseException:
+            self.restore(roots, touched)  # never a half-merged set left for the next chunk
+            raise
         self.changed = set(wanted)
         return written
 
+    def restore(self, roots: Mapping[str, torch.nn.Module], also: set[Where] | None = None) -> None:
+        """Put every tensor this set (and `also`) changed back to its base, bit for bit."""
+        with torch.no_grad():
+            for where in self.changed | (also or set()):
+                self._tensor(roots, where).copy_(self.backups[where])
+        self.changed = set()
+
     @staticmethod
-    def _weight(roots: Mapping[str, torch.nn.Module], where: tuple[str, str]) -> torch.Tensor:
-        component, path = where
-        weight = roots[component].get_submodule(path).weight
-        assert isinstance(weight, torch.Tensor)
-        return weight
+    def _tensor(roots: Mapping[str, torch.nn.Module], where: Where) -> torch.Tensor:
+        component, path, name = where
+        tensor = getattr(roots[component].get_submodule(path), name)
+        assert isinstance(tensor, torch.Tensor), f"{component}.{path} has no {name}"
+        return tensor

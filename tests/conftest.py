@@ -11,6 +11,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each test process and the workers and CLIs it starts get one thread: the processes run side
+    # by side on few cores, and OpenMP threads spinning against each other cost more than they give.
+    # Set before anything imports torch, so in-process and subprocess renders round alike.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):

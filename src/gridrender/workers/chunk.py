@@ -25,7 +25,7 @@ from gridrender.scheduler.models import ModelSpec
 from gridrender.scheduler.storage import Store
 
 from .records import save
-from .render import Rendered, Renderer
+from .render import CellsFailed, Rendered, Renderer
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +121,15 @@ def render_and_store(
 
 def _render_splitting(renderer: Renderer, model: ModelSpec, batch: list[Cell], embeddings, result: ChunkResult,
                       pad_to: int | None = None) -> list[Rendered]:
-    """Render a batch padded to `pad_to` cells; on OOM, as two halves, unpadded."""
+    """Render a batch padded to `pad_to` cells; on OOM, as two halves, unpadded.
+
+    Cells that produced NaN/inf fail alone: the batch's other cells are returned and stored.
+    """
     try:
         return renderer.render(model, batch, embeddings, pad_to)
+    except CellsFailed as exc:
+        result.failed.update(exc.failed)
+        return exc.rendered
     except torch.OutOfMemoryError:
         if len(batch) == 1:
             raise

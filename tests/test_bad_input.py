@@ -100,3 +100,21 @@ def test_random_bytes_raise_only_job_errors(raw):
         parse_job(raw)
     except JobError:
         pass
+
+
+def test_a_template_of_ten_billion_prompts_is_counted_not_expanded(tmp_path, sandbox):
+    """10**10 prompts from a 200-byte prompt: refused on the key within seconds, none of them expanded."""
+    import time
+
+    prompt = " ".join(["{a|b}"] * 29 + ["{2$$x|y|{z|w}}", "__colors__"])  # nested groups, k$$ picks, a wildcard
+    (tmp_path / "wildcards").mkdir()
+    (tmp_path / "wildcards" / "colors.txt").write_text("red\nblue\n")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"name": "bad", "model": "builtin:tiny", "prompts": [prompt]}))
+    assert len(prompt) < 200
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["validate", str(path)], env={"GRIDRENDER_WILDCARD_DIR": str(tmp_path / "wildcards")})
+    assert result.exit_code == 2, result.output
+    assert "prompts.0: the template expands to 10,737,418,240 prompts" in result.output, result.output
+    assert "prompt_samples" in result.output
+    assert time.perf_counter() - started < 10

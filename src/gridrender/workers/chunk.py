@@ -3,8 +3,9 @@
 Used by `gridrender run` and by the Celery task alike:
 1. check which cells are already stored (in parallel: each check is a round trip),
 2. encode every distinct prompt once for the whole chunk,
-3. render batches; PNG encoding and uploads run on a small thread pool with a
-   bounded queue while the GPU renders the next batch,
+3. render batches, each batch's cells checked in storage again first (a redelivered
+   copy of this chunk may be storing them meanwhile); PNG encoding and uploads run
+   on a small thread pool with a bounded queue while the GPU renders the next batch,
 4. wait for every write: a failed upload fails its cell; nothing is dropped.
 A batch that runs out of GPU memory is split in half and retried.
 """
@@ -52,10 +53,14 @@ class ChunkResult:
 
 
 class Writer:
-    """A bounded background pool for PNG encoding and uploads."""
+    """A bounded background pool for PNG encoding and uploads, and one for presence checks.
+
+    Checks have their own threads: a batch's check never waits behind the uploads queued before it.
+    """
 
     def __init__(self, threads: int = IO_THREADS, depth: int = IO_QUEUE):
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="gridrender-io")
+        self.checks = ThreadPoolExecutor(threads, thread_name_prefix="gridrender-check")
         self.slots = threading.BoundedSemaphore(depth)
 
     def submit(self, fn: Callable, *args) -> Future:
@@ -65,9 +70,10 @@ class Writer:
         return future
 
     def map(self, fn: Callable, items: list) -> list:
-        return list(self.pool.map(fn, items))
+        return list(self.checks.map(fn, items))
 
     def close(self) -> None:
+        self.checks.shutdown(wait=True)
         self.pool.shutdown(wait=True)  # pending writes finish: nothing is lost on shutdown
 
 
@@ -98,7 +104,16 @@ def render_and_store(
         on_batch(len(todo))
         return result
     pending: list[tuple[Cell, Future]] = []
-    for batch in renderer.batches(todo, batch_size, embeddings):
+    for index, batch in enumerate(renderer.batches(todo, batch_size, embeddings)):
+        size = len(batch)
+        if index:  # the first batch was checked a moment ago
+            batch = _still_missing(writer, store, batch, copies, result)
+            if len(batch) < size:
+                log.info("%d cells of %s were stored by another copy of this chunk meanwhile; skipped",
+                         size - len(batch), job)
+            if not batch:
+                on_batch(size)
+                continue
         try:
             for rendered in _render_splitting(renderer, model, batch, embeddings, result, batch_size):
                 result.rendered += 1
@@ -106,7 +121,7 @@ def render_and_store(
         except Exception as exc:  # this batch fails; the rest of the chunk goes on
             log.error("batch of %d cells of %s failed: %s", len(batch), job, exc)
             result.failed.update({c.id: f"{type(exc).__name__}: {exc}" for c in batch})
-        on_batch(len(batch))
+        on_batch(size)
     for cell, future in pending:
         try:
             future.result()
@@ -117,6 +132,14 @@ def render_and_store(
     log.info("chunk of %s: %d cells rendered, %d stored, %d already stored, %d failed; %d encoder pass(es)",
              job, result.rendered, len(result.stored), result.present, len(result.failed), result.encoder_passes)
     return result
+
+
+def _still_missing(writer: Writer, store: Store, batch: list[Cell], copies: Counter,
+                   result: ChunkResult) -> list[Cell]:
+    """The batch's cells not stored yet; those stored since the chunk started count as present."""
+    stored = writer.map(lambda c: store.exists(layout.cell_record(c.id)), batch)
+    result.present += sum(copies[c.id] for c, done in zip(batch, stored, strict=True) if done)
+    return [c for c, done in zip(batch, stored, strict=True) if not done]
 
 
 def _render_splitting(renderer: Renderer, model: ModelSpec, batch: list[Cell], embeddings, result: ChunkResult,

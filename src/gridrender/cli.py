@@ -165,9 +165,11 @@ def submit(
     """Fan the job's missing cells out to workers through the broker."""
     from gridrender.scheduler.broker import shared_app
     from gridrender.scheduler.plan import check_output, prepare
+    from gridrender.scheduler.rates import from_broker
+    from gridrender.scheduler.settings import Settings
     from gridrender.scheduler.submit import submit as fan_out
 
-    plan = prepare(job, cuda=None, output=output)
+    plan = prepare(job, cuda=None, output=output, rate_of=from_broker(Settings()))  # chunks sized by workers' rate
     store = check_output(plan)
     warn(plan.warnings)
     sent = fan_out(plan, store, shared_app(), queue)

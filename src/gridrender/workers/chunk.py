@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,6 +43,7 @@ class ChunkResult:
     failed: dict[str, str] = field(default_factory=dict)
     oom_splits: int = 0
     encoder_passes: int = 0
+    render_seconds: float = 0.0  # spent rendering: rendered / render_seconds is the rate rates.publish takes
 
     def add(self, other: ChunkResult) -> None:
         self.rendered += other.rendered
@@ -50,6 +52,7 @@ class ChunkResult:
         self.failed.update(other.failed)
         self.oom_splits += other.oom_splits
         self.encoder_passes += other.encoder_passes
+        self.render_seconds += other.render_seconds
 
 
 class Writer:
@@ -114,6 +117,7 @@ def render_and_store(
             if not batch:
                 on_batch(size)
                 continue
+        started = time.perf_counter()
         try:
             for rendered in _render_splitting(renderer, model, batch, embeddings, result, batch_size):
                 result.rendered += 1
@@ -121,6 +125,7 @@ def render_and_store(
         except Exception as exc:  # this batch fails; the rest of the chunk goes on
             log.error("batch of %d cells of %s failed: %s", len(batch), job, exc)
             result.failed.update({c.id: f"{type(exc).__name__}: {exc}" for c in batch})
+        result.render_seconds += time.perf_counter() - started
         on_batch(size)
     for cell, future in pending:
         try:

@@ -100,3 +100,38 @@ def test_random_bytes_raise_only_job_errors(raw):
         parse_job(raw)
     except JobError:
         pass
+
+
+def test_a_template_of_ten_billion_prompts_is_counted_not_expanded(tmp_path, sandbox):
+    """10**10 prompts from a 200-byte prompt: refused on the key within seconds, none of them expanded."""
+    import time
+
+    prompt = " ".join(["{a|b}"] * 29 + ["{2$$x|y|{z|w}}", "__colors__"])  # nested groups, k$$ picks, a wildcard
+    (tmp_path / "wildcards").mkdir()
+    (tmp_path / "wildcards" / "colors.txt").write_text("red\nblue\n")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"name": "bad", "model": "builtin:tiny", "prompts": [prompt]}))
+    assert len(prompt) < 200
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["validate", str(path)], env={"GRIDRENDER_WILDCARD_DIR": str(tmp_path / "wildcards")})
+    assert result.exit_code == 2, result.output
+    assert "prompts.0: the template expands to 10,737,418,240 prompts" in result.output, result.output
+    assert "prompt_samples" in result.output
+    assert time.perf_counter() - started < 10
+
+
+def test_messages_print_prompts_literally_never_as_markup(tmp_path, sandbox):
+    """Rich markup ate `[worst quality]` and crashed on `[/x]` (exit 1, a traceback): text prints as written."""
+    fine = tmp_path / "fine.yaml"
+    fine.write_text(yaml.safe_dump({"name": "fine", "model": "builtin:tiny", "prompts": ["a cow [/x], [worst quality] :cow:"],
+                                    "negative_prompt": "[bold]lowres[/bold]"}))
+    result = CliRunner().invoke(app, ["validate", str(fine)])
+    assert result.exit_code == 0, result.output
+    assert "'a cow [/x], [worst quality] :cow:'" in result.output and "'[bold]lowres[/bold]'" in result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "bad", "model": "builtin:tiny", "prompts": ["[a:b:0.5] [/x] [red]"]}))
+    for command in ("validate", "run", "submit"):
+        result = CliRunner().invoke(app, [command, str(bad)])
+        assert result.exit_code == 2, (command, result.output)
+        assert "prompts.0: prompt editing '[a:b:0.5]' ([from:to:when])" in result.output, result.output
+        assert "escape the brackets as \\[ \\] for literal text" in result.output and "Traceback" not in result.output

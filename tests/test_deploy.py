@@ -141,3 +141,108 @@ def test_the_validators_do_reject_broken_files():
     deployment["spec"]["template"]["spec"]["containers"][0]["resourcez"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+# -- locked down: loopback ports, Flower's password, a bucket-scoped S3 user, placeholders refused -----
+
+def compose() -> dict:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+def env_example() -> dict[str, str]:
+    lines = (DEPLOY / ".env.example").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+
+
+def shell(script: str, env: dict, compose_escapes: bool = False, cwd: Path | None = None):
+    """Run a deploy/ shell snippet with sh, as the container would (compose turns `$$` into `$`)."""
+    import os
+    import subprocess
+
+    if compose_escapes:
+        script = script.replace("$$", "$")
+    return subprocess.run(["sh", "-c", script], env={"PATH": os.environ["PATH"], **env}, capture_output=True,
+                          text=True, timeout=30, cwd=cwd)
+
+
+def test_compose_publishes_consoles_on_loopback_only_and_flower_asks_for_a_password():
+    services = compose()["services"]
+    published = {name: s["ports"] for name, s in services.items() if s.get("ports")}
+    assert {"minio", "flower"} <= published.keys()
+    for name, ports in published.items():
+        assert all(str(p).startswith("127.0.0.1:") for p in ports), (name, ports)
+    auth = services["flower"]["environment"]["FLOWER_BASIC_AUTH"]
+    assert "${FLOWER_PASSWORD:?" in auth and auth.startswith("${FLOWER_USER")
+
+
+def test_compose_workers_use_a_bucket_scoped_minio_user_made_by_minio_init(tmp_path):
+    data = compose()
+    shared = data["x-gridrender-env"]
+    assert shared["AWS_ACCESS_KEY_ID"].startswith("${MINIO_WORKER_USER:?")
+    assert shared["AWS_SECRET_ACCESS_KEY"].startswith("${MINIO_WORKER_PASSWORD:?")
+    for name, service in data["services"].items():  # root credentials stay with MinIO and its init
+        if name not in ("minio", "minio-init", "preflight"):
+            assert "MINIO_ROOT" not in yaml.safe_dump(service), name
+    # minio-init's script, run against a stand-in `mc` that records each call
+    (tmp_path / "mc").write_text('#!/bin/sh\necho "$*" >> "$MC_LOG"\n'
+                                 '[ "$1 $2 $3" = "admin policy create" ] && cp "$6" "$MC_LOG.policy"\nexit 0\n')
+    (tmp_path / "mc").chmod(0o755)
+    script = data["services"]["minio-init"]["command"][0].replace("/tmp/", f"{tmp_path}/")
+    env = {"MINIO_ROOT_USER": "root", "MINIO_ROOT_PASSWORD": "root-secret-123", "MINIO_WORKER_USER": "worker",
+           "MINIO_WORKER_PASSWORD": "worker-secret-123", "S3_BUCKET": "renders", "MC_LOG": str(tmp_path / "log")}
+    import os
+
+    result = shell(script, {**env, "PATH": f"{tmp_path}:{os.environ['PATH']}"}, compose_escapes=True)
+    assert result.returncode == 0, result.stderr
+    calls = (tmp_path / "log").read_text().splitlines()
+    assert calls[0] == "alias set local http://minio:9000 root root-secret-123"
+    assert "admin user add local worker worker-secret-123" in calls
+    assert calls[-1] == "admin policy attach local gridrender-bucket --user worker"
+    policy = json.loads((tmp_path / "log.policy").read_text())
+    resources = {r for statement in policy["Statement"] for r in statement["Resource"]}
+    actions = {a for statement in policy["Statement"] for a in statement["Action"]}
+    assert resources == {"arn:aws:s3:::renders", "arn:aws:s3:::renders/*"}
+    assert "s3:*" not in actions and not any(a.startswith(("admin:", "s3:Delete")) for a in actions)
+    assert {"s3:GetObject", "s3:PutObject", "s3:ListBucket"} <= actions  # what S3Store calls
+
+
+def test_compose_refuses_change_me_placeholders_before_anything_starts():
+    services = compose()["services"]
+
+    def needs(name: str) -> set[str]:
+        direct = set(services[name].get("depends_on", {}))
+        return direct.union(*(needs(d) for d in direct)) if direct else set()
+
+    assert all("preflight" in needs(name) for name in services if name != "preflight")
+    check = services["preflight"]["command"][0]
+    example = env_example()
+    secrets = {k: v for k, v in example.items() if "PASSWORD" in k}
+    assert set(secrets) == set(services["preflight"]["environment"])  # every password is checked
+    refused = shell(check, secrets, compose_escapes=True)  # the example as it ships cannot start
+    assert refused.returncode == 1 and "is still the placeholder of .env.example" in refused.stderr
+    real = {k: f"{k.lower()}-0123456789" for k in secrets}
+    assert shell(check, real, compose_escapes=True).returncode == 0
+    for name in secrets:
+        for bad in ("CHANGE-ME-please-now", "my-changeme-secret", "short"):
+            result = shell(check, {**real, name: bad}, compose_escapes=True)
+            assert result.returncode == 1 and name in result.stderr, (name, bad)
+
+
+def test_kubernetes_pods_refuse_a_secret_with_placeholders():
+    secret = next(yaml.safe_load_all((DEPLOY / "k8s" / "secret.example.yaml").read_text()))["stringData"]
+    real = {"REDIS_PASSWORD": "r3dis-password-long", "GRIDRENDER_BROKER_URL": "redis://:r3dis-password-long@redis:6379/0",
+            "AWS_ACCESS_KEY_ID": "gridrender-worker", "AWS_SECRET_ACCESS_KEY": "s3-secret-long-enough"}
+    for manifest, kind in (("worker.yaml", "Deployment"), ("submit-job.yaml", "Job")):
+        pod = next(d for d in yaml.safe_load_all((DEPLOY / "k8s" / manifest).read_text()) if d["kind"] == kind)
+        (init,) = pod["spec"]["template"]["spec"]["initContainers"]
+        assert init["envFrom"] == [{"secretRef": {"name": "gridrender"}}] and init["command"] == ["/bin/sh", "-c"]
+        refused = shell(init["args"][0], secret)
+        assert refused.returncode == 1 and "change-me placeholder" in refused.stderr, (manifest, refused.stderr)
+        assert shell(init["args"][0], real).returncode == 0, manifest
+        assert shell(init["args"][0], {**real, "AWS_SECRET_ACCESS_KEY": "ChangeMe"}).returncode == 1
+    redis_pod = next(d for d in yaml.safe_load_all((DEPLOY / "k8s" / "redis.yaml").read_text()) if d["kind"] == "StatefulSet")
+    start = redis_pod["spec"]["template"]["spec"]["containers"][0]["args"][2]
+    refused = shell(start, {"REDIS_PASSWORD": secret["REDIS_PASSWORD"]})
+    assert refused.returncode == 1 and "placeholder" in refused.stderr
+    started = shell(start.replace("exec redis-server", "echo would run redis-server"), {"REDIS_PASSWORD": real["REDIS_PASSWORD"]})
+    assert started.returncode == 0 and "--requirepass r3dis-password-long" in started.stdout

@@ -167,3 +167,35 @@ def test_sigterm_mid_chunk_finishes_the_chunk(cluster, job_file):
     assert redis.Redis.from_url(cluster.env["GRIDRENDER_BROKER_URL"]).llen(SHARED) == 0
     assert_each_cell_once(cluster, 24)
     print("sigterm: worker exited 0 with 24/24 cells stored, queue empty")
+
+
+def test_a_redelivered_copy_skips_cells_the_other_copy_stored_after_it_started(renderer, tiny, tmp_path):
+    """Redis redelivers a chunk that runs past the visibility timeout: two copies run at once. The one
+    that started first re-checks storage before each batch, so no cell is rendered twice."""
+    from gridrender.scheduler.grid import make_cell
+    from gridrender.scheduler.storage import LocalStore
+    from gridrender.workers.chunk import Writer, render_and_store
+
+    cells = [make_cell(tiny, prompt="a cow", negative_prompt="", clip_skip=1, seed=s, sampler="Euler a", steps=2,
+                       guidance=7.0, width=64, height=64, dtype="float32") for s in range(4)]
+    store, first_writer, second_writer = LocalStore(tmp_path), Writer(), Writer()
+    second = []
+
+    def redelivered(done: int) -> None:  # once the first copy's first cell is stored, the second copy runs
+        if not second:
+            deadline = time.monotonic() + 30
+            while not store.exists(f"cells/{cells[0].id}.json"):
+                assert time.monotonic() < deadline, "the first copy's first cell was never stored"
+                time.sleep(0.05)
+            second.append(render_and_store(renderer, second_writer, store, tiny, cells, 1, "redelivered"))
+
+    try:
+        first = render_and_store(renderer, first_writer, store, tiny, cells, 1, "redelivered", on_batch=redelivered)
+    finally:
+        first_writer.close()
+        second_writer.close()
+    assert not first.failed and not second[0].failed
+    assert first.rendered + second[0].rendered == 4  # every cell rendered exactly once
+    assert first.rendered == 1 and first.present == 3 and second[0].rendered == 3
+    assert sorted(first.stored + second[0].stored) == sorted(c.id for c in cells)
+    assert len(list((tmp_path / "cells").glob("*.png"))) == 4

@@ -118,3 +118,45 @@ def test_chunks_are_runs_of_one_call_and_their_ids_are_stable():
     assert [c.id for chunk in chunks for c in chunk] == [c.id for c in all_cells]
     assert all(len({c.call_key() for c in chunk}) == 1 and len(chunk) <= 5 for chunk in chunks)
     assert [grid.chunk_id(c) for c in chunks] == [grid.chunk_id(c) for c in grid.chunked(cells(), 5)]
+
+
+# -- chunks sized by expected duration ----------------------------------------------------------
+
+
+def test_chunks_stay_well_under_the_grace_and_visibility_timeout_at_any_rate():
+    """5·10^6 cells made 2,442-cell chunks: 58 min at 0.7 cells/s, past the 3600 s visibility timeout."""
+    from gridrender.scheduler.rates import MAX_CHUNK_CELLS, chunk_size
+    from gridrender.scheduler.settings import Settings
+
+    settings = Settings()
+    grace, visibility = 600, settings.visibility_timeout
+    for rate in (0.01, 0.1, 0.7, 5.0, 40.0, 1000.0):
+        size = chunk_size(5_000_000, settings, rate)
+        assert 1 <= size <= MAX_CHUNK_CELLS and size / rate <= settings.chunk_seconds <= grace / 2, rate
+    assert chunk_size(5_000_000, settings, 0.1) == 30 and chunk_size(5_000_000, settings, 5.0) == 1500
+    unknown = chunk_size(5_000_000, settings)  # no rate measured: the assumed (conservative) one
+    assert unknown / 0.1 < visibility / 2  # even a 0.1 cells/s worker finishes it long before a redelivery
+    assert chunk_size(100, settings) == settings.chunk_cells  # small jobs keep the configured size
+    assert chunk_size(5_000_000, Settings(visibility_timeout=400), 5.0) == 500  # a quarter of a short timeout
+
+
+def test_submit_sizes_chunks_from_the_rate_workers_publish_and_recovery_keeps_them(redis_url, tmp_path):
+    import redis
+
+    from gridrender.scheduler import rates
+    from gridrender.scheduler.plan import Plan, prepare
+    from gridrender.scheduler.settings import Settings
+
+    text = f"name: big\nmodel: builtin:tiny\nprompts: [a cow]\nseeds: {{start: 0, count: 500000}}\noutput: {tmp_path}\n"
+    (tmp_path / "job.yaml").write_text(text)
+    settings = Settings(broker_url=redis_url)
+    before = prepare(tmp_path / "job.yaml", cuda=False, settings=settings, rate_of=rates.from_broker(settings))
+    assert before.chunk_cells == 150  # nothing published: the assumed 0.5 cells/s
+    client = redis.Redis.from_url(redis_url)
+    assert rates.publish(client, before.model, "float32", 12, 120.0) == 0.1  # a worker: 12 cells in 120 s
+    plan = prepare(tmp_path / "job.yaml", cuda=False, settings=settings, rate_of=rates.from_broker(settings))
+    assert plan.chunk_cells == 30 and len(next(plan.chunks()).cells) == 30  # 300 s at 0.1 cells/s
+    rates.publish(client, plan.model, "float32", 100, 1.0)  # faster workers later on...
+    again = Plan.from_resolved(plan.job, plan.resolved())  # ...change nothing for this submission's chunks
+    assert again.partition == plan.partition and next(again.chunks()).id == next(plan.chunks()).id
+    client.close()

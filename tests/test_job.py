@@ -147,3 +147,27 @@ def test_validate_rejects_with_exit_2_and_writes_nothing(job_file, tmp_path):
     result = cli("run", str(path))
     assert result.returncode == 2
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("template", ["{a|b} {c|d|e}", "{a|{b|c}}", "{2$$a|b|c}", "{1-2$$a|b|c}", "{0-2$$a|b}",
+                                      "{2$$a|{b|c}|d}", "__colors__", "__animals__ and {x|y}", "{2$$__colors__}",
+                                      "{~a|b} {c|d}", "${v={a|b}} ${v} ${v}", "${v=!{a|b}} ${v} ${v}", "plain"])
+def test_templates_are_counted_as_the_library_expands_them(template, tmp_path):
+    from dynamicprompts.generators import CombinatorialPromptGenerator
+    from dynamicprompts.wildcards import WildcardManager
+
+    from gridrender.scheduler.dynamic import count_variants
+
+    (tmp_path / "colors.txt").write_text("red\nblue\n{light|dark} green\n")
+    (tmp_path / "animals.txt").write_text("cat\ndog\n__colors__ bird\n")
+    wildcards = WildcardManager(tmp_path)
+    expanded = CombinatorialPromptGenerator(wildcards).generate(template, max_prompts=None)
+    assert count_variants(template, wildcards, cap=10**6) == len(expanded)
+    assert count_variants(template, wildcards, cap=2) == min(2, len(expanded))
+
+
+def test_template_prompts_share_the_cell_limit_with_the_other_axes():
+    text = b"name: a\nmodel: builtin:tiny\nprompts: ['{a|b} {c|d} {e|f}']\nseeds: {start: 0, count: 200}\n"
+    assert parse_job(text, settings=Settings(max_cells=1600)).cell_count() == 1600
+    with pytest.raises(JobError, match=r"prompts\.0: the template expands to 8 prompts.*over the limit of 1,000"):
+        parse_job(text, settings=Settings(max_cells=1000))

@@ -393,7 +393,10 @@ def test_lora_tags_read_as_a1111_reads_them(tag, expected):
 
 
 @pytest.mark.parametrize("tag", ["<lora:detail:lots>", "<lora:detail:inf>", "<lora:detail:nan>",
-                                 "<lora:detail:1:1:8>", "<lora:detail:dyn=8>", "<lora::1>"])
+                                 "<lora:detail:1:1:8>", "<lora:detail:dyn=8>", "<lora::1>",
+                                 "<lora:detail:1e30>", "<lora:detail:-11>", "<lora:detail:0.5:-1e6>",
+                                 "<lora:detail:0.5:nan>", "<lora:detail:te=inf>", "<lora:detail:unet=-inf>",
+                                 "<lora:detail:unet=1e308>"])
 def test_lora_tags_a1111_would_fail_on_are_refused(tag):
     with pytest.raises(ValueError, match="lora"):
         lora_tags(tag)

@@ -211,3 +211,37 @@ def test_single_file_and_folder_records_reproduce(tiny_folder, job_file, tmp_pat
             record.write_text(json.dumps(data))
         refused = cli("reproduce", str(record))
         assert refused.returncode == 2 and "not the recorded one" in refused.stderr, refused.stderr
+
+
+def test_a_model_file_replaced_mid_job_fails_its_cells_on_the_next_load(renderer, tiny, tiny_folder, tmp_path):
+    """The worker evicts the model, the file is replaced on disk (same size, mtime set back), the next
+    chunk reloads it: the sha256 is checked again on that load, the cells fail, nothing is stored."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    from gridrender.scheduler.storage import LocalStore
+    from gridrender.workers.chunk import Writer, render_and_store
+
+    path = write_single_file(tiny_folder, tmp_path / "model.safetensors")
+    model = resolve(str(path))
+    store, writer = LocalStore(tmp_path / "out"), Writer()
+    try:
+        first = render_and_store(renderer, writer, store, model, [_cell(model, seed=1)], 1, "t")
+        assert first.failed == {} and len(first.stored) == 1
+        renderer.render(tiny, [_cell(tiny)])  # another model's chunk: this one is evicted (one resident)
+        original, stat = path.read_bytes(), path.stat()
+        tensors = load_file(path)
+        name = next(k for k in tensors if k.endswith("conv_out.bias"))
+        tensors[name] = tensors[name] + 1  # other weights, same shapes: the same size on disk
+        save_file(tensors, str(path))
+        assert path.stat().st_size == stat.st_size
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even the mtime says nothing changed
+        again = render_and_store(renderer, writer, store, model, [_cell(model, seed=2)], 1, "t")
+        (why,) = again.failed.values()
+        assert "changed on disk" in why and model.sha256 in why and again.stored == []
+        assert len(list((tmp_path / "out" / "cells").glob("*.png"))) == 1
+        path.write_bytes(original)  # the submitted file back: it renders again
+        assert render_and_store(renderer, writer, store, model, [_cell(model, seed=2)], 1, "t").failed == {}
+    finally:
+        writer.close()

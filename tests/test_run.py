@@ -120,3 +120,28 @@ def test_status_and_finalize_by_name(job_file, tmp_path):
     assert final.returncode == 0 and "4/4" in final.stdout
     missing = cli("status", "nope", "--output", str(tmp_path / "out"))
     assert missing.returncode == 2
+
+
+# An emphasis weight that overflows float32 makes the cell's conditioning NaN (as A1111's "Original"
+# emphasis does: the row's mean restored by dividing by an infinite mean).
+OVERFLOWING = "(a cow:1" + "0" * 38 + ")"
+
+
+def test_a_nan_cell_fails_alone_and_is_never_stored(job_file, tmp_path):
+    """A1111 stops with "A tensor with all NaNs was produced"; here the cell fails with that reason, nothing
+    is stored under its id, and the other cells of its batch (first pass and hires pass) land."""
+    path = job_file(prompts=["a cow", OVERFLOWING], clip_skip=1, seeds=[1], sampler="Euler",
+                    hires={"scale": 2, "upscaler": "Latent", "steps": 2, "denoise": 0.5, "prompt": ["a cow", OVERFLOWING]})
+    result = cli("run", str(path))
+    assert result.returncode == 1, result.stderr
+    failed = [line for line in result.stderr.splitlines() if line.startswith("failed ")]
+    assert sum("NaN/inf latents (first pass" in line for line in failed) == 2
+    assert sum("NaN/inf latents (hires pass" in line for line in failed) == 1 and len(failed) == 3
+    out = tmp_path / "out"
+    manifest = [json.loads(line) for line in (out / "jobs" / "t" / "manifest.jsonl").read_text().splitlines()]
+    done = [m for m in manifest if m["status"] == "done"]
+    assert len(manifest) == 4 and len(done) == 1 and done[0]["prompt"] == "a cow"
+    stored = {p.stem for p in (out / "cells").glob("*.png")}
+    assert stored == {done[0]["cell_id"]} and {p.stem for p in (out / "cells").glob("*.json")} == stored
+    status = cli("status", "t", "--output", str(out))
+    assert status.returncode == 1 and "1/4 done, 3 failed" in status.stdout and "NaN/inf" in status.stderr

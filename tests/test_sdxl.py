@@ -580,6 +580,48 @@ def test_nan_latents_fail_the_cells_rather_than_store_a_black_image(ours, tiny_f
         ours.render(model, [xl_cell(model, sampler="Euler", steps=2)])
 
 
+
+def test_a_text_encoder_output_of_mean_zero_fails_the_cells_as_a1111_would(ours, tiny_folder, tmp_path):
+    """Seen: a small model whose text encoder's output has mean exactly 0 (here its final norm zeroed):
+    A1111's "Original" emphasis restores the mean by dividing 0 by 0, so the conditioning is NaN and
+    A1111 stops ("A tensor with all NaNs was produced"). Every cell fails; no black image comes back."""
+    from transformers import CLIPTextModel
+
+    from gridrender.workers.clip import text_transformer
+    from gridrender.workers.render import CellsFailed
+
+    folder = tmp_path / "zero-mean-te"
+    shutil.copytree(tiny_folder, folder)
+    encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    with torch.no_grad():
+        text_transformer(encoder).final_layer_norm.weight.zero_()
+        text_transformer(encoder).final_layer_norm.bias.zero_()
+    encoder.save_pretrained(folder / "text_encoder")
+    model = resolve(str(folder))
+    cells = [xl_cell(model, negative_prompt="", seed=seed, sampler="Euler", steps=2) for seed in (1, 2)]
+    with pytest.raises(CellsFailed, match="NaN/inf latents") as failed:
+        ours.render(model, cells)
+    assert set(failed.value.failed) == {c.id for c in cells} and failed.value.rendered == []
+
+
+def test_a_vae_that_decodes_nan_even_in_float32_fails_the_cells(ours, tiny_folder, tmp_path):
+    """After the float32 retry, pixels still NaN/inf fail their cells (A1111's test_for_nans(x, "vae"))."""
+    from diffusers import AutoencoderKL
+
+    from gridrender.workers.render import CellsFailed
+
+    folder = tmp_path / "nan-vae"
+    shutil.copytree(tiny_folder, folder)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.fill_(float("inf"))
+    vae.save_pretrained(folder / "vae")
+    model = resolve(str(folder))
+    cell = xl_cell(model, sampler="Euler", steps=2)
+    with pytest.raises(CellsFailed, match="VAE decoded NaN/inf even in float32") as failed:
+        ours.render(model, [cell])
+    assert list(failed.value.failed) == [cell.id] and failed.value.rendered == []
+
 # -- offline: CLIP's vocabulary ships with gridrender --------------------------------------------
 
 TEXTS = ["a photo of a cat", "masterpiece, best quality, 1girl, solo, looking at viewer, (sharp focus:1.1)",

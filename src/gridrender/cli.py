@@ -14,12 +14,15 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from gridrender.scheduler.errors import GridrenderError, InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Render Stable Diffusion grids as batch jobs.")
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# Every message prints literally: prompts and paths hold `[worst quality]`, `[/x]` or `:cow:`, which
+# Rich would read as markup (eating the text, or raising MarkupError) or emoji codes. Colour is styled.
+out = Console(soft_wrap=True, markup=False, emoji=False, highlight=False)
+err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False, highlight=False)
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 OUTPUT_OPTION = typer.Option(None, "--output", help="Output root (default: the job's `output`, $GRIDRENDER_OUTPUT or ./renders).")
@@ -29,7 +32,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def fail(exc: GridrenderError) -> typer.Exit:
     """The error's message on stderr; the exit to raise: 2 for bad input, else 1."""
     for line in str(exc).splitlines():
-        err.print(f"[red]error[/red]: {line}", markup=True, highlight=False, soft_wrap=True)
+        err.print(Text.assemble(("error", "red"), f": {line}"))
     return typer.Exit(EXIT_BAD_INPUT if isinstance(exc, InputError) else EXIT_FAILED)
 
 
@@ -47,19 +50,19 @@ def exits(command: F) -> F:
 
 
 def say(text: str) -> None:
-    out.print(text, highlight=False)
+    out.print(text)
 
 
 def warn(lines) -> None:
     for line in lines:
-        err.print(f"[yellow]warning[/yellow]: {line}", highlight=False, soft_wrap=True)
+        err.print(Text.assemble(("warning", "yellow"), f": {line}"))
 
 
 def show_failures(failed: dict[str, str], total: int) -> None:
     for cell_id, reason in list(failed.items())[:10]:
-        err.print(f"failed {cell_id}: {reason}", highlight=False)
+        err.print(f"failed {cell_id}: {reason}")
     if total > len(failed):
-        err.print(f"... {total:,} failed cells in all", highlight=False)
+        err.print(f"... {total:,} failed cells in all")
 
 
 @app.callback()
@@ -162,9 +165,11 @@ def submit(
     """Fan the job's missing cells out to workers through the broker."""
     from gridrender.scheduler.broker import shared_app
     from gridrender.scheduler.plan import check_output, prepare
+    from gridrender.scheduler.rates import from_broker
+    from gridrender.scheduler.settings import Settings
     from gridrender.scheduler.submit import submit as fan_out
 
-    plan = prepare(job, cuda=None, output=output)
+    plan = prepare(job, cuda=None, output=output, rate_of=from_broker(Settings()))  # chunks sized by workers' rate
     store = check_output(plan)
     warn(plan.warnings)
     sent = fan_out(plan, store, shared_app(), queue)
@@ -294,13 +299,11 @@ def reproduce(record: str = typer.Argument(..., help="A cell record: cells/<id>.
 
 def progress_bar():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-    from rich.text import Text
-
     class CellRate(ProgressColumn):
         def render(self, task) -> Text:
             return Text(f"{task.speed:.2f} cells/s" if task.speed else "-- cells/s")
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), CellRate(),
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), CellRate(),
                     TextColumn("ETA"), TimeRemainingColumn(), console=err)
 
 

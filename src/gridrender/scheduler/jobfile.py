@@ -60,8 +60,11 @@ def expand_prompts(job: Job, settings: Settings) -> None:
             samples = PromptSamples(count=samples.count, seed=dynamic.default_seed(job.name, job.prompts))
         if samples is not None:
             job.prompt_samples = samples
+        # Counted before expanding: the prompts may be as many as the cell limit leaves to them.
+        others = job.cell_count() // max(1, len(job.values_of("prompts")))
         job._prompts, problems = dynamic.expand(job.prompts, samples.count if samples else None,
-                                                samples.seed or 0 if samples else 0, settings)
+                                                samples.seed or 0 if samples else 0, settings,
+                                                limit=settings.max_cells // max(1, others))
         problems = [job.problem(p.field, p.message) for p in problems]
     if job.prompt_sr is not None:
         search = job.prompt_sr[0]

@@ -315,9 +315,11 @@ _HASH_CACHE: dict[str, str] | None = None
 
 
 def _cached_hash(path: Path, compute: Callable[[], str], kind: str = "sha256") -> str:
-    """Hashing a 4 GB checkpoint takes seconds: remember it per (path, size, mtime).
+    """Hashing a 4 GB checkpoint takes seconds: remember it per (path, size, mtime, inode, ctime).
 
-    Kept on disk too, so `validate`, `submit` and every worker do not hash it again.
+    Kept on disk too, so `validate`, `submit` and every worker do not hash it again. A file
+    replaced or rewritten in place gets a new inode or ctime (which no tool sets back, unlike
+    mtime), so a changed file is hashed again, never trusted from the cache.
     """
     global _HASH_CACHE
     cache_file = _hash_cache_file()
@@ -328,7 +330,7 @@ def _cached_hash(path: Path, compute: Callable[[], str], kind: str = "sha256") -
             _HASH_CACHE = {}
     assert _HASH_CACHE is not None
     st = path.stat()
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}" + ("" if kind == "sha256" else f"|{kind}")
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}" + ("" if kind == "sha256" else f"|{kind}")
     if key not in _HASH_CACHE:
         _HASH_CACHE[key] = compute()
         try:  # best effort: a read-only home only costs the next process a re-hash
@@ -339,6 +341,24 @@ def _cached_hash(path: Path, compute: Callable[[], str], kind: str = "sha256") -
         except OSError:
             pass
     return _HASH_CACHE[key]
+
+
+def check_weights(spec: ModelSpec) -> None:
+    """A file or folder model still hashes to the sha256 it was submitted with; else a ModelError.
+
+    Called before and after every load into a pipeline (a file replaced on disk mid-job must not
+    put new weights under the old cell ids). Cheap while nothing changed: a stat per file.
+    """
+    if spec.kind not in ("file", "folder") or spec.sha256 is None:
+        return
+    path = Path(spec.location)
+    try:
+        digest = folder_sha256(path) if spec.kind == "folder" else file_sha256(path)
+    except OSError as exc:
+        raise ModelError(f"model {spec.source!r} ({path}) cannot be read: {exc}") from None
+    if digest != spec.sha256:
+        raise ModelError(f"model {spec.source!r} ({path}) changed on disk: sha256 {digest} != {spec.sha256} "
+                         "(the submitted one); its cells fail rather than render other weights under their ids")
 
 
 def config_dir(name: str) -> Path:

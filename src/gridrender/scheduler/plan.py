@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -24,6 +23,7 @@ from .jobfile import load_job
 from .models import ModelSpec
 from .params import AXES, INDEX
 from .prompts import LoraTag, encoder_text, lora_tags, search_replace
+from .rates import chunk_size
 from .settings import Settings, concrete_dtype
 from .storage import Store
 from .stores import open_store
@@ -229,18 +229,14 @@ def _describe_model(model: ModelSpec) -> str:
     return f"{model.source} ({what})"
 
 
-def chunk_size(total: int, settings: Settings) -> int:
-    """Cells per chunk: the configured size, grown so that a job has at most `max_chunks` chunks."""
-    return max(settings.chunk_cells, math.ceil(total / settings.max_chunks))
-
-
 def prepare(job: Job | str | Path, cuda: bool | None = None, settings: Settings | None = None,
-            output: str | None = None) -> Plan:
+            output: str | None = None, rate_of: Callable[[ModelSpec, str], float | None] | None = None) -> Plan:
     """Validate everything that can be checked before rendering; raise JobError if not.
 
     `cuda` says what `dtype: auto` means: True/False for a local run, None for a
     submit to workers whose devices we cannot see (then GRIDRENDER_AUTO_DTYPE).
-    `output` replaces the job's output root (the CLI's --output).
+    `output` replaces the job's output root (the CLI's --output). `rate_of(model, dtype)`:
+    the workers' measured cells/s, which sizes chunks (`rates.chunk_size`; the slowest model's).
     """
     settings = settings or Settings()
     if not isinstance(job, Job):
@@ -258,7 +254,9 @@ def prepare(job: Job | str | Path, cuda: bool | None = None, settings: Settings 
     warnings += check_axes(job)
     job = job.with_random_seeds_drawn()
     dtype = concrete_dtype(job.dtype, cuda, settings)
-    return Plan(job, components, dtype, list(dict.fromkeys(warnings)), chunk_size(job.cell_count(), settings))
+    measured = [r for r in (rate_of(m, dtype) for m in components.models.values()) if r] if rate_of else []
+    size = chunk_size(job.cell_count(), settings, min(measured) if measured else None)
+    return Plan(job, components, dtype, list(dict.fromkeys(warnings)), size)
 
 
 def resolve_components(job: Job, settings: Settings, notes: list[Problem] | None = None) -> Components:

@@ -20,6 +20,9 @@ CHUNK_TOKENS = 75  # tokens of text per chunk; BOS and EOS make it 77
 COMMA_BACKTRACK = 20  # A1111's "comma_padding_backtrack" default
 ROUND, SQUARE = 1.1, 1 / 1.1
 BREAK_MARK = -1.0  # the weight A1111 gives its BREAK pseudo-segment
+# A LoRA multiplier's bound, in tags and in `loras:` alike: sliders go to a few units either way; beyond
+# this the merged weights overflow fp16 and the image is noise (or NaN) under a valid cell id.
+MAX_LORA_WEIGHT = 10.0
 
 _ATTENTION = re.compile(
     r"""
@@ -218,7 +221,7 @@ def lora_tags(text: str) -> list[LoraTag]:
     then takes positional[0] as the name, te = positional[1] (else 1), unet =
     positional[2] (else te), with named `te=` and `unet=` winning. `dyn` (a rank
     cut) is not supported. Raises ValueError naming the tag when it cannot be read;
-    a multiplier must be a finite number. The one place a tag is parsed.
+    a multiplier must be a finite number within ±MAX_LORA_WEIGHT. The one place a tag is parsed.
     """
     tags = []
     for match in _LORA_TAG.finditer(text):
@@ -250,6 +253,9 @@ def _multiplier(tag: str, value: str) -> float:
         raise ValueError(f"{tag}: {value!r} is not a number (the weight must be a number)") from None
     if not math.isfinite(number):
         raise ValueError(f"{tag}: the weight must be a finite number, got {value!r}")
+    if abs(number) > MAX_LORA_WEIGHT:
+        raise ValueError(f"{tag}: the weight must be between -{MAX_LORA_WEIGHT:g} and {MAX_LORA_WEIGHT:g}, "
+                         f"got {value!r}")
     return number
 
 

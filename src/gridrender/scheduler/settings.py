@@ -25,9 +25,14 @@ class Settings(BaseSettings):
     max_cells: int = 5_000_000  # a grid above this is almost always a typo in an axis
     # What `dtype: auto` means for `submit`, where the scheduler cannot see the workers' devices.
     auto_dtype: str = "float16"
-    # Cells per task message (grown for huge jobs so a job has at most max_chunks chunks).
+    # Cells per task message (grown for huge jobs so a job has at most max_chunks chunks, but
+    # no bigger than a worker renders in chunk_seconds: see scheduler/rates.py).
     chunk_cells: int = 32
     max_chunks: int = 2048
+    # A chunk's expected duration: well under the k8s grace (600 s) and the visibility timeout.
+    chunk_seconds: float = Field(default=300.0, gt=0)
+    worker_rate: float | None = Field(default=None, gt=0)  # cells/s one worker renders; else the published one
+    assumed_rate: float = Field(default=0.5, gt=0)  # cells/s when no rate is known (an SDXL hires render ~0.1)
     # A first submit of a job this small checks each cell in storage (cells other jobs stored are
     # not sent); a bigger one leaves that to the workers. Resubmits check every incomplete chunk.
     presence_check_cells: int = 2_000

@@ -3,8 +3,9 @@
 Used by `gridrender run` and by the Celery task alike:
 1. check which cells are already stored (in parallel: each check is a round trip),
 2. encode every distinct prompt once for the whole chunk,
-3. render batches; PNG encoding and uploads run on a small thread pool with a
-   bounded queue while the GPU renders the next batch,
+3. render batches, each batch's cells checked in storage again first (a redelivered
+   copy of this chunk may be storing them meanwhile); PNG encoding and uploads run
+   on a small thread pool with a bounded queue while the GPU renders the next batch,
 4. wait for every write: a failed upload fails its cell; nothing is dropped.
 A batch that runs out of GPU memory is split in half and retried.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,7 +27,7 @@ from gridrender.scheduler.models import ModelSpec
 from gridrender.scheduler.storage import Store
 
 from .records import save
-from .render import Rendered, Renderer
+from .render import CellsFailed, Rendered, Renderer
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class ChunkResult:
     failed: dict[str, str] = field(default_factory=dict)
     oom_splits: int = 0
     encoder_passes: int = 0
+    render_seconds: float = 0.0  # spent rendering: rendered / render_seconds is the rate rates.publish takes
 
     def add(self, other: ChunkResult) -> None:
         self.rendered += other.rendered
@@ -49,13 +52,18 @@ class ChunkResult:
         self.failed.update(other.failed)
         self.oom_splits += other.oom_splits
         self.encoder_passes += other.encoder_passes
+        self.render_seconds += other.render_seconds
 
 
 class Writer:
-    """A bounded background pool for PNG encoding and uploads."""
+    """A bounded background pool for PNG encoding and uploads, and one for presence checks.
+
+    Checks have their own threads: a batch's check never waits behind the uploads queued before it.
+    """
 
     def __init__(self, threads: int = IO_THREADS, depth: int = IO_QUEUE):
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="gridrender-io")
+        self.checks = ThreadPoolExecutor(threads, thread_name_prefix="gridrender-check")
         self.slots = threading.BoundedSemaphore(depth)
 
     def submit(self, fn: Callable, *args) -> Future:
@@ -65,9 +73,10 @@ class Writer:
         return future
 
     def map(self, fn: Callable, items: list) -> list:
-        return list(self.pool.map(fn, items))
+        return list(self.checks.map(fn, items))
 
     def close(self) -> None:
+        self.checks.shutdown(wait=True)
         self.pool.shutdown(wait=True)  # pending writes finish: nothing is lost on shutdown
 
 
@@ -98,7 +107,17 @@ def render_and_store(
         on_batch(len(todo))
         return result
     pending: list[tuple[Cell, Future]] = []
-    for batch in renderer.batches(todo, batch_size, embeddings):
+    for index, batch in enumerate(renderer.batches(todo, batch_size, embeddings)):
+        size = len(batch)
+        if index:  # the first batch was checked a moment ago
+            batch = _still_missing(writer, store, batch, copies, result)
+            if len(batch) < size:
+                log.info("%d cells of %s were stored by another copy of this chunk meanwhile; skipped",
+                         size - len(batch), job)
+            if not batch:
+                on_batch(size)
+                continue
+        started = time.perf_counter()
         try:
             for rendered in _render_splitting(renderer, model, batch, embeddings, result, batch_size):
                 result.rendered += 1
@@ -106,7 +125,8 @@ def render_and_store(
         except Exception as exc:  # this batch fails; the rest of the chunk goes on
             log.error("batch of %d cells of %s failed: %s", len(batch), job, exc)
             result.failed.update({c.id: f"{type(exc).__name__}: {exc}" for c in batch})
-        on_batch(len(batch))
+        result.render_seconds += time.perf_counter() - started
+        on_batch(size)
     for cell, future in pending:
         try:
             future.result()
@@ -119,11 +139,25 @@ def render_and_store(
     return result
 
 
+def _still_missing(writer: Writer, store: Store, batch: list[Cell], copies: Counter,
+                   result: ChunkResult) -> list[Cell]:
+    """The batch's cells not stored yet; those stored since the chunk started count as present."""
+    stored = writer.map(lambda c: store.exists(layout.cell_record(c.id)), batch)
+    result.present += sum(copies[c.id] for c, done in zip(batch, stored, strict=True) if done)
+    return [c for c, done in zip(batch, stored, strict=True) if not done]
+
+
 def _render_splitting(renderer: Renderer, model: ModelSpec, batch: list[Cell], embeddings, result: ChunkResult,
                       pad_to: int | None = None) -> list[Rendered]:
-    """Render a batch padded to `pad_to` cells; on OOM, as two halves, unpadded."""
+    """Render a batch padded to `pad_to` cells; on OOM, as two halves, unpadded.
+
+    Cells that produced NaN/inf fail alone: the batch's other cells are returned and stored.
+    """
     try:
         return renderer.render(model, batch, embeddings, pad_to)
+    except CellsFailed as exc:
+        result.failed.update(exc.failed)
+        return exc.rendered
     except torch.OutOfMemoryError:
         if len(batch) == 1:
             raise

@@ -11,6 +11,7 @@ sha256.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -33,8 +34,18 @@ log = logging.getLogger(__name__)
 KEEP_LORAS = 8  # LoRA files kept read beyond the set merged now (a weight axis switches among a few)
 
 
+def read_checked(component: Component, read: Callable[[Path], Any]) -> Any:
+    """`read(path)` of the component's file, its hash checked before and after (it may change meanwhile)."""
+    value = read(local_file(component))
+    local_file(component)
+    return value
+
+
 def local_file(component: Component, settings: Settings | None = None) -> Path:
-    """The component on this machine; a file that hashes differently is an error, never used."""
+    """The component on this machine; a file that hashes differently is an error, never used.
+
+    Checked on every load (hashes are cached per size, mtime, inode and ctime: a stat when unchanged).
+    """
     settings = settings or Settings()
     path = Path(component.location)
     if not path.exists():
@@ -96,7 +107,7 @@ def use_loras(pipe: Any, extras: Extras, loras: tuple[LoraUse, ...]) -> None:
         network = extras.loras.pop(identity, None)  # re-inserted: the dict's order is the order of use
         if network is None:
             try:
-                network = lora.load(local_file(component), extras.table)
+                network = read_checked(component, functools.partial(lora.load, table=extras.table))
             except ValueError as exc:
                 raise ModelError(f"LoRA {component.name!r} does not fit the model: {exc}") from None
             log.info("LoRA %s loaded (%d layers)", component.name, len(network.modules))
@@ -131,13 +142,14 @@ def vae_for(pipe: Any, extras: Extras, component: Component | None, config_folde
         if component.sha256 is None:  # a hub VAE, pinned to its resolved commit
             vae = AutoencoderKL.from_pretrained(component.location, revision=component.revision, torch_dtype=dtype)
         else:
-            path = local_file(component)
-            if path.is_dir():
-                vae = AutoencoderKL.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
-            else:
-                vae = AutoencoderKL.from_single_file(str(path), config=str(config_folder()), torch_dtype=dtype,
-                                                     local_files_only=True)
-                own_config = False
+            def read(path: Path) -> Any:
+                if path.is_dir():
+                    return AutoencoderKL.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+                return AutoencoderKL.from_single_file(str(path), config=str(config_folder()), torch_dtype=dtype,
+                                                      local_files_only=True)
+
+            own_config = local_file(component).is_dir()
+            vae = read_checked(component, read)
         # A folder's force_upcast is the VAE's own word (the fp16-fix VAE says false). A single file
         # says nothing: it decodes in the model's dtype, as in A1111, and a NaN/inf decode is redone in fp32.
         upcast_vae(vae, xl=is_xl(pipe) and own_config)
@@ -182,19 +194,20 @@ def embedding_vectors(extras: Extras, component: Component) -> Any:
     """
     key = component.sha256 or component.location
     if key not in extras.vectors:
-        path = local_file(component)
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        def read(path: Path) -> Any:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
 
-            data: Any = load_file(str(path))
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+                return load_file(str(path))
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+        data = read_checked(component, read)
         if isinstance(data, dict) and all(isinstance(data.get(k), torch.Tensor) for k in EMBEDDING_KEYS):
             extras.vectors[key] = {k: data[k].reshape(-1, data[k].shape[-1]).float() for k in EMBEDDING_KEYS}
             return extras.vectors[key]
         tensor = _the_tensor(data)
         if tensor is None:
-            raise ModelError(f"embedding {component.name!r} ({path}) holds no embedding vectors")
+            raise ModelError(f"embedding {component.name!r} ({component.location}) holds no embedding vectors")
         extras.vectors[key] = tensor.reshape(-1, tensor.shape[-1]).float()
     return extras.vectors[key]
 

@@ -22,7 +22,7 @@ import torch
 
 from gridrender.scheduler.errors import ModelError
 from gridrender.scheduler.families import SDXL, V_PREDICTION
-from gridrender.scheduler.models import BUILTINS, ModelSpec, config_dir
+from gridrender.scheduler.models import BUILTINS, ModelSpec, check_weights, config_dir
 from gridrender.scheduler.settings import Settings
 from gridrender.scheduler.tokens import CLIP_MERGES, CLIP_VOCAB
 
@@ -150,7 +150,9 @@ class PipelineCache:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         start = time.perf_counter()
+        check_weights(model)  # every (re)load: the file may have been replaced since it was hashed
         pipe = load(model, DTYPES[dtype], self.device)
+        check_weights(model)  # and not while it was read
         self.loads += 1
         loaded = Loaded.wrap(pipe, model, dtype, time.perf_counter() - start, self.compile_mode)
         log.info("model load #%d: %s (%s) on %s in %.2fs", self.loads, model.source, dtype, self.device, loaded.load_seconds)

@@ -25,16 +25,16 @@ from gridrender.scheduler.models import ModelSpec
 from gridrender.scheduler.prompts import encoder_text
 
 from .clip import Encoded
-from .components import embedding_vectors, fp32_vae, use_loras, vae_for
+from .components import embedding_vectors, use_loras, vae_for
 from .conditioning import Conditioning
+from .decode import UNET_NAN, VAE_NAN, decode_latents, finite
 from .denoise import Guided, Img2Img, a1111_sample, diffusers_sample
 from .noise import BatchNoise
 from .pipelines import Loaded, PipelineCache
-from .twopass import encode, hires_target, latent_upscale, load_init_image, resize_image, to_pil, truncate
+from .twopass import encode, hires_target, latent_upscale, load_init_image, resize_image, truncate
 
 log = logging.getLogger(__name__)
 Embeddings = dict[tuple[str, int], Encoded]
-LARGE_IMAGE = 1024 * 1024  # pixels above which the VAE decodes in tiles (diffusers classes only)
 
 
 @dataclass
@@ -50,6 +50,16 @@ class Rendered:
     compile: dict = field(default_factory=dict)  # the mode the UNet and VAE decoder ran in
     encoders: list[dict] = field(default_factory=list)  # per text encoder: the layer used, of how many, normed
     decode: dict = field(default_factory=dict)  # the VAE's dtype, and whether a NaN/inf decode was redone in fp32
+
+
+class CellsFailed(RenderError):
+    """Some cells of a batch produced NaN/inf (A1111's "A tensor with all NaNs was produced"): they fail,
+    never stored; `rendered` holds the batch's other cells, which land as usual."""
+
+    def __init__(self, failed: dict[str, str], rendered: list[Rendered]):
+        super().__init__(next(iter(failed.values())))
+        self.failed = failed  # cell id -> why
+        self.rendered = rendered
 
 
 class Renderer:
@@ -149,13 +159,20 @@ class Renderer:
         rows = [firsts.setdefault(c.replace(hires=None).id if c.hires else c.id, len(firsts)) for c in cells]
         first_cells = list({row: c for row, c in zip(rows, cells, strict=True)}.values())
         latents, described = self._first_pass(loaded, first_cells, embeddings, pad)
+        # A cell whose latents are not finite fails alone (never decoded, never stored); the rest go on.
+        failed: dict[int, str] = {}
+        bad_rows = {row for row in range(len(first_cells)) if not finite(latents[row])}
+        for i, row in enumerate(rows):
+            if row in bad_rows:
+                failed[i] = UNET_NAN.format(stage="first pass")
 
         # 4. Hires fix: each setting's second pass on its cells' first-pass latents.
         finals: list[torch.Tensor | None] = [None] * len(cells)
         per_cell_described: list[dict[str, Any]] = [described] * len(cells)
         groups: dict[Hires | None, list[int]] = {}
         for i, cell in enumerate(cells):
-            groups.setdefault(cell.hires, []).append(i)
+            if i not in failed:
+                groups.setdefault(cell.hires, []).append(i)
         for setting, members in groups.items():
             group_latents = latents[[rows[i] for i in members]]
             if setting is not None:
@@ -164,31 +181,42 @@ class Renderer:
                 for i in members:
                     per_cell_described[i] = {**described, "hires": hires_described}
             for k, i in enumerate(members):
-                finals[i] = group_latents[k]
+                if setting is not None and not finite(group_latents[k]):
+                    failed[i] = UNET_NAN.format(stage="hires pass")
+                else:
+                    finals[i] = group_latents[k]
         _sync(self.device)
         timings["denoise"] = time.perf_counter() - start
 
         # 5. Decode to pixels, rounded the way the sampler family's reference does.
         start = time.perf_counter()
-        images: list[Image.Image] = [None] * len(cells)  # type: ignore[list-item]
+        images: list[Image.Image | None] = [None] * len(cells)
         decode_described: dict[str, Any] = {}
         for members in _same_shape(finals):
             stacked = torch.stack([_present(finals[i]) for i in members])
             if pad and len(members) < pad:  # the VAE decodes the call's shape too: padded, copies dropped
                 stacked = torch.cat([stacked, stacked[-1:].expand(pad - len(members), *stacked.shape[1:])])
-            decoded, decode_described = _decode(loaded, stacked, first.vae, truncate=sampler.family == "a1111")
+            decoded, decode_described = decode_latents(loaded, stacked, first.vae, truncate=sampler.family == "a1111")
             for i, image in zip(members, decoded[: len(members)], strict=True):
+                if image is None:
+                    failed[i] = VAE_NAN
                 images[i] = image
         timings["decode"] = time.perf_counter() - start
 
         per_cell = {k: v / len(cells) for k, v in timings.items()}
         compile_state = loaded.compile_state()
         rendered = []
-        for cell, image, cell_described in zip(cells, images, per_cell_described, strict=True):
+        for i, (cell, image, cell_described) in enumerate(zip(cells, images, per_cell_described, strict=True)):
+            if i in failed or image is None:
+                continue
             encoders = loaded.encoder.describe(cell.clip_skip)
             rendered.append(Rendered(cell, image, encoders[0]["layer"], encoders[0]["layers"], cell_described,
                                      _token_counts(embeddings, cell), dict(per_cell), max(pad or 0, len(first_cells)),
                                      compile_state, encoders, decode_described))
+        if failed:
+            log.error("%d of %d cells produced NaN/inf and fail: %s", len(failed), len(cells),
+                      next(iter(failed.values())))
+            raise CellsFailed({cells[i].id: why for i, why in sorted(failed.items())}, rendered)
         return rendered
 
     def _conditioning(self, loaded: Loaded, cells: list[Cell], embeddings: Embeddings, width: int, height: int,
@@ -242,8 +270,11 @@ class Renderer:
             mode, antialias = hires.latent_mode
             samples = latent_upscale(latents, mode, antialias, width, height)
         else:  # decode, upscale the pixels, encode again
-            pixels, _ = _decode(loaded, latents, first.vae, truncate=True)
-            upscaled = [resize_image(im, width, height, hires.upscaler, hires.model, self.device) for im in pixels]
+            pixels, _ = decode_latents(loaded, latents, first.vae, truncate=True)
+            if any(im is None for im in pixels):  # the cell fails as its hires latents do: made NaN here
+                raise RenderError(VAE_NAN + " (decoding the first pass for the hires upscaler)")
+            upscaled = [resize_image(im, width, height, hires.upscaler, hires.model, self.device)
+                        for im in pixels if im is not None]
             samples = encode(vae, upscaled, seeds, self.device)
         samples = truncate(samples, cut_x, cut_y)
         cond, uncond = self._conditioning(loaded, cells, embeddings, width, height, hires)
@@ -311,7 +342,8 @@ def _present(x: torch.Tensor | None) -> torch.Tensor:
 def _same_shape(latents: list[torch.Tensor | None]) -> list[list[int]]:
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, x in enumerate(latents):
-        assert x is not None
+        if x is None:  # a cell that failed before decoding
+            continue
         groups.setdefault(tuple(x.shape), []).append(i)
     return list(groups.values())
 
@@ -340,52 +372,6 @@ def _latent_shape(loaded: Loaded, cell: Cell) -> tuple[int, int, int]:
     if cell.width % factor or cell.height % factor:
         raise RenderError(f"{cell.width}x{cell.height} is not a multiple of the VAE's scale factor {factor}")
     return (pipe.unet.config.in_channels, cell.height // factor, cell.width // factor)
-
-
-def _decode(loaded: Loaded, latents: torch.Tensor, component, truncate: bool) -> tuple[list[Image.Image], dict]:
-    """VAE decode (the model's own or the cell's); A1111 truncates to uint8 (astype), diffusers rounds.
-
-    A1111's samplers decode whole (no tiles). A decode with NaN or inf (a VAE overflowing
-    in fp16) is done again in float32, as A1111's "auto VAE precision" does: never a black
-    or NaN image under a cell id. NaN/inf latents (the UNet overflowed) or a float32 decode
-    that still is not finite fail the cells, as A1111's test_for_nans(batch, "unet") /
-    (sample, "vae") raise.
-    """
-    if not bool(torch.isfinite(latents).all()):
-        raise RenderError("the UNet produced NaN/inf latents (it overflowed in this dtype); "
-                          "render with `dtype: float32` or `bfloat16`")
-    pipe = loaded.pipe
-    vae = vae_for(pipe, loaded.extras, component, loaded.vae_config_folder)
-    decode = loaded.decode if vae is pipe.vae else vae.decode
-    pixels_each = latents.shape[-1] * latents.shape[-2] * pipe.vae_scale_factor**2
-    _size_vae(vae, pixels_each, latents.shape[0], tile=not truncate)
-    cast = latents.to(vae.dtype)  # A1111 and diffusers cast to the VAE's dtype, then scale
-    scaled = cast * (1.0 / vae.config.scaling_factor) if truncate else cast / vae.config.scaling_factor
-    decoded = decode(scaled, return_dict=False)[0]
-    described = {"dtype": str(vae.dtype).removeprefix("torch."), "redone_in_float32": False}
-    if not bool(torch.isfinite(decoded).all()):
-        log.warning("the VAE decoded NaN/inf in %s; decoding again in float32", described["dtype"])
-        vae = fp32_vae(loaded.extras, vae, component)
-        _size_vae(vae, pixels_each, latents.shape[0], tile=not truncate)
-        latents32 = latents.float()
-        again = latents32 * (1.0 / vae.config.scaling_factor) if truncate else latents32 / vae.config.scaling_factor
-        decoded = vae.decode(again, return_dict=False)[0]
-        described = {"dtype": "float32", "redone_in_float32": True}
-        if not bool(torch.isfinite(decoded).all()):
-            raise RenderError("the VAE decoded NaN/inf even in float32")
-    if truncate:
-        return to_pil(decoded), described
-    return pipe.image_processor.postprocess(decoded, output_type="pil"), described
-
-
-def _size_vae(vae, pixels: int, batch: int, tile: bool) -> None:
-    """Tile and slice the VAE only when an image is large: it costs time on small ones.
-
-    A1111's samplers decode whole (A1111's decode_first_stage): `tile` is off for them.
-    """
-    large = pixels > LARGE_IMAGE
-    (vae.enable_tiling if large and tile else vae.disable_tiling)()
-    (vae.enable_slicing if large or batch > 8 else vae.disable_slicing)()
 
 
 def _token_counts(embeddings: Embeddings, cell: Cell) -> dict:

@@ -5,11 +5,13 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
+from ..prompts import MAX_LORA_WEIGHT
+
 MAX_SEED = 2**32 - 1
 RANDOM_SEED = -1
 
 Positive = Annotated[int, Field(ge=1)]
-Weight = Annotated[float, Field(ge=-10, le=10)]
+Weight = Annotated[float, Field(ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT, allow_inf_nan=False)]  # a LoRA's
 
 
 def as_list(value: Any) -> Any:

@@ -90,8 +90,7 @@ def main() -> None:
     import boto3
     import redis
 
-    from gridrender.scheduler import progress, submissions
-    from gridrender.scheduler.finalize import stored_plan
+    from gridrender.scheduler.ledger import Ledger
     from gridrender.scheduler.s3 import S3Store
     from gridrender.scheduler.status import job_status
 
@@ -120,14 +119,14 @@ def main() -> None:
 
             store = S3Store.from_url("s3://scale-bench/grid")
             requests = Requests(store.client)
-            plan = stored_plan(store, "big")
-            record = submissions.latest(store, "big")
-            assert record is not None
+            ledger = Ledger(store, "big")
+            record = ledger.current()
+            plan = ledger.plan(record)
             chunks = list(plan.chunks())
             half = chunks[: len(chunks) // 2]
 
             def done(chunk):
-                progress.write(store, "big", plan.partition, chunk.id, [], len(chunk.cells), {}, record.id, "bench")
+                ledger.record(plan.partition, chunk.id, [], len(chunk.cells), {}, record.id, "bench")
 
             with ThreadPoolExecutor(16) as pool:
                 list(pool.map(done, half))

@@ -76,14 +76,14 @@ def test_reapers_race_for_a_dead_workers_chunk_and_one_wins(redis_url):
     client.hset(liveness.HELD, "gridrender-1@gone", json.dumps({"message": message, "queue": "q", "task": "t1",
                                                                 "chunk": "c0ffee", "job": "t"}))
     sent: list = []
-    first = liveness.reap(client, lambda m, q: sent.append((m, q)), lambda m: None)
-    second = liveness.reap(client, lambda m, q: sent.append((m, q)), lambda m: None)
+    first = liveness.reap(client, lambda m, q: sent.append((m, q)), lambda m, k, w: None)
+    second = liveness.reap(client, lambda m, q: sent.append((m, q)), lambda m, k, w: None)
     assert [r.requeued for r in first] == [True] and second == []
     assert sent == [(message, "q")] and not client.hgetall(liveness.HELD)
     alive = liveness.Heartbeat(client, "gridrender-2@here", ["q"], Settings(heartbeat_ttl=5))
     alive.beat()
     client.hset(liveness.HELD, "gridrender-2@here", json.dumps({"message": message, "queue": "q", "task": "t2"}))
-    assert liveness.reap(client, lambda m, q: sent.append((m, q)), lambda m: None) == []  # alive: left alone
+    assert liveness.reap(client, lambda m, q: sent.append((m, q)), lambda m, k, w: None) == []  # alive: left alone
     assert liveness.consumed_queues(client) == {"q": 1}
 
 

@@ -68,6 +68,15 @@ def test_a_chunk_that_killed_two_workers_is_recorded_failed(cluster, job_file):
     assert int(done) + int(failed) == 12 and int(failed) > 0
     time.sleep(3)
     assert "received" not in survivor.text().split("killed 2 workers")[-1]  # not sent again
+    assert "poisoned chunk" in status.stderr and "killed 2 workers" in status.stderr
+    # `gridrender retry` clears the chunk's kill count and sends it again: the survivor finishes the job.
+    retried = cluster.cli("retry", "t", "--output", cluster.output)
+    assert retried.returncode == 0 and "1 poisoned chunk(s) sent again" in retried.stdout, retried.stdout + retried.stderr
+    wait_for(lambda: stored(cluster) == 12, 90, "the retried chunk")
+    status = cluster.cli("status", "t", "--output", cluster.output)
+    assert status.returncode == 0 and "12/12 done, 0 failed" in status.stdout, status.stdout + status.stderr
+    versions = cluster.versions("grid/cells/")
+    assert len(versions) == 24 and all(v == 1 for v in versions.values())
 
 
 def test_reapers_race_for_a_dead_workers_chunk_and_one_wins(redis_url):

@@ -72,7 +72,7 @@ def test_a_chunk_that_killed_two_workers_is_recorded_failed(cluster, job_file):
     # `gridrender retry` clears the chunk's kill count and sends it again: the survivor finishes the job.
     retried = cluster.cli("retry", "t", "--output", cluster.output)
     assert retried.returncode == 0 and "1 poisoned chunk(s) sent again" in retried.stdout, retried.stdout + retried.stderr
-    wait_for(lambda: stored(cluster) == 12, 90, "the retried chunk")
+    wait_for(lambda: stored(cluster) == 12, 180, "the retried chunk")
     status = cluster.cli("status", "t", "--output", cluster.output)
     assert status.returncode == 0 and "12/12 done, 0 failed" in status.stdout, status.stdout + status.stderr
     versions = cluster.versions("grid/cells/")

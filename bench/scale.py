@@ -1,6 +1,7 @@
 """A million-cell job on this machine: submit, status, resubmit and finalize against real services.
 
-Run by hand:  python bench/scale.py [--cells 1000000] [--other-cells 100000] [--redis-db 14]
+Run by hand:  python bench/scale.py [--cells 1000000] [--other-cells 100000] [--redis-db 14] [--rate 0.1]
+(`--cells 5000000` is the largest job GRIDRENDER_MAX_CELLS allows by default.)
 Starts a moto S3 server on loopback; uses the Redis of GRIDRENDER_BROKER_URL's host
 (default 127.0.0.1:6379) in its own DB, which it flushes before and after. Workers
 are not run: "half done" and "finished" are written as the progress records workers
@@ -85,18 +86,19 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=1_000_000)
     parser.add_argument("--other-cells", type=int, default=100_000)
     parser.add_argument("--redis-db", type=int, default=14)
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379", help="a Redis server (its --redis-db is used)")
+    parser.add_argument("--rate", type=float, default=0.1, help="img/s of a slow worker: the chunk duration it implies")
     args = parser.parse_args()
 
     import boto3
     import redis
 
-    from gridrender.scheduler import progress, submissions
-    from gridrender.scheduler.finalize import stored_plan
+    from gridrender.scheduler.ledger import Ledger
     from gridrender.scheduler.s3 import S3Store
     from gridrender.scheduler.status import job_status
 
     moto, endpoint = start_moto()
-    broker = f"redis://127.0.0.1:6379/{args.redis_db}"
+    broker = f"{args.redis}/{args.redis_db}"
     client = redis.Redis.from_url(broker)
     client.flushdb()
     env = {**os.environ, "AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
@@ -120,14 +122,22 @@ def main() -> None:
 
             store = S3Store.from_url("s3://scale-bench/grid")
             requests = Requests(store.client)
-            plan = stored_plan(store, "big")
-            record = submissions.latest(store, "big")
-            assert record is not None
-            chunks = list(plan.chunks())
+            ledger = Ledger(store, "big")
+            record = ledger.current()
+            plan = ledger.plan(record)
+            chunks = [(chunk.id, len(chunk.cells)) for chunk in plan.chunks()]  # ids only: bounded memory
             half = chunks[: len(chunks) // 2]
+            from gridrender.scheduler.settings import Settings
+
+            visibility = Settings().visibility_timeout
+            duration = plan.chunk_cells / args.rate
+            print(f"chunks: {len(chunks):,} of up to {plan.chunk_cells:,} cells; at {args.rate} img/s a chunk runs "
+                  f"{duration:,.0f} s, {'under' if duration < visibility else 'OVER'} the visibility timeout "
+                  f"({visibility:,} s)")
 
             def done(chunk):
-                progress.write(store, "big", plan.partition, chunk.id, [], len(chunk.cells), {}, record.id, "bench")
+                chunk_id, cells = chunk
+                ledger.record(plan.partition, chunk_id, [], cells, {}, record.id, "bench")
 
             with ThreadPoolExecutor(16) as pool:
                 list(pool.map(done, half))

@@ -68,6 +68,15 @@ def test_a_chunk_that_killed_two_workers_is_recorded_failed(cluster, job_file):
     assert int(done) + int(failed) == 12 and int(failed) > 0
     time.sleep(3)
     assert "received" not in survivor.text().split("killed 2 workers")[-1]  # not sent again
+    assert "poisoned chunk" in status.stderr and "killed 2 workers" in status.stderr
+    # `gridrender retry` clears the chunk's kill count and sends it again: the survivor finishes the job.
+    retried = cluster.cli("retry", "t", "--output", cluster.output)
+    assert retried.returncode == 0 and "1 poisoned chunk(s) sent again" in retried.stdout, retried.stdout + retried.stderr
+    wait_for(lambda: stored(cluster) == 12, 180, "the retried chunk")
+    status = cluster.cli("status", "t", "--output", cluster.output)
+    assert status.returncode == 0 and "12/12 done, 0 failed" in status.stdout, status.stdout + status.stderr
+    versions = cluster.versions("grid/cells/")
+    assert len(versions) == 24 and all(v == 1 for v in versions.values())
 
 
 def test_reapers_race_for_a_dead_workers_chunk_and_one_wins(redis_url):
@@ -76,14 +85,14 @@ def test_reapers_race_for_a_dead_workers_chunk_and_one_wins(redis_url):
     client.hset(liveness.HELD, "gridrender-1@gone", json.dumps({"message": message, "queue": "q", "task": "t1",
                                                                 "chunk": "c0ffee", "job": "t"}))
     sent: list = []
-    first = liveness.reap(client, lambda m, q: sent.append((m, q)), lambda m: None)
-    second = liveness.reap(client, lambda m, q: sent.append((m, q)), lambda m: None)
+    first = liveness.reap(client, lambda m, q: sent.append((m, q)), lambda m, k, w: None)
+    second = liveness.reap(client, lambda m, q: sent.append((m, q)), lambda m, k, w: None)
     assert [r.requeued for r in first] == [True] and second == []
     assert sent == [(message, "q")] and not client.hgetall(liveness.HELD)
     alive = liveness.Heartbeat(client, "gridrender-2@here", ["q"], Settings(heartbeat_ttl=5))
     alive.beat()
     client.hset(liveness.HELD, "gridrender-2@here", json.dumps({"message": message, "queue": "q", "task": "t2"}))
-    assert liveness.reap(client, lambda m, q: sent.append((m, q)), lambda m: None) == []  # alive: left alone
+    assert liveness.reap(client, lambda m, q: sent.append((m, q)), lambda m, k, w: None) == []  # alive: left alone
     assert liveness.consumed_queues(client) == {"q": 1}
 
 

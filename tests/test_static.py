@@ -46,7 +46,7 @@ def test_import_contract_holds():
 
 
 @pytest.mark.parametrize("module, line", [
-    ("scheduler/progress.py", "import torch"),  # directly
+    ("scheduler/ledger/records.py", "import torch"),  # directly
     ("scheduler/plan.py", "from gridrender.workers import builtin"),  # indirectly: builtin imports torch
     ("workers/chunk.py", "from gridrender import cli"),
 ])

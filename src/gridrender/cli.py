@@ -146,9 +146,28 @@ def status(
     else:
         st = job_status(store, job_name)
         say(status_line(st))
+    for chunk in st.poisoned:
+        err.print(f"poisoned chunk {chunk.chunk}: {chunk.failed:,} cells failed: {chunk.error}", markup=False,
+                  highlight=False)
     if st.failed:
         show_failures(st.failures, st.failed)
         raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+@exits
+def retry(name: str = typer.Argument(..., help="Job name (or job file)."), output: str | None = OUTPUT_OPTION) -> None:
+    """Send the chunks that killed workers (poisoned) again, their kill counts cleared."""
+    from gridrender.scheduler.broker import shared_app
+    from gridrender.scheduler.locate import locate
+    from gridrender.scheduler.submit import retry_poisoned
+
+    store, job_name = locate(name, output)
+    sent = retry_poisoned(store, job_name, shared_app())
+    if not sent.chunks:
+        say(f"{job_name}: no poisoned chunk to retry")
+    else:
+        say(f"{job_name}: {sent.chunks:,} poisoned chunk(s) sent again ({sent.cells:,} cells)")
 
 
 @app.command()
@@ -230,12 +249,13 @@ def worker(
 @exits
 def cancel(name: str = typer.Argument(..., help="Job name (or job file)."), output: str | None = OUTPUT_OPTION) -> None:
     """Drop every submission's pending chunks; chunks already running finish."""
-    from gridrender.scheduler import submissions
+    from gridrender.scheduler.ledger import Ledger
     from gridrender.scheduler.locate import locate
 
     store, job_name = locate(name, output)
-    cancelled = submissions.cancel_all(store, job_name)
-    if not submissions.ids(store, job_name):
+    ledger = Ledger(store, job_name)
+    cancelled = ledger.cancel_all()
+    if not ledger.ids():
         say(f"{job_name} was never submitted to workers; nothing to cancel")
     else:
         say(f"{job_name}: {len(cancelled)} submission(s) cancelled; workers drop their pending chunks")

@@ -1,4 +1,4 @@
-"""Per-job files: job.yaml (normalized), manifest.jsonl (one line per cell), sheets, gallery.
+"""Per-job files from what storage holds: manifest.jsonl (one line per cell), sheets, gallery.
 
 The manifest streams out a line at a time. A cell's status comes from its chunk's
 progress record; only the cells of incomplete chunks are checked one by one.
@@ -7,46 +7,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import yaml
-
-from . import layout, progress, submissions
-from .errors import InputError
+from . import layout
 from .gallery import render_gallery
 from .job import Job
-from .jobfile import parse_job
+from .ledger import Ledger
 from .plan import Plan
 from .settings import Settings
 from .sheets import build_sheets
 from .storage import NotFound, Store
 
-CHECK_THREADS = 16
-
-
-def job_yaml(plan: Plan) -> bytes:
-    data = plan.job.normalized()
-    data["dtype"] = plan.dtype
-    hub = [m for m in plan.models if m.kind == "hub"]
-    if len(hub) == 1 and len(plan.models) == 1:
-        data["revision"] = hub[0].revision  # the resolved commit: a branch moves, a commit does not
-    identities = "".join(f"# model {m.source}: {json.dumps(m.identity(), sort_keys=True)}\n" for m in plan.models)
-    header = f"# normalized by gridrender: {plan.total} cells\n{identities}"
-    return (header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)).encode()
-
-
-def write_job(store: Store, plan: Plan) -> None:
-    store.put(layout.job_file(plan.job.name), job_yaml(plan), "application/yaml")
-
 
 def stored_plan(store: Store, name: str) -> Plan:
-    """The job as its last submit or run saw it, expanded without the model files."""
-    record = submissions.latest(store, name)
-    if record is None:
-        raise InputError(f"job {name!r} under {store.root} was never run or submitted")
-    job = parse_job(store.get(layout.job_file(name)), layout.job_file(name))
-    return Plan.from_resolved(job, record.resolved)
+    """The job as its last submit or run expanded it, without the model files or this host's wildcards."""
+    return Ledger(store, name).plan()
 
 
 def manifest_lines(store: Store, plan: Plan, verify: bool = False) -> Iterator[dict]:
@@ -55,14 +30,14 @@ def manifest_lines(store: Store, plan: Plan, verify: bool = False) -> Iterator[d
     A complete chunk's record answers for its cells; `verify` checks every cell
     anyway (worth it where sheets read every image regardless).
     """
-    done = progress.read(store, plan.job.name, plan.partition)
-    with ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="gridrender-check") as pool:
+    with Ledger(store, plan.job.name) as ledger:
+        done = ledger.progress(plan.partition)
         for chunk in plan.chunks():
             record = done.get(chunk.id)
             if not verify and record is not None and record.stored == len(chunk.cells):
                 stored = [True] * len(chunk.cells)
             else:
-                stored = list(pool.map(lambda cell: store.exists(layout.cell_record(cell.id)), chunk.cells))
+                stored = ledger.present(chunk.cells)
             for cell, is_stored in zip(chunk.cells, stored):
                 yield {"cell_id": cell.id, "status": "done" if is_stored else "missing",
                        "image": layout.cell_image(cell.id), "record": layout.cell_record(cell.id), **cell.params(),

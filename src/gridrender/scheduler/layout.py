@@ -6,9 +6,12 @@ The layout of DESIGN.md, the same under a local folder and an S3 prefix:
     jobs/<name>/job.yaml, manifest.jsonl, index.html, sheets/<file>.png
     jobs/<name>/submissions/<id>.json     one per submit or run (what was sent where)
     jobs/<name>/submission.json           a copy of the newest: status reads it without a listing
+    jobs/<name>/expansions/<id>.json      what a submission expanded the job into: prompts, embedding
+                                          sets, partition (finalize and export never re-derive ids)
     jobs/<name>/cancelled/<id>            a submission that workers must drop
-    jobs/<name>/progress/<partition>/<chunk_id>.<stored>.<failed>.<submission>.json
-                                          what a chunk stored and failed (counts in the key)
+    jobs/<name>/progress/<partition>/<chunk_id>.<sequence>.<stored>.<failed>.<submission>.json
+                                          what a chunk stored and failed (counts in the key); the
+                                          highest sequence is the chunk's newest record
 
 Nothing else in gridrender spells a key.
 """
@@ -70,6 +73,10 @@ def latest_submission(name: str) -> str:
     return f"{job_prefix(name)}submission.json"
 
 
+def expansion(name: str, submission_id: str) -> str:
+    return f"{job_prefix(name)}expansions/{submission_id}.json"
+
+
 def cancelled_prefix(name: str) -> str:
     return f"{job_prefix(name)}cancelled/"
 
@@ -82,16 +89,26 @@ def progress_prefix(name: str, partition: str) -> str:
     return f"{job_prefix(name)}progress/{partition}/"
 
 
-def progress(name: str, partition: str, chunk_id: str, stored: int, failed: int, submission_id: str) -> str:
-    return f"{progress_prefix(name, partition)}{chunk_id}.{stored}.{failed}.{submission_id}.json"
+SEQUENCE_DIGITS = 19  # zero-padded: keys sort as their sequences do
 
 
-def parse_progress(key: str) -> tuple[str, int, int, str] | None:
-    """(chunk id, cells stored, cells failed, submission id) from a progress key; None for anything else."""
+def progress(name: str, partition: str, chunk_id: str, sequence: int, stored: int, failed: int,
+             submission_id: str) -> str:
+    return (f"{progress_prefix(name, partition)}{chunk_id}.{sequence:0{SEQUENCE_DIGITS}d}.{stored}.{failed}."
+            f"{submission_id}.json")
+
+
+def parse_progress(key: str) -> tuple[str, int, int, int, str] | None:
+    """(chunk id, sequence, cells stored, cells failed, submission id) from a progress key; None for anything else.
+
+    Keys written before sequences existed (`<chunk>.<stored>.<failed>.<submission>.json`) read as sequence 0.
+    """
     parts = leaf(key, ".json").split(".")
-    if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit():
+    if len(parts) == 4:
+        parts.insert(1, "0")
+    if len(parts) != 5 or not all(p.isdigit() for p in parts[1:4]):
         return None
-    return parts[0], int(parts[1]), int(parts[2]), parts[3]
+    return parts[0], int(parts[1]), int(parts[2]), int(parts[3]), parts[4]
 
 
 def leaf(key: str, suffix: str = "") -> str:

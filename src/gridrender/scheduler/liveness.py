@@ -3,27 +3,33 @@
 Redis' visibility timeout redelivers a dead worker's chunk only after an hour; this
 notices within seconds. Each worker refreshes a TTL key (`gridrender:worker:<name>`,
 naming its queues) and, while it renders, keeps its chunk's message in the
-`gridrender:held` hash. A reaper (in every worker, and in `submit --wait`) finds held
-chunks whose worker key expired and re-enqueues each once (a Redis lock). The late
-redelivery of the original message finds the cells stored and does no GPU work. A
-chunk that killed two workers is recorded as failed instead of being sent again.
+`gridrender:held` hash. A reaper (a thread of its own in every worker, and a step
+of `submit --wait`) finds held chunks whose worker key expired and re-enqueues each
+once (a Redis lock). The late redelivery of the original message finds the cells
+stored and does no GPU work. A chunk that killed POISON_KILLS workers in one
+submission is recorded as failed instead of being sent again.
+
+A worker's name is unique per boot (`…@host#<boot>`): a container restarted in
+place keeps its pid and host name, and must not pass for the worker that died.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import redis
 
-from . import progress
 from .broker import RENDER_TASK, redact
+from .ledger import POISON_KILLS, KillCounts, Ledger
 from .messages import ChunkMessage
 from .settings import Settings
 from .storage import RetryingStore
@@ -32,12 +38,10 @@ from .stores import open_store
 log = logging.getLogger(__name__)
 
 PREFIX = "gridrender:"
-WORKER = PREFIX + "worker:"  # + name: {"queues": [...], "host": ..., "chunk": ...}, expires
-HELD = PREFIX + "held"  # hash: worker name -> {"message", "queue", "task", "chunk", "job"}
-KILLS = PREFIX + "kills:"  # + chunk id: workers that died holding it
+WORKER = PREFIX + "worker:"  # + name: {"queues": [...], "host": ..., "pid": ...}, expires
+HELD = PREFIX + "held"  # hash: worker name -> {"message", "queue", "task", "chunk", "job", "submission"}
 LOCK = PREFIX + "reap:"  # + worker name + task id: one reaper re-enqueues it
-POISON_KILLS = 2
-KILLS_TTL = 30 * 24 * 3600
+LOCK_TTL = 3600
 
 
 def connect(settings: Settings) -> redis.Redis | None:
@@ -47,32 +51,61 @@ def connect(settings: Settings) -> redis.Redis | None:
     return redis.Redis.from_url(settings.broker_url, socket_timeout=10, socket_connect_timeout=10)
 
 
+@cache
+def boot_id() -> str:
+    """Unique to this process's life: a restart in place (same pid, same host name) gets another."""
+    return f"{int(time.time()):x}{secrets.token_hex(3)}"
+
+
 def worker_name() -> str:
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return f"gridrender-{os.getpid()}{'-gpu' + gpu if gpu else ''}@{socket.gethostname()}"
+    return f"gridrender-{os.getpid()}{'-gpu' + gpu if gpu else ''}@{socket.gethostname()}#{boot_id()}"
+
+
+class Loop:
+    """A daemon thread running `step` every `interval` seconds until stopped; a failed step is logged."""
+
+    def __init__(self, name: str, interval: float, step: Callable[[], object]):
+        self.interval, self.step = interval, step
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval * 2 + 1)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.step()
+            except Exception as exc:  # the broker or storage down: keep going, the next step tries again
+                log.warning("%s failed: %s", self._thread.name, redact(str(exc)) or type(exc).__name__)
 
 
 @dataclass
 class Heartbeat:
-    """A worker's own liveness: a background thread refreshing its key, and what it holds."""
+    """A worker's own liveness: a thread refreshing its key, and the chunk it holds. Nothing else runs on it."""
 
     client: redis.Redis
     name: str
     queues: list[str]
     settings: Settings
-    on_beat: Callable[[], object] = lambda: None  # the worker's reaper rides on the heartbeat
 
     def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="gridrender-heartbeat", daemon=True)
+        self._loop = Loop("gridrender-heartbeat", self.settings.heartbeat_interval, self.beat)
 
     def start(self) -> None:
         self.beat()
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self.settings.heartbeat_interval * 2)
+        self._loop.stop()
         try:
             self.client.delete(WORKER + self.name)
         except redis.RedisError:
@@ -82,18 +115,10 @@ class Heartbeat:
         body = json.dumps({"queues": self.queues, "host": socket.gethostname(), "pid": os.getpid(), "at": time.time()})
         self.client.set(WORKER + self.name, body, px=int(self.settings.heartbeat_ttl * 1000))
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.settings.heartbeat_interval):
-            try:
-                self.beat()
-                self.on_beat()
-            except redis.RedisError as exc:  # the broker restarting: keep trying, the TTL covers it
-                log.warning("heartbeat failed: %s", redact(str(exc)))
-
     def hold(self, message: dict, queue: str, task_id: str) -> None:
         """Say which chunk this worker renders. Best effort: without it, the visibility timeout still recovers it."""
         entry = {"message": message, "queue": queue, "task": task_id, "chunk": message.get("chunk"),
-                 "job": message.get("job"), "since": time.time()}
+                 "job": message.get("job"), "submission": message.get("submission"), "since": time.time()}
         try:
             self.client.hset(HELD, self.name, json.dumps(entry))
         except redis.RedisError as exc:
@@ -105,14 +130,6 @@ class Heartbeat:
             self.client.hdel(HELD, self.name)
         except redis.RedisError as exc:
             log.warning("cannot release the chunk held (%s)", redact(str(exc)))
-
-
-def kills(client: redis.Redis, chunk: str) -> int:
-    """Workers that died holding the chunk (0 when Redis cannot say: render it)."""
-    try:
-        return int(client.get(KILLS + chunk) or 0)
-    except redis.RedisError:
-        return 0
 
 
 def consumed_queues(client: redis.Redis) -> dict[str, int]:
@@ -138,43 +155,78 @@ class Reaped:
     requeued: bool  # False: the chunk killed POISON_KILLS workers and was recorded as failed
 
 
-def reap(client: redis.Redis, send: Callable[[dict, str], Any], poisoned: Callable[[dict], None]) -> list[Reaped]:
-    """Re-enqueue the chunks of workers whose heartbeat expired; each once, by whoever gets the lock."""
+Send = Callable[[dict, str], Any]
+Poison = Callable[[dict, int, str], None]  # (message, kills, last worker)
+
+
+def reap(client: redis.Redis, send: Send, poisoned: Poison) -> list[Reaped]:
+    """Re-enqueue the chunks of workers whose heartbeat expired; each once, by whoever gets the lock.
+
+    Each entry stands alone: a broker or storage error on one is logged, its lock
+    released and its entry kept for the next pass; the others go on.
+    """
     reaped = []
+    kills = KillCounts(client)
     held: dict[bytes, bytes] = client.hgetall(HELD)  # type: ignore[assignment]  # redis-py's sync client
     for raw_name, raw in held.items():
         name = raw_name.decode()
         if client.exists(WORKER + name):
             continue
-        entry = json.loads(raw)
-        if not client.set(f"{LOCK}{name}:{entry['task']}", b"1", nx=True, ex=3600):
+        try:
+            entry = json.loads(raw)
+            lock = f"{LOCK}{name}:{entry['task']}"
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("dropping an unreadable held entry of %s: %s", name, exc)
+            client.hdel(HELD, name)
+            continue
+        if not client.set(lock, b"1", nx=True, ex=LOCK_TTL):
             continue  # another reaper has it
-        chunk = entry.get("chunk") or entry["task"]
-        killed = client.incr(KILLS + chunk)
-        client.expire(KILLS + chunk, KILLS_TTL)
-        if killed >= POISON_KILLS:
-            log.error("chunk %s of %s killed %d workers (last: %s); recording it as failed",
-                      chunk, entry.get("job"), killed, name)
-            poisoned(entry["message"])
-        else:
-            log.warning("worker %s stopped heartbeating holding chunk %s of %s; re-enqueueing it on %s",
-                        name, chunk, entry.get("job"), entry["queue"])
-            send(entry["message"], entry["queue"])
-        client.hdel(HELD, name)
-        reaped.append(Reaped(name, chunk, killed < POISON_KILLS))
+        try:
+            reaped.append(_reap_one(client, kills, name, entry, send, poisoned))
+        except Exception as exc:
+            client.delete(lock)  # the next pass (here or in another reaper) tries again; the kill is counted once
+            log.error("cannot reap chunk %s of %s held by %s (will retry): %s", entry.get("chunk"), entry.get("job"),
+                      name, redact(str(exc)) or type(exc).__name__)
     return reaped
 
 
+def _reap_one(client: redis.Redis, kills: KillCounts, name: str, entry: dict, send: Send, poisoned: Poison) -> Reaped:
+    message = entry["message"]
+    chunk = entry.get("chunk") or entry["task"]
+    killed = kills.add(str(message.get("job")), str(message.get("submission")), chunk, f"{name}/{entry['task']}")
+    if killed >= POISON_KILLS:
+        log.error("chunk %s of %s killed %d workers (last: %s); recording it as failed",
+                  chunk, entry.get("job"), killed, name)
+        poisoned(message, killed, name)
+    else:
+        log.warning("worker %s stopped heartbeating holding chunk %s of %s; re-enqueueing it on %s",
+                    name, chunk, entry.get("job"), entry["queue"])
+        send(message, entry["queue"])
+    client.hdel(HELD, name)
+    return Reaped(name, chunk, killed < POISON_KILLS)
+
+
 def send_chunk(app: Any, message: dict, queue: str) -> None:
-    app.send_task(RENDER_TASK, args=[message], queue=queue,
+    app.send_task(RENDER_TASK, args=[message], queue=queue, retry=False,
                   argsrepr=f"[chunk {message.get('chunk')} of {message.get('job')}]", kwargsrepr="{}")
 
 
-def record_poisoned(message: dict) -> None:
+def record_poisoned(client: redis.Redis, message: dict, kills: int, last: str, deadline: float = 60) -> None:
     chunk = ChunkMessage.from_message(message)
-    progress.record_poisoned(RetryingStore(open_store(chunk.output), deadline=60), chunk, POISON_KILLS)
+    store = RetryingStore(open_store(chunk.output), deadline=deadline)
+    with Ledger(store, chunk.job, kills=KillCounts(client)) as ledger:
+        ledger.record_poisoned(chunk, kills, last)
 
 
-def reap_dead(client: redis.Redis, app: Any) -> list[Reaped]:
+def reap_dead(client: redis.Redis, app: Any, storage_deadline: float = 60) -> list[Reaped]:
     """The reaper as workers and `submit --wait` run it."""
-    return reap(client, lambda message, queue: send_chunk(app, message, queue), record_poisoned)
+    return reap(client, lambda message, queue: send_chunk(app, message, queue),
+                lambda message, kills, last: record_poisoned(client, message, kills, last, storage_deadline))
+
+
+class Reaper(Loop):
+    """The reaper on a thread of its own: a slow store or broker never delays a heartbeat."""
+
+    def __init__(self, client: redis.Redis, app: Any, settings: Settings):
+        super().__init__("gridrender-reaper", settings.heartbeat_interval,
+                         lambda: reap_dead(client, app, settings.storage_deadline))

@@ -114,7 +114,11 @@ class Plan:
             "init_image": [c.init_images[s] if s else None for s in self.job.values_of("init_images")],
             "hires": self.job.hires.values(c.upscalers) if self.job.hires else [None],
         }
-        return grid.expand(values, Derivation(c).derive)
+        return grid.expand(values, self.derivation().derive)
+
+    def derivation(self) -> Derivation:
+        """What completes each cell from its texts (a recorded plan replays what its submit derived)."""
+        return Derivation(self.components)
 
     def chunks(self) -> Iterator[Chunk]:
         for cells in grid.chunked(self.cells(), self.chunk_cells):
@@ -165,13 +169,17 @@ class Derivation:
             shown = search_replace(prompt, sr)
             tagged = tuple(LoraUse(self.components.loras[tag.name], tag.te, tag.unet, tag.name)
                            for tag in lora_tags(shown))
-            texts = [encoder_text(prompt, sr), encoder_text(negative, sr)]
-            used = embeddings_used(texts, self.components.embeddings, slots[_MODEL])
+            used = self.embeddings(prompt, negative, sr, slots[_MODEL])
             found = self.cache[key] = (tagged, used)
         tagged, used = found
         if tagged:  # applied first: the infotext writes the prompt's tags before the job's own LoRAs
             slots[_LORAS] = tagged + slots[_LORAS]
         slots[_EMBEDDINGS] = used
+
+    def embeddings(self, prompt: str, negative: str, sr: tuple | None, model: ModelSpec) -> tuple[Component, ...]:
+        """The embeddings a cell's texts trigger."""
+        texts = [encoder_text(prompt, sr), encoder_text(negative, sr)]
+        return embeddings_used(texts, self.components.embeddings, model)
 
 
 def embeddings_used(texts: list[str], embeddings: dict[str, Component], model: ModelSpec) -> tuple[Component, ...]:

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     heartbeat_interval: float = 2.0  # seconds between a worker's heartbeats
     heartbeat_ttl: float = 10.0  # a worker silent this long is dead; its chunk is re-enqueued
     task_retries: int = 3  # attempts after the first, before a chunk's cells are recorded as failed
+    # Seconds a worker retries a storage call through an outage before handing the chunk back (a retry of
+    # the chunk that spends none of task_retries).
+    storage_deadline: float = 600.0
     sheet_max_cells: int = 20_000  # finalize draws sheets for jobs up to this size
     device: str | None = None  # torch device for workers and `run` (default: cuda if present, else cpu)
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile UNet and VAE decoder: auto = on CUDA only

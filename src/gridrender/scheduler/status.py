@@ -5,12 +5,13 @@ progress records and of its cancellations. Never a listing of `cells/`.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import progress, submissions
-from .errors import GridrenderError, InputError
+from .errors import GridrenderError
+from .ledger import Ledger, Poisoned, tally
 from .settings import Settings
 from .storage import Store
 
@@ -31,6 +32,7 @@ class Status:
     failures: dict[str, str] = field(default_factory=dict)  # cell id -> error, the first few
     rate: float | None = None  # cells per second, recently
     cancelled: bool = False
+    poisoned: list[Poisoned] = field(default_factory=list)  # chunks given up on: workers died holding them
 
     @property
     def pending(self) -> int:
@@ -46,16 +48,19 @@ class Status:
 
 
 def job_status(store: Store, name: str, now: float | None = None) -> Status:
-    record = submissions.latest(store, name)
-    if record is None:
-        raise InputError(f"job {name!r} under {store.root} was never run or submitted")
-    records = progress.read(store, name, record.partition)
-    tally = progress.tally(records, record.id)
-    current = [r for r in records.values() if r.submission == record.id]
-    failures = progress.failures(store, current, SHOWN_FAILURES) if tally.failed else {}
-    cancelled = submissions.is_cancelled(store, name, record.id)
-    return Status(name, min(tally.stored, record.cells), record.cells, tally.failed, failures,
-                  tally.rate(now or time.time(), RATE_WINDOW), cancelled)
+    ledger = Ledger(store, name)
+    record = ledger.current()
+    records = ledger.progress(record.partition)
+    counts = tally(records, record.id)
+    failures: dict[str, str] = {}
+    poisoned: list[Poisoned] = []
+    if counts.failed:
+        current = [r for r in records.values() if r.submission == record.id]
+        for body in ledger.failing(current, SHOWN_FAILURES):
+            failures.update(itertools.islice(body["failed"].items(), SHOWN_FAILURES - len(failures)))
+        poisoned = ledger.poisoned(record)
+    return Status(name, min(counts.stored, record.cells), record.cells, counts.failed, failures,
+                  counts.rate(now or time.time(), RATE_WINDOW), ledger.is_cancelled(record.id), poisoned)
 
 
 def follow(store: Store, name: str, on_update: Callable[[Status], None], interval: float = 1.0,

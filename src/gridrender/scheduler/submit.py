@@ -8,13 +8,13 @@ submit of a big job the workers check them instead.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from celery import Celery
 
-from . import finalize, liveness, progress, submissions
+from . import liveness
 from .broker import RENDER_TASK, SHARED_QUEUE, model_queue, reaching_broker
+from .ledger import KillCounts, Ledger
 from .messages import ChunkMessage
 from .models import ModelSpec
 from .plan import Plan
@@ -73,26 +73,63 @@ def submit(plan: Plan, store: Store, app: Celery, queue: str | None = None, sett
         producer.connection.ensure_connection(max_retries=2)
         route = Router(queue, settings)
         used: dict[str, int] = {}
-        check_each = progress.worth_checking(store, plan, settings)
-        record = submissions.Submission(submissions.new_id(), "broker", None, plan.total, 0, 0, 0, 0,
-                                        plan.resolved(), time.time())
-        finalize.write_job(store, plan)
-        submissions.write(store, name, record)
-        for chunk, missing in progress.pending(plan, store, check_each, record.id):
-            record.chunks += 1
-            if not missing:
-                continue
-            record.enqueued_cells += len(missing)
-            record.enqueued_chunks += 1
-            message = ChunkMessage(name, record.id, plan.job.output, plan.job.batch_size, partition, chunk.id,
-                                   missing, len(chunk.cells) - len(missing)).to_message()
-            target = route(chunk.cells[0].model)
-            used[target] = route.count(target)
-            # argsrepr given: Celery would otherwise build a repr of every message for its logs.
-            app.send_task(RENDER_TASK, args=[message], queue=target, producer=producer,
-                          argsrepr=f"[chunk {chunk.id} of {name}: {len(missing)} cells]", kwargsrepr="{}")
-        record.already_stored = plan.total - record.enqueued_cells
-        record.queue = ", ".join(used) or None
-        submissions.write(store, name, record)
+        with Ledger(store, name, settings) as ledger:
+            check_each = ledger.worth_checking(plan)
+            record = ledger.begin(plan, "broker")
+            for chunk, missing in ledger.pending(plan, check_each, record.id):
+                record.chunks += 1
+                if not missing:
+                    continue
+                record.enqueued_cells += len(missing)
+                record.enqueued_chunks += 1
+                message = ChunkMessage(name, record.id, plan.job.output, plan.job.batch_size, partition, chunk.id,
+                                       missing, len(chunk.cells) - len(missing)).to_message()
+                target = route(chunk.cells[0].model)
+                used[target] = route.count(target)
+                # argsrepr given: Celery would otherwise build a repr of every message for its logs.
+                app.send_task(RENDER_TASK, args=[message], queue=target, producer=producer,
+                              argsrepr=f"[chunk {chunk.id} of {name}: {len(missing)} cells]", kwargsrepr="{}")
+            record.already_stored = plan.total - record.enqueued_cells
+            record.queue = ", ".join(used) or None
+            ledger.update(record)
     return Submitted(record.id, used or {route(plan.model): route.count(route(plan.model))}, record.enqueued_cells,
                      record.enqueued_chunks, record.already_stored, plan.total)
+
+
+@dataclass
+class Retried:
+    chunks: int  # poisoned chunks sent again
+    cells: int  # their cells not stored yet
+
+
+def retry_poisoned(store: Store, name: str, app: Celery, settings: Settings | None = None) -> Retried:
+    """`gridrender retry`: clear the kill counts of the newest submission's poisoned chunks and send them again.
+
+    Under the same submission (a cancel still stops them), expanded as that submission
+    recorded; each chunk gets a record without failures, so `status` counts it pending again.
+    """
+    settings = settings or Settings()
+    client = liveness.connect(settings)
+    with reaching_broker("enqueue"), app.producer_or_acquire() as producer, \
+            Ledger(store, name, settings, KillCounts(client) if client is not None else None) as ledger:
+        producer.connection.ensure_connection(max_retries=2)
+        record = ledger.current()
+        poisoned = {p.chunk for p in ledger.poisoned(record)}
+        if not poisoned:
+            return Retried(0, 0)
+        plan, route, sent = ledger.plan(record), Router(None, settings), Retried(0, 0)
+        for chunk in plan.chunks():
+            if chunk.id not in poisoned:
+                continue
+            stored = ledger.present(chunk.cells)
+            missing = [cell for cell, ok in zip(chunk.cells, stored) if not ok]
+            ledger.record(plan.partition, chunk.id, [c.id for c, ok in zip(chunk.cells, stored) if ok], 0, {},
+                          record.id, "retry")  # clears the chunk's kill count
+            if missing:
+                message = ChunkMessage(name, record.id, plan.job.output, plan.job.batch_size, plan.partition,
+                                       chunk.id, missing, len(chunk.cells) - len(missing)).to_message()
+                app.send_task(RENDER_TASK, args=[message], queue=route(chunk.cells[0].model), producer=producer,
+                              argsrepr=f"[chunk {chunk.id} of {name}: {len(missing)} cells, retried]",
+                              kwargsrepr="{}")
+            sent.chunks, sent.cells = sent.chunks + 1, sent.cells + len(missing)
+    return sent

@@ -6,13 +6,13 @@ and a later `submit` of the same job all see what `run` did.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gridrender.scheduler import finalize, progress, submissions
+from gridrender.scheduler import finalize
 from gridrender.scheduler.job import Job
+from gridrender.scheduler.ledger import Ledger
 from gridrender.scheduler.plan import Plan, check_output, prepare
 from gridrender.scheduler.settings import Settings
 from gridrender.scheduler.storage import Store
@@ -26,6 +26,7 @@ class Started:
     plan: Plan
     store: Store
     todo: int  # cells to render (as far as storage told before rendering)
+    submission: str  # this run's record in the job's ledger
 
 
 @dataclass
@@ -43,33 +44,31 @@ def start(job: Job | str | Path, output: str | None = None, renderer: Renderer |
     renderer = renderer or Renderer()
     plan = prepare(job, cuda=renderer.device.type == "cuda", settings=settings, output=output)
     store = check_output(plan)
-    check_each = progress.worth_checking(store, plan, settings)
-    record_id = submissions.new_id()
-    todo = sum(len(missing) for _, missing in progress.pending(plan, store, check_each, record_id))
-    record = submissions.Submission(record_id, "local", None, plan.total, 0, todo, 0, plan.total - todo,
-                                    plan.resolved(), time.time())
-    finalize.write_job(store, plan)
-    submissions.write(store, plan.job.name, record)
-    return Started(plan, store, todo), renderer
+    with Ledger(store, plan.job.name, settings) as ledger:
+        check_each = ledger.worth_checking(plan)
+        record = ledger.begin(plan, "local")
+        todo = sum(len(missing) for _, missing in ledger.pending(plan, check_each, record.id))
+        record.enqueued_cells, record.already_stored = todo, plan.total - todo
+        ledger.update(record)
+    return Started(plan, store, todo, record.id), renderer
 
 
 def render_missing(started: Started, renderer: Renderer,
                    on_batch: Callable[[int], None] = lambda n: None) -> ChunkResult:
     """Render every chunk not yet complete, writing a progress record after each."""
     plan, store = started.plan, started.store
-    record = submissions.latest(store, plan.job.name)
-    submission = record.id if record else "local"
     total = ChunkResult()
     writer = Writer()
     try:
-        for chunk, missing in progress.pending(plan, store, False, submission):
-            if not missing:
-                continue
-            result = render_and_store(renderer, writer, store, chunk.cells[0].model, chunk.cells, plan.job.batch_size,
-                                      plan.job.name, on_batch)
-            progress.write(store, plan.job.name, plan.partition, chunk.id, result.stored, result.present,
-                           result.failed, submission, "run")
-            total.add(result)
+        with Ledger(store, plan.job.name) as ledger:
+            for chunk, missing in ledger.pending(plan, False, started.submission):
+                if not missing:
+                    continue
+                result = render_and_store(renderer, writer, store, chunk.cells[0].model, chunk.cells,
+                                          plan.job.batch_size, plan.job.name, on_batch)
+                ledger.record(plan.partition, chunk.id, result.stored, result.present, result.failed,
+                              started.submission, "run")
+                total.add(result)
     finally:
         writer.close()
     return total

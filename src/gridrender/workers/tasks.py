@@ -1,36 +1,40 @@
 """The Celery task: render a chunk of cells with the worker's resident pipeline.
 
 1. decode and verify the message (every cell id recomputed from its parameters),
-2. drop it if its submission was cancelled, or record it failed if it killed workers,
+2. pass the gates (policy.py): drop it if its submission was cancelled, record it
+   failed if it killed workers,
 3. find the model on this machine and check it is the submitted one (sha256),
-4. render and store the missing cells, holding the chunk in the heartbeat meanwhile,
-5. write the chunk's progress record (after its cells), or retry what failed.
+4. render and store the missing cells (the heartbeat names the chunk meanwhile),
+5. write the chunk's progress record (after its cells) through the job's ledger.
+Anything that fails in 3-5 is a retry: failed cells and a failed progress write
+spend the chunk's render retries, a storage outage spends none.
 """
 from __future__ import annotations
 
 import logging
+from functools import cache
 from pathlib import Path
 
-from gridrender.scheduler import liveness, models, progress, submissions
+from gridrender.scheduler import liveness, models
 from gridrender.scheduler.broker import RENDER_TASK, shared_app
 from gridrender.scheduler.errors import InputError, ModelError, StorageError
+from gridrender.scheduler.ledger import KillCounts, Ledger
 from gridrender.scheduler.messages import ChunkMessage
 from gridrender.scheduler.models import ModelSpec
 from gridrender.scheduler.settings import Settings
 from gridrender.scheduler.storage import RetryingStore, Store
 from gridrender.scheduler.stores import open_store
 
+from . import policy
 from .chunk import ChunkResult, Writer, render_and_store
 from .render import Renderer
 
 log = logging.getLogger(__name__)
 app = shared_app()
 _settings = Settings()
-STORAGE_DEADLINE = 600.0  # seconds a worker keeps retrying storage before giving the chunk back
 _renderer: Renderer | None = None
 _writer: Writer | None = None
 _local_models: dict[tuple, ModelSpec] = {}
-heartbeat: liveness.Heartbeat | None = None  # set by the worker process when the broker is Redis
 compile_mode: str | None = None  # set by `worker --no-compile` ("eager"); None: GRIDRENDER_COMPILE decides
 
 
@@ -47,6 +51,13 @@ def writer() -> Writer:
     if _writer is None:
         _writer = Writer()
     return _writer
+
+
+@cache
+def kill_counts() -> KillCounts | None:
+    """The broker's kill counts (None when the broker is not Redis: no reaper, no counts)."""
+    client = liveness.connect(_settings)
+    return KillCounts(client) if client is not None else None
 
 
 def local_model(spec: ModelSpec) -> ModelSpec:
@@ -69,59 +80,65 @@ def local_model(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
-@app.task(name=RENDER_TASK, bind=True, max_retries=_settings.task_retries)
-def render_chunk(self, message: dict) -> dict:
+@app.task(name=RENDER_TASK, bind=True, max_retries=None)
+def render_chunk(self, message: dict, failures: int = 0) -> dict:
+    """`failures`: render attempts of this chunk that failed so far (storage outages not counted)."""
     try:
         chunk = ChunkMessage.from_message(message)
     except InputError as exc:
         # A message we cannot trust is dropped (acknowledged), never half-run or retried.
         log.error("dropping task %s: %s", self.request.id, exc)
         return {"rejected": str(exc)}
-    # Storage calls retry through outages of up to STORAGE_DEADLINE seconds.
-    store = RetryingStore(open_store(chunk.output), deadline=STORAGE_DEADLINE)
-    if heartbeat is not None:
-        heartbeat.hold(message, self.request.delivery_info.get("routing_key") or "", self.request.id)
-    try:
-        return _run(self, chunk, store)
-    finally:
-        if heartbeat is not None:
-            heartbeat.release()
+    # Storage calls retry through outages of up to storage_deadline seconds.
+    store = RetryingStore(open_store(chunk.output), deadline=_settings.storage_deadline)
+    with Ledger(store, chunk.job, _settings, kill_counts()) as ledger:
+        return _run(self, ledger, chunk, message, failures)
 
 
-def _run(task, chunk: ChunkMessage, store: Store) -> dict:
+def _run(task, ledger: Ledger, chunk: ChunkMessage, message: dict, failures: int) -> dict:
     try:
-        if submissions.is_cancelled(store, chunk.job, chunk.submission):
-            log.info("job %s was cancelled: dropping %d cells", chunk.job, len(chunk.cells))
-            return {"cancelled": len(chunk.cells)}
-        if heartbeat is not None and liveness.kills(heartbeat.client, chunk.chunk) >= liveness.POISON_KILLS:
-            progress.record_poisoned(store, chunk)
-            return {"poisoned": len(chunk.cells)}
-        result = render_cells(chunk, store)
-    except Exception as exc:
-        if isinstance(exc, StorageError) and exc.transient:
-            # Storage still unreachable after the deadline: keep the chunk (it comes back
-            # later) rather than acknowledge it unrendered or record failures we cannot write.
-            log.error("chunk of %s: storage unreachable (%s); retrying the chunk later", chunk.job, exc)
-            raise task.retry(countdown=60, max_retries=None) from None
-        log.exception("chunk of %s failed", chunk.job)  # retried, then recorded, never silently acknowledged
-        result = ChunkResult(failed={c.id: f"{type(exc).__name__}: {exc}" for c in chunk.cells})
-    if result.failed:
-        attempt = task.request.retries + 1
-        if task.request.retries < task.max_retries:
+        ended = policy.gate(ledger, chunk)
+        if ended is not None:
+            return ended
+        result = render_cells(chunk, ledger.store)
+        attempt = failures + 1
+        if result.failed and failures < _settings.task_retries:
             log.warning("chunk of %s: %d cells failed (attempt %d), retrying", chunk.job, len(result.failed), attempt)
             # The retry re-checks storage, so only the cells that failed render again.
-            raise task.retry(countdown=min(2**attempt, 60))
-        log.error("chunk of %s: %d cells failed after %d attempts", chunk.job, len(result.failed), attempt)
-    progress.write(store, chunk.job, chunk.partition, chunk.chunk, result.stored, chunk.present + result.present,
-                   result.failed, chunk.submission, liveness.worker_name())
+            raise policy.retry(task, message, attempt)
+        if result.failed:
+            log.error("chunk of %s: %d cells failed after %d attempts", chunk.job, len(result.failed), attempt)
+        ledger.record(chunk.partition, chunk.chunk, result.stored, chunk.present + result.present, result.failed,
+                      chunk.submission, liveness.worker_name())
+    except StorageError as exc:
+        if exc.transient:
+            # Storage still unreachable after the deadline: keep the chunk (it comes back later, its
+            # stored cells found) rather than acknowledge it unrecorded. Spends no render retry.
+            log.error("chunk of %s: storage unreachable (%s); retrying the chunk later", chunk.job, exc)
+            raise policy.retry(task, message, failures) from None
+        if failures < _settings.task_retries:
+            log.error("chunk of %s: cannot record its progress (%s), retrying", chunk.job, exc)
+            raise policy.retry(task, message, failures + 1) from None
+        log.error("chunk of %s: cannot record its progress after %d attempts: %s", chunk.job, failures + 1, exc)
+        raise
     return {"rendered": result.rendered, "stored": len(result.stored), "present": result.present,
             "failed": len(result.failed), "oom_splits": result.oom_splits}
 
 
 def render_cells(chunk: ChunkMessage, store: Store) -> ChunkResult:
+    """The chunk rendered and stored; any failure but a storage outage becomes failed cells."""
     try:
-        model = local_model(chunk.cells[0].model)
-    except ModelError as exc:
-        return ChunkResult(failed={c.id: f"ModelError: {exc}" for c in chunk.cells})
-    cells = [c.replace(model=model) if c.model is not model else c for c in chunk.cells]
-    return render_and_store(renderer(), writer(), store, model, cells, chunk.batch_size, chunk.job)
+        try:
+            model = local_model(chunk.cells[0].model)
+        except ModelError as exc:
+            return ChunkResult(failed={c.id: f"ModelError: {exc}" for c in chunk.cells})
+        cells = [c.replace(model=model) if c.model is not model else c for c in chunk.cells]
+        return render_and_store(renderer(), writer(), store, model, cells, chunk.batch_size, chunk.job)
+    except StorageError as exc:
+        if exc.transient:
+            raise
+        log.exception("chunk of %s failed", chunk.job)
+        return ChunkResult(failed={c.id: f"{type(exc).__name__}: {exc}" for c in chunk.cells})
+    except Exception as exc:
+        log.exception("chunk of %s failed", chunk.job)  # retried, then recorded, never silently acknowledged
+        return ChunkResult(failed={c.id: f"{type(exc).__name__}: {exc}" for c in chunk.cells})

@@ -3,7 +3,7 @@
 A worker consumes the queues it is given, or its model's queue plus the shared
 queue (`--model`), or only the shared queue (bare): every submitted chunk finds a
 worker. While it runs it heartbeats to Redis and reaps the chunks of workers that
-stopped heartbeating.
+stopped heartbeating (the reaper, on a thread of its own).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gridrender.scheduler import liveness
@@ -20,6 +21,7 @@ from gridrender.scheduler.errors import InputError
 from gridrender.scheduler.models import resolve
 from gridrender.scheduler.settings import Settings
 
+from . import policy
 from .compiled import EAGER, cache_stats
 
 log = logging.getLogger(__name__)
@@ -94,8 +96,7 @@ def _run_here(queues: list[str], options: Options) -> int:
     if options.preload:
         _preload(options, settings)
     name = liveness.worker_name()
-    heartbeat = _start_heartbeat(name, queues, settings, tasks.app)
-    tasks.heartbeat = heartbeat
+    stop = _start_liveness(name, queues, settings, tasks)
     argv = [
         "worker",
         "--pool=solo",  # one process owns the GPU and its resident pipeline
@@ -109,22 +110,31 @@ def _run_here(queues: list[str], options: Options) -> int:
     try:
         tasks.app.worker_main(argv)
     finally:
-        if heartbeat is not None:
-            heartbeat.stop()
+        stop()
         if options.preload and os.path.exists(settings.ready_file):
             os.unlink(settings.ready_file)
     return 0
 
 
-def _start_heartbeat(name: str, queues: list[str], settings: Settings, app) -> liveness.Heartbeat | None:
+def _start_liveness(name: str, queues: list[str], settings: Settings, tasks) -> Callable[[], None]:
+    """Heartbeat, the chunk it names, and the reaper, each on its own; returns what stops them."""
     client = liveness.connect(settings)
     if client is None:
         log.warning("the broker is not Redis: no heartbeats; a dead worker's chunk waits for the visibility timeout")
-        return None
-    heartbeat = liveness.Heartbeat(client, name, queues, settings, on_beat=lambda: liveness.reap_dead(client, app))
+        return lambda: None
+    heartbeat = liveness.Heartbeat(client, name, queues, settings)
+    reaper = liveness.Reaper(client, tasks.app, settings)
     heartbeat.start()
+    release = policy.hold_chunks(tasks.render_chunk, heartbeat)
+    reaper.start()
     log.info("heartbeat %s every %.0fs on %s", name, settings.heartbeat_interval, ", ".join(queues))
-    return heartbeat
+
+    def stop() -> None:
+        reaper.stop()
+        release()
+        heartbeat.stop()
+
+    return stop
 
 
 def _spawn_per_gpu(queues: list[str], gpus: list[str], options: Options) -> int:

@@ -1,0 +1,49 @@
+"""How many workers died holding a chunk: counted per (submission, chunk), in Redis.
+
+A count belongs to one submission's attempt at a chunk: a resubmit starts from
+zero, a stored chunk clears its count, `gridrender retry` clears it on purpose.
+Each death is counted once however many reapers notice it (a set of the dead
+workers' task ids), so a reaper that fails half-way and tries again counts nothing twice.
+"""
+from __future__ import annotations
+
+import logging
+
+import redis
+
+log = logging.getLogger(__name__)
+
+KILLS = "gridrender:kills:"  # + job:submission:chunk -> set of "<worker>/<task>" that died holding it
+KILLS_TTL = 7 * 24 * 3600  # a submission's counts outlive any run of it; then they go
+POISON_KILLS = 2
+
+
+class KillCounts:
+    def __init__(self, client: redis.Redis):
+        self.client = client
+
+    @staticmethod
+    def key(job: str, submission: str, chunk: str) -> str:
+        return f"{KILLS}{job}:{submission}:{chunk}"
+
+    def add(self, job: str, submission: str, chunk: str, death: str) -> int:
+        """Count `death` (worker and task) against the chunk; the number of distinct deaths."""
+        key = self.key(job, submission, chunk)
+        pipe = self.client.pipeline()
+        pipe.sadd(key, death)
+        pipe.expire(key, KILLS_TTL)
+        pipe.scard(key)
+        return int(pipe.execute()[-1])
+
+    def get(self, job: str, submission: str, chunk: str) -> int:
+        """Deaths counted (0 when Redis cannot say: render it)."""
+        try:
+            return int(self.client.scard(self.key(job, submission, chunk)))
+        except redis.RedisError:
+            return 0
+
+    def clear(self, job: str, submission: str, chunk: str) -> None:
+        try:
+            self.client.delete(self.key(job, submission, chunk))
+        except redis.RedisError as exc:  # best effort: the count expires anyway
+            log.warning("cannot clear the kill count of chunk %s: %s", chunk, exc)

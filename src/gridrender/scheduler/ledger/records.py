@@ -1,0 +1,119 @@
+"""Per-chunk progress records: what `status`, `--wait`, `finalize` and resubmits read.
+
+A worker (or `run`, or a submit that found a chunk's cells stored already, or the
+reaper giving up on a poisoned chunk) writes one record per attempt at a chunk.
+The record's key carries its counts and a sequence, so reading a job's progress
+is one listing of its own `progress/` prefix, never a listing of `cells/`, which
+many jobs share. A chunk's newest record is the one with the highest sequence,
+never the store's LastModified (one second granularity on S3: a stale failure
+written in the same second as a success could hide it).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .. import layout
+from ..storage import Store
+
+
+@dataclass(frozen=True)
+class ChunkProgress:
+    chunk: str
+    sequence: int
+    stored: int
+    failed: int
+    submission: str  # whose attempt it records: failures of older submissions are being retried
+    at: float  # when the record was written (the store's time: for the rate only)
+    key: str
+
+    def newer_than(self, other: ChunkProgress) -> bool:
+        """Order by sequence; on a tie, the record that stored more (cells are never unstored)."""
+        return (self.sequence, self.stored, -self.failed) > (other.sequence, other.stored, -other.failed)
+
+
+class Sequence:
+    """Microseconds since the epoch, strictly increasing within this process.
+
+    Attempts at one chunk are separated by a message round trip (a retry, a
+    redelivery, a resubmit), far more than the clock skew of synchronized hosts.
+    """
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def next(self) -> int:
+        with self._lock:
+            self._last = max(self._last + 1, time.time_ns() // 1000)
+            return self._last
+
+
+SEQUENCE = Sequence()
+
+
+def write(store: Store, job: str, partition: str, chunk: str, stored: Iterable[str], present: int,
+          failed: dict[str, str], submission: str, by: str, poisoned: dict | None = None) -> str:
+    """Record a chunk's outcome; `present` counts cells found stored before this attempt. Returns the key."""
+    stored = list(stored)
+    sequence = SEQUENCE.next()
+    body = {"job": job, "chunk": chunk, "partition": partition, "submission": submission, "sequence": sequence,
+            "stored": stored, "present": present, "failed": failed, "by": by, "host": socket.gethostname(),
+            "at": time.time(), **({"poisoned": poisoned} if poisoned else {})}
+    key = layout.progress(job, partition, chunk, sequence, len(stored) + present, len(failed), submission)
+    store.put(key, json.dumps(body, ensure_ascii=False).encode(), "application/json")
+    return key
+
+
+def read(store: Store, job: str, partition: str) -> dict[str, ChunkProgress]:
+    """The newest record of every chunk of the partition (a resubmit may have written a newer one)."""
+    newest: dict[str, ChunkProgress] = {}
+    for key, at in store.list_with_times(layout.progress_prefix(job, partition)):
+        parsed = layout.parse_progress(key)
+        if parsed is None:
+            continue
+        record = ChunkProgress(*parsed[:5], at=at, key=key)
+        known = newest.get(record.chunk)
+        if known is None or record.newer_than(known):
+            newest[record.chunk] = record
+    return newest
+
+
+def bodies(store: Store, records: Iterable[ChunkProgress], limit: int) -> list[dict]:
+    """The bodies of up to `limit` records that failed cells (each a GET)."""
+    failing = itertools.islice((r for r in records if r.failed), limit)
+    return [json.loads(store.get(r.key)) for r in failing]
+
+
+@dataclass
+class Tally:
+    stored: int = 0
+    failed: int = 0
+    recent: list[tuple[float, int]] = field(default_factory=list)  # (time, cells) of each record
+
+    def rate(self, now: float, window: float) -> float | None:
+        """Cells per second over the records of the last `window` seconds."""
+        points = sorted((t, n) for t, n in self.recent if t >= now - window)
+        if len(points) < 2 or points[-1][0] <= points[0][0]:
+            return None
+        return sum(n for _, n in points[1:]) / (points[-1][0] - points[0][0])
+
+
+def tally(records: dict[str, ChunkProgress], submission: str) -> Tally:
+    """Cells stored, and cells that failed in `submission` (older failures are being retried)."""
+    result = Tally()
+    for record in records.values():
+        result.stored += record.stored
+        if record.submission == submission:
+            result.failed += record.failed
+        result.recent.append((record.at, record.stored))
+    return result
+
+
+def complete(cells: int, record: ChunkProgress | None) -> bool:
+    return record is not None and record.stored == cells

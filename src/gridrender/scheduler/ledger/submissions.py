@@ -1,0 +1,42 @@
+"""A submission (or local run) record: what was sent, how the job was split.
+
+Each `submit` or `run` writes `jobs/<name>/submissions/<id>.json`; ids sort by time,
+so the newest is the last key. The record carries what `status` and `finalize`
+need without the model files: the total, the partition into chunks, the model.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class Submission:
+    id: str
+    kind: str  # "broker" (submit) or "local" (run)
+    queue: str | None
+    cells: int  # cells in the job
+    chunks: int  # chunks in the job's partition
+    enqueued_cells: int
+    enqueued_chunks: int
+    already_stored: int
+    resolved: dict  # Plan.resolved(): model, dtype, chunk size, partition
+    at: float
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Submission:
+        return cls(**json.loads(raw))
+
+    @property
+    def partition(self) -> str:
+        return str(self.resolved["partition"])
+
+
+def new_id() -> str:
+    """Sorts by creation time (to the millisecond), unique across machines."""
+    return f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,224 @@
+"""The job ledger and the failures it must survive (issue 21).
+
+Real Redis, real Celery worker processes, a moto S3 server with faults injected by
+a TCP proxy that refuses connections. Each test reproduces its scenario under the
+conditions the old code path failed in, and checks: nothing lost, nothing rendered
+twice, no chunk stuck.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import time
+
+import pytest
+import redis
+
+from gridrender.scheduler import layout, liveness
+from gridrender.scheduler.ledger import KillCounts, Ledger
+from gridrender.scheduler.messages import ChunkMessage
+from gridrender.scheduler.settings import Settings
+from tests.services import TcpProxy, wait_for
+
+SMALL = dict(dtype="float32", clip_skip=1, prompts=["a cow"], steps=2, batch_size=4)
+FAST_HEARTBEAT = {"GRIDRENDER_HEARTBEAT_TTL": "3", "GRIDRENDER_HEARTBEAT_INTERVAL": "0.5"}
+
+
+def stored(cluster) -> int:
+    return len([k for k in cluster.keys() if k.endswith(".json")])
+
+
+def renders(*workers) -> int:
+    return sum(int(n) for w in workers for n in re.findall(r"chunk of t: (\d+) cells rendered", w.text()))
+
+
+def assert_each_cell_once(cluster, expected: int) -> None:
+    versions = cluster.versions("grid/cells/")
+    assert len(versions) == 2 * expected and all(v == 1 for v in versions.values()), versions
+
+
+def held(client) -> dict:
+    return {k.decode(): json.loads(v) for k, v in client.hgetall(liveness.HELD).items()}
+
+
+@pytest.fixture
+def in_process(cluster, monkeypatch):
+    """This process talks to the cluster's S3 and Redis as a CLI host would."""
+    for key, value in cluster.env.items():
+        monkeypatch.setenv(key, value)
+    return cluster
+
+
+def messages(path, output: str, submission: str) -> list[dict]:
+    from gridrender.scheduler.plan import prepare
+
+    plan = prepare(path, cuda=None, output=output)
+    return [ChunkMessage("t", submission, output, 4, plan.partition, chunk.id, chunk.cells).to_message()
+            for chunk in plan.chunks()]
+
+
+def test_the_reaper_survives_a_broker_error_and_a_storage_error_and_never_delays_a_heartbeat(
+        in_process, job_file, monkeypatch, caplog):
+    """Old code: the reaper ran on the heartbeat thread and caught only RedisError."""
+    cluster = in_process
+    url = cluster.env["GRIDRENDER_BROKER_URL"]
+    client = redis.Redis.from_url(url)
+    s3 = TcpProxy(int(cluster.env["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1]))
+    broker = TcpProxy(int(url.rsplit(":", 1)[1].split("/")[0]))
+    missing = f"{cluster.bucket}-later"  # its bucket does not exist yet: recording the poisoned chunk fails
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{s3.port}")
+        poison, = messages(job_file(output=cluster.output, **SMALL, seeds=[1, 2]), f"s3://{missing}/grid", "s1")
+        dead, = messages(job_file(output=cluster.output, **SMALL, seeds=[3]), cluster.output, "s1")
+        KillCounts(client).add("t", "s1", poison["chunk"], "gridrender-0@gone#0/t0")  # its first death, earlier
+        for name, message in (("gridrender-1@gone#1", poison), ("gridrender-2@gone#2", dead)):
+            client.hset(liveness.HELD, name, json.dumps({"message": message, "queue": "q", "task": f"task-{name}",
+                                                          "chunk": message["chunk"], "job": "t"}))
+        broker.down()
+        settings = Settings(broker_url=f"redis://127.0.0.1:{broker.port}/{url.rsplit('/', 1)[1]}",
+                            heartbeat_interval=0.2, heartbeat_ttl=1.0, storage_deadline=1.0)
+        from gridrender.scheduler.broker import make_app
+
+        heartbeat = liveness.Heartbeat(client, "gridrender-3@here#3", ["q"], settings)
+        reaper = liveness.Reaper(client, make_app(settings), settings)
+        heartbeat.start()
+        reaper.start()
+
+        def failed(chunk: str, what: str) -> bool:
+            return any(chunk in r.getMessage() and what in r.getMessage() for r in caplog.records
+                       if "cannot reap chunk" in r.getMessage())
+
+        def beating_until(done, seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            while not done():
+                assert time.monotonic() < deadline, caplog.text
+                assert client.exists(liveness.WORKER + heartbeat.name), "the reaper delayed the heartbeat"
+                time.sleep(0.1)
+
+        try:
+            with caplog.at_level(logging.ERROR, logger="gridrender.scheduler.liveness"):
+                # A StorageError (no such bucket) and kombu's OperationalError from send_task: both logged, both kept.
+                beating_until(lambda: failed(poison["chunk"], missing) and failed(dead["chunk"], ""), 30)
+                assert reaper.alive() and len(held(client)) == 2
+                # A slow store: connections refused for 4 s while the reaper retries; heartbeats go on.
+                cluster.s3.create_bucket(Bucket=missing)
+                s3.down()
+                broker.up()
+                until = time.monotonic() + 4
+                beating_until(lambda: time.monotonic() > until, 10)
+                s3.up()
+                beating_until(lambda: not held(client), 60)
+            assert reaper.alive()
+        finally:
+            reaper.stop()
+            heartbeat.stop()
+        assert client.llen("q") == 1  # the dead worker's chunk, sent once
+        assert KillCounts(client).get("t", "s1", poison["chunk"]) == 2  # counted once despite the failed passes
+        from gridrender.scheduler.s3 import S3Store
+
+        records = Ledger(S3Store.from_url(f"s3://{missing}/grid"), "t").progress(poison["partition"])
+        assert records[poison["chunk"]].failed == 2 and records[poison["chunk"]].submission == "s1"
+    finally:
+        s3.close()
+        broker.close()
+
+
+def test_a_stale_failure_never_hides_a_newer_success_written_in_the_same_second(in_process):
+    """Old code chose the newest record by LastModified (1 s on S3), ties by listing order: "c.9.3" > "c.12.0"."""
+    from gridrender.scheduler.s3 import S3Store
+
+    ledger = Ledger(S3Store.from_url(in_process.output), "t")
+    cells = [f"{i:016x}" for i in range(12)]
+    ledger.record("p0", "c0ffee", cells[:9], 0, {c: "RuntimeError: boom" for c in cells[9:]}, "s1", "w1")
+    ledger.record("p0", "c0ffee", cells, 0, {}, "s1", "w2")  # the retry stored every cell, in the same second
+    times = {int(t) for _, t in ledger.store.list_with_times(layout.progress_prefix("t", "p0"))}
+    newest = ledger.progress("p0")["c0ffee"]
+    assert (newest.stored, newest.failed) == (12, 0), newest
+    print(f"stale failure: two records within {len(times)} distinct second(s); newest by sequence: 12 stored")
+
+
+def test_kill_counts_belong_to_a_submission_and_a_stored_chunk_clears_them(redis_url, tmp_path):
+    """Old code: gridrender:kills:<chunk> for 30 days; resubmits of the same cells stayed poisoned."""
+    from gridrender.scheduler.storage import LocalStore
+
+    kills = KillCounts(redis.Redis.from_url(redis_url))
+    ledger = Ledger(LocalStore(tmp_path), "t", kills=kills)
+    for death in ("w1/t1", "w2/t2", "w2/t2"):  # the second reaper of one death counts nothing
+        kills.add("t", "s1", "c0ffee", death)
+    assert ledger.kill_count("s1", "c0ffee") == 2 and ledger.poisoned_by_kills("s1", "c0ffee")
+    assert not ledger.poisoned_by_kills("s2", "c0ffee")  # a resubmit starts from zero
+    ledger.record("p0", "c0ffee", ["a"], 0, {"b": "x"}, "s1", "w3")
+    assert ledger.kill_count("s1", "c0ffee") == 2  # failures keep the count
+    ledger.record("p0", "c0ffee", ["a", "b"], 0, {}, "s1", "w3")
+    assert ledger.kill_count("s1", "c0ffee") == 0  # every cell stored: forgotten
+
+
+def test_finalize_and_export_on_a_host_with_other_wildcards_give_the_submitting_hosts_ids(job_file, tmp_path):
+    """Old code re-expanded job.yaml's wildcards on the host running finalize/export: other ids, an empty export."""
+    from tests.conftest import cli
+
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    there.mkdir()
+    (here / "animal.txt").write_text("cow\nhorse\n")
+    (there / "animal.txt").write_text("cat\ndog\n")
+    path = job_file(**{**SMALL, "prompts": ["a __animal__ in a field"], "steps": 1}, seeds=[1])
+    ran = cli("run", str(path), env={"GRIDRENDER_WILDCARD_DIR": str(here)})
+    assert ran.returncode == 0, ran.stderr
+    output = tmp_path / "out"
+    manifest = output / "jobs" / "t" / "manifest.jsonl"
+    ids = [json.loads(line)["cell_id"] for line in manifest.read_text().splitlines()]
+    for env in ({"GRIDRENDER_WILDCARD_DIR": str(there)}, {}):  # other files, or none on this host
+        done = cli("finalize", "t", "--output", str(output), env={**env, "GRIDRENDER_WILDCARD_DIR": env.get(
+            "GRIDRENDER_WILDCARD_DIR", "")})
+        assert done.returncode == 0 and "2/2 cells done" in done.stdout, done.stdout + done.stderr
+        assert [json.loads(line)["cell_id"] for line in manifest.read_text().splitlines()] == ids
+        dest = tmp_path / f"export-{len(env)}"
+        exported = cli("export", "t", str(dest), "--format", "imagefolder", "--output", str(output), env=env)
+        assert exported.returncode == 0 and "2 cells exported" in exported.stdout, exported.stdout + exported.stderr
+        rows = [json.loads(line) for line in (dest / "metadata.jsonl").read_text().splitlines()]
+        assert sorted(r["cell_id"] for r in rows) == sorted(ids)
+        assert {r["caption"] for r in rows} == {"a cow in a field", "a horse in a field"}
+
+
+def test_a_failed_progress_write_is_retried_not_acknowledged(cluster, job_file, tmp_path):
+    """Old code: the progress write sat outside the task's try; the chunk was acked, pending forever."""
+    output = tmp_path / "out"
+    path = job_file(output=str(output), **SMALL, seeds=[1, 2, 3, 4])
+    assert cluster.cli("submit", str(path)).returncode == 0
+    blocker = output / "jobs" / "t" / "progress"
+    blocker.write_text("")  # progress/ cannot become a folder: every progress write fails
+    worker = cluster.worker()
+    wait_for(lambda: "cannot record its progress" in worker.text(), 90, "the progress write to fail")
+    blocker.unlink()
+    wait_for(lambda: "4/4 done" in cluster.cli("status", "t", "--output", str(output)).stdout, 60,
+             "the retry to record the chunk")
+    assert renders(worker) == 4  # the retry found its cells stored: no GPU work twice
+    assert len(list((output / "cells").glob("*.json"))) == 4
+
+
+def test_a_worker_restarted_in_place_has_its_dead_chunk_reaped(cluster, job_file):
+    """Old code: a container restarted in place kept `pid@host`, so its heartbeat hid its own dead chunk for an hour."""
+    client = redis.Redis.from_url(cluster.env["GRIDRENDER_BROKER_URL"])
+    workers = [cluster.worker(**FAST_HEARTBEAT), cluster.worker(**FAST_HEARTBEAT)]
+    path = job_file(output=cluster.output, **{**SMALL, "steps": 6, "batch_size": 1}, seeds=list(range(6)))
+    cluster.cli("submit", str(path))  # one chunk: one worker takes it
+    wait_for(lambda: held(client) and stored(cluster) >= 1, 90, "a worker to hold the chunk and store a cell")
+    (name, entry), = held(client).items()
+    holder = next(w for w in workers if f"gridrender-{w.proc.pid}@" in name)
+    other = next(w for w in workers if w is not holder)
+    holder.kill()
+    before = stored(cluster)
+    # What a restart in place leaves behind: the dead boot's chunk under the pid@host the live boot runs as.
+    restarted = f"gridrender-{other.proc.pid}@{socket.gethostname()}#{name.rsplit('#', 1)[1]}"
+    client.hdel(liveness.HELD, name)
+    client.hset(liveness.HELD, restarted, json.dumps(entry))
+    killed_at = time.monotonic()
+    wait_for(lambda: "re-enqueueing it" in other.text(), 30, "the live boot's reaper to re-enqueue the dead boot's chunk")
+    reaped = time.monotonic() - killed_at  # the visibility timeout is an hour
+    wait_for(lambda: stored(cluster) == 6, 180, "every cell after the restart")
+    assert renders(other) == 6 - before
+    assert_each_cell_once(cluster, 6)
+    print(f"restart in place: the dead boot's chunk re-enqueued {reaped:.1f}s after the kill")

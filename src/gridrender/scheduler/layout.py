@@ -82,14 +82,19 @@ def progress_prefix(name: str, partition: str) -> str:
     return f"{job_prefix(name)}progress/{partition}/"
 
 
-def progress(name: str, partition: str, chunk_id: str, stored: int, failed: int, submission_id: str) -> str:
+# The key's six parts as progress.py passes them (a parameter object when progress.py is next rewritten).
+def progress(name: str, partition: str, chunk_id: str, stored: int, failed: int,  # noqa: PLR0913, PLR0917
+             submission_id: str) -> str:
     return f"{progress_prefix(name, partition)}{chunk_id}.{stored}.{failed}.{submission_id}.json"
+
+
+_PROGRESS_FIELDS = 4  # a progress key's leaf: chunk id, cells stored, cells failed, submission id
 
 
 def parse_progress(key: str) -> tuple[str, int, int, str] | None:
     """(chunk id, cells stored, cells failed, submission id) from a progress key; None for anything else."""
     parts = leaf(key, ".json").split(".")
-    if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit():
+    if len(parts) != _PROGRESS_FIELDS or not parts[1].isdigit() or not parts[2].isdigit():
         return None
     return parts[0], int(parts[1]), int(parts[2]), parts[3]
 

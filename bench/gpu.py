@@ -136,6 +136,26 @@ class Memory:
             self.peak = max(self.peak, torch.cuda.max_memory_allocated() / 2**30)
 
 
+@dataclass
+class _Run:
+    """What the timed batch sizes of one model share: its pipelines, renderers, store and measures."""
+
+    args: argparse.Namespace
+    cuda: bool
+    size: int
+    chunk: int  # cells per timed call, at least (a worker's chunk)
+    model: Any
+    plain_pipe: Any  # (a): diffusers' own pipeline, untouched
+    eager: Any  # (b) and (c): gridrender's renderers
+    compiled: Any
+    writer: Any
+    store: Any
+    cells: Callable[[int], list[Any]]
+    sync: Callable[[], None]
+    share: Callable[[float], str]  # an images-per-second rate as a share of the card's peak
+    measured_pixels: bool = False
+
+
 def bench_model(key: str, args: argparse.Namespace, device: Any, cuda: bool, name: str) -> None:
     import torch
 
@@ -143,14 +163,12 @@ def bench_model(key: str, args: argparse.Namespace, device: Any, cuda: bool, nam
     from gridrender.scheduler.grid import make_cell
     from gridrender.scheduler.models import ModelSpec
     from gridrender.scheduler.storage import LocalStore
-    from gridrender.workers.chunk import Writer, render_and_store
-    from gridrender.workers.compiled import cache_stats
+    from gridrender.workers.chunk import Writer
     from gridrender.workers.pipelines import PipelineCache
     from gridrender.workers.render import Renderer
 
     setup = SETUPS[key]
     config, size = (TINY[key], 64) if args.tiny else (setup.config, setup.size)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     dtype, dtype_name = (torch.float16, "float16") if cuda else (torch.float32, "float32")
     limit = None if args.tiny else peak(name)
     print(f"== {config} architecture (random weights), {size}x{size}, {args.steps} steps, {dtype_name}, CFG 7, Euler a",
@@ -175,53 +193,65 @@ def bench_model(key: str, args: argparse.Namespace, device: Any, cuda: bool, nam
                           seed=next(seeds), sampler="Euler a", steps=args.steps, guidance=7.0, width=size, height=size,
                           dtype=dtype_name) for i in range(batch)]
 
-    measured_pixels = False
-    share = (lambda rate: f"{rate * setup.flop_per_image / limit:.0%} of peak") if limit else (lambda rate: "peak n/a")
+    def share(rate: float) -> str:
+        return f"{rate * setup.flop_per_image / limit:.0%} of peak" if limit else "peak n/a"
+
     batches = args.batches.get(key, setup.batches)
     with tempfile.TemporaryDirectory() as tmp:
-        store, writer = LocalStore(tmp), Writer()
+        run = _Run(args, cuda, size, args.chunk or setup.chunk, model, plain_pipe, eager, compiled, Writer(),
+                   LocalStore(tmp), cells, torch.cuda.synchronize if cuda else (lambda: None), share)
         for batch in [int(b) for b in batches.split(",")]:
-            # Each timed call renders one chunk, as a worker receives it, in batches of `batch`;
-            # (a) renders as many images in as many pipeline calls.
-            per_call = -(-max(args.chunk or setup.chunk, batch) // batch) * batch
+            _bench_batch(run, batch)
+        run.writer.close()
 
-            def plain(batch: int = batch, per_call: int = per_call) -> None:
-                for _ in range(per_call // batch):
-                    plain_pipe(prompt=["a cow standing in a field"] * batch, negative_prompt=["lowres"] * batch,
-                               num_inference_steps=args.steps, guidance_scale=7.0, height=size, width=size,
-                               generator=[torch.Generator("cpu").manual_seed(i) for i in range(batch)])
 
-            def worker(renderer: Any, batch: int = batch, per_call: int = per_call) -> None:
-                result = render_and_store(renderer, writer, store, model, cells(per_call), batch, "bench")
-                assert not result.failed, result.failed
+def _bench_batch(run: _Run, batch: int) -> None:
+    """Each timed call renders one chunk, as a worker receives it, in batches of `batch`;
+    (a) renders as many images in as many pipeline calls."""
+    import torch
 
-            rates: dict[str, float] = {}
-            first: dict[str, float] = {}
-            memory = {k: Memory(cuda) for k in "abc"}
-            for path, call in (("a", plain), ("b", lambda **kw: worker(eager, **kw)),
-                               ("c", lambda **kw: worker(compiled, **kw))):
-                if path not in args.paths:
-                    continue
-                with memory[path]:
-                    start = time.perf_counter()
-                    call(per_call=batch)  # first call: cuDNN autotuning, allocator; (c) compiles or loads kernels
-                    sync()
-                    first[path] = time.perf_counter() - start
-                    rates[path] = per_call / timed(call, args.repeat, sync)
-            base = rates.get("a")
-            print(f"batch {batch:>2}, {per_call} cells per call:", flush=True)
-            for k, v in rates.items():
-                ratio = f", {v / base:.2f}x (a)" if base and k != "a" else ""
-                print(f"  ({k}) {NAMES[k]:<20} {v:7.2f} img/s ({share(v)}{ratio}); first call {first[k]:.1f}s; "
-                      f"peak {memory[k].peak:.1f} GiB", flush=True)
-            if "c" in rates:
-                print(f"  inductor cache {cache_stats()}", flush=True)
-            if "b" in rates and "c" in rates and not measured_pixels:
-                # Right after the first shape's timings, so a run cut short still reports it.
-                same = cells(batch)
-                pixel_gap(eager.render(model, same), compiled.render(model, same))
-                measured_pixels = True
-        writer.close()
+    from gridrender.workers.chunk import render_and_store
+    from gridrender.workers.compiled import cache_stats
+
+    args = run.args
+    per_call = -(-max(run.chunk, batch) // batch) * batch
+
+    def plain(batch: int = batch, per_call: int = per_call) -> None:
+        for _ in range(per_call // batch):
+            run.plain_pipe(prompt=["a cow standing in a field"] * batch, negative_prompt=["lowres"] * batch,
+                           num_inference_steps=args.steps, guidance_scale=7.0, height=run.size, width=run.size,
+                           generator=[torch.Generator("cpu").manual_seed(i) for i in range(batch)])
+
+    def worker(renderer: Any, batch: int = batch, per_call: int = per_call) -> None:
+        result = render_and_store(renderer, run.writer, run.store, run.model, run.cells(per_call), batch, "bench")
+        assert not result.failed, result.failed
+
+    rates: dict[str, float] = {}
+    first: dict[str, float] = {}
+    memory = {k: Memory(run.cuda) for k in "abc"}
+    for path, call in (("a", plain), ("b", lambda **kw: worker(run.eager, **kw)),
+                       ("c", lambda **kw: worker(run.compiled, **kw))):
+        if path not in args.paths:
+            continue
+        with memory[path]:
+            start = time.perf_counter()
+            call(per_call=batch)  # first call: cuDNN autotuning, allocator; (c) compiles or loads kernels
+            run.sync()
+            first[path] = time.perf_counter() - start
+            rates[path] = per_call / timed(call, args.repeat, run.sync)
+    base = rates.get("a")
+    print(f"batch {batch:>2}, {per_call} cells per call:", flush=True)
+    for k, v in rates.items():
+        ratio = f", {v / base:.2f}x (a)" if base and k != "a" else ""
+        print(f"  ({k}) {NAMES[k]:<20} {v:7.2f} img/s ({run.share(v)}{ratio}); first call {first[k]:.1f}s; "
+              f"peak {memory[k].peak:.1f} GiB", flush=True)
+    if "c" in rates:
+        print(f"  inductor cache {cache_stats()}", flush=True)
+    if "b" in rates and "c" in rates and not run.measured_pixels:
+        # Right after the first shape's timings, so a run cut short still reports it.
+        same = run.cells(batch)
+        pixel_gap(run.eager.render(run.model, same), run.compiled.render(run.model, same))
+        run.measured_pixels = True
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +83,6 @@ class Hooks:
     """The forward-hook way: out += m·scale·up(down(x)) on every call (LoRA modules only)."""
 
     def __init__(self, pipe: Any, network: Any, multiplier: float) -> None:
-        import torch.nn.functional as F
-
         from gridrender.workers.components import lora_roots
 
         self.handles = []
@@ -92,19 +91,43 @@ class Hooks:
             layer = roots[module.layer.component].get_submodule(module.layer.path)
             down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
             scale = multiplier * float(tensors["alpha"]) / down.shape[0]
-
-            def hook(mod: Any, args: Any, output: Any, down: Any = down, up: Any = up, scale: float = scale) -> Any:
-                x = args[0]
-                if down.dim() == 4:
-                    low = F.conv2d(x, down, stride=mod.stride, padding=mod.padding, dilation=mod.dilation)
-                    return output + scale * F.conv2d(low, up)
-                return output + scale * F.linear(F.linear(x, down.flatten(1)), up.flatten(1))
-
-            self.handles.append(layer.register_forward_hook(hook))
+            self.handles.append(layer.register_forward_hook(_lora_hook(down, up, scale)))
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+_CONV_DIMS = 4  # a conv LoRA's lora_down: (rank, in, kh, kw)
+
+
+def _lora_hook(down: Any, up: Any, scale: float) -> Callable[[Any, Any, Any], Any]:
+    """A forward hook adding scale·up(down(x)) to a layer's output."""
+    import torch.nn.functional as F
+
+    def hook(mod: Any, args: Any, output: Any) -> Any:
+        x = args[0]
+        if down.dim() == _CONV_DIMS:
+            low = F.conv2d(x, down, stride=mod.stride, padding=mod.padding, dilation=mod.dilation)
+            return output + scale * F.conv2d(low, up)
+        return output + scale * F.linear(F.linear(x, down.flatten(1)), up.flatten(1))
+
+    return hook
+
+
+def _time_switches(pipe: Any, extras: Any, uses: list[tuple[Any, ...]], switches: int) -> tuple[list[float], float]:
+    """Seconds of each switch of the weight axis after the first load, and of the unload to the base."""
+    from gridrender.workers.components import use_loras
+
+    use_loras(pipe, extras, uses[0])  # reads the file once, as a worker's first chunk does
+    times = []
+    for i in range(switches):
+        start = time.perf_counter()
+        use_loras(pipe, extras, uses[(i + 1) % 2])
+        times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    use_loras(pipe, extras, ())
+    return times, time.perf_counter() - start
 
 
 def main() -> None:
@@ -137,15 +160,7 @@ def main() -> None:
         layers = write_lora(pipe, args.rank, args.locon, path)
         component = Component("lora", "bench", str(path), str(path), file_sha256(path))
         uses = [(LoraUse(component, w, w, "bench"),) for w in (0.5, 1.0)]
-        use_loras(pipe, loaded.extras, uses[0])  # reads the file once, as a worker's first chunk does
-        switches = []
-        for i in range(args.switches):
-            start = time.perf_counter()
-            use_loras(pipe, loaded.extras, uses[(i + 1) % 2])
-            switches.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        use_loras(pipe, loaded.extras, ())
-        unload = time.perf_counter() - start
+        switches, unload = _time_switches(pipe, loaded.extras, uses, args.switches)
 
         def cells(loras: tuple[LoraUse, ...]) -> list[Any]:
             return [make_cell(spec, prompt="a cow standing in a field", negative_prompt="lowres", clip_skip=1,

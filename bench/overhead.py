@@ -47,7 +47,7 @@ def direct(args, plan, folder: Path) -> float:
         images = pipe(prompt=[c.prompt for c in batch], negative_prompt=[c.negative_prompt for c in batch],
                       generator=[torch.Generator("cpu").manual_seed(c.seed) for c in batch],
                       num_inference_steps=args.steps, guidance_scale=7.0, width=args.size, height=args.size).images
-        for cell, image in zip(batch, images):
+        for cell, image in zip(batch, images, strict=True):
             image.save(folder / f"{cell.id}.png")
     return time.perf_counter() - start
 

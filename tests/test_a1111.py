@@ -41,7 +41,7 @@ def _merges_for(words):
     """BPE merges that build each word whole: exercises merges, unlike builtin:tiny's vocabulary."""
     merges, tokens = [], []
     for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        pieces = [*word[:-1], word[-1] + "</w>"]
         while len(pieces) > 1:
             merges.append((pieces[0], pieces[1]))
             pieces = [pieces[0] + pieces[1], *pieces[2:]]
@@ -50,7 +50,7 @@ def _merges_for(words):
 
 
 @pytest.fixture(scope="module")
-def model_folder(tmp_path_factory, private_cache):
+def model_folder(tmp_path_factory, private_cache):  # noqa: ARG001  (its own HF cache, for its side effect)
     """A small SD 1.x pipeline folder with its own weights, BPE merges and a 6-layer text encoder."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -114,10 +114,10 @@ def a1111_chunks(tokenizer, line):
         nonlocal tokens, mults, last_comma
         to_add = chunk_length - len(tokens)
         tokens, mults = tokens + [id_end] * to_add, mults + [1.0] * to_add
-        chunks.append(([id_start] + tokens + [id_end], [1.0] + mults + [1.0]))
+        chunks.append(([id_start, *tokens, id_end], [1.0, *mults, 1.0]))
         tokens, mults, last_comma = [], [], -1
 
-    for ids, (text, weight) in zip(tokenized, parsed):
+    for ids, (text, weight) in zip(tokenized, parsed, strict=True):
         if text == "BREAK" and weight == -1:
             next_chunk()
             continue
@@ -168,7 +168,7 @@ class TorchHijack:
 
     def __getattr__(self, item):
         if item == "randn_like":
-            return lambda x: torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+            return lambda _x: torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
         return getattr(torch, item)
 
 
@@ -341,7 +341,7 @@ def test_sampler_matches_the_kdiffusion_reference(name, ours, model, pipe):
     config = ours.cache.get(model, "float32").scheduler_config
     cells = [cell(model, sampler=name, seed=seed) for seed in (5, 6)]
     rendered = ours.render(model, cells)  # together in one batch
-    for c, r in zip(cells, rendered):
+    for c, r in zip(cells, rendered, strict=True):
         want = a1111_render(pipe, config, c.prompt, c.negative_prompt, c.clip_skip, c.seed, base, schedule, c.steps, c.guidance)
         assert differs(r.image, want) <= 2, f"{name}: {differs(r.image, want)}/255 from the k-diffusion reference"
         assert np.asarray(r.image).std() > 3  # a real image, not a flat colour both sides agree on

@@ -98,7 +98,7 @@ class TorchHijack:
         self.rng = rng
 
     def __getattr__(self, item):
-        return (lambda x: self.rng.next()) if item == "randn_like" else getattr(torch, item)
+        return (lambda _x: self.rng.next()) if item == "randn_like" else getattr(torch, item)
 
 
 # A1111 1.9+ samplers_k_diffusion: function, and the options that matter here.
@@ -556,7 +556,7 @@ def test_esrgan_models_run_in_a1111s_tiles(size, monkeypatch):
     from gridrender.workers import twopass
 
     net = fake_esrgan()
-    monkeypatch.setattr(twopass, "_upscaler_model", lambda location, sha256, device: net)
+    monkeypatch.setattr(twopass, "_upscaler_model", lambda _location, _sha256, _device: net)
     rng = np.random.default_rng(sum(size))
     image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     ours = twopass.esrgan_upscale(Component("upscaler", "fake", "fake.pth", "/nowhere/fake.pth", "0" * 64), image)
@@ -572,7 +572,7 @@ def test_hires_fix_with_an_esrgan_model_matches_a1111(ours, model, reference, mo
     from gridrender.workers import twopass
 
     net = fake_esrgan()
-    monkeypatch.setattr(twopass, "_upscaler_model", lambda location, sha256, device: net)
+    monkeypatch.setattr(twopass, "_upscaler_model", lambda _location, _sha256, _device: net)
     upscaler = Component("upscaler", "fake4x", "fake4x.pth", "/nowhere/fake4x.pth", "1" * 64)
     spec = Spec(sampler="DPM++ 2M", steps=4, width=56, height=48)
     (rendered,) = ours.render(model, [spec.cell(model, hires=Hires("fake4x", 0.55, 3, 2.0, model=upscaler))])

@@ -75,7 +75,7 @@ def test_skip_1_equals_the_pipelines_own_embedding(pipe):
 def test_deeper_skips_stop_the_pass_early(pipe):
     encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
     ran = []
-    handles = [layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, layer in enumerate(text_transformer(pipe.text_encoder).encoder.layers)]
+    handles = [layer.register_forward_hook(lambda _m, _a, _o, i=i: ran.append(i)) for i, layer in enumerate(text_transformer(pipe.text_encoder).encoder.layers)]
     try:
         encoder.encode(["x"], {3})
     finally:

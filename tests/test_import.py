@@ -181,7 +181,7 @@ def test_sampler_names_and_schedules_as_a1111_reads_them():
     assert (job["sampler"], job["schedule"]) == ("DPM++ 2M", "Automatic")
 
 
-def test_the_model_is_found_by_its_hash_in_the_model_dir(tmp_path, monkeypatch):
+def test_the_model_is_found_by_its_hash_in_the_model_dir(tmp_path):
     folder = tmp_path / "models"
     folder.mkdir()
     weights = folder / "sub" / "anything-v5.safetensors"
@@ -197,7 +197,7 @@ def test_the_model_is_found_by_its_hash_in_the_model_dir(tmp_path, monkeypatch):
     assert importer.to_job(params, "img", index).job["model"] == str(weights)
 
 
-def test_exif_user_comment_of_a_jpeg_is_read(tmp_path):
+def test_exif_user_comment_of_a_jpeg_is_read():
     text = INFOTEXTS[1][0]
     image = Image.new("RGB", (8, 8))
     exif = Image.Exif()
@@ -208,7 +208,7 @@ def test_exif_user_comment_of_a_jpeg_is_read(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def rendered(tmp_path_factory, private_cache):
+def rendered(tmp_path_factory, private_cache):  # noqa: ARG001  (its own HF cache, for its side effect)
     """A job with what the infotext must carry: NV noise, ENSD, Prompt S/R, a hires fix with its own sampler."""
     folder = tmp_path_factory.mktemp("roundtrip")
     job = {"name": "roundtrip", "model": "builtin:tiny", "prompts": ["a dog in a field, golden hour"],

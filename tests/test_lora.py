@@ -12,6 +12,8 @@ import hashlib
 import importlib.util
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -119,54 +121,91 @@ def reference(kind: str, parts: dict[str, torch.Tensor], base: torch.Tensor) -> 
 Case = dict[tuple[str, str], tuple[str, dict[str, torch.Tensor]]]  # (component, path) -> (kind, parts)
 
 
-def sd1_case(kind: str, pipe: Any, seed: int) -> tuple[dict[str, build.Parts], Case, dict[str, str] | None]:
-    """A file of one layout over builtin:tiny: its kohya/LyCORIS layers, and what each changes."""
-    rng = torch.Generator().manual_seed(seed)
-    layers: dict[str, build.Parts] = {}
-    case: Case = {}
+@dataclass
+class _CaseBuilder:
+    """Builds one layout's layers over builtin:tiny, in the draw order of the random generator."""
 
-    def add(component: str, path: str, layer_kind: str, parts: build.Parts) -> None:
+    pipe: Any
+    rng: torch.Generator
+    layers: dict[str, build.Parts] = field(default_factory=dict)
+    case: Case = field(default_factory=dict)
+
+    @property
+    def targets(self) -> list[tuple[str, str]]:
+        return [("unet", p) for p in LINEAR] + [("text_encoder", p) for p in TEXT]
+
+    def add(self, component: str, path: str, layer_kind: str, parts: build.Parts) -> None:
         key = build.kohya_unet_sd1(path) if component == "unet" else build.kohya_te_sd1(path)
-        layers[key] = parts
-        case[(component, path)] = (layer_kind, parts)
+        self.layers[key] = parts
+        self.case[(component, path)] = (layer_kind, parts)
 
-    def shape(component: str, path: str) -> tuple[int, ...]:
-        return tuple(weight(pipe, component, path).shape)
+    def shape(self, component: str, path: str) -> tuple[int, ...]:
+        return tuple(weight(self.pipe, component, path).shape)
 
-    targets = [("unet", p) for p in LINEAR] + [("text_encoder", p) for p in TEXT]
-    if kind in ("lora", "peft"):
-        for component, path in targets:
-            add(component, path, "lora", build.lora(shape(component, path), RANK, rng, ALPHA))
-    elif kind == "peft_dora":
+    def lora(self) -> None:
+        for component, path in self.targets:
+            self.add(component, path, "lora", build.lora(self.shape(component, path), RANK, self.rng, ALPHA))
+
+    def peft_dora(self) -> None:
+        targets = self.targets
         for component, path in targets[:3] + targets[-2:]:
-            parts = build.lora(shape(component, path), RANK, rng, ALPHA)
-            rows = weight(pipe, component, path).detach().norm(dim=1)
-            add(component, path, "peft_dora", {**parts, "magnitude": rows * (1 + 0.2 * torch.rand(len(rows), generator=rng))})
-    elif kind == "locon":
+            parts = build.lora(self.shape(component, path), RANK, self.rng, ALPHA)
+            rows = weight(self.pipe, component, path).detach().norm(dim=1)
+            magnitude = rows * (1 + 0.2 * torch.rand(len(rows), generator=self.rng))
+            self.add(component, path, "peft_dora", {**parts, "magnitude": magnitude})
+
+    def locon(self) -> None:
+        rng = self.rng
         for path in (*CONV3, *CONV1):
-            add("unet", path, "locon", build.lora(shape("unet", path), RANK, rng, ALPHA))
-        add("unet", CONV3[3], "locon", build.locon_tucker(shape("unet", CONV3[3]), RANK, rng, ALPHA))
-        add("unet", LINEAR[0], "lora", build.lora(shape("unet", LINEAR[0]), RANK, rng))  # no alpha: scale 1
-    elif kind == "loha":
+            self.add("unet", path, "locon", build.lora(self.shape("unet", path), RANK, rng, ALPHA))
+        self.add("unet", CONV3[3], "locon", build.locon_tucker(self.shape("unet", CONV3[3]), RANK, rng, ALPHA))
+        self.add("unet", LINEAR[0], "lora", build.lora(self.shape("unet", LINEAR[0]), RANK, rng))  # no alpha: scale 1
+
+    def loha(self) -> None:
+        rng, targets = self.rng, self.targets
         for component, path in targets[:3] + targets[-1:]:
-            add(component, path, "loha", build.loha(shape(component, path), RANK, rng, ALPHA))
-        add("unet", CONV3[0], "loha", build.loha(shape("unet", CONV3[0]), RANK, rng, ALPHA))
-        add("unet", CONV3[1], "loha", build.loha(shape("unet", CONV3[1]), RANK, rng, ALPHA, tucker=True))
-    elif kind == "lokr":
-        add("unet", LINEAR[0], "lokr", build.lokr(shape("unet", LINEAR[0]), 4, 4, RANK, rng, ALPHA, "w2_factored"))
-        add("unet", LINEAR[3], "lokr", build.lokr(shape("unet", LINEAR[3]), 4, 4, RANK, rng, ALPHA, "w1_factored"))
-        add("text_encoder", TEXT[0], "lokr", build.lokr(shape("text_encoder", TEXT[0]), 4, 2, RANK, rng, ALPHA, "whole"))
-        add("unet", CONV3[0], "lokr", build.lokr(shape("unet", CONV3[0]), 8, 4, RANK, rng, ALPHA, "whole"))
-        add("unet", CONV3[3], "lokr", build.lokr(shape("unet", CONV3[3]), 8, 8, RANK, rng, ALPHA, "tucker"))
-    elif kind == "dora":
+            self.add(component, path, "loha", build.loha(self.shape(component, path), RANK, rng, ALPHA))
+        self.add("unet", CONV3[0], "loha", build.loha(self.shape("unet", CONV3[0]), RANK, rng, ALPHA))
+        self.add("unet", CONV3[1], "loha", build.loha(self.shape("unet", CONV3[1]), RANK, rng, ALPHA, tucker=True))
+
+    def lokr(self) -> None:
+        rng, shape = self.rng, self.shape
+        self.add("unet", LINEAR[0], "lokr", build.lokr(shape("unet", LINEAR[0]), 4, 4, RANK, rng, ALPHA, "w2_factored"))
+        self.add("unet", LINEAR[3], "lokr", build.lokr(shape("unet", LINEAR[3]), 4, 4, RANK, rng, ALPHA, "w1_factored"))
+        self.add("text_encoder", TEXT[0], "lokr",
+                 build.lokr(shape("text_encoder", TEXT[0]), 4, 2, RANK, rng, ALPHA, "whole"))
+        self.add("unet", CONV3[0], "lokr", build.lokr(shape("unet", CONV3[0]), 8, 4, RANK, rng, ALPHA, "whole"))
+        self.add("unet", CONV3[3], "lokr", build.lokr(shape("unet", CONV3[3]), 8, 8, RANK, rng, ALPHA, "tucker"))
+
+    def dora(self) -> None:
+        targets = self.targets
         for component, path in [*targets[:2], ("unet", CONV3[0]), targets[-1]]:
-            base = weight(pipe, component, path).detach()
-            add(component, path, "dora", build.dora(tuple(base.shape), base, RANK, rng, ALPHA))
-    elif kind == "full":
+            base = weight(self.pipe, component, path).detach()
+            self.add(component, path, "dora", build.dora(tuple(base.shape), base, RANK, self.rng, ALPHA))
+
+    def full(self) -> None:
+        targets = self.targets
         norms = (("unet", "down_blocks.1.resnets.0.norm1"), ("text_encoder", "encoder.layers.2.layer_norm2"))
         for component, path in (targets[0], ("unet", CONV1[0]), targets[-1], *norms):  # A1111 patches norms too
-            module = roots(pipe)[component].get_submodule(path)
-            add(component, path, "full", build.full(shape(component, path), rng, bias=module.bias is not None))
+            module = roots(self.pipe)[component].get_submodule(path)
+            self.add(component, path, "full", build.full(self.shape(component, path), self.rng,
+                                                         bias=module.bias is not None))
+
+
+# The builder of each layout's layers (PEFT's files hold kohya's LoRA layers, renamed).
+_BUILDERS: dict[str, Callable[[_CaseBuilder], None]] = {
+    "lora": _CaseBuilder.lora, "peft": _CaseBuilder.lora, "peft_dora": _CaseBuilder.peft_dora,
+    "locon": _CaseBuilder.locon, "loha": _CaseBuilder.loha, "lokr": _CaseBuilder.lokr, "dora": _CaseBuilder.dora,
+    "full": _CaseBuilder.full,
+}
+
+
+def sd1_case(kind: str, pipe: Any, seed: int) -> tuple[dict[str, build.Parts], Case, dict[str, str] | None]:
+    """A file of one layout over builtin:tiny: its kohya/LyCORIS layers, and what each changes."""
+    builder = _CaseBuilder(pipe, torch.Generator().manual_seed(seed))
+    if kind in _BUILDERS:
+        _BUILDERS[kind](builder)
+    layers, case = builder.layers, builder.case
     if kind not in ("peft", "peft_dora"):
         return layers, case, None
     names = {build.kohya_unet_sd1(p) if c == "unet" else build.kohya_te_sd1(p): (c, p) for c, p in case}
@@ -418,7 +457,7 @@ def test_a_lora_named_twice_is_refused_at_validate(prompt, listed, loaded, job_f
     layers, _, _ = sd1_case("lora", loaded.pipe, 1)
     path = build.write(tmp_path / "loras" / "twice.safetensors", layers)
     job = job_file(prompts=[prompt], loras=[{"path": str(path), "weight": 0.8}] if listed else [])
-    with pytest.raises(JobError, match="'twice' is (named twice|also in `loras:`)"):
+    with pytest.raises(JobError, match=r"'twice' is (named twice|also in `loras:`)"):
         prepare(job, cuda=False, settings=Settings(lora_dir=str(path.parent)))
     prepare(job_file(prompts=["<lora:twice:0.5> a cow"]), cuda=False, settings=Settings(lora_dir=str(path.parent)))
 
@@ -624,7 +663,7 @@ def test_merged_loras_run_in_the_compiled_unet_without_recompiling(tmp_path, tin
     path = write_lora(tmp_path / "detail.safetensors", tiny_folder, seed=1, kohya=True)
     env = {**os.environ, "GRIDRENDER_CACHE_DIR": str(tmp_path / "cache"), "XDG_CACHE_HOME": str(private_cache)}
     result = subprocess.run([sys.executable, "-c", COMPILED_SWITCHING, str(path), str(tmp_path / "out.npz")], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=900)
+                            env=env, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["state"]["unet"] == "default" and len(set(report["graphs"])) == 1, report  # compiled once

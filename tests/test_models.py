@@ -75,7 +75,7 @@ def test_model_dir_is_searched(tmp_path, tiny_folder, monkeypatch):
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as constants
+    from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
@@ -84,7 +84,7 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
 
 
 def test_hub_id_pinned_to_a_commit_resolves_from_the_cache(monkeypatch, tmp_path):
-    import huggingface_hub.constants as constants
+    from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
@@ -99,7 +99,7 @@ def test_hub_id_pinned_to_a_commit_resolves_from_the_cache(monkeypatch, tmp_path
     assert model.kind == "hub" and model.revision == "a" * 40 and model.clip_layers == 12
     assert model.identity() == {"kind": "hub", "name": "someone/some-model", "revision": "a" * 40}
     config.unlink()  # a cache that lacks the text encoder's config: a clear error, not a guessed 12 layers
-    with pytest.raises(ModelError, match="text_encoder/config.json"):
+    with pytest.raises(ModelError, match=r"text_encoder/config\.json"):
         resolve("someone/some-model")
 
 
@@ -122,10 +122,10 @@ def test_file_hashes_are_cached_on_disk_per_size_and_mtime(tmp_path, monkeypatch
     assert first == hashlib.sha256(b"x" * 100).hexdigest()
     assert first in (tmp_path / "cache" / "gridrender" / "sha256.json").read_text()
     monkeypatch.setattr(models, "_HASH_CACHE", None)  # a new process reads the file
-    monkeypatch.setattr(models, "_hash_file", lambda p: pytest.fail("hashed again"))
+    monkeypatch.setattr(models, "_hash_file", lambda _p: pytest.fail("hashed again"))
     assert models.file_sha256(weights) == first
     weights.write_bytes(b"y" * 100)  # changed content, new size/mtime: hashed anew
-    monkeypatch.setattr(models, "_hash_file", lambda p: "new")
+    monkeypatch.setattr(models, "_hash_file", lambda _p: "new")
     assert models.file_sha256(weights) == "new"
 
 

@@ -45,7 +45,8 @@ def _alone_and_in_a_batch_of_8(renderer, tiny, sampler: str, rng: str) -> list[t
 
 @pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M Karras", "DDIMScheduler"])
 def test_a_cell_alone_equals_the_same_cell_in_a_batch_of_8(renderer, tiny, sampler):
-    for index, (largest, share) in zip((0, 3, 5, 7), _alone_and_in_a_batch_of_8(renderer, tiny, sampler, "CPU")):
+    for index, (largest, share) in zip((0, 3, 5, 7), _alone_and_in_a_batch_of_8(renderer, tiny, sampler, "CPU"),
+                                       strict=True):
         assert largest <= 1, f"cell {index} differs by {largest}/255 between batch and single render"
         assert share < 0.05, f"cell {index}: {share:.1%} of values differ"
 
@@ -63,7 +64,7 @@ def test_with_gpu_noise_a_cell_alone_equals_the_same_cell_in_a_batch_of_8(render
 
     monkeypatch.setattr(denoise.Guided, "__call__", spy)
     measured = _alone_and_in_a_batch_of_8(renderer, tiny, sampler, "GPU")
-    for index, (largest, share) in zip((0, 3, 5, 7), measured):
+    for index, (largest, share) in zip((0, 3, 5, 7), measured, strict=True):
         assert largest <= 1, f"cell {index} differs by {largest}/255 between batch and single render"
         # seed 107 (cell 7): this random UNet amplifies the batch's rounding (module docstring)
         assert share < (0.15 if index == 7 else 0.05), f"cell {index}: {share:.1%} of values differ"
@@ -79,7 +80,7 @@ def test_batch_order_does_not_matter_beyond_rounding(renderer, tiny):
     batch = cells(tiny, range(200, 208))
     forward = renderer.render(tiny, batch)
     backward = renderer.render(tiny, batch[::-1])[::-1]
-    for a, b in zip(forward, backward):
+    for a, b in zip(forward, backward, strict=True):
         assert np.abs(np.asarray(a.image, dtype=int) - np.asarray(b.image, dtype=int)).max() <= 1
 
 

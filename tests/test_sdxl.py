@@ -46,7 +46,7 @@ NEGATIVE = "lowres, (blurry:1.2)"
 
 
 @pytest.fixture(scope="session")
-def xl_folder(tmp_path_factory, private_cache):
+def xl_folder(tmp_path_factory, private_cache):  # noqa: ARG001  (its own HF cache, for its side effect)
     """A StableDiffusionXLPipeline folder with its own weights, of builtin:tiny-sdxl's shapes."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -100,7 +100,7 @@ def xl_files(xl_folder, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ours(private_cache):
+def ours(private_cache):  # noqa: ARG001  (its own HF cache, for its side effect)
     return Renderer()
 
 
@@ -165,9 +165,8 @@ def a1111_xl_cond(pipe, text, clip_skip, negative=False, chunks=None, fixes=(), 
             outputs = pipe.text_encoder(input_ids=torch.asarray([tokens]), output_hidden_states=True)
             z_l.append(emphasis_original(outputs.hidden_states[layer], multipliers))
             # embedder 1, FrozenOpenCLIPEmbedder2WithCustomWords.process_tokens: id_pad after the first id_end
-            tokens, multipliers = tokens_g, multipliers_g
-            ids = torch.asarray([tokens])
-            end = tokens.index(pipe.tokenizer.eos_token_id)
+            ids = torch.asarray([tokens_g])
+            end = tokens_g.index(pipe.tokenizer.eos_token_id)
             ids[0, end + 1 :] = 0
             outputs = pipe.text_encoder_2(input_ids=ids, output_hidden_states=True)
             z = outputs.hidden_states[layer]  # text_transformer_forward's "penultimate": the last block's input
@@ -175,7 +174,7 @@ def a1111_xl_cond(pipe, text, clip_skip, negative=False, chunks=None, fixes=(), 
                 final_norm = getattr(pipe.text_encoder_2, "text_model", pipe.text_encoder_2).final_layer_norm
                 last = final_norm(outputs.hidden_states[-1])
                 pooled = pipe.text_encoder_2.text_projection(last[torch.arange(1), ids.argmax(dim=-1)])
-            z_g.append(emphasis_original(z, multipliers))
+            z_g.append(emphasis_original(z, multipliers_g))
         finally:
             for handle in handles:
                 handle.remove()
@@ -291,8 +290,8 @@ def test_conditioning_is_a1111s_for_short_and_long_prompts_and_an_empty_negative
 
 
 # Prompts where ftfy (both tokenizers) and open_clip's double html.unescape (the second) change the ids.
-TRICKY = ["“masterpiece”, best quality, 1girl，solo（smile）, ﬁsh",
-          "ｈｅｌｌｏ world, don’t, café &amp; bar",
+TRICKY = ["“masterpiece”, best quality, 1girl，solo（smile）, ﬁsh",  # noqa: RUF001  (full-width on purpose)
+          "ｈｅｌｌｏ world, don’t, café &amp; bar",  # noqa: RUF001
           ">_< &amp; fish &amp;amp; chips, (red:1.2) BREAK blue",
           ", ".join(["“quoted” tag"] * 30) + ", &amp; more"]  # > 75 tokens: the comma backtrack
 
@@ -442,7 +441,7 @@ def test_sampler_matches_a1111_on_sdxl(name, v, prompt, negative, skip, seeds, o
     cells = [xl_cell(model, sampler=name, schedule=schedule, prompt=prompt, negative_prompt=negative, clip_skip=skip,
                      seed=seed, steps=4) for seed in seeds]
     rendered = ours.render(model, cells)  # two seeds: together in one batch
-    for c, r in zip(cells, rendered):
+    for c, r in zip(cells, rendered, strict=True):
         want = a1111_xl_render(pipe, prompt, negative, skip, c.seed, name, schedule, c.steps, c.guidance, v=v)
         assert differs(r.image, want) <= 2, f"{name} (v={v}): {differs(r.image, want)}/255 from the reference"
         assert np.asarray(r.image).std() > 3
@@ -650,7 +649,7 @@ def test_single_files_load_with_no_network_and_an_empty_hugging_face_cache(tmp_p
     """The shipped configs and vocabulary make a from_single_file config folder; real-size headers resolve."""
     import struct
 
-    import huggingface_hub.constants as constants
+    from huggingface_hub import constants
     from transformers import CLIPTokenizer
 
     from gridrender.scheduler.tokens import tokenizer_for
@@ -690,7 +689,7 @@ def test_single_files_load_with_no_network_and_an_empty_hugging_face_cache(tmp_p
 
 
 def test_an_sdxl_hub_id_resolves_its_family_and_prediction_from_the_cache(monkeypatch, tmp_path, xl_vpred_folder):
-    import huggingface_hub.constants as constants
+    from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))

@@ -19,8 +19,9 @@ SRC = ROOT / "src"
 PYTHON_DIRS = ("src", "tests", "bench", "examples")
 
 
-def run(*cmd: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
+def run(*cmd: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600,
+                          check=False)
 
 
 def test_ruff():

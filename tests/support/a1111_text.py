@@ -48,7 +48,7 @@ re_attention = re.compile(
 re_break = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 
-def parse_prompt_attention(text: str) -> list[list[Any]]:
+def parse_prompt_attention(text: str) -> list[list[Any]]:  # noqa: C901, PLR0912  (A1111's function as written)
     res: list[list[Any]] = []
     round_brackets: list[int] = []
     square_brackets: list[int] = []
@@ -170,7 +170,7 @@ class ReferenceTokenizer:
     def bpe(self, token: str) -> str:
         if token in self.cache:
             return self.cache[token]
-        word = tuple(token[:-1]) + (token[-1] + "</w>",)
+        word = (*token[:-1], token[-1] + "</w>")
         pairs = get_pairs(word)
         if not pairs:
             return token + "</w>"
@@ -210,9 +210,11 @@ class ReferenceTokenizer:
             text = whitespace_clean(basic_clean(text)).lower()
         ids = []
         for token in regex.findall(self.pat, text):
-            token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
-            ids.extend(self.encoder[t] for t in self.bpe(token).split(" "))
+            symbols = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
+            ids.extend(self.encoder[t] for t in self.bpe(symbols).split(" "))
         return ids
 
-    def __call__(self, texts: list[str], truncation: bool = False, add_special_tokens: bool = False) -> dict[str, Any]:
+    # transformers' tokenizer call, as gridrender makes it: never truncating, no special tokens either way.
+    def __call__(self, texts: list[str], truncation: bool = False,  # noqa: ARG002
+                 add_special_tokens: bool = False) -> dict[str, Any]:  # noqa: ARG002
         return {"input_ids": [self.encode(t) for t in texts]}

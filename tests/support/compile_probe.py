@@ -12,6 +12,7 @@ import json
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -37,7 +38,7 @@ def main(out: str) -> None:
         writer = Writer()
         result = render_and_store(compiled, writer, LocalStore(tmp), model, cells, 4, "probe")
         writer.close()
-        records = [json.loads(open(f"{tmp}/cells/{c.id}.json").read()) for c in cells]
+        records = [json.loads(Path(f"{tmp}/cells/{c.id}.json").read_text()) for c in cells]
     padded_last = compiled.render(model, [cells[4]], pad_to=4)[0]  # the short batch, padded
     in_full_batch = compiled.render(model, [cells[4], *cells[:3]], pad_to=4)[0]  # same cell, a full batch of others
     eager = Renderer(compile_mode="eager")

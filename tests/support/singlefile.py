@@ -106,7 +106,8 @@ def convert_vae(state: dict) -> dict:
             for sd, hf in _VAE_ATTN:
                 new = new.replace(hf, sd)
             if new.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")) and value.ndim == 2:
-                value = value.reshape(*value.shape, 1, 1)
+                out["first_stage_model." + new] = value.reshape(*value.shape, 1, 1)
+                continue
         out["first_stage_model." + new] = value
     return out
 

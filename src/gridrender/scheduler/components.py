@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ModelInputError
+from .errors import ModelInputError, StorageError
 from .families import SDXL
 from .layers import LayerTable, layer_table
 from .lorafiles import LoraFit, fit_lora
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 LORA_SUFFIXES = (".safetensors",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_VECTORS_BY_WIDTH = 2  # an embedding tensor's rank when it holds several vectors: (vectors, width)
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Component:
     vectors: int = 0  # embeddings: tokens it occupies in a prompt
     a1111_hash: str | None = None  # LoRAs: the hash A1111 and civitai know them by (of the tensor data)
 
-    def identity(self) -> dict:
+    def identity(self) -> dict[str, str | None]:
         if self.sha256:
             return {"kind": self.kind, "sha256": self.sha256}
         return {"kind": self.kind, "hub": self.location, "revision": self.revision}
@@ -62,14 +63,14 @@ class Component:
         digest = self.a1111_hash or self.identity_key()
         return digest[: 10 if self.kind == "vae" else 12]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> Component:
+    def from_dict(cls, data: dict[str, Any]) -> Component:
         return cls(**data)
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         return {**self.to_dict(), "identity": self.identity(), "hash": self.short_hash()}
 
 
@@ -97,10 +98,11 @@ class LoraUse:
 
     @classmethod
     def unpack(cls, data: list[Any]) -> LoraUse:
-        lora = Component.from_dict(data[0])
-        te = float(data[1])
-        unet = float(data[2]) if len(data) > 2 else te
-        return cls(lora, te, unet, str(data[3]) if len(data) > 3 else lora.name)
+        lora_data, te, *later = data  # packs written before UNet weights and mentions lack them
+        lora = Component.from_dict(lora_data)
+        unet = float(later[0]) if later else float(te)
+        mention = str(later[1]) if len(later) > 1 else lora.name
+        return cls(lora, float(te), unet, mention)
 
 
 def _find(source: str, base: str | None, what: str) -> Path:
@@ -229,28 +231,32 @@ def _embedding_vectors(file: Path, shapes: dict[str, list[int]], model: ModelSpe
         if model.family != SDXL:
             raise ModelInputError(f"embedding {file.stem!r} is an SDXL embedding (clip_l + clip_g); {model.source} "
                                   "is an SD 1.x model")
-        for key, width in zip(("clip_l", "clip_g"), widths):
+        for key, width in zip(("clip_l", "clip_g"), widths, strict=True):
             if shapes[key][-1] != width:
                 raise ModelInputError(f"embedding {file.stem!r}: {key} has width {shapes[key][-1]}; {model.source}'s "
                                       f"encoder has {width}")
         if shapes["clip_l"][0] != shapes["clip_g"][0]:
             raise ModelInputError(f"embedding {file.stem!r}: clip_l and clip_g hold different numbers of vectors")
-        return int(shapes["clip_l"][0]) if len(shapes["clip_l"]) == 2 else 1
+        return int(shapes["clip_l"][0]) if len(shapes["clip_l"]) == _VECTORS_BY_WIDTH else 1
     tensors = [s for s in shapes.values() if len(s) in (1, 2)]
     if len(tensors) != 1:
         raise ModelInputError(f"{str(file)!r} is not a textual-inversion embedding (one tensor, or clip_l + clip_g)")
     if model.family == SDXL:
         raise ModelInputError(f"embedding {file.stem!r} is an SD 1.x embedding (one tensor); {model.source} is SDXL, "
                               "whose embeddings hold clip_l and clip_g")
-    shape = tensors[0] if len(tensors[0]) == 2 else [1, tensors[0][0]]
+    shape = tensors[0] if len(tensors[0]) == _VECTORS_BY_WIDTH else [1, tensors[0][0]]
     if shape[1] != widths[0]:
         raise ModelInputError(f"embedding {file.stem!r} has width {shape[1]}; {model.source}'s text "
                               f"encoder has {widths[0]}")
     return int(shape[0])
 
 
-def resolve_embeddings(sources: list[str], model: ModelSpec, settings: Settings) -> dict[str, Component]:
-    """Trigger word (file stem) -> embedding, from files and folders (A1111's convention)."""
+def resolve_embeddings(sources: list[str], model: ModelSpec,
+                       settings: Settings) -> dict[str, Component]:  # noqa: ARG001  (one signature for every resolver)
+    """Trigger word (file stem) -> embedding, from files and folders (A1111's convention).
+
+    Paths are relative to the working directory only, not to a settings folder (README).
+    """
     found: dict[str, Component] = {}
     for source in sources:
         path = _find(source, None, "embedding file or folder")
@@ -300,7 +306,7 @@ def resolve_init_image(source: str) -> InitImage:
     location = source if source.startswith("s3://") else str(Path(source).expanduser().resolve())
     try:
         data = read_image_source(location)
-    except Exception as exc:  # a missing file or object, a refused request
+    except (OSError, StorageError) as exc:  # a missing file or object, a refused request
         raise ModelInputError(f"cannot read init image {source!r}: {exc}") from None
     try:
         with Image.open(io.BytesIO(data)) as image:

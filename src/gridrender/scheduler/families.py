@@ -42,46 +42,64 @@ class Prediction:
     zero_terminal_snr: bool = False
 
 
+class _Keys:
+    """A checkpoint's tensor names, asked by prefix."""
+
+    def __init__(self, shapes: Mapping[str, Any]):
+        self.shapes = shapes
+
+    def has(self, prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in self.shapes)
+
+    def match(self, pattern: str) -> bool:
+        return any(re.match(pattern, k) for k in self.shapes)
+
+
+_LATENT_CHANNELS = (0, 4)  # a text-to-image UNet's input channels (0: the file does not say)
+_OTHER_INPUTS = {9: "an inpainting", 8: "an instruct-pix2pix"}  # A1111's sd_models_config
+
+
 def checkpoint_family(shapes: Mapping[str, Any]) -> str:
     """SD1 or SDXL for an original-layout checkpoint; anything else is bad input that says what it is."""
-    keys = shapes.keys()
+    keys = _Keys(shapes)
+    _reject_other_architectures(keys)
+    if keys.has("conditioner.embedders."):
+        if not (keys.has(XL_CLIP_L) and keys.has(XL_CLIP_G)):
+            raise ModelInputError("is an SDXL-style checkpoint without both text encoders "
+                                  f"('{XL_CLIP_L}' CLIP-L and '{XL_CLIP_G}' OpenCLIP bigG)")
+        if not keys.has(UNET):
+            raise ModelInputError("is an SDXL text-encoder file without UNet weights ('model.diffusion_model.')")
+        return SDXL
+    if keys.has("cond_stage_model.model."):
+        raise ModelInputError("is an SD 2.x checkpoint (OpenCLIP text encoder, key 'cond_stage_model.model.'); "
+                              "gridrender renders SD 1.x and SDXL-family checkpoints")
+    if not keys.has(UNET):
+        if any("lora" in k for k in shapes):
+            raise ModelInputError("is a LoRA, not a model (use it under `loras:`)")
+        raise ModelInputError("is not a Stable Diffusion checkpoint (it has no UNet weights, 'model.diffusion_model.')")
+    if not keys.has(SD1_TEXT[1]):
+        raise ModelInputError("is a checkpoint without a CLIP text encoder ('cond_stage_model.transformer.')")
+    return SD1
 
-    def has(prefix: str) -> bool:
-        return any(k.startswith(prefix) for k in keys)
 
-    if has(UNET + "joint_blocks.") or has(UNET + "x_embedder.") or has("joint_blocks."):
+def _reject_other_architectures(keys: _Keys) -> None:
+    """SD3, Flux, the SDXL refiner, inpainting and instruct-pix2pix checkpoints: named, refused."""
+    if keys.has(UNET + "joint_blocks.") or keys.has(UNET + "x_embedder.") or keys.has("joint_blocks."):
         raise ModelInputError("is an SD3 checkpoint (an MMDiT transformer, key 'joint_blocks.'); "
                               "gridrender renders SD 1.x and SDXL-family checkpoints")
-    if any(re.match(r"^(model\.diffusion_model\.)?(double_blocks|single_blocks)\.", k) for k in keys):
+    if keys.match(r"^(model\.diffusion_model\.)?(double_blocks|single_blocks)\."):
         raise ModelInputError("is a Flux checkpoint (key 'double_blocks.'); gridrender renders SD 1.x and "
                               "SDXL-family checkpoints")
-    if has(REFINER_CLIP_G) and not has(XL_CLIP_G):
+    if keys.has(REFINER_CLIP_G) and not keys.has(XL_CLIP_G):
         raise ModelInputError("is an SDXL refiner (one OpenCLIP encoder, 'conditioner.embedders.0.model.', and "
                               "aesthetic-score conditioning); gridrender renders SDXL base-family checkpoints "
                               "(SDXL, Pony, Illustrious, NoobAI), not the refiner")
-    in_channels = shapes.get(UNET + "input_blocks.0.0.weight", [0, 0])
-    if len(in_channels) > 1 and in_channels[1] not in (0, 4):  # A1111's sd_models_config: 9 inpainting, 8 pix2pix
-        kind = {9: "an inpainting", 8: "an instruct-pix2pix"}.get(int(in_channels[1]), "a")
+    in_channels = keys.shapes.get(UNET + "input_blocks.0.0.weight", [0, 0])
+    if len(in_channels) > 1 and in_channels[1] not in _LATENT_CHANNELS:
+        kind = _OTHER_INPUTS.get(int(in_channels[1]), "a")
         raise ModelInputError(f"is {kind} checkpoint (its UNet takes {in_channels[1]} input channels, key "
                               f"'{UNET}input_blocks.0.0.weight'); gridrender renders text-to-image checkpoints "
                               "(4 latent channels)")
-    if has("conditioner.embedders."):
-        if not (has(XL_CLIP_L) and has(XL_CLIP_G)):
-            raise ModelInputError("is an SDXL-style checkpoint without both text encoders "
-                                  f"('{XL_CLIP_L}' CLIP-L and '{XL_CLIP_G}' OpenCLIP bigG)")
-        if not has(UNET):
-            raise ModelInputError("is an SDXL text-encoder file without UNet weights ('model.diffusion_model.')")
-        return SDXL
-    if has("cond_stage_model.model."):
-        raise ModelInputError("is an SD 2.x checkpoint (OpenCLIP text encoder, key 'cond_stage_model.model.'); "
-                              "gridrender renders SD 1.x and SDXL-family checkpoints")
-    if not has(UNET):
-        if any("lora" in k for k in keys):
-            raise ModelInputError("is a LoRA, not a model (use it under `loras:`)")
-        raise ModelInputError("is not a Stable Diffusion checkpoint (it has no UNet weights, 'model.diffusion_model.')")
-    if not has(SD1_TEXT[1]):
-        raise ModelInputError("is a checkpoint without a CLIP text encoder ('cond_stage_model.transformer.')")
-    return SD1
 
 
 def checkpoint_prediction(shapes: Mapping[str, Any]) -> Prediction:

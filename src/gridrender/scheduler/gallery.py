@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import json
+from typing import Any
 
 from . import layout
 from .params import AXES
@@ -64,7 +65,7 @@ applyFilters();
 """
 
 
-def render_gallery(job_name: str, lines: list[dict], sheets: list[Sheet], note: str = "") -> bytes:
+def render_gallery(job_name: str, lines: list[dict[str, Any]], sheets: list[Sheet], note: str = "") -> bytes:
     values = axis_values(lines)
     varying = [a for a in AXES if len(values[a]) > 1]
     locked = {a: values[a][0] for a in AXES if len(values[a]) == 1}

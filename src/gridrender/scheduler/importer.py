@@ -28,6 +28,9 @@ from .settings import Settings
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _IMAGE_SIZE = re.compile(r"^(\d+)x(\d+)$")
 _NAME_CHARS = re.compile(r"[^a-z0-9_-]+")
+_MIN_LAST_LINE_FIELDS = 3  # parse_generation_parameters: fewer `key: value` pairs and the last line is prompt
+_NEGATIVE_PROMPT = "Negative prompt:"
+_LEGACY_HASH_DIGITS = 8  # A1111's old "Model hash"
 
 # Fields gridrender renders (read below), and fields that describe the image without changing it.
 HANDLED = {
@@ -83,22 +86,21 @@ def parse_generation_parameters(text: str) -> dict[str, str]:
     prompt, negative = "", ""
     done_with_prompt = False
     *lines, lastline = text.strip().split("\n")
-    if len(_PARAM.findall(lastline)) < 3:
+    if len(_PARAM.findall(lastline)) < _MIN_LAST_LINE_FIELDS:
         lines.append(lastline)
         lastline = ""
-    for line in lines:
-        line = line.strip()
-        if line.startswith("Negative prompt:"):
+    for raw_line in lines:
+        line = raw_line.strip()
+        if line.startswith(_NEGATIVE_PROMPT):
             done_with_prompt = True
-            line = line[16:].strip()
+            line = line[len(_NEGATIVE_PROMPT) :].strip()
         if done_with_prompt:
             negative += ("" if negative == "" else "\n") + line
         else:
             prompt += ("" if prompt == "" else "\n") + line
     res["Prompt"], res["Negative prompt"] = prompt, negative
-    for key, value in _PARAM.findall(lastline):
-        if value and value[0] == '"' and value[-1] == '"':
-            value = _unquote(value)
+    for key, written in _PARAM.findall(lastline):
+        value = _unquote(written)  # a quoted value is a JSON string
         size = _IMAGE_SIZE.match(value)
         if size is not None:
             res[f"{key}-1"], res[f"{key}-2"] = size.group(1), size.group(2)
@@ -127,7 +129,8 @@ class Imported:
         if self.unsupported:
             header += "# not rendered by gridrender (fields of the image's parameters):\n"
             header += "".join(f"#   {k}: {v}\n" for k, v in self.unsupported.items())
-        return header + yaml.safe_dump(self.job, sort_keys=False, allow_unicode=True, width=1 << 16)
+        body: str = yaml.safe_dump(self.job, sort_keys=False, allow_unicode=True, width=1 << 16)
+        return header + body
 
 
 class HashIndex:
@@ -148,7 +151,7 @@ class HashIndex:
         if not re.fullmatch(r"[0-9a-f]{8,64}", digest):
             return None
         for path in self.files():
-            if len(digest) == 8 and _legacy_hash(path) == digest:
+            if len(digest) == _LEGACY_HASH_DIGITS and _legacy_hash(path) == digest:
                 return path
             if file_sha256(path).startswith(digest):
                 return path
@@ -161,7 +164,7 @@ def _legacy_hash(path: Path) -> str:
 
     with open(path, "rb") as f:
         f.seek(0x100000)
-        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:_LEGACY_HASH_DIGITS]
 
 
 def job_name(stem: str) -> str:
@@ -181,41 +184,63 @@ def to_job(params: dict[str, str], name: str, index: HashIndex) -> Imported:
     if params.get("Negative prompt"):
         job["negative_prompt"] = params["Negative prompt"]
     sampler, schedule = _sampler(params.get("Sampler", "Euler a"), params["Schedule type"], imported)
-    # A1111 1.9+ always writes "Schedule type" (create_infotext: p.scheduler, "Automatic" at least), so a text
-    # without it comes from an older A1111, where a name without a schedule suffix meant Uniform. A1111 1.10's
-    # paste reads it as Automatic (parse_generation_parameters' default) and renders another image.
-    if "Schedule type" in params.get("_missing", "") and not _at_least(params.get("Version", ""), (1, 9)) \
-            and not samplers.split_name(params.get("Sampler", "Euler a"))[1] and schedule != samplers.UNIFORM:
-        schedule = samplers.UNIFORM
-        made_by = f"made by {params['Version']}" if params.get("Version") else "no Schedule type, so made before 1.9"
-        imported.comments.append(f"{made_by}: a sampler name without a schedule, so Uniform, as it rendered then "
-                                 "(A1111 1.9+ would read it as Automatic)")
+    schedule = _schedule_before_1_9(params, schedule, imported)
     if _downcast_alphas(params.get("Version", "")) and "Downcast alphas_cumprod" not in params:
         # infotext_versions.backcompat: A1111 1.10 renders such a text with alphas_cumprod in float16
         imported.unsupported["Downcast alphas_cumprod"] = (f"True (implied by Version {params['Version']}: A1111 "
                                                            "before 1.7.0-225 rounded alphas_cumprod to float16)")
     job["sampler"] = sampler
     job["schedule"] = schedule
-    job["steps"] = _int(params.get("Steps", "20"), "Steps")
-    job["guidance"] = _float(params.get("CFG scale", "7"), "CFG scale")
-    job["seeds"] = [_int(params.get("Seed", "-1"), "Seed")]
-    job["clip_skip"] = _int(params["Clip skip"], "Clip skip")
-    job["width"] = _int(params.get("Size-1", "512"), "Size")
-    job["height"] = _int(params.get("Size-2", "512"), "Size")
-    if params["RNG"] != samplers.DEFAULT_RNG:
-        job["rng"] = params["RNG"].upper()
-    if params.get("ENSD"):
-        job["eta_noise_seed_delta"] = _int(params["ENSD"], "ENSD")
+    job.update(_image_settings(params))
     hires = _hires(params, imported, sampler, schedule)
     if hires:
         job["hires"] = hires
     elif "Denoising strength" in params:
         job["denoise"] = _float(params["Denoising strength"], "Denoising strength")
         imported.comments.append("img2img: the init image is not in the parameters; add `init_images: [FILE]`")
+    _components(params, index, imported)
+    return imported
+
+
+def _schedule_before_1_9(params: dict[str, str], schedule: str, imported: Imported) -> str:
+    """Uniform for a text an A1111 before 1.9 wrote with a sampler name without a schedule suffix.
+
+    A1111 1.9+ always writes "Schedule type" (create_infotext: p.scheduler, "Automatic" at least), so a text
+    without it comes from an older A1111, where a name without a schedule suffix meant Uniform. A1111 1.10's
+    paste reads it as Automatic (parse_generation_parameters' default) and renders another image.
+    """
+    if "Schedule type" in params.get("_missing", "") and not _at_least(params.get("Version", ""), (1, 9)) \
+            and not samplers.split_name(params.get("Sampler", "Euler a"))[1] and schedule != samplers.UNIFORM:
+        made_by = f"made by {params['Version']}" if params.get("Version") else "no Schedule type, so made before 1.9"
+        imported.comments.append(f"{made_by}: a sampler name without a schedule, so Uniform, as it rendered then "
+                                 "(A1111 1.9+ would read it as Automatic)")
+        return samplers.UNIFORM
+    return schedule
+
+
+def _image_settings(params: dict[str, str]) -> dict[str, Any]:
+    """Steps, CFG scale, seed, clip skip, size, RNG and ENSD as job keys, in the job file's order."""
+    settings: dict[str, Any] = {
+        "steps": _int(params.get("Steps", "20"), "Steps"),
+        "guidance": _float(params.get("CFG scale", "7"), "CFG scale"),
+        "seeds": [_int(params.get("Seed", "-1"), "Seed")],
+        "clip_skip": _int(params["Clip skip"], "Clip skip"),
+        "width": _int(params.get("Size-1", "512"), "Size"),
+        "height": _int(params.get("Size-2", "512"), "Size"),
+    }
+    if params["RNG"] != samplers.DEFAULT_RNG:
+        settings["rng"] = params["RNG"].upper()
+    if params.get("ENSD"):
+        settings["eta_noise_seed_delta"] = _int(params["ENSD"], "ENSD")
+    return settings
+
+
+def _components(params: dict[str, str], index: HashIndex, imported: Imported) -> None:
+    """The VAE, found by its hash where it can be; notes on the LoRAs and embeddings the text names."""
     if "VAE" in params or "VAE hash" in params:
         found = index.find(params.get("VAE hash", "")) if params.get("VAE hash") else None
         if found is not None:
-            job["vae"] = str(found)
+            imported.job["vae"] = str(found)
         else:
             imported.comments.append(f"VAE {params.get('VAE', '?')} (hash {params.get('VAE hash', '?')}): "
                                      "not found under GRIDRENDER_MODEL_DIR; set `vae:` to its file")
@@ -225,7 +250,6 @@ def to_job(params: dict[str, str], name: str, index: HashIndex) -> Imported:
     if "TI hashes" in params:
         imported.comments.append(f"embeddings (TI hashes: {params['TI hashes']}): list their files under "
                                  "`embeddings:`")
-    return imported
 
 
 def _at_least(version: str, minimum: tuple[int, int]) -> bool:
@@ -353,7 +377,7 @@ def import_images(paths: list[Path], settings: Settings | None = None) -> Iterat
             raise InputError(f"cannot read {path}: {exc.strerror}") from None
         try:
             text = read_parameters(data)
-        except Exception as exc:  # not an image PIL can open
+        except Exception as exc:  # noqa: BLE001  (PIL's parsers raise all kinds on a damaged file: none is an image)
             raise InputError(f"{path} is not an image with parameters: {exc}") from None
         if not text:
             raise InputError(f"{path} carries no generation parameters (no 'parameters' text, no EXIF comment)")

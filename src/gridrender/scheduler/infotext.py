@@ -44,6 +44,17 @@ def parameters(cell: Cell) -> str:
     prompt = search_replace(cell.prompt, cell.prompt_sr)  # its <lora:…> tags as written
     tagged = {tag.name for tag in lora_tags(prompt)}
     extra_tags = "".join(_tag(use) for use in cell.loras if use.mention not in tagged)
+    pairs = {**_first_pass_pairs(cell), **_hires_pairs(cell, prompt), **_model_and_network_pairs(cell)}
+    last = ", ".join(f"{k}: {_quote(v)}" for k, v in pairs.items())
+    lines = [prompt + extra_tags]
+    negative = search_replace(cell.negative_prompt, cell.prompt_sr)
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    lines.append(last)
+    return "\n".join(lines)
+
+
+def _first_pass_pairs(cell: Cell) -> dict[str, object]:
     pairs: dict[str, object] = {
         "Steps": cell.steps,
         "Sampler": samplers.infotext_name(cell.sampler, cell.schedule),
@@ -66,12 +77,21 @@ def parameters(cell: Cell) -> str:
         pairs["ENSD"] = cell.eta_noise_seed_delta
     if cell.rng != samplers.DEFAULT_RNG:
         pairs["RNG"] = cell.rng
-    if cell.hires is not None:
-        hires_prompt = None if cell.hires.prompt is None else search_replace(cell.hires.prompt, cell.prompt_sr)
-        fields = cell.hires.infotext(cell.sampler, cell.schedule, prompt, hires_prompt)
-        if "Hires sampler" in fields:
-            fields["Hires sampler"] = samplers.infotext_name(str(fields["Hires sampler"]), cell.hires.schedule or "")
-        pairs.update(fields)
+    return pairs
+
+
+def _hires_pairs(cell: Cell, prompt: str) -> dict[str, object]:
+    if cell.hires is None:
+        return {}
+    hires_prompt = None if cell.hires.prompt is None else search_replace(cell.hires.prompt, cell.prompt_sr)
+    fields = cell.hires.infotext(cell.sampler, cell.schedule, prompt, hires_prompt)
+    if "Hires sampler" in fields:
+        fields["Hires sampler"] = samplers.infotext_name(str(fields["Hires sampler"]), cell.hires.schedule or "")
+    return dict(fields)
+
+
+def _model_and_network_pairs(cell: Cell) -> dict[str, object]:
+    pairs: dict[str, object] = {}
     if cell.model.zero_terminal_snr:  # A1111's setting: written so that A1111 renders it so again
         pairs["Noise Schedule"] = "Zero Terminal SNR"
     if cell.loras:  # extra_networks_lora.py: mentioned name without ":" and ",", A1111's 12-digit hash, once each
@@ -79,10 +99,4 @@ def parameters(cell: Cell) -> str:
         pairs["Lora hashes"] = ", ".join(f"{name}: {digest}" for name, digest in hashes.items())
     if cell.embeddings:
         pairs["TI hashes"] = _hashes([(e.name, e.short_hash()) for e in cell.embeddings])
-    last = ", ".join(f"{k}: {_quote(v)}" for k, v in pairs.items())
-    lines = [prompt + extra_tags]
-    negative = search_replace(cell.negative_prompt, cell.prompt_sr)
-    if negative:
-        lines.append(f"Negative prompt: {negative}")
-    lines.append(last)
-    return "\n".join(lines)
+    return pairs

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from . import dynamic, yamlfile
 from .errors import JobError, Problem
@@ -75,16 +76,21 @@ def expand_prompts(job: Job, settings: Settings) -> None:
         raise job.error(problems)
 
 
-def _branch_applies(err: Any, data: dict) -> bool:
+# Pydantic errors whose message reads better with the value the user wrote.
+_SHOWS_INPUT = ("greater_than_equal", "less_than_equal", "string_pattern_mismatch", "too_long")
+_SHOWN_CHARS = 60  # of a rejected value's repr in an error message
+
+
+def _branch_applies(err: ErrorDetails, data: dict[str, Any]) -> bool:
     """`seeds` is a list or a {start, count} mapping: report only the branch the user wrote."""
     loc = err["loc"]
-    if len(loc) >= 2 and loc[0] == "seeds" and isinstance(loc[1], str):
+    if len(loc) > 1 and loc[0] == "seeds" and isinstance(loc[1], str):
         wrote_mapping = isinstance(data.get("seeds"), dict)
         return ("SeedRange" in loc[1]) == wrote_mapping
     return True
 
 
-def _problem(err: Any, lines: dict) -> Problem:
+def _problem(err: ErrorDetails, lines: dict[yamlfile.Path, int]) -> Problem:
     loc = [p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p == "SeedRange"))]
     if err["type"] == "conflict":
         loc = ["size"]
@@ -96,14 +102,11 @@ def _problem(err: Any, lines: dict) -> Problem:
         message = f"unknown key (valid keys: {', '.join(Job.model_fields)})"
     elif err["type"] == "missing":
         message = "required key is missing"
-    elif "input" in err and err["type"].endswith(("_type", "_parsing")):
-        message = f"{message}, got {_show(err['input'])}"
-    elif err["type"] in ("greater_than_equal", "less_than_equal", "string_pattern_mismatch", "too_long"):
+    elif ("input" in err and err["type"].endswith(("_type", "_parsing"))) or err["type"] in _SHOWS_INPUT:
         message = f"{message}, got {_show(err['input'])}"
     return Problem(field, message, yamlfile.line_for(lines, tuple(loc)))
 
 
-
 def _show(value: Any) -> str:
     text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .layers import TEXT, TEXT_2, UNET, Layer, LayerTable
@@ -206,76 +206,81 @@ def convert_diffusers_name_to_compvis(key: str, is_sd2: bool) -> str:
 
     Kept literal, quirks included (it numbers blocks for two resnets per block, and maps
     an SDXL up_blocks.0 upsampler to a name SDXL does not have), so that what matches
-    is what A1111 matches.
+    is what A1111 matches: its patterns, tried in its order.
     """
-    def groups(pattern: str) -> list[int | str] | None:
-        match = re.match(pattern, key)
-        if not match:
-            return None
-        return [int(x) if _DIGITS.match(x) else x for x in match.groups()]
-
-    if (m := groups(r"lora_unet_conv_in(.*)")) is not None:
-        return f"diffusion_model_input_blocks_0_0{m[0]}"
-    if (m := groups(r"lora_unet_conv_out(.*)")) is not None:
-        return f"diffusion_model_out_2{m[0]}"
-    if (m := groups(r"lora_unet_time_embedding_linear_(\d+)(.*)")) is not None:
-        return f"diffusion_model_time_embed_{int(m[0]) * 2 - 2}{m[1]}"
-    if (m := groups(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)")) is not None:
-        suffix = _suffix(m[1], m[3])
-        return f"diffusion_model_input_blocks_{1 + int(m[0]) * 3 + int(m[2])}_{1 if m[1] == 'attentions' else 0}_{suffix}"
-    if (m := groups(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)")) is not None:
-        suffix = _suffix(m[0], m[2])
-        return f"diffusion_model_middle_block_{1 if m[0] == 'attentions' else int(m[1]) * 2}_{suffix}"
-    if (m := groups(r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)")) is not None:
-        suffix = _suffix(m[1], m[3])
-        return f"diffusion_model_output_blocks_{int(m[0]) * 3 + int(m[2])}_{1 if m[1] == 'attentions' else 0}_{suffix}"
-    if (m := groups(r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv")) is not None:
-        return f"diffusion_model_input_blocks_{3 + int(m[0]) * 3}_0_op"
-    if (m := groups(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv")) is not None:
-        return f"diffusion_model_output_blocks_{2 + int(m[0]) * 3}_{2 if int(m[0]) > 0 else 1}_conv"
-    if (m := groups(r"lora_te_text_model_encoder_layers_(\d+)_(.+)")) is not None:
-        rest = str(m[1])
-        if is_sd2:
-            if "mlp_fc1" in rest:
-                return f"model_transformer_resblocks_{m[0]}_{rest.replace('mlp_fc1', 'mlp_c_fc')}"
-            if "mlp_fc2" in rest:
-                return f"model_transformer_resblocks_{m[0]}_{rest.replace('mlp_fc2', 'mlp_c_proj')}"
-            return f"model_transformer_resblocks_{m[0]}_{rest.replace('self_attn', 'attn')}"
-        return f"transformer_text_model_encoder_layers_{m[0]}_{rest}"
-    if (m := groups(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)")) is not None:
-        rest = str(m[1])
-        if "mlp_fc1" in rest:
-            return f"1_model_transformer_resblocks_{m[0]}_{rest.replace('mlp_fc1', 'mlp_c_fc')}"
-        if "mlp_fc2" in rest:
-            return f"1_model_transformer_resblocks_{m[0]}_{rest.replace('mlp_fc2', 'mlp_c_proj')}"
-        return f"1_model_transformer_resblocks_{m[0]}_{rest.replace('self_attn', 'attn')}"
+    for pattern, convert in _DIFFUSERS_TO_COMPVIS:
+        match = pattern.match(key)
+        if match:
+            return convert([int(x) if _DIGITS.match(x) else x for x in match.groups()], is_sd2)
     return key
+
+
+_Groups = list[int | str]
+
+
+def _sd1_or_sd2_text(m: _Groups, is_sd2: bool) -> str:
+    rest = str(m[1])
+    if not is_sd2:
+        return f"transformer_text_model_encoder_layers_{m[0]}_{rest}"
+    if "mlp_fc1" in rest:
+        return f"model_transformer_resblocks_{m[0]}_{rest.replace('mlp_fc1', 'mlp_c_fc')}"
+    if "mlp_fc2" in rest:
+        return f"model_transformer_resblocks_{m[0]}_{rest.replace('mlp_fc2', 'mlp_c_proj')}"
+    return f"model_transformer_resblocks_{m[0]}_{rest.replace('self_attn', 'attn')}"
+
+
+def _sdxl_open_clip(m: _Groups, _is_sd2: bool) -> str:
+    rest = str(m[1])
+    if "mlp_fc1" in rest:
+        return f"1_model_transformer_resblocks_{m[0]}_{rest.replace('mlp_fc1', 'mlp_c_fc')}"
+    if "mlp_fc2" in rest:
+        return f"1_model_transformer_resblocks_{m[0]}_{rest.replace('mlp_fc2', 'mlp_c_proj')}"
+    return f"1_model_transformer_resblocks_{m[0]}_{rest.replace('self_attn', 'attn')}"
+
+
+_DIFFUSERS_TO_COMPVIS: tuple[tuple[re.Pattern[str], Callable[[_Groups, bool], str]], ...] = (
+    (re.compile(r"lora_unet_conv_in(.*)"), lambda m, _: f"diffusion_model_input_blocks_0_0{m[0]}"),
+    (re.compile(r"lora_unet_conv_out(.*)"), lambda m, _: f"diffusion_model_out_2{m[0]}"),
+    (re.compile(r"lora_unet_time_embedding_linear_(\d+)(.*)"),
+     lambda m, _: f"diffusion_model_time_embed_{int(m[0]) * 2 - 2}{m[1]}"),
+    (re.compile(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"),
+     lambda m, _: f"diffusion_model_input_blocks_{1 + int(m[0]) * 3 + int(m[2])}_{1 if m[1] == 'attentions' else 0}_"
+                  f"{_suffix(m[1], m[3])}"),
+    (re.compile(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)"),
+     lambda m, _: f"diffusion_model_middle_block_{1 if m[0] == 'attentions' else int(m[1]) * 2}_{_suffix(m[0], m[2])}"),
+    (re.compile(r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"),
+     lambda m, _: f"diffusion_model_output_blocks_{int(m[0]) * 3 + int(m[2])}_{1 if m[1] == 'attentions' else 0}_"
+                  f"{_suffix(m[1], m[3])}"),
+    (re.compile(r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv"),
+     lambda m, _: f"diffusion_model_input_blocks_{3 + int(m[0]) * 3}_0_op"),
+    (re.compile(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv"),
+     lambda m, _: f"diffusion_model_output_blocks_{2 + int(m[0]) * 3}_{2 if int(m[0]) > 0 else 1}_conv"),
+    (re.compile(r"lora_te_text_model_encoder_layers_(\d+)_(.+)"), _sd1_or_sd2_text),
+    (re.compile(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)"), _sdxl_open_clip),
+)
 
 
 def _suffix(block: int | str, rest: int | str) -> str:
     return _RESNET_SUFFIX.get(str(rest), str(rest)) if block == "resnets" else str(rest)
 
 
+# networks.py's module types, in the order it tries them, each with the weight parts it needs.
+_MODULE_TYPES: tuple[tuple[str, Callable[[set[str]], bool]], ...] = (
+    ("lora", lambda p: {"lora_up.weight", "lora_down.weight"} <= p or {"lora_A.weight", "lora_B.weight"} <= p),
+    ("hada", lambda p: {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= p),
+    ("ia3", lambda p: "weight" in p),
+    ("lokr", lambda p: ("lokr_w1" in p or {"lokr_w1_a", "lokr_w1_b"} <= p)
+                       and ("lokr_w2" in p or {"lokr_w2_a", "lokr_w2_b"} <= p)),
+    ("full", lambda p: "diff" in p),
+    ("norm", lambda p: {"w_norm", "b_norm"} <= p),
+    ("glora", lambda p: {"a1.weight", "a2.weight", "b1.weight", "b2.weight"} <= p),
+    ("oft", lambda p: "oft_blocks" in p or "oft_diag" in p),
+)
+
+
 def module_type(parts: set[str]) -> str | None:
     """The A1111 module type that accepts these weight parts (networks.py tries them in this order)."""
-    if {"lora_up.weight", "lora_down.weight"} <= parts or {"lora_A.weight", "lora_B.weight"} <= parts:
-        return "lora"
-    if {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= parts:
-        return "hada"
-    if "weight" in parts:
-        return "ia3"
-    if ("lokr_w1" in parts or {"lokr_w1_a", "lokr_w1_b"} <= parts) and (
-            "lokr_w2" in parts or {"lokr_w2_a", "lokr_w2_b"} <= parts):
-        return "lokr"
-    if "diff" in parts:
-        return "full"
-    if {"w_norm", "b_norm"} <= parts:
-        return "norm"
-    if {"a1.weight", "a2.weight", "b1.weight", "b2.weight"} <= parts:
-        return "glora"
-    if "oft_blocks" in parts or "oft_diag" in parts:
-        return "oft"
-    return None
+    return next((kind for kind, accepts in _MODULE_TYPES if accepts(parts)), None)
 
 
 def lora_parts(parts: Mapping[str, object]) -> tuple[str, str]:
@@ -297,64 +302,75 @@ def _dim(kind: str, shape: Mapping[str, list[int]]) -> int | None:
     return None
 
 
+_MATRIX_DIMS = 2  # a Linear weight, or a matrix factor
+_CONV_DIMS = 4  # a Conv2d weight (out, in, kh, kw), or a Tucker core
+
+
 def delta_shape(kind: str, shape: Mapping[str, list[int]], layer: Layer) -> list[int] | str:
     """The shape of A1111's update before it is fitted to the layer, or why A1111 fails on it.
 
     A1111 catches the RuntimeError of factors that do not multiply and skips the layer;
     so does gridrender, at `validate`.
     """
-    conv = len(layer.shape) == 4
     if kind == "lora":
-        up, down = (shape[p] for p in lora_parts(shape))
-        if "lora_mid.weight" in shape:  # rebuild_cp_decomposition: einsum('n m k l, i n, m j -> i j k l')
-            mid = shape["lora_mid.weight"]
-            if len(mid) != 4 or mid[0] != math.prod(up[1:]) or mid[1] != down[0]:
-                return f"lora_mid {mid} does not join lora_up {up} and lora_down {down}"
-            return [up[0], math.prod(down[1:]), *mid[2:]]
-        if math.prod(up[1:]) != down[0]:
-            return f"lora_up has rank {math.prod(up[1:])}, lora_down {down[0]}"
-        if conv and len(down) == 4:
-            return [up[0], *down[1:]]
-        return [up[0], math.prod(down[1:])]
+        return _lora_delta(shape, conv=len(layer.shape) == _CONV_DIMS)
     if kind == "hada":
-        first = _hada_factor(shape, "1")
-        if isinstance(first, str):
-            return first
-        out = first if "hada_t1" in shape else [*first[:1], shape["hada_w1_b"][1], *shape["hada_w1_b"][2:]]
-        second = _hada_factor(shape, "2")
-        if isinstance(second, str):
-            return second
-        if math.prod(second) != math.prod(out):
-            return f"its two Hadamard factors have {math.prod(out)} and {math.prod(second)} elements"
-        return out
+        return _hada_delta(shape)
     if kind == "lokr":
-        w1: list[int] | str
-        w2: list[int] | str
-        if "lokr_w1" in shape:
-            w1 = shape["lokr_w1"]
-        else:
-            w1 = _product(shape["lokr_w1_a"], shape["lokr_w1_b"], "lokr_w1")
-        if "lokr_w2" in shape:
-            w2 = shape["lokr_w2"]
-        elif "lokr_t2" in shape:
-            w2 = _tucker(shape["lokr_t2"], shape["lokr_w2_a"], shape["lokr_w2_b"], "lokr_t2")
-        elif len(shape["lokr_w2_b"]) == 2:
-            w2 = _product(shape["lokr_w2_a"], shape["lokr_w2_b"], "lokr_w2")
-        else:  # network_lokr.py multiplies w2_a @ w2_b, which a 4-D w2_b does not survive
-            return "A1111 cannot multiply LoKr's lokr_w2_a by a 4-D lokr_w2_b and skips the layer"
-        if isinstance(w1, str):
-            return w1
-        if isinstance(w2, str):
-            return w2
-        if len(w1) != 2:
-            return f"lokr_w1 {w1} is not a matrix"
-        return [w1[0] * w2[0], w1[1] * w2[1], *w2[2:]]
+        return _lokr_delta(shape)
     return list(shape["diff"])
+
+
+def _lora_delta(shape: Mapping[str, list[int]], conv: bool) -> list[int] | str:
+    up, down = (shape[p] for p in lora_parts(shape))
+    if "lora_mid.weight" in shape:  # rebuild_cp_decomposition: einsum('n m k l, i n, m j -> i j k l')
+        mid = shape["lora_mid.weight"]
+        if len(mid) != _CONV_DIMS or mid[0] != math.prod(up[1:]) or mid[1] != down[0]:
+            return f"lora_mid {mid} does not join lora_up {up} and lora_down {down}"
+        return [up[0], math.prod(down[1:]), *mid[2:]]
+    if math.prod(up[1:]) != down[0]:
+        return f"lora_up has rank {math.prod(up[1:])}, lora_down {down[0]}"
+    if conv and len(down) == _CONV_DIMS:
+        return [up[0], *down[1:]]
+    return [up[0], math.prod(down[1:])]
+
+
+def _hada_delta(shape: Mapping[str, list[int]]) -> list[int] | str:
+    first = _hada_factor(shape, "1")
+    if isinstance(first, str):
+        return first
+    out = first if "hada_t1" in shape else [*first[:1], shape["hada_w1_b"][1], *shape["hada_w1_b"][2:]]
+    second = _hada_factor(shape, "2")
+    if isinstance(second, str):
+        return second
+    if math.prod(second) != math.prod(out):
+        return f"its two Hadamard factors have {math.prod(out)} and {math.prod(second)} elements"
+    return out
+
+
+def _lokr_delta(shape: Mapping[str, list[int]]) -> list[int] | str:
+    w1 = shape["lokr_w1"] if "lokr_w1" in shape else _product(shape["lokr_w1_a"], shape["lokr_w1_b"], "lokr_w1")
+    w2: list[int] | str
+    if "lokr_w2" in shape:
+        w2 = shape["lokr_w2"]
+    elif "lokr_t2" in shape:
+        w2 = _tucker(shape["lokr_t2"], shape["lokr_w2_a"], shape["lokr_w2_b"], "lokr_t2")
+    elif len(shape["lokr_w2_b"]) == _MATRIX_DIMS:
+        w2 = _product(shape["lokr_w2_a"], shape["lokr_w2_b"], "lokr_w2")
+    else:  # network_lokr.py multiplies w2_a @ w2_b, which a 4-D w2_b does not survive
+        return "A1111 cannot multiply LoKr's lokr_w2_a by a 4-D lokr_w2_b and skips the layer"
+    if isinstance(w1, str):
+        return w1
+    if isinstance(w2, str):
+        return w2
+    if len(w1) != _MATRIX_DIMS:
+        return f"lokr_w1 {w1} is not a matrix"
+    return [w1[0] * w2[0], w1[1] * w2[1], *w2[2:]]
 
 
 def _product(a: list[int], b: list[int], name: str) -> list[int] | str:
     """The shape of a @ b (2-D factors), or why they do not multiply."""
-    if len(a) != 2 or len(b) != 2 or a[1] != b[0]:
+    if len(a) != _MATRIX_DIMS or len(b) != _MATRIX_DIMS or a[1] != b[0]:
         return f"{name}_a {a} and {name}_b {b} do not multiply"
     return [a[0], b[1]]
 
@@ -362,7 +378,7 @@ def _product(a: list[int], b: list[int], name: str) -> list[int] | str:
 def _tucker(t: list[int], wa: list[int], wb: list[int], name: str) -> list[int] | str:
     """lyco_helpers.make_weight_cp: einsum('i j k l, j r -> i r k l') with wb, then ('i j k l, i r -> r j k l')
     with wa: the shape [wa's columns, wb's columns, k, l]."""
-    if len(t) != 4 or len(wa) != 2 or len(wb) != 2 or t[1] != wb[0] or t[0] != wa[0]:
+    if len(t) != _CONV_DIMS or len(wa) != _MATRIX_DIMS or len(wb) != _MATRIX_DIMS or t[1] != wb[0] or t[0] != wa[0]:
         return f"{name} {t} does not join its factors {wa} and {wb}"
     return [wa[1], wb[1], *t[2:]]
 
@@ -383,17 +399,31 @@ def _misfit(kind: str, shape: Mapping[str, list[int]], layer: Layer) -> str | No
         return out
     if math.prod(out) != math.prod(layer.shape):
         return f"its update has shape {out}, the model's layer {list(layer.shape)}"
-    if "dora_scale" in shape:
-        if len(layer.shape) < 2:
-            return "DoRA's column norms need a 2-D or 4-D weight"
-        norm = [1, layer.shape[1], *[1] * (len(layer.shape) - 2)]
-        if _broadcast(list(layer.shape), shape["dora_scale"], norm) != list(layer.shape):
-            return f"its dora_scale {shape['dora_scale']} does not fit the layer {list(layer.shape)}"
-    if "diff_b" in shape:
-        if not layer.bias:  # LyCORIS writes diff_b only for layers with a bias
-            return "its diff_b would give the layer a bias it does not have"
-        if math.prod(shape["diff_b"]) != layer.shape[0]:
-            return f"its diff_b {shape['diff_b']} does not fit the layer's bias [{layer.shape[0]}]"
+    return _dora_misfit(shape, layer) or _bias_misfit(shape, layer) or _magnitude_misfit(shape, layer)
+
+
+def _dora_misfit(shape: Mapping[str, list[int]], layer: Layer) -> str | None:
+    if "dora_scale" not in shape:
+        return None
+    if len(layer.shape) < _MATRIX_DIMS:
+        return "DoRA's column norms need a 2-D or 4-D weight"
+    norm = [1, layer.shape[1], *[1] * (len(layer.shape) - 2)]
+    if _broadcast(list(layer.shape), shape["dora_scale"], norm) != list(layer.shape):
+        return f"its dora_scale {shape['dora_scale']} does not fit the layer {list(layer.shape)}"
+    return None
+
+
+def _bias_misfit(shape: Mapping[str, list[int]], layer: Layer) -> str | None:
+    if "diff_b" not in shape:
+        return None
+    if not layer.bias:  # LyCORIS writes diff_b only for layers with a bias
+        return "its diff_b would give the layer a bias it does not have"
+    if math.prod(shape["diff_b"]) != layer.shape[0]:
+        return f"its diff_b {shape['diff_b']} does not fit the layer's bias [{layer.shape[0]}]"
+    return None
+
+
+def _magnitude_misfit(shape: Mapping[str, list[int]], layer: Layer) -> str | None:
     if "magnitude" in shape and math.prod(shape["magnitude"]) != layer.shape[0]:
         return f"its lora_magnitude_vector {shape['magnitude']} does not fit the layer {list(layer.shape)}"
     return None

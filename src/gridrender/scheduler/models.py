@@ -15,6 +15,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from . import families
 from .errors import ModelError, ModelInputError
@@ -26,6 +27,8 @@ BUILTINS = {"tiny": "tiny-v1", "tiny-sdxl": "tiny-sdxl-v1"}  # name -> version; 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+SAFETENSORS_LENGTH_BYTES = 8  # a .safetensors file opens with its JSON header's length, a little-endian u64
+_MAX_HEADER_BYTES = 100 << 20  # far above any real header: a larger length means the file is something else
 
 
 @dataclass(frozen=True)
@@ -42,14 +45,14 @@ class ModelSpec:
     prediction: str = families.EPSILON  # what the UNet predicts: epsilon | v_prediction
     zero_terminal_snr: bool = False  # A1111's "Zero Terminal SNR" noise schedule
 
-    def identity(self) -> dict:
+    def identity(self) -> dict[str, Any]:
         """What makes two references the same model, independent of where it lies.
 
         A prediction type or noise schedule other than the files' own (a job's override)
         is part of it: the same weights render other images.
         """
         if self.kind in ("builtin", "hub"):
-            identity: dict = {"kind": self.kind, "name": self.location, "revision": self.revision}
+            identity: dict[str, Any] = {"kind": self.kind, "name": self.location, "revision": self.revision}
         else:
             identity = {"kind": "weights", "sha256": self.sha256}
         if self.prediction != families.EPSILON:
@@ -76,10 +79,10 @@ class ModelSpec:
             return self.sha256[:10]
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:10]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         """What a cell's record says about its model; `identity` is what reproduce compares."""
         return {"source": self.source, "kind": self.kind, "identity": self.identity(), "revision": self.revision,
                 "sha256": self.sha256, "hash": self.short_hash(), "config": self.config,
@@ -87,7 +90,7 @@ class ModelSpec:
                 "prediction": self.prediction, "zero_terminal_snr": self.zero_terminal_snr}
 
     @classmethod
-    def from_dict(cls, data: dict) -> ModelSpec:
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         return cls(**data)
 
 
@@ -139,11 +142,12 @@ def _from_configs(spec: ModelSpec, folder: Path, read: Callable[[str], Path] | N
     return replace(spec, clip_layers=layers, family=family, clip_layers_2=layers_2).with_prediction(found)
 
 
-def _read_json(path: Path, source: str) -> dict:
+def _read_json(path: Path, source: str) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        data: dict[str, Any] = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ModelInputError(f"cannot read {path.name} of {source!r}: {exc}") from None
+    return data
 
 
 def _resolve_file(source: str, path: Path) -> ModelSpec:
@@ -181,8 +185,8 @@ def _match_config(source: str, path: Path, shapes: dict[str, list[int]], family:
         configs = [json.loads((config_dir / n / "config.json").read_text()) for n in names]
         if unet["block_out_channels"][0] == conv_in and all(
                 c["hidden_size"] == w and (c["num_hidden_layers"] == n or not n)
-                for c, (w, n) in zip(configs, encoders)):
-            layers = [n or c["num_hidden_layers"] for c, (_, n) in zip(configs, encoders)]
+                for c, (w, n) in zip(configs, encoders, strict=True)):
+            layers = [n or c["num_hidden_layers"] for c, (_, n) in zip(configs, encoders, strict=True)]
             return ModelSpec(source, "file", str(path), None, file_sha256(path), layers[0], config_dir.name, family,
                              layers[1] if family == SDXL else None)
     what = "SDXL" if family == SDXL else "SD 1.x"
@@ -198,11 +202,11 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]]:
 def safetensors_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
     """Tensor names and shapes, and the `__metadata__` strings, from a .safetensors header."""
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
+        head = f.read(SAFETENSORS_LENGTH_BYTES)
+        if len(head) < SAFETENSORS_LENGTH_BYTES:
             raise ModelInputError(f"{str(path)!r} is not a safetensors file (too short)")
         (size,) = struct.unpack("<Q", head)
-        if size > 100 << 20:
+        if size > _MAX_HEADER_BYTES:
             raise ModelInputError(f"{str(path)!r} is not a safetensors file (header of {size} bytes)")
         try:
             header = json.loads(f.read(size))
@@ -292,8 +296,8 @@ def safetensors_data_sha256(path: Path) -> str:
 def _hash_data(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        f.seek(8 + size)
+        (size,) = struct.unpack("<Q", f.read(SAFETENSORS_LENGTH_BYTES))
+        f.seek(SAFETENSORS_LENGTH_BYTES + size)
         while chunk := f.read(1 << 24):
             h.update(chunk)
     return h.hexdigest()
@@ -321,7 +325,8 @@ def _cached_hash(path: Path, compute: Callable[[], str], kind: str = "sha256") -
     replaced or rewritten in place gets a new inode or ctime (which no tool sets back, unlike
     mtime), so a changed file is hashed again, never trusted from the cache.
     """
-    global _HASH_CACHE
+    # A process-wide cache read from disk on first use (tests reset it to None to act as a new process).
+    global _HASH_CACHE  # noqa: PLW0603
     cache_file = _hash_cache_file()
     if _HASH_CACHE is None:
         try:
@@ -366,7 +371,7 @@ def config_dir(name: str) -> Path:
 
 
 
-def model_config(model: ModelSpec, component: str) -> dict:
+def model_config(model: ModelSpec, component: str) -> dict[str, Any]:
     """A component's config.json (unet, vae, text_encoder) of the model, read without loading it."""
     if model.kind == "builtin":
         path = CONFIG_ROOT / model.location / component / "config.json"
@@ -377,9 +382,10 @@ def model_config(model: ModelSpec, component: str) -> dict:
     else:
         path = _hub_file(model.location, model.revision or "main", f"{component}/config.json")
     try:
-        return json.loads(path.read_text())
+        config: dict[str, Any] = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ModelInputError(f"cannot read {component}/config.json of {model.source}: {exc}") from None
+    return config
 
 
 def hub_vae(repo_id: str, revision: str | None = None) -> str:

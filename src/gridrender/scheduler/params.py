@@ -93,7 +93,7 @@ def _hires_label(public: dict[str, Any] | None) -> str:
     return Hires(**keys).label()
 
 
-def _components_unpack(data: list) -> tuple:
+def _components_unpack(data: list[dict[str, Any]]) -> tuple[Component, ...]:
     return tuple(Component.from_dict(c) for c in data)
 
 
@@ -158,14 +158,14 @@ class Axis:
     params: tuple[str, ...]
     key: str  # the job-file key that lists its values
 
-    def value(self, line: dict) -> Any:
+    def value(self, line: dict[str, Any]) -> Any:
         """This axis' value in a manifest line (public values; a component left out is its default)."""
         values = tuple(line[p] if p in line else BY_NAME[p].public(BY_NAME[p].default) for p in self.params)
         return values[0] if len(values) == 1 else values
 
     def label(self, value: Any) -> str:
         values = value if len(self.params) > 1 else (value,)
-        return "x".join(BY_NAME[p].label(v) for p, v in zip(self.params, values))
+        return "x".join(BY_NAME[p].label(v) for p, v in zip(self.params, values, strict=True))
 
 
 def _axes() -> dict[str, Axis]:
@@ -210,9 +210,9 @@ def negative_identity(model: ModelSpec, text: str, raw: str, sr: tuple[str, str]
 _OPTIONAL = ("vae", "loras", "prompt_sr", "embeddings", "eta_noise_seed_delta", "denoise", "init_image", "hires")
 
 
-def public_params(values: tuple) -> dict:
+def public_params(values: tuple[Any, ...]) -> dict[str, Any]:
     """A cell's parameters under the job file's own names, as records and manifests store them.
 
     Components the cell does not use (no VAE of its own, no LoRA, ...) are left out.
     """
-    return {p.name: p.public(v) for p, v in zip(PARAMS, values) if not (p.name in _OPTIONAL and v == p.default)}
+    return {p.name: p.public(v) for p, v in zip(PARAMS, values, strict=True) if not (p.name in _OPTIONAL and v == p.default)}

@@ -7,6 +7,7 @@ Cells are written with `IfNoneMatch="*"`: a 412 means another attempt wrote it f
 from __future__ import annotations
 
 from collections.abc import Iterator
+from http import HTTPStatus
 from typing import IO, Any
 
 import boto3
@@ -24,7 +25,7 @@ _CONFIG = Config(retries={"max_attempts": 10, "mode": "standard"}, connect_timeo
 
 
 class S3Store(Store):
-    def __init__(self, bucket: str, prefix: str = "", client=None):
+    def __init__(self, bucket: str, prefix: str = "", client: Any = None):  # a boto3 S3 client (untyped)
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         if self.prefix:
@@ -46,7 +47,8 @@ class S3Store(Store):
             error = exc.response.get("Error", {})
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
             reason = f"{error.get('Code', '?')}: {error.get('Message', '')}"
-            transient = status >= 500 or status == 429 or error.get("Code") in _THROTTLING
+            transient = (status >= HTTPStatus.INTERNAL_SERVER_ERROR or status == HTTPStatus.TOO_MANY_REQUESTS
+                         or error.get("Code") in _THROTTLING)
         else:  # connection refused, reset or timed out
             reason, transient = type(exc).__name__, True
         return StorageError(f"cannot {action} {self.url(key)} ({reason})", transient=transient)
@@ -58,9 +60,9 @@ class S3Store(Store):
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             code = exc.response.get("Error", {}).get("Code")
-            if status == 412 or code == "PreconditionFailed":
+            if status == HTTPStatus.PRECONDITION_FAILED or code == "PreconditionFailed":
                 return False
-            if status == 409 and code == "ConditionalRequestConflict":
+            if status == HTTPStatus.CONFLICT and code == "ConditionalRequestConflict":
                 # A concurrent conditional write to the same key is in flight: whichever
                 # wins, the object will exist; report it as not written by us.
                 return False
@@ -93,7 +95,8 @@ class S3Store(Store):
     def get(self, key: str) -> bytes:
         body = self._body(key)
         try:
-            return body.read()
+            data: bytes = body.read()
+            return data
         except BotoCoreError as exc:
             raise self._fail("read", key, exc) from None
 
@@ -109,7 +112,7 @@ class S3Store(Store):
             self.client.head_object(Bucket=self.bucket, Key=self._key(key))
             return True
         except ClientError as exc:
-            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == HTTPStatus.NOT_FOUND:
                 return False
             raise self._fail("check", key, exc) from None
         except BotoCoreError as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cache
+from typing import Any
 
 # Bump when what an A1111 name renders changes: it is part of every such cell's id.
 # 2: GPU noise by default (the `rng` parameter), Automatic = the sampler's default schedule.
@@ -62,7 +63,7 @@ class Sampler:
     aliases: tuple[str, ...] = ()
     discard_penultimate_sigma: bool = False  # A1111's discard_next_to_last_sigma
     noise: str = "none"  # "ancestral": per-cell CPU draws; "brownian": per-cell Brownian tree
-    options: dict = field(default_factory=dict, hash=False)  # keyword arguments of the function
+    options: dict[str, Any] = field(default_factory=dict, hash=False)  # keyword arguments of the function
     default_schedule: str = UNIFORM  # what Automatic means for it (A1111 1.9+'s 'scheduler' option)
     uses_ensd: bool = False  # A1111 writes "ENSD" for it: its later draws come from the reseeded generator
     # Samplers whose noise is drawn for the whole call at once render one cell per call.
@@ -73,7 +74,7 @@ class Sampler:
         return A1111_SEMANTICS if self.family == "a1111" else DIFFUSERS_SEMANTICS
 
 
-def _a1111(name: str, function: str, aliases: tuple[str, ...] = (), **kw) -> Sampler:
+def _a1111(name: str, function: str, aliases: tuple[str, ...] = (), **kw: Any) -> Sampler:
     return Sampler(name, "a1111", function, aliases, **kw)
 
 
@@ -201,7 +202,7 @@ def canonical(name: str, schedule_label: str = AUTOMATIC) -> tuple[str, str]:
     return sampler.name, resolved.label
 
 
-def identity(name: str) -> dict:
+def identity(name: str) -> dict[str, str]:
     """A canonical sampler's part of the cell id: its name and what the name means."""
     return {"name": name, "semantics": lookup(name).semantics}
 

@@ -16,11 +16,15 @@ import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, ParamSpec, TypeVar
+
+from typing_extensions import override
 
 from .errors import StorageError
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 S3_URL = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<key>.*))?$")
 
@@ -97,7 +101,7 @@ class Store(ABC):
 
 
 class LocalStore(Store):
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike[str]):
         self.path = Path(root).expanduser().resolve()
         self.root = str(self.path)
 
@@ -117,6 +121,7 @@ class LocalStore(Store):
             raise
         return Path(tmp)
 
+    @override  # local files keep no content type
     def put_new(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
         final = self._file(key)
         tmp = self._write_temp(final, data)
@@ -130,6 +135,7 @@ class LocalStore(Store):
         finally:
             tmp.unlink(missing_ok=True)
 
+    @override
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         final = self._file(key)
         tmp = self._write_temp(final, data)
@@ -156,6 +162,7 @@ class LocalStore(Store):
         except OSError as exc:
             raise StorageError(f"cannot read {self.url(key)}: {exc.strerror}") from None
 
+    @override
     def put_lines(self, key: str, lines: Iterable[bytes], content_type: str = "application/x-ndjson") -> None:
         final = self._file(key)
         try:
@@ -207,6 +214,7 @@ class MemoryStore(Store):
         self.times: dict[str, float] = {}
         self._lock = threading.Lock()
 
+    @override  # memory keeps no content type
     def put_new(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
         with self._lock:
             if check_key(key) in self.objects:
@@ -214,6 +222,7 @@ class MemoryStore(Store):
             self._write(key, data)
             return True
 
+    @override
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         with self._lock:
             self._write(check_key(key), data)
@@ -249,12 +258,12 @@ class RetryingStore(Store):
         self.inner, self.root = inner, inner.root
         self.deadline, self.first_delay, self.max_delay = deadline, first_delay, max_delay
 
-    def _retry(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _retry(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
         give_up = time.monotonic() + self.deadline
         delay = self.first_delay
         while True:
             try:
-                return fn(*args)
+                return fn(*args, **kwargs)
             except NotFound:
                 raise
             except StorageError as exc:

@@ -39,7 +39,7 @@ def clip_clean(text: str) -> str:
     `whitespace_clean(ftfy.fix_text(text)).lower()` when ftfy is installed (open_clip requires
     it); the fast tokenizer's normalizer collapses whitespace and lower-cases, not ftfy's fixes:
     curly quotes, full-width punctuation (，（）), ligatures, mojibake, HTML entities.
-    """
+    """  # noqa: RUF002  (the full-width characters are the subject)
     return text if _nothing_to_fix(text) else ftfy.fix_text(text)
 
 

@@ -73,7 +73,7 @@ def build(name: str, seed: int = SEED) -> Any:
 def _fill(module: torch.nn.Module, rng: np.random.Generator) -> None:
     """Fan-in scaled uniform weights, zero biases, unit norms: finite, varied images."""
     for name, param in sorted(module.named_parameters()):
-        if param.ndim >= 2:
+        if param.ndim > 1:  # a matrix or a conv kernel
             fan_in = int(np.prod(param.shape[1:]))
             bound = (1.0 / fan_in) ** 0.5 if "embedding" not in name else 0.02
             values = rng.uniform(-bound, bound, size=tuple(param.shape))

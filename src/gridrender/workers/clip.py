@@ -32,7 +32,7 @@ whatever other texts share the pass.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,7 +117,9 @@ class PromptEncoder:
     def tokenize(self, texts: Sequence[str], encoder: int = 0) -> list[list[int]]:
         """Token ids of `texts` as encoder `encoder`'s tokenizer makes them in A1111 (CLEANERS)."""
         clean = CLEANERS[encoder]
-        return self.tokenizer([clean(t) for t in texts], truncation=False, add_special_tokens=False)["input_ids"]
+        ids: list[list[int]] = self.tokenizer([clean(t) for t in texts], truncation=False,
+                                              add_special_tokens=False)["input_ids"]
+        return ids
 
     def chunk(self, text: str, embeddings: Mapping[str, Vectors] | None = None, encoder: int = 0) -> Encoding:
         """A1111's chunks of `text` for one encoder; `embeddings` maps trigger words to their vectors.
@@ -212,7 +214,7 @@ class PromptEncoder:
         deepest = max(wanted)
         captured: dict[int, torch.Tensor] = {}
 
-        def inject(_module, _args, output):
+        def inject(_module: torch.nn.Module, _args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
             """A1111's EmbeddingsWithFixes: the embedding's vectors after BOS + offset."""
             for row, row_fixes in enumerate(fixes):
                 for offset, vectors in row_fixes:
@@ -220,8 +222,8 @@ class PromptEncoder:
                     output[row, offset + 1 : offset + 1 + count] = vectors[:count].to(output.dtype)
             return output
 
-        def capture(layer: int):
-            def hook(_module, _args, output):
+        def capture(layer: int) -> Callable[[torch.nn.Module, tuple[Any, ...], Any], None]:
+            def hook(_module: torch.nn.Module, _args: tuple[Any, ...], output: Any) -> None:
                 captured[layer] = output[0] if isinstance(output, tuple) else output
                 if layer == deepest:
                     raise _Enough
@@ -247,7 +249,8 @@ def _pooled(encoder: torch.nn.Module, last: torch.Tensor, tokens: list[list[int]
     at = torch.tensor([row.index(eos) for row in tokens], device=normed.device)
     picked = normed[torch.arange(normed.shape[0], device=normed.device), at]
     projection: Any = encoder.text_projection
-    return projection(picked)
+    pooled: torch.Tensor = projection(picked)
+    return pooled
 
 
 def _vectors_for(vectors: Vectors, index: int, xl: bool) -> torch.Tensor:

@@ -59,7 +59,7 @@ class Compiled:
         self.compiled: Callable[..., Any] | None = torch.compile(eager, mode=None if mode == "default" else mode,
                                                                  dynamic=False)
         self.failure: str | None = None
-        self.shapes: set[tuple] = set()
+        self.shapes: set[tuple[tuple[int, ...], ...]] = set()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.compiled is None:
@@ -71,7 +71,7 @@ class Compiled:
             result = self.compiled(*args, **kwargs)
         except torch.OutOfMemoryError:
             raise
-        except Exception as exc:  # inductor and Triton raise many types; any of them means: run eager
+        except Exception as exc:  # noqa: BLE001  (inductor and Triton raise many types; any of them means: run eager)
             self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             self.compiled = None
             log.warning("compiling the %s failed; it runs eager from now on (%s)", self.name, self.failure)

@@ -219,7 +219,8 @@ def _the_tensor(data: Any) -> torch.Tensor | None:
         if "string_to_param" in data:  # A1111's .pt
             return _the_tensor(next(iter(data["string_to_param"].values())))
         if "emb_params" in data:
-            return data["emb_params"]
+            params: torch.Tensor = data["emb_params"]
+            return params
         tensors = [v for v in data.values() if isinstance(v, torch.Tensor)]
         if len(tensors) == 1:
             return tensors[0]

@@ -48,7 +48,8 @@ class Guided:
         return (b, a) if self.uncond_first else (a, b)
 
     def once(self, x: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
-        return self.unet(x, t, **conditioning.unet_kwargs(), return_dict=False)[0]
+        out: torch.Tensor = self.unet(x, t, **conditioning.unet_kwargs(), return_dict=False)[0]
+        return out
 
 
 @dataclass
@@ -71,8 +72,9 @@ def img2img_steps(steps: int, denoise: float, fixed: int | None) -> tuple[int, i
     return steps, int(min(denoise, 0.999) * steps)
 
 
-def a1111_sample(guided: Guided, model_sigmas: ModelSigmas, name: str, schedule: str, steps: int, scale: float,
-                 noise: BatchNoise, seeds: list[int], start: Img2Img | None = None,
+# Too many arguments: render.py calls it positionally; a parameter object follows render.py's rewrite.
+def a1111_sample(guided: Guided, model_sigmas: ModelSigmas, name: str, schedule: str,  # noqa: PLR0913, PLR0917
+                 steps: int, scale: float, noise: BatchNoise, seeds: list[int], start: Img2Img | None = None,
                  v_prediction: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents, sigmas run) of an A1111 sampler; `noise` is the batch's generators (first draw: initial noise).
 
@@ -101,11 +103,14 @@ def a1111_sample(guided: Guided, model_sigmas: ModelSigmas, name: str, schedule:
     step_noise: ksampling.Noise = noise
     if sampler.noise == "brownian":  # A1111's create_noise_sampler: over the whole schedule's range
         step_noise = ksampling.CellBrownianNoise(seeds, tuple(first.shape[1:]), sigmas, first.device, noise.source)
-    return ksampling.FUNCTIONS[sampler.function](denoise, x, run, step_noise, **sampler.options), run
+    options = ksampling.Options(**sampler.options)
+    return ksampling.FUNCTIONS[sampler.function](denoise, x, run, step_noise, options), run
 
 
-def diffusers_sample(guided: Guided, scheduler, steps: int, scale: float, noise: torch.Tensor,
-                     generators: list[torch.Generator]) -> torch.Tensor:
+# Too many arguments: render.py calls it positionally; a parameter object follows render.py's rewrite.
+# `scheduler`: any diffusers scheduler class; their step() signatures differ (hence Any).
+def diffusers_sample(guided: Guided, scheduler: Any, steps: int, scale: float,  # noqa: PLR0913, PLR0917
+                     noise: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """StableDiffusionPipeline's loop: `noise` as its prepare_latents draws it (per-cell generators)."""
     device = noise.device
     scheduler.set_timesteps(steps, device=device)
@@ -124,4 +129,5 @@ def diffusers_sample(guided: Guided, scheduler, steps: int, scale: float, noise:
         else:
             eps = guided.once(model_input.to(guided.cond.dtype), ts, guided.cond)
         latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
-    return latents
+    stepped: torch.Tensor = latents
+    return stepped

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import torch
 import torchsde
 from scipy import integrate
@@ -25,6 +28,22 @@ from .noise import brownian_draws
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, sigma per cell) -> denoised x
 Noise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (sigma, sigma_next) -> unit noise like x
+
+
+@dataclass(frozen=True)
+class Options:
+    """k-diffusion's sampler options, at the values A1111 passes by default; each function reads its own."""
+
+    eta: float = 1.0  # ancestral and SDE samplers: how much of each step is new noise
+    s_noise: float = 1.0
+    r: float = 1 / 2  # DPM++ SDE: where its intermediate step lies
+    solver_type: str = "midpoint"  # DPM++ 2M SDE: "midpoint" or "heun"
+    order: int = 4  # LMS
+
+
+A1111_OPTIONS = Options()
+# Every function takes (denoiser, x, sigmas, noise, options): deterministic ones ignore the noise.
+Sampling = Callable[[Denoiser, torch.Tensor, torch.Tensor, Noise, Options], torch.Tensor]
 
 
 class CellBrownianNoise:
@@ -64,7 +83,8 @@ def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.
     return (x - denoised) / sigma.reshape(-1, *([1] * (x.ndim - 1))) if sigma.ndim else (x - denoised) / sigma
 
 
-def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float = 1.0) -> tuple:
+def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor,
+                   eta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | float]:
     """(sigma_down, sigma_up): where to step deterministically, and how much noise to add."""
     if not eta:
         return sigma_to, 0.0
@@ -74,7 +94,8 @@ def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float 
 
 
 @torch.no_grad()
-def sample_euler(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise | None = None) -> torch.Tensor:
+def sample_euler(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, _noise: Noise | None = None,
+                 _options: Options = A1111_OPTIONS) -> torch.Tensor:
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
@@ -85,7 +106,8 @@ def sample_euler(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: 
 
 @torch.no_grad()
 def sample_euler_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise,
-                           eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+                           options: Options = A1111_OPTIONS) -> torch.Tensor:
+    eta, s_noise = options.eta, options.s_noise
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
@@ -98,7 +120,8 @@ def sample_euler_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
 
 
 @torch.no_grad()
-def sample_heun(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise | None = None) -> torch.Tensor:
+def sample_heun(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, _noise: Noise | None = None,
+                _options: Options = A1111_OPTIONS) -> torch.Tensor:
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
@@ -115,7 +138,8 @@ def sample_heun(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: N
 
 
 @torch.no_grad()
-def sample_dpm_2(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise | None = None) -> torch.Tensor:
+def sample_dpm_2(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, _noise: Noise | None = None,
+                 _options: Options = A1111_OPTIONS) -> torch.Tensor:
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
@@ -133,7 +157,8 @@ def sample_dpm_2(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: 
 
 @torch.no_grad()
 def sample_dpm_2_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise,
-                           eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+                           options: Options = A1111_OPTIONS) -> torch.Tensor:
+    eta, s_noise = options.eta, options.s_noise
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
@@ -151,7 +176,7 @@ def sample_dpm_2_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
     return x
 
 
-def _lms_coefficient(order: int, t, i: int, j: int) -> float:
+def _lms_coefficient(order: int, t: npt.NDArray[np.floating[Any]], i: int, j: int) -> float:
     def fn(tau: float) -> float:
         prod = 1.0
         for k in range(order):
@@ -160,12 +185,13 @@ def _lms_coefficient(order: int, t, i: int, j: int) -> float:
             prod *= (tau - t[i - k]) / (t[i - j] - t[i - k])
         return prod
 
-    return integrate.quad(fn, t[i], t[i + 1], epsrel=1e-4)[0]
+    return float(integrate.quad(fn, t[i], t[i + 1], epsrel=1e-4)[0])
 
 
 @torch.no_grad()
-def sample_lms(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise | None = None,
-               order: int = 4) -> torch.Tensor:
+def sample_lms(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, _noise: Noise | None = None,
+               options: Options = A1111_OPTIONS) -> torch.Tensor:
+    order = options.order
     s_in = x.new_ones([x.shape[0]])
     sigmas_cpu = sigmas.detach().cpu().numpy()
     ds: list[torch.Tensor] = []
@@ -176,7 +202,7 @@ def sample_lms(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: No
             ds.pop(0)
         cur_order = min(i + 1, order)
         coeffs = [_lms_coefficient(cur_order, sigmas_cpu, i, j) for j in range(cur_order)]
-        x = x + sum(coeff * d for coeff, d in zip(coeffs, reversed(ds)))
+        x = x + sum(coeff * d for coeff, d in zip(coeffs, reversed(ds), strict=True))
     return x
 
 
@@ -190,7 +216,8 @@ def _t_fn(sigma: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise,
-                              eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+                              options: Options = A1111_OPTIONS) -> torch.Tensor:
+    eta, s_noise = options.eta, options.s_noise
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
@@ -213,7 +240,8 @@ def sample_dpmpp_2s_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Te
 
 @torch.no_grad()
 def sample_dpmpp_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise,
-                     eta: float = 1.0, s_noise: float = 1.0, r: float = 1 / 2) -> torch.Tensor:
+                     options: Options = A1111_OPTIONS) -> torch.Tensor:
+    eta, s_noise, r = options.eta, options.s_noise, options.r
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
@@ -239,7 +267,8 @@ def sample_dpmpp_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noi
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise | None = None) -> torch.Tensor:
+def sample_dpmpp_2m(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, _noise: Noise | None = None,
+                    _options: Options = A1111_OPTIONS) -> torch.Tensor:
     s_in = x.new_ones([x.shape[0]])
     old_denoised: Any = None
     for i in range(len(sigmas) - 1):
@@ -259,7 +288,8 @@ def sample_dpmpp_2m(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, nois
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise,
-                        eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "midpoint") -> torch.Tensor:
+                        options: Options = A1111_OPTIONS) -> torch.Tensor:
+    eta, s_noise, solver_type = options.eta, options.s_noise, options.solver_type
     s_in = x.new_ones([x.shape[0]])
     old_denoised: Any = None  # the previous steps' values; None until there is one
     h_last: Any = None
@@ -288,7 +318,8 @@ def sample_dpmpp_2m_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, 
 
 @torch.no_grad()
 def sample_dpmpp_3m_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise,
-                        eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+                        options: Options = A1111_OPTIONS) -> torch.Tensor:
+    eta, s_noise = options.eta, options.s_noise
     s_in = x.new_ones([x.shape[0]])
     denoised_1: Any = None  # the previous steps' values; None until there are some
     denoised_2: Any = None
@@ -325,7 +356,7 @@ def sample_dpmpp_3m_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, 
     return x
 
 
-FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
+FUNCTIONS: dict[str, Sampling] = {
     f.__name__: f
     for f in (sample_euler, sample_euler_ancestral, sample_heun, sample_dpm_2, sample_dpm_2_ancestral, sample_lms,
               sample_dpmpp_2s_ancestral, sample_dpmpp_sde, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde)

@@ -75,21 +75,25 @@ def updown(module: Module, tensors: Tensors, orig: torch.Tensor) -> torch.Tensor
     return _finalize(module, t, delta, orig, shape)
 
 
+_LINEAR_DIMS = 2  # a Linear weight (out, in)
+_CONV_DIMS = 4  # a Conv2d weight (out, in, kh, kw)
+
+
 def _lora(t: Tensors, orig: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """network_lora.py: up @ down (rebuild_conventional), or CP with lora_mid (rebuild_cp_decomposition)."""
     up_name, down_name = lora_parts(t)
     up, down = t[up_name], t[down_name]
-    if orig.dim() == 2:  # create_module: Linear layers take their weights flattened to 2-D
+    if orig.dim() == _LINEAR_DIMS:  # create_module: Linear layers take their weights flattened to 2-D
         up, down = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
-    elif down.dim() == 2:  # and a conv's 2-D lora_down is a 1x1 conv
+    elif down.dim() == _LINEAR_DIMS:  # and a conv's 2-D lora_down is a 1x1 conv
         down = down.reshape(down.shape[0], -1, 1, 1)
     shape = [up.size(0), down.size(1)]
     if "lora_mid.weight" in t:
         mid = t["lora_mid.weight"]
         delta = torch.einsum("n m k l, i n, m j -> i j k l", mid, up.reshape(up.size(0), -1),
                              down.reshape(down.size(0), -1))
-        return delta, shape + list(mid.shape[2:])
-    if down.dim() == 4:
+        return delta, [*shape, *mid.shape[2:]]
+    if down.dim() == _CONV_DIMS:
         shape += list(down.shape[2:])
     return (up.reshape(up.size(0), -1) @ down.reshape(down.size(0), -1)).reshape(shape), shape
 
@@ -110,10 +114,10 @@ def _hada(t: Tensors) -> tuple[torch.Tensor, list[int]]:
     w1a, w1b, w2a, w2b = t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"]
     shape = [w1a.size(0), w1b.size(1)]
     if "hada_t1" in t:
-        shape = [w1a.size(1), w1b.size(1)] + list(t["hada_t1"].shape[2:])
+        shape = [w1a.size(1), w1b.size(1), *t["hada_t1"].shape[2:]]
         first = _make_weight_cp(t["hada_t1"], w1a, w1b)
     else:
-        if w1b.dim() == 4:
+        if w1b.dim() == _CONV_DIMS:
             shape += list(w1b.shape[2:])
         first = _conventional(w1a, w1b, shape)
     second = _make_weight_cp(t["hada_t2"], w2a, w2b) if "hada_t2" in t else _conventional(w2a, w2b, shape)
@@ -129,8 +133,8 @@ def _lokr(t: Tensors, orig: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
     else:
         w2 = _make_weight_cp(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
-    shape = list(orig.shape) if orig.dim() == 4 else [w1.size(0) * w2.size(0), w1.size(1) * w2.size(1)]
-    if w2.dim() == 4:
+    shape = list(orig.shape) if orig.dim() == _CONV_DIMS else [w1.size(0) * w2.size(0), w1.size(1) * w2.size(1)]
+    if w2.dim() == _CONV_DIMS:
         w1 = w1.unsqueeze(2).unsqueeze(2)
     return torch.kron(w1, w2.contiguous()).reshape(shape), shape
 
@@ -138,7 +142,7 @@ def _lokr(t: Tensors, orig: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
 def _finalize(module: Module, t: Tensors, delta: torch.Tensor, orig: torch.Tensor,
               shape: Sequence[int]) -> torch.Tensor:
     """network.py finalize_updown (without the multiplier): fit the shape, scale, DoRA."""
-    if len(shape) == 4:
+    if len(shape) == _CONV_DIMS:
         delta = delta.reshape(list(shape))
     if orig.numel() == delta.numel():
         delta = delta.reshape(orig.shape)
@@ -166,18 +170,38 @@ def _a1111_dora(delta: torch.Tensor, orig: torch.Tensor, dora_scale: torch.Tenso
     dims = orig.dim() - 1
     norm = (merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
             .reshape(merged.shape[1], *[1] * dims).transpose(0, 1))
-    return merged * (dora_scale / norm) - orig
+    updated: torch.Tensor = merged * (dora_scale / norm) - orig
+    return updated
 
 
 def _peft_dora(delta: torch.Tensor, orig: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     """PEFT's DoRA (lora_magnitude_vector): the same re-normalisation per output row, as PEFT trains it."""
     merged = delta + orig
     norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (orig.dim() - 1))
-    return merged * (magnitude.reshape(norm.shape) / norm) - orig
+    updated: torch.Tensor = merged * (magnitude.reshape(norm.shape) / norm) - orig
+    return updated
 
 
 Applied = tuple[Network, float, float]  # (network, text-encoder multiplier, UNet multiplier)
 Where = tuple[str, str, str]  # (component, layer path, "weight" | "bias")
+
+
+_Update = tuple[Module, dict[str, torch.Tensor], float]  # a module, its tensors, its multiplier
+
+
+def _updates(networks: Sequence[Applied]) -> dict[Where, list[_Update]]:
+    """Each tensor the networks change, with the modules that change it in the order they apply."""
+    wanted: dict[Where, list[_Update]] = {}
+    for network, te, unet in networks:
+        for module, tensors in network.modules:
+            multiplier = te if module.text_encoder else unet
+            if multiplier == 0.0:
+                continue
+            component, path = module.layer.component, module.layer.path
+            wanted.setdefault((component, path, "weight"), []).append((module, tensors, multiplier))
+            if module.changes_bias:
+                wanted.setdefault((component, path, "bias"), []).append((module, tensors, multiplier))
+    return wanted
 
 
 @dataclass
@@ -194,16 +218,7 @@ class Merged:
         weight the previous LoRA left); a bias takes each full-weight module's `diff_b`
         times the multiplier, unscaled (finalize_updown's ex_bias).
         """
-        wanted: dict[Where, list[tuple[Module, dict[str, torch.Tensor], float]]] = {}
-        for network, te, unet in networks:
-            for module, tensors in network.modules:
-                multiplier = te if module.text_encoder else unet
-                if multiplier == 0.0:
-                    continue
-                component, path = module.layer.component, module.layer.path
-                wanted.setdefault((component, path, "weight"), []).append((module, tensors, multiplier))
-                if module.changes_bias:
-                    wanted.setdefault((component, path, "bias"), []).append((module, tensors, multiplier))
+        wanted = _updates(networks)
         written = 0
         touched: set[Where] = set()
         try:

@@ -79,8 +79,8 @@ class BatchNoise:
     def next(self) -> torch.Tensor:
         return torch.stack([image.next() for image in self.images]).to(self.device)
 
-    def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
-        """k-diffusion's noise-sampler signature: ancestral samplers' draws are `next()`."""
+    def __call__(self, _sigma: torch.Tensor, _sigma_next: torch.Tensor) -> torch.Tensor:
+        """k-diffusion's noise-sampler signature: ancestral samplers' draws are `next()`, whatever the sigmas."""
         return self.next()
 
 

@@ -11,6 +11,7 @@ import time
 from datetime import datetime, timezone
 from functools import cache
 from importlib import metadata
+from typing import Any
 
 import torch
 from PIL import PngImagePlugin
@@ -25,7 +26,7 @@ _PNG_COMPRESS_LEVEL = 4  # zlib level: ~3x faster than 9 for a few % larger file
 
 
 @cache
-def versions() -> dict:
+def versions() -> dict[str, str]:
     import diffusers
     import transformers
 
@@ -38,12 +39,12 @@ def versions() -> dict:
     }
 
 
-def device_info(device: torch.device) -> dict:
+def device_info(device: torch.device) -> dict[str, str]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {"type": device.type, "name": name}
 
 
-def encode_png(rendered: Rendered, model: ModelSpec) -> bytes:
+def encode_png(rendered: Rendered) -> bytes:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", infotext.parameters(rendered.cell))
     buffer = io.BytesIO()
@@ -51,7 +52,7 @@ def encode_png(rendered: Rendered, model: ModelSpec) -> bytes:
     return buffer.getvalue()
 
 
-def build_record(rendered: Rendered, model: ModelSpec, image_sha256: str, device: torch.device, job: str) -> dict:
+def build_record(rendered: Rendered, model: ModelSpec, image_sha256: str, device: torch.device, job: str) -> dict[str, Any]:
     cell = rendered.cell
     return {
         "cell_id": cell.id,
@@ -91,7 +92,7 @@ def build_record(rendered: Rendered, model: ModelSpec, image_sha256: str, device
 def save(store: Store, rendered: Rendered, model: ModelSpec, device: torch.device, job: str) -> bool:
     """Write the image, then the record (its presence marks the cell done). True if new."""
     start = time.perf_counter()
-    png = encode_png(rendered, model)
+    png = encode_png(rendered)
     if not store.put_new(layout.cell_image(rendered.cell.id), png, "image/png"):
         # An earlier attempt stored the image but not its record: that image is the cell's.
         png = store.get(layout.cell_image(rendered.cell.id))

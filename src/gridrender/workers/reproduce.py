@@ -4,8 +4,10 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -53,7 +55,7 @@ def _read(ref: str) -> tuple[bytes, bytes]:
         raise StorageError(f"cannot read {exc.filename}: {exc.strerror}") from None
 
 
-def _again(recorded: dict, resolve) -> Component:
+def _again(recorded: dict[str, Any], resolve: Callable[[str], Component]) -> Component:
     """A recorded component found again; a file that changed since is refused."""
     component = resolve(recorded["location"] if Path(recorded["location"]).exists() else recorded["source"])
     if component.identity() != recorded["identity"]:
@@ -62,7 +64,7 @@ def _again(recorded: dict, resolve) -> Component:
     return component
 
 
-def _hires_again(data: dict, settings: Settings) -> Hires:
+def _hires_again(data: dict[str, Any], settings: Settings) -> Hires:
     """The recorded hires setting; an upscaler model file found again and checked."""
     hires = Hires.from_dict(data)
     if hires.model is None:
@@ -71,7 +73,7 @@ def _hires_again(data: dict, settings: Settings) -> Hires:
     return Hires.from_dict({**data, "model": model.to_dict()})
 
 
-def recorded_cell(record: dict, ref: str = "record") -> tuple[ModelSpec, Cell]:
+def recorded_cell(record: dict[str, Any], ref: str = "record") -> tuple[ModelSpec, Cell]:
     """The record's model and components, found again and checked, and its cell, checked against the id."""
     settings = Settings()
     try:

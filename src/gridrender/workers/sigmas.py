@@ -8,6 +8,8 @@ over the model's `alphas_cumprod`, with continuous timesteps between them (A1111
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +21,7 @@ AYS_SDXL = [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.11
 BETA_ALPHA = BETA_BETA = 0.6  # A1111's beta_dist_alpha / beta_dist_beta defaults
 
 
-def alphas_cumprod(config: dict) -> torch.Tensor:
+def alphas_cumprod(config: Mapping[str, Any]) -> torch.Tensor:
     """The model's training noise schedule from its scheduler config, as LDM computes it (float64, then float32)."""
     steps = int(config.get("num_train_timesteps", 1000))
     if config.get("trained_betas") is not None:
@@ -142,7 +144,7 @@ def normal(n: int, model: ModelSigmas) -> torch.Tensor:
 def ddim(n: int, model: ModelSigmas) -> torch.Tensor:
     stride = max(len(model.sigmas) // n, 1)
     sigmas = [float(model.sigmas[x]) for x in range(1, len(model.sigmas), stride)]
-    return torch.FloatTensor(sigmas[::-1] + [0.0])
+    return torch.FloatTensor([*sigmas[::-1], 0.0])
 
 
 def beta(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import ConfigDict, PrivateAttr
@@ -31,7 +31,7 @@ class Job(SamplingFields, PromptFields, ComponentFields, PassFields, OutputField
     model_config = ConfigDict(extra="forbid", strict=True)
 
     _source: str = PrivateAttr(default="<job>")
-    _lines: dict = PrivateAttr(default_factory=dict)
+    _lines: dict[yamlfile.Path, int] = PrivateAttr(default_factory=dict)
 
     def problem(self, field: str, message: str) -> Problem:
         """A problem found after parsing (e.g. against the model), located in the file."""
@@ -41,35 +41,18 @@ class Job(SamplingFields, PromptFields, ComponentFields, PassFields, OutputField
         return JobError(problems, self._source)
 
     # -- derived views -------------------------------------------------------------
-    def values_of(self, key: str) -> Sequence:
+    def values_of(self, key: str) -> Sequence[Any]:
         """The values the job lists under a job-file key, as a sequence (an axis)."""
-        if key == "seeds":
-            return self.seed_list
-        if key == "size":
-            return self.sizes
-        if key == "prompts":
-            return self._prompts or self.prompts
-        if key == "loras":  # every combination of the LoRAs' weights, applied together
-            return list(itertools.product(*([(e.path, w) for w in e.weight] for e in self.loras)))
-        if key == "prompt_sr":
-            return [None] if self.prompt_sr is None else [(self.prompt_sr[0], v) for v in self.prompt_sr]
-        if key == "embeddings":
-            return [()]  # derived per cell from its texts
-        if key == "hires":
-            return [None] if self.hires is None else self.hires.values()
-        if key == "init_images":
-            return [None] if self.init_images is None else list(self.init_images)
-        if key == "denoise":
-            return [None] if self.init_images is None else list(self.denoise)
-        return as_list(getattr(self, key))
+        derived = _DERIVED_AXES.get(key)
+        return derived(self) if derived else as_list(getattr(self, key))
 
-    def axes(self) -> dict[str, Sequence]:
+    def axes(self) -> dict[str, Sequence[Any]]:
         """Every axis with the values the job lists, in expansion order (outermost first)."""
         return {axis.name: self.values_of(axis.key) for axis in AXES.values()}
 
-    def grid_values(self) -> dict[str, Sequence]:
+    def grid_values(self) -> dict[str, Sequence[Any]]:
         """Values per parameter (per axis for width x height), as `grid.expand` takes them."""
-        values: dict[str, Sequence] = {}
+        values: dict[str, Sequence[Any]] = {}
         for param in PARAMS:
             values[param.axis if param.key == "size" else param.name] = self.values_of(param.key)
         return values
@@ -84,10 +67,11 @@ class Job(SamplingFields, PromptFields, ComponentFields, PassFields, OutputField
         taken = set(self.seeds)
         drawn: list[int] = []
         for seed in self.seeds:
-            while seed == RANDOM_SEED or (seed in drawn):
-                seed = secrets.randbelow(MAX_SEED + 1)
-                seed = RANDOM_SEED if seed in taken else seed
-            drawn.append(seed)
+            chosen = seed
+            while chosen == RANDOM_SEED or (chosen in drawn):
+                chosen = secrets.randbelow(MAX_SEED + 1)
+                chosen = RANDOM_SEED if chosen in taken else chosen
+            drawn.append(chosen)
         return self.model_copy(update={"seeds": drawn})
 
     def with_output(self, output: str | None) -> Job:
@@ -109,3 +93,18 @@ class Job(SamplingFields, PromptFields, ComponentFields, PassFields, OutputField
         data.pop("width")
         data.pop("height")
         return data
+
+
+# Job-file keys whose axis values are not the key's own value as a list.
+_DERIVED_AXES: dict[str, Callable[[Job], Sequence[Any]]] = {
+    "seeds": lambda job: job.seed_list,
+    "size": lambda job: job.sizes,
+    "prompts": lambda job: job._prompts or job.prompts,
+    # every combination of the LoRAs' weights, applied together
+    "loras": lambda job: list(itertools.product(*([(e.path, w) for w in e.weight] for e in job.loras))),
+    "prompt_sr": lambda job: [None] if job.prompt_sr is None else [(job.prompt_sr[0], v) for v in job.prompt_sr],
+    "embeddings": lambda _: [()],  # derived per cell from its texts
+    "hires": lambda job: [None] if job.hires is None else job.hires.values(),
+    "init_images": lambda job: [None] if job.init_images is None else list(job.init_images),
+    "denoise": lambda job: [None] if job.init_images is None else list(job.denoise),
+}

@@ -31,7 +31,8 @@ class SheetLayout(BaseModel):
 
     @model_validator(mode="after")
     def _distinct(self) -> SheetLayout:
-        if len({self.rows, self.cols, self.pages}) < 3:
+        axes = (self.rows, self.cols, self.pages)
+        if len(set(axes)) < len(axes):
             raise ValueError("rows, cols and pages must be three different axes")
         return self
 

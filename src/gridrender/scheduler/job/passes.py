@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .. import hires, samplers
 from ..hires import Hires
-from .fields import as_list, distinct_axis, floats
+from .fields import as_list, distinct_axis, floats, is_one_size
 
 Denoise = Annotated[float, Field(gt=0, le=1)]
 Resize = tuple[Annotated[int, Field(ge=0, le=8192)], Annotated[int, Field(ge=0, le=8192)]]
@@ -41,7 +41,7 @@ class HiresFields(BaseModel):
     @field_validator("resize", mode="before")
     @classmethod
     def _resize_pairs(cls, value: Any) -> Any:
-        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        if is_one_size(value):
             value = [value]  # `resize: [1024, 768]` is one size
         if isinstance(value, list):
             return [tuple(v) if isinstance(v, list) else v for v in value]

@@ -11,11 +11,13 @@ from .fields import MAX_SEED, Positive, as_list, distinct_axis
 
 # Lines that would end a prompt early in A1111's "parameters" text.
 _INFOTEXT_LINE = re.compile(r"^\s*(Negative prompt:|Steps:)", re.M)
+_SURROGATES = range(0xD800, 0xDFFF + 1)
+_SR_MIN_VALUES = 2  # Prompt S/R: the text to search for, then at least one replacement
 
 
 def _prompt_text(text: str) -> str:
     """A prompt gridrender can render as A1111 reads it and write into infotext intact."""
-    if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+    if any(ord(c) in _SURROGATES for c in text):
         raise ValueError("contains a lone surrogate (invalid Unicode); fix the escape sequence")
     if match := _INFOTEXT_LINE.search(text):
         raise ValueError(f"a line may not start with {match.group(1)!r}: it would corrupt the PNG's parameters text")
@@ -64,7 +66,7 @@ class PromptFields(BaseModel):
     @field_validator("prompt_sr")
     @classmethod
     def _sr_values(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and (len(value) < 2 or not value[0]):
+        if value is not None and (len(value) < _SR_MIN_VALUES or not value[0]):
             raise ValueError("list the text to search for first, then what to replace it with (at least two values)")
         return value
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from .. import samplers
-from .fields import MAX_SEED, RANDOM_SEED, as_list, distinct_axis, floats
+from .fields import MAX_SEED, RANDOM_SEED, as_list, distinct_axis, floats, is_one_size
 
 Side = Annotated[int, Field(ge=8, le=8192)]
 
@@ -73,7 +73,7 @@ class SamplingFields(BaseModel):
     @field_validator("size", mode="before")
     @classmethod
     def _size_pairs(cls, value: Any) -> Any:
-        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        if is_one_size(value):
             value = [value]  # `size: [512, 768]` is one size, not two
         if isinstance(value, list):
             return [tuple(v) if isinstance(v, list) else v for v in value]

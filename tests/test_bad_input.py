@@ -120,6 +120,20 @@ def test_a_template_of_ten_billion_prompts_is_counted_not_expanded(tmp_path, san
     assert time.perf_counter() - started < 10
 
 
+def test_prompt_samples_over_the_limit_are_refused_before_drawing(tmp_path, sandbox):
+    """prompt_samples: N drew N x 20 prompts per template before the cell limit was checked."""
+    import time
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"name": "bad", "model": "builtin:tiny", "prompts": [" ".join(["{a|b}"] * 24)],
+                                    "prompt_samples": 100_000}))
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["validate", str(path)], env={"GRIDRENDER_MAX_CELLS": "5000"})
+    assert result.exit_code == 2, result.output
+    assert "prompts.0: prompt_samples: 100,000 more prompts put the job over the limit of 5,000 cells" in result.output
+    assert time.perf_counter() - started < 10  # drawing 2,000,000 prompts took minutes
+
+
 def test_messages_print_prompts_literally_never_as_markup(tmp_path, sandbox):
     """Rich markup ate `[worst quality]` and crashed on `[/x]` (exit 1, a traceback): text prints as written."""
     fine = tmp_path / "fine.yaml"

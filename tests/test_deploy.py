@@ -161,7 +161,7 @@ def shell(script: str, env: dict, compose_escapes: bool = False, cwd: Path | Non
 
     if compose_escapes:
         script = script.replace("$$", "$")
-    return subprocess.run(["sh", "-c", script], env={"PATH": os.environ["PATH"], **env}, capture_output=True,
+    return subprocess.run(["/bin/sh", "-c", script], env={"PATH": os.environ["PATH"], **env}, capture_output=True,
                           text=True, timeout=30, cwd=cwd)
 
 
@@ -204,6 +204,17 @@ def test_compose_workers_use_a_bucket_scoped_minio_user_made_by_minio_init(tmp_p
     assert resources == {"arn:aws:s3:::renders", "arn:aws:s3:::renders/*"}
     assert "s3:*" not in actions and not any(a.startswith(("admin:", "s3:Delete")) for a in actions)
     assert {"s3:GetObject", "s3:PutObject", "s3:ListBucket"} <= actions  # what S3Store calls
+    # a second `compose up`: the policy is attached already (mc says so and exits 1), in an image without grep
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "mc").write_text('#!/bin/sh\n[ "$1 $2 $3" = "admin policy attach" ] || exit 0\n'
+                             'echo "mc: <ERROR> Unable to attach policy: policy change already in effect" >&2; exit 1\n')
+    (bare / "mc").chmod(0o755)
+    again = shell(script, {**env, "PATH": str(bare)}, compose_escapes=True)
+    assert again.returncode == 0, again.stderr
+    (bare / "mc").write_text('#!/bin/sh\n[ "$1 $2 $3" = "admin policy attach" ] || exit 0\necho "no such user" >&2; exit 1\n')
+    failed = shell(script, {**env, "PATH": str(bare)}, compose_escapes=True)
+    assert failed.returncode != 0 and "no such user" in failed.stderr
 
 
 def test_compose_refuses_change_me_placeholders_before_anything_starts():

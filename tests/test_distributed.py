@@ -43,10 +43,16 @@ def test_two_workers_render_every_cell_once_into_s3(cluster, job_file):
     assert len(lines) == 16 and {line["status"] for line in lines} == {"done"}
     record = json.loads(cluster.s3.get_object(Bucket=cluster.bucket, Key=f"grid/{lines[0]['record']}")["Body"].read())
     assert record["cell_id"] == lines[0]["cell_id"] and record["clip_layers"] == 12
-    # each worker loaded the model once, however many chunks it took
+    # each worker loaded the model once, however many chunks it took, and logged each chunk's speed
     for proc in cluster.workers:
         assert proc.text().count("model load #") <= 1
         assert "model load #2" not in proc.text()
+    assert re.search(r"chunk of t: \d+ cells rendered.*; \d+\.\d\d img/s", "".join(p.text() for p in cluster.workers))
+    # and published the rate that sizes the next submit's chunks
+    client = redis.Redis.from_url(cluster.env["GRIDRENDER_BROKER_URL"])
+    (key,) = client.keys("gridrender:rate:*")
+    assert float(client.get(key)) > 0 and key.decode().endswith(":float32")
+    client.close()
 
 
 def test_resubmitting_enqueues_nothing_and_new_seeds_only_new_cells(cluster, job_file):

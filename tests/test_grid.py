@@ -148,15 +148,30 @@ def test_submit_sizes_chunks_from_the_rate_workers_publish_and_recovery_keeps_th
     from gridrender.scheduler.settings import Settings
 
     text = f"name: big\nmodel: builtin:tiny\nprompts: [a cow]\nseeds: {{start: 0, count: 500000}}\noutput: {tmp_path}\n"
-    (tmp_path / "job.yaml").write_text(text)
+    (tmp_path / "job.yaml").write_text(text + "width: 512\nheight: 512\nsteps: 20\n")
     settings = Settings(broker_url=redis_url)
     before = prepare(tmp_path / "job.yaml", cuda=False, settings=settings, rate_of=rates.from_broker(settings))
     assert before.chunk_cells == 150  # nothing published: the assumed 0.5 cells/s
     client = redis.Redis.from_url(redis_url)
-    assert rates.publish(client, before.model, "float32", 12, 120.0) == 0.1  # a worker: 12 cells in 120 s
+    work = rates.cell_work((512, 512), 20)  # this job's cells: 512² at 20 steps, one unit each
+    assert work == 1.0
+    assert rates.publish(client, before.model, "float32", 12 * work, 120.0) == 0.1  # a worker: 12 cells in 120 s
     plan = prepare(tmp_path / "job.yaml", cuda=False, settings=settings, rate_of=rates.from_broker(settings))
     assert plan.chunk_cells == 30 and len(next(plan.chunks()).cells) == 30  # 300 s at 0.1 cells/s
+    # the same worker's rate sizes a job of costlier cells by their cost: 1024² (x4) at 40 steps (x2)
+    (tmp_path / "big.yaml").write_text(text.replace("name: big", "name: bigger") + "width: 1024\nheight: 1024\nsteps: 40\n")
+    costly = prepare(tmp_path / "big.yaml", cuda=False, settings=settings, rate_of=rates.from_broker(settings))
+    assert costly.chunk_cells == 3  # 300 s of a worker that renders 0.1 / 8 of these a second
+    operator = Settings(broker_url=redis_url, worker_rate=0.2)  # GRIDRENDER_WORKER_RATE wins over the measured rate
+    assert prepare(tmp_path / "job.yaml", cuda=False, settings=operator, rate_of=rates.from_broker(operator)).chunk_cells == 60
     rates.publish(client, plan.model, "float32", 100, 1.0)  # faster workers later on...
     again = Plan.from_resolved(plan.job, plan.resolved())  # ...change nothing for this submission's chunks
     assert again.partition == plan.partition and next(again.chunks()).id == next(plan.chunks()).id
+    # and a resubmit of the same job keeps the split, so it finds that submission's progress records
+    resubmit = prepare(tmp_path / "job.yaml", cuda=False, settings=settings, rate_of=rates.from_broker(settings))
+    assert resubmit.chunk_cells != plan.chunk_cells
+    kept = resubmit.keeping_chunks_of(plan.resolved())
+    assert kept.chunk_cells == plan.chunk_cells and kept.partition == plan.partition
+    changed = prepare(tmp_path / "big.yaml", cuda=False, settings=settings, rate_of=rates.from_broker(settings))
+    assert changed.keeping_chunks_of(plan.resolved()) is changed  # another job: sized afresh
     client.close()

@@ -69,6 +69,11 @@ def expand(templates: list[str], count: int | None, seed: int, settings: Setting
                     break
                 variants = CombinatorialPromptGenerator(wildcards).generate(template, max_prompts=limit + 1)
             else:  # N different variants, in the order the seeded generator draws them
+                # checked before drawing: count x 20 draws per template add up over many templates
+                if planned + min(count, count_variants(template, wildcards, cap=count)) > limit:
+                    problems.append(Problem(f"prompts.{index}", f"prompt_samples: {count:,} more prompts put the "
+                                            f"job over the limit of {settings.max_cells:,} cells (GRIDRENDER_MAX_CELLS)"))
+                    break
                 drawn = RandomPromptGenerator(wildcards, seed=seed + index).generate(template, num_images=count * 20)
                 variants = list(dict.fromkeys(str(v) for v in drawn))[:count]
                 planned += len(variants)

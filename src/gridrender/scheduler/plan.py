@@ -9,7 +9,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from .jobfile import load_job
 from .models import ModelSpec
 from .params import AXES, INDEX
 from .prompts import LoraTag, encoder_text, lora_tags, search_replace
-from .rates import chunk_size
+from .rates import cell_work, chunk_size
 from .settings import Settings, concrete_dtype
 from .storage import Store
 from .stores import open_store
@@ -146,6 +146,19 @@ class Plan:
         return {"components": self.components.to_dict(), "dtype": self.dtype, "chunk_cells": self.chunk_cells,
                 "partition": self.partition, "cells": self.total}
 
+    def keeping_chunks_of(self, earlier: dict) -> Plan:
+        """This plan split as an earlier submission (its `resolved()`) split it, when nothing else changed.
+
+        Chunk sizes follow the workers' measured rate, which moves between submits; a resubmit of the
+        same job keeps its partition, so it finds that submission's progress records (no check of
+        every cell) and chunks still running from it report where status looks.
+        """
+        size = int(earlier.get("chunk_cells", self.chunk_cells))
+        if size == self.chunk_cells:
+            return self
+        same = replace(self, chunk_cells=size)
+        return same if same.partition == earlier.get("partition") else self
+
     @classmethod
     def from_resolved(cls, job: Job, resolved: dict) -> Plan:
         return cls(job, Components.from_dict(resolved["components"]), resolved["dtype"], [],
@@ -262,9 +275,19 @@ def prepare(job: Job | str | Path, cuda: bool | None = None, settings: Settings 
     warnings += check_axes(job)
     job = job.with_random_seeds_drawn()
     dtype = concrete_dtype(job.dtype, cuda, settings)
-    measured = [r for r in (rate_of(m, dtype) for m in components.models.values()) if r] if rate_of else []
-    size = chunk_size(job.cell_count(), settings, min(measured) if measured else None)
+    size = chunk_size(job.cell_count(), settings, *measured_rate(job, components, dtype, rate_of))
     return Plan(job, components, dtype, list(dict.fromkeys(warnings)), size)
+
+
+def measured_rate(job: Job, components: Components, dtype: str,
+                  rate_of: Callable[[ModelSpec, str], float | None] | None) -> tuple[float | None, float]:
+    """(the slowest model's measured work/s, or None if any model has none yet; the job's costliest cell)."""
+    values = job.grid_values()
+    hires = job.hires.values(components.upscalers) if job.hires else [None]
+    work = max(cell_work(size, steps, denoise, h) for size in values["size"] for steps in values["steps"]
+               for denoise in values["denoise"] for h in hires)
+    rates = [rate_of(m, dtype) for m in components.models.values()] if rate_of else [None]
+    return (None if None in rates else min(r for r in rates if r is not None)), work
 
 
 def resolve_components(job: Job, settings: Settings, notes: list[Problem] | None = None) -> Components:

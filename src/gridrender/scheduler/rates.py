@@ -7,7 +7,9 @@ about `chunk_seconds`, at the workers' measured rate when one is published, else
 conservative assumed rate, between 1 cell and MAX_CHUNK_CELLS.
 
 Workers publish their rate per (model, dtype) in Redis (`publish`, an average over recent
-chunks, kept a week); `measured` reads it. Torch-free: `submit` calls it.
+chunks, kept a week); `measured` reads it. Torch-free: `submit` calls it. The rate counts
+work, not cells (`cell_work`: one unit is a 512² image at 20 steps, hires pass included), so
+a rate measured on small quick cells sizes a job of large hires cells by what they cost.
 """
 from __future__ import annotations
 
@@ -15,12 +17,24 @@ import hashlib
 import json
 import math
 
+from .hires import Hires
 from .models import ModelSpec
 from .settings import Settings
 
 MAX_CHUNK_CELLS = 4096  # above: progress records and task messages grow without a gain
 RATE_TTL = 7 * 24 * 3600  # seconds a published rate is trusted
 SMOOTHING = 0.3  # weight of the newest chunk in the published average
+UNIT_WORK = 512 * 512 * 20  # pixels x steps of one unit of work: a 512² image at 20 steps
+
+
+def cell_work(size: tuple[int, int], steps: int, denoise: float | None = None, hires: Hires | None = None) -> float:
+    """A cell's work in units: pixels x steps of its passes (img2img and hires run denoise x steps)."""
+    width, height = size
+    work = width * height * steps * (denoise if denoise is not None else 1.0)
+    if hires is not None:
+        target = hires.target(width, height)
+        work += target.width * target.height * (hires.steps or steps) * hires.denoise
+    return max(work, 1.0) / UNIT_WORK
 
 
 def rate_key(model: ModelSpec, dtype: str) -> str:
@@ -28,12 +42,12 @@ def rate_key(model: ModelSpec, dtype: str) -> str:
     return f"gridrender:rate:{hashlib.sha256(identity.encode()).hexdigest()[:16]}:{dtype}"
 
 
-def publish(client, model: ModelSpec, dtype: str, cells: int, seconds: float) -> float | None:
-    """Fold a chunk's cells per second into the model's published rate; the rate now published."""
-    if cells <= 0 or seconds <= 0:
+def publish(client, model: ModelSpec, dtype: str, work: float, seconds: float) -> float | None:
+    """Fold a chunk's work per second (`cell_work` units) into the model's published rate; the rate now published."""
+    if work <= 0 or seconds <= 0:
         return None
     key = rate_key(model, dtype)
-    rate = cells / seconds
+    rate = work / seconds
     old = client.get(key)
     if old is not None:
         rate = SMOOTHING * rate + (1 - SMOOTHING) * float(old)
@@ -42,7 +56,7 @@ def publish(client, model: ModelSpec, dtype: str, cells: int, seconds: float) ->
 
 
 def measured(client, model: ModelSpec, dtype: str) -> float | None:
-    """The published cells per second of one worker for this model and dtype, if any."""
+    """The published work per second (`cell_work` units) of one worker for this model and dtype, if any."""
     value = client.get(rate_key(model, dtype))
     try:
         rate = float(value) if value is not None else None
@@ -56,13 +70,21 @@ def chunk_seconds(settings: Settings) -> float:
     return min(settings.chunk_seconds, settings.visibility_timeout / 4)
 
 
-def chunk_size(total: int, settings: Settings, rate: float | None = None) -> int:
+def chunk_size(total: int, settings: Settings, rate: float | None = None, work: float | None = None) -> int:
     """Cells per chunk: `chunk_cells`, grown so a job has at most `max_chunks` chunks, but never more
-    than `rate` (cells/s of one worker; else GRIDRENDER_WORKER_RATE, else `assumed_rate`) renders in
-    `chunk_seconds`; at least 1 cell, at most MAX_CHUNK_CELLS."""
+    than one worker renders in `chunk_seconds`; at least 1 cell, at most MAX_CHUNK_CELLS.
+
+    GRIDRENDER_WORKER_RATE (cells/s, the operator's figure) wins; else `rate`, the measured work/s,
+    over `work`, the job's costliest cell (`cell_work`); else `assumed_rate` cells/s.
+    """
     wanted = max(settings.chunk_cells, math.ceil(total / settings.max_chunks))
-    rate = rate or settings.worker_rate or settings.assumed_rate
-    by_duration = math.floor(rate * chunk_seconds(settings))
+    if settings.worker_rate:
+        cells_per_second = settings.worker_rate
+    elif rate:
+        cells_per_second = rate / max(work or 1.0, 1e-9)
+    else:
+        cells_per_second = settings.assumed_rate
+    by_duration = math.floor(cells_per_second * chunk_seconds(settings))
     return max(1, min(wanted, by_duration, MAX_CHUNK_CELLS))
 
 

@@ -65,6 +65,10 @@ class Router:
 
 def submit(plan: Plan, store: Store, app: Celery, queue: str | None = None, settings: Settings | None = None) -> Submitted:
     settings = settings or Settings()
+    with Ledger(store, plan.job.name, settings) as ledger:
+        earlier = ledger.latest()
+    if earlier is not None:
+        plan = plan.keeping_chunks_of(earlier.resolved)
     name, partition = plan.job.name, plan.partition
     # One producer (one connection, one channel) for every message: per-call connection
     # checkout is what makes naive fan-out slow. An unreachable broker fails here, before

@@ -107,16 +107,17 @@ def render_and_store(
         on_batch(len(todo))
         return result
     pending: list[tuple[Cell, Future]] = []
-    for index, batch in enumerate(renderer.batches(todo, batch_size, embeddings)):
+    for batch in renderer.batches(todo, batch_size, embeddings):
         size = len(batch)
-        if index:  # the first batch was checked a moment ago
-            batch = _still_missing(writer, store, batch, copies, result)
-            if len(batch) < size:
-                log.info("%d cells of %s were stored by another copy of this chunk meanwhile; skipped",
-                         size - len(batch), job)
-            if not batch:
-                on_batch(size)
-                continue
+        # Checked again before each batch, the first too (loading or compiling the model may have
+        # taken minutes): a redelivered copy of this chunk may be storing the same cells.
+        batch = _still_missing(writer, store, batch, copies, result)
+        if len(batch) < size:
+            log.info("%d cells of %s were stored by another copy of this chunk meanwhile; skipped",
+                     size - len(batch), job)
+        if not batch:
+            on_batch(size)
+            continue
         started = time.perf_counter()
         try:
             for rendered in _render_splitting(renderer, model, batch, embeddings, result, batch_size):
@@ -134,9 +135,22 @@ def render_and_store(
         except Exception as exc:
             result.failed[cell.id] = f"{type(exc).__name__}: {exc}"
     result.encoder_passes = renderer.encoder_passes() - passes
-    log.info("chunk of %s: %d cells rendered, %d stored, %d already stored, %d failed; %d encoder pass(es)",
-             job, result.rendered, len(result.stored), result.present, len(result.failed), result.encoder_passes)
+    log.info("chunk of %s: %d cells rendered, %d stored, %d already stored, %d failed; %d encoder pass(es); %s",
+             job, result.rendered, len(result.stored), result.present, len(result.failed), result.encoder_passes,
+             speed(result, renderer.device))
     return result
+
+
+def speed(result: ChunkResult, device: torch.device) -> str:
+    """What an operator tunes batch sizes by: images per second of rendering, and the GPU memory it took."""
+    rate = result.rendered / result.render_seconds if result.render_seconds > 0 else 0.0
+    text = f"{rate:.2f} img/s"
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        torch.cuda.reset_peak_memory_stats(device)  # the next chunk's peak is its own
+        text += f", peak GPU memory {peak:.1f} of {total:.0f} GiB"
+    return text
 
 
 def _still_missing(writer: Writer, store: Store, batch: list[Cell], copies: Counter,

@@ -15,7 +15,9 @@ import logging
 from functools import cache
 from pathlib import Path
 
-from gridrender.scheduler import liveness, models
+import redis
+
+from gridrender.scheduler import liveness, models, rates
 from gridrender.scheduler.broker import RENDER_TASK, shared_app
 from gridrender.scheduler.errors import InputError, ModelError, StorageError
 from gridrender.scheduler.ledger import KillCounts, Ledger
@@ -56,7 +58,7 @@ def writer() -> Writer:
 @cache
 def kill_counts() -> KillCounts | None:
     """The broker's kill counts (None when the broker is not Redis: no reaper, no counts)."""
-    client = liveness.connect(_settings)
+    client = liveness_client()
     return KillCounts(client) if client is not None else None
 
 
@@ -101,6 +103,7 @@ def _run(task, ledger: Ledger, chunk: ChunkMessage, message: dict, failures: int
         if ended is not None:
             return ended
         result = render_cells(chunk, ledger.store)
+        publish_rate(chunk, result)
         attempt = failures + 1
         if result.failed and failures < _settings.task_retries:
             log.warning("chunk of %s: %d cells failed (attempt %d), retrying", chunk.job, len(result.failed), attempt)
@@ -123,6 +126,24 @@ def _run(task, ledger: Ledger, chunk: ChunkMessage, message: dict, failures: int
         raise
     return {"rendered": result.rendered, "stored": len(result.stored), "present": result.present,
             "failed": len(result.failed), "oom_splits": result.oom_splits}
+
+
+def publish_rate(chunk: ChunkMessage, result: ChunkResult) -> None:
+    """Fold this chunk's work per second into the model's published rate, which sizes later submits' chunks."""
+    client = liveness_client()
+    if client is None or not result.rendered or result.render_seconds <= 0:
+        return
+    cells = chunk.cells
+    work = result.rendered * sum(rates.cell_work((c.width, c.height), c.steps, c.denoise, c.hires) for c in cells) / len(cells)
+    try:
+        rates.publish(client, cells[0].model, cells[0].dtype, work, result.render_seconds)
+    except (redis.RedisError, OSError) as exc:  # a rate is advice: the chunk's own work goes on
+        log.warning("could not publish the render rate: %s", exc)
+
+
+@cache
+def liveness_client() -> redis.Redis | None:
+    return liveness.connect(_settings)
 
 
 def render_cells(chunk: ChunkMessage, store: Store) -> ChunkResult:

@@ -139,6 +139,24 @@ def test_a_stale_failure_never_hides_a_newer_success_written_in_the_same_second(
     print(f"stale failure: two records within {len(times)} distinct second(s); newest by sequence: 12 stored")
 
 
+def test_a_failure_from_a_host_whose_clock_runs_fast_never_hides_a_later_success(tmp_path, monkeypatch):
+    """Sequences are each host's clock: a failure recorded 2 minutes "in the future" outranked the real success."""
+    from gridrender.scheduler.ledger import records
+    from gridrender.scheduler.storage import LocalStore
+
+    ledger = Ledger(LocalStore(tmp_path), "t")
+    cells = [f"{i:016x}" for i in range(12)]
+    fast, clock = records.Sequence(), time.time_ns
+    monkeypatch.setattr(records.time, "time_ns", lambda: clock() + 120 * 10**9)
+    monkeypatch.setattr(records, "SEQUENCE", fast)
+    ledger.record("p0", "c0ffee", cells[:9], 0, {c: "RuntimeError: boom" for c in cells[9:]}, "s1", "fast-host")
+    monkeypatch.undo()
+    monkeypatch.setattr(records, "SEQUENCE", records.Sequence())  # another host, its clock right
+    ledger.record("p0", "c0ffee", cells, 0, {}, "s2", "slow-host")
+    newest = ledger.progress("p0")["c0ffee"]
+    assert (newest.stored, newest.failed, newest.submission) == (12, 0, "s2"), newest
+
+
 def test_kill_counts_belong_to_a_submission_and_a_stored_chunk_clears_them(redis_url, tmp_path):
     """Old code: gridrender:kills:<chunk> for 30 days; resubmits of the same cells stayed poisoned."""
     from gridrender.scheduler.storage import LocalStore

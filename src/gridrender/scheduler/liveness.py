@@ -48,7 +48,10 @@ def connect(settings: Settings) -> redis.Redis | None:
     """A Redis client on the broker, or None when the broker is not Redis (no heartbeats then)."""
     if not settings.broker_url.startswith(("redis://", "rediss://")):
         return None
-    return redis.Redis.from_url(settings.broker_url, socket_timeout=10, socket_connect_timeout=10)
+    # A call must give up well inside the heartbeat TTL: a beat blocked as long as the TTL lets the key
+    # expire, and peers then reap a live worker's chunk and count a kill against it.
+    timeout = min(10.0, settings.heartbeat_ttl / 3)
+    return redis.Redis.from_url(settings.broker_url, socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
 @cache

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Reject
 from celery.signals import task_postrun, task_prerun
 
 from gridrender.scheduler.ledger import Ledger
@@ -31,9 +32,18 @@ def backoff(attempt: int) -> float:
 
 
 def retry(task: Task, message: dict, failures: int) -> Exception:
-    """The retry to raise: the same message, `failures` render attempts spent so far."""
-    return task.retry(args=[message], kwargs={"failures": failures}, countdown=backoff(task.request.retries + 1),
-                      max_retries=None)
+    """The retry to raise: the same message, `failures` render attempts spent so far.
+
+    Celery publishes the retry, then acknowledges the message. When publishing fails it raises
+    Reject(requeue=False), which would drop the chunk unrecorded; the message goes back to the
+    queue instead (requeued, still unacknowledged), and comes again when the broker is back.
+    """
+    try:
+        return task.retry(args=[message], kwargs={"failures": failures}, countdown=backoff(task.request.retries + 1),
+                          max_retries=None)
+    except Reject as exc:
+        log.error("could not publish the retry of a chunk (%s): putting the message back on its queue", exc.reason)
+        return Reject(exc.reason, requeue=True)
 
 
 def hold_chunks(task: Task, heartbeat: Heartbeat) -> Callable[[], None]:

@@ -16,6 +16,7 @@ from functools import cache
 from pathlib import Path
 
 import redis
+from celery.exceptions import Reject, Retry
 
 from gridrender.scheduler import liveness, models, rates
 from gridrender.scheduler.broker import RENDER_TASK, shared_app
@@ -103,7 +104,6 @@ def _run(task, ledger: Ledger, chunk: ChunkMessage, message: dict, failures: int
         if ended is not None:
             return ended
         result = render_cells(chunk, ledger.store)
-        publish_rate(chunk, result)
         attempt = failures + 1
         if result.failed and failures < _settings.task_retries:
             log.warning("chunk of %s: %d cells failed (attempt %d), retrying", chunk.job, len(result.failed), attempt)
@@ -124,6 +124,14 @@ def _run(task, ledger: Ledger, chunk: ChunkMessage, message: dict, failures: int
             raise policy.retry(task, message, failures + 1) from None
         log.error("chunk of %s: cannot record its progress after %d attempts: %s", chunk.job, failures + 1, exc)
         raise
+    except (Retry, Reject):
+        raise
+    except Exception:  # noqa: BLE001 - anything else escaping would acknowledge the chunk unrecorded
+        log.exception("chunk of %s: unexpected failure", chunk.job)
+        if failures < _settings.task_retries:
+            raise policy.retry(task, message, failures + 1) from None
+        raise
+    publish_rate(chunk, result)  # after the record: a rate is advice, never a reason to lose a chunk
     return {"rendered": result.rendered, "stored": len(result.stored), "present": result.present,
             "failed": len(result.failed), "oom_splits": result.oom_splits}
 
@@ -137,7 +145,7 @@ def publish_rate(chunk: ChunkMessage, result: ChunkResult) -> None:
     work = result.rendered * sum(rates.cell_work((c.width, c.height), c.steps, c.denoise, c.hires) for c in cells) / len(cells)
     try:
         rates.publish(client, cells[0].model, cells[0].dtype, work, result.render_seconds)
-    except (redis.RedisError, OSError) as exc:  # a rate is advice: the chunk's own work goes on
+    except Exception as exc:  # noqa: BLE001 - a rate is advice (a Redis error, a garbled value): the chunk is done
         log.warning("could not publish the render rate: %s", exc)
 
 

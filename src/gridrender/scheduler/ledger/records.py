@@ -33,8 +33,10 @@ class ChunkProgress:
     key: str
 
     def newer_than(self, other: ChunkProgress) -> bool:
-        """Order by sequence; on a tie, the record that stored more (cells are never unstored)."""
-        return (self.sequence, self.stored, -self.failed) > (other.sequence, other.stored, -other.failed)
+        """The record that found more cells stored wins (cells are never unstored: a later attempt finds at
+        least as many), then the higher sequence. Stored counts first, so a host whose clock runs fast
+        cannot hide a later success behind its earlier failure."""
+        return (self.stored, self.sequence, -self.failed) > (other.stored, other.sequence, -other.failed)
 
 
 class Sequence:

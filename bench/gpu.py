@@ -210,7 +210,7 @@ def _bench_batch(run: _Run, batch: int) -> None:
     (a) renders as many images in as many pipeline calls."""
     import torch
 
-    from gridrender.workers.chunk import render_and_store
+    from gridrender.workers.chunk import ChunkJob, render_and_store
     from gridrender.workers.compiled import cache_stats
 
     args = run.args
@@ -223,7 +223,7 @@ def _bench_batch(run: _Run, batch: int) -> None:
                            generator=[torch.Generator("cpu").manual_seed(i) for i in range(batch)])
 
     def worker(renderer: Any, batch: int = batch, per_call: int = per_call) -> None:
-        result = render_and_store(renderer, run.writer, run.store, run.model, run.cells(per_call), batch, "bench")
+        result = render_and_store(renderer, run.writer, run.store, ChunkJob("bench", run.model, run.cells(per_call), batch))
         assert not result.failed, result.failed
 
     rates: dict[str, float] = {}

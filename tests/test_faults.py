@@ -106,7 +106,7 @@ def test_s3_down_for_20_seconds_mid_job(cluster, job_file):
 def test_out_of_memory_splits_the_batch_and_the_worker_lives(renderer, tiny, tmp_path):
     from gridrender.scheduler.grid import make_cell
     from gridrender.scheduler.storage import LocalStore
-    from gridrender.workers.chunk import Writer, render_and_store
+    from gridrender.workers.chunk import ChunkJob, Writer, render_and_store
 
     pipe = renderer.cache.get(tiny, "float32").pipe
     real_forward = pipe.unet.forward
@@ -121,7 +121,7 @@ def test_out_of_memory_splits_the_batch_and_the_worker_lives(renderer, tiny, tmp
     store, writer = LocalStore(tmp_path), Writer()
     pipe.unet.forward = forward
     try:
-        result = render_and_store(renderer, writer, store, tiny, cells, 4, "oom")
+        result = render_and_store(renderer, writer, store, ChunkJob("oom", tiny, cells, 4))
     finally:
         pipe.unet.forward = real_forward
         writer.close()
@@ -174,7 +174,7 @@ def test_a_redelivered_copy_skips_cells_the_other_copy_stored_after_it_started(r
     that started first re-checks storage before each batch, so no cell is rendered twice."""
     from gridrender.scheduler.grid import make_cell
     from gridrender.scheduler.storage import LocalStore
-    from gridrender.workers.chunk import Writer, render_and_store
+    from gridrender.workers.chunk import ChunkJob, Writer, render_and_store
 
     cells = [make_cell(tiny, prompt="a cow", negative_prompt="", clip_skip=1, seed=s, sampler="Euler a", steps=2,
                        guidance=7.0, width=64, height=64, dtype="float32") for s in range(4)]
@@ -187,10 +187,11 @@ def test_a_redelivered_copy_skips_cells_the_other_copy_stored_after_it_started(r
             while not store.exists(f"cells/{cells[0].id}.json"):
                 assert time.monotonic() < deadline, "the first copy's first cell was never stored"
                 time.sleep(0.05)
-            second.append(render_and_store(renderer, second_writer, store, tiny, cells, 1, "redelivered"))
+            second.append(render_and_store(renderer, second_writer, store, ChunkJob("redelivered", tiny, cells, 1)))
 
     try:
-        first = render_and_store(renderer, first_writer, store, tiny, cells, 1, "redelivered", on_batch=redelivered)
+        first = render_and_store(renderer, first_writer, store, ChunkJob("redelivered", tiny, cells, 1),
+                                 on_batch=redelivered)
     finally:
         first_writer.close()
         second_writer.close()

@@ -221,13 +221,13 @@ def test_a_model_file_replaced_mid_job_fails_its_cells_on_the_next_load(renderer
     from safetensors.torch import load_file, save_file
 
     from gridrender.scheduler.storage import LocalStore
-    from gridrender.workers.chunk import Writer, render_and_store
+    from gridrender.workers.chunk import ChunkJob, Writer, render_and_store
 
     path = write_single_file(tiny_folder, tmp_path / "model.safetensors")
     model = resolve(str(path))
     store, writer = LocalStore(tmp_path / "out"), Writer()
     try:
-        first = render_and_store(renderer, writer, store, model, [_cell(model, seed=1)], 1, "t")
+        first = render_and_store(renderer, writer, store, ChunkJob("t", model, [_cell(model, seed=1)], 1))
         assert first.failed == {} and len(first.stored) == 1
         renderer.render(tiny, [_cell(tiny)])  # another model's chunk: this one is evicted (one resident)
         original, stat = path.read_bytes(), path.stat()
@@ -237,11 +237,11 @@ def test_a_model_file_replaced_mid_job_fails_its_cells_on_the_next_load(renderer
         save_file(tensors, str(path))
         assert path.stat().st_size == stat.st_size
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even the mtime says nothing changed
-        again = render_and_store(renderer, writer, store, model, [_cell(model, seed=2)], 1, "t")
+        again = render_and_store(renderer, writer, store, ChunkJob("t", model, [_cell(model, seed=2)], 1))
         (why,) = again.failed.values()
         assert "changed on disk" in why and model.sha256 in why and again.stored == []
         assert len(list((tmp_path / "out" / "cells").glob("*.png"))) == 1
         path.write_bytes(original)  # the submitted file back: it renders again
-        assert render_and_store(renderer, writer, store, model, [_cell(model, seed=2)], 1, "t").failed == {}
+        assert render_and_store(renderer, writer, store, ChunkJob("t", model, [_cell(model, seed=2)], 1)).failed == {}
     finally:
         writer.close()

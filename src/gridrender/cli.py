@@ -8,15 +8,21 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from gridrender.scheduler.errors import GridrenderError, InputError
+from gridrender.scheduler.errors import GridrenderError, InputError, Problem
+
+if TYPE_CHECKING:  # for annotations only: commands import these where they run, so the CLI starts quickly
+    from rich.progress import Progress, Task
+
+    from gridrender.scheduler.status import Status
+    from gridrender.scheduler.storage import Store
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Render Stable Diffusion grids as batch jobs.")
 # Every message prints literally: prompts and paths hold `[worst quality]`, `[/x]` or `:cow:`, which
@@ -53,7 +59,7 @@ def say(text: str) -> None:
     out.print(text)
 
 
-def warn(lines) -> None:
+def warn(lines: Iterable[str | Problem]) -> None:
     for line in lines:
         err.print(Text.assemble(("warning", "yellow"), f": {line}"))
 
@@ -122,7 +128,7 @@ def finalize_cmd(name: str = typer.Argument(..., help="Job name (or job file).")
         warn([done.note])
 
 
-def status_line(st) -> str:
+def status_line(st: Status) -> str:
     rate = f"{st.rate:.2f} cells/s" if st.rate else "rate unknown"
     eta = f"ETA {st.eta / 60:.1f} min" if st.eta else "ETA unknown"
     return (f"{st.name}: {st.done:,}/{st.total:,} done, {st.failed:,} failed, {st.pending:,} pending, {rate}, {eta}"
@@ -194,14 +200,14 @@ def submit(
     sent = fan_out(plan, store, shared_app(), queue)
     say(f"{plan.job.name}: {sent.cells:,} cells in {sent.chunks:,} chunks on queue {sent.queue} "
         f"({sent.already_done:,} of {sent.total:,} already stored)")
-    for queue in sent.idle_queues if sent.cells else []:
-        warn([f"no worker consumes queue {queue} right now; start one with: gridrender worker"
-              + (f" -Q {queue}" if queue != "gridrender" else "")])
+    for idle in sent.idle_queues if sent.cells else []:
+        warn([f"no worker consumes queue {idle} right now; start one with: gridrender worker"
+              + (f" -Q {idle}" if idle != "gridrender" else "")])
     if wait:
         wait_for(store, plan.job.name, idle_timeout)
 
 
-def wait_for(store, name: str, idle_timeout: float) -> None:
+def wait_for(store: Store, name: str, idle_timeout: float) -> None:
     from gridrender.scheduler import finalize
     from gridrender.scheduler.status import wait
 
@@ -220,7 +226,7 @@ def wait_for(store, name: str, idle_timeout: float) -> None:
 
 
 @app.command()
-def worker(
+def worker(  # noqa: PLR0913, PLR0917  (typer: the parameters are the command's options)
     queues: str | None = typer.Option(
         None, "-Q", "--queues",
         help="Comma-separated queues to consume (default: the shared queue, plus the model's with --model)."),
@@ -317,10 +323,10 @@ def reproduce(record: str = typer.Argument(..., help="A cell record: cells/<id>.
         raise typer.Exit(EXIT_FAILED)
 
 
-def progress_bar():
+def progress_bar() -> Progress:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
     class CellRate(ProgressColumn):
-        def render(self, task) -> Text:
+        def render(self, task: Task) -> Text:
             return Text(f"{task.speed:.2f} cells/s" if task.speed else "-- cells/s")
 
     return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), CellRate(),

@@ -21,7 +21,7 @@ def main(out: str) -> None:
     from gridrender.scheduler.grid import make_cell
     from gridrender.scheduler.models import resolve
     from gridrender.scheduler.storage import LocalStore
-    from gridrender.workers.chunk import Writer, render_and_store
+    from gridrender.workers.chunk import ChunkJob, Writer, render_and_store
     from gridrender.workers.compiled import cache_stats
     from gridrender.workers.render import Renderer
 
@@ -36,7 +36,7 @@ def main(out: str) -> None:
     after_first = cache_stats()
     with tempfile.TemporaryDirectory() as tmp:
         writer = Writer()
-        result = render_and_store(compiled, writer, LocalStore(tmp), model, cells, 4, "probe")
+        result = render_and_store(compiled, writer, LocalStore(tmp), ChunkJob("probe", model, cells, 4))
         writer.close()
         records = [json.loads(Path(f"{tmp}/cells/{c.id}.json").read_text()) for c in cells]
     padded_last = compiled.render(model, [cells[4]], pad_to=4)[0]  # the short batch, padded

@@ -10,11 +10,19 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import Problem
 from .settings import Settings
+
+if TYPE_CHECKING:  # dynamicprompts is imported where it is used: most jobs have no template
+    from dynamicprompts.commands import Command, SequenceCommand, VariantCommand, WildcardCommand, WrapCommand
+    from dynamicprompts.commands.variable_commands import VariableAccessCommand
+    from dynamicprompts.wildcards import WildcardManager
+
+    Variables = dict[str, Command | None]  # a sequence's variables: None for an immediate (one-valued) one
 
 _TEMPLATE = re.compile(r"\{[^{}]*\}|__[\w./-]+__")
 _SYNTAX = re.compile(r"[{}]|__|\$\{")  # a wildcard value that is a template of its own
@@ -77,14 +85,14 @@ def expand(templates: list[str], count: int | None, seed: int, settings: Setting
                 drawn = RandomPromptGenerator(wildcards, seed=seed + index).generate(template, num_images=count * 20)
                 variants = list(dict.fromkeys(str(v) for v in drawn))[:count]
                 planned += len(variants)
-        except Exception as exc:  # the template parser raises its own types; report them on the key
+        except Exception as exc:  # noqa: BLE001  (dynamicprompts and pyparsing raise many types: each is a problem on the key)
             problems.append(Problem(f"prompts.{index}", f"cannot expand the template: {exc}"))
             continue
         prompts.extend(str(v) for v in variants)
     return list(dict.fromkeys(prompts)), problems
 
 
-def count_variants(template: str, wildcards: Any, cap: int) -> int:
+def count_variants(template: str, wildcards: WildcardManager, cap: int) -> int:
     """How many prompts the combinatorial generator yields for `template`, at most; never above `cap`.
 
     Counted on the dynamicprompts parse tree, nothing expanded: a sequence multiplies,
@@ -94,54 +102,74 @@ def count_variants(template: str, wildcards: Any, cap: int) -> int:
     them; a value may be a template), `~`/`@` (random, cyclical) give one each. Counts
     are an upper bound: the library drops repeated picks.
     """
-    from dynamicprompts.parser.parse import default_parser_config, parse
+    from dynamicprompts.parser.config import default_parser_config
+    from dynamicprompts.parser.parse import parse
 
     return _Counter(wildcards, cap, lambda text: parse(text, parser_config=default_parser_config)).count(
         template, {}, 0)
 
 
 class _Counter:
-    def __init__(self, wildcards: Any, cap: int, parse: Any):
-        self.wildcards, self.cap, self.parse = wildcards, cap, parse
-
-    def count(self, node: Any, variables: dict[str, Any], depth: int) -> int:
+    def __init__(self, wildcards: WildcardManager, cap: int, parse: Callable[[str], Command]):
         from dynamicprompts import commands as c
         from dynamicprompts.commands.variable_commands import VariableAccessCommand, VariableAssignmentCommand
 
+        self.wildcards, self.cap, self.parse = wildcards, cap, parse
+        # How each construct of the parse tree counts; the first whose type the node is answers.
+        self.counters: list[tuple[type[Command], Callable[[Any, Variables, int], int]]] = [
+            (c.LiteralCommand, _one),
+            (c.SequenceCommand, self.sequence),
+            (VariableAssignmentCommand, _one),  # counted where its sequence uses it
+            (VariableAccessCommand, self.variable),
+            (c.WrapCommand, self.wrap),
+            (c.WildcardCommand, self.wildcard),
+            (c.VariantCommand, self.variant),
+        ]
+
+    def count(self, node: Command | str, variables: Variables, depth: int) -> int:
         if isinstance(node, str):
             return self.count(self.parse(node), variables, depth) if _SYNTAX.search(node) else 1
-        if getattr(node, "sampling_method", None) is not None and node.sampling_method.is_nonfinite():
+        method = getattr(node, "sampling_method", None)  # not every command sets one
+        if method is not None and method.is_nonfinite():
             return 1  # random or cyclical: one value per prompt
-        if isinstance(node, c.LiteralCommand):
-            return 1
-        if isinstance(node, c.SequenceCommand):
-            scope = dict(variables)
-            for token in node.tokens:  # assignments apply to the whole sequence, as the library reads them
-                if isinstance(token, VariableAssignmentCommand) and (token.overwrite or token.name not in scope):
-                    scope[token.name] = None if token.immediate else token.value  # immediate: one value
-            total = 1
-            for token in node.tokens:
-                if not isinstance(token, VariableAssignmentCommand):
-                    total = self.capped(total * self.count(token, scope, depth))
-            return total
-        if isinstance(node, VariableAssignmentCommand):
-            return 1
-        if isinstance(node, VariableAccessCommand):
-            value = variables.get(node.name, node.default)
-            return 1 if value is None else self.count(value, variables, depth)
-        if isinstance(node, c.WrapCommand):
-            return self.capped(self.count(node.wrapper, variables, depth) * self.count(node.inner, variables, depth))
-        if isinstance(node, c.WildcardCommand):
-            return self.picks(self.wildcard_options(node, variables, depth), 1, 1)
-        if isinstance(node, c.VariantCommand):
-            if len(node.values) == 1 and isinstance(node.values[0], c.WildcardCommand):
-                options = self.wildcard_options(node.values[0], variables, depth)
-            else:
-                options = [self.count(v, variables, depth) for v in node.values]
-            return self.picks(options, node.min_bound, node.max_bound)
+        for kind, count in self.counters:
+            if isinstance(node, kind):
+                return count(node, variables, depth)
         return self.cap  # a construct this counter does not know: assume the worst
 
-    def wildcard_options(self, node: Any, variables: dict[str, Any], depth: int) -> list[int]:
+    def sequence(self, node: SequenceCommand, variables: Variables, depth: int) -> int:
+        from dynamicprompts.commands.variable_commands import VariableAssignmentCommand
+
+        scope = dict(variables)
+        for token in node.tokens:  # assignments apply to the whole sequence, as the library reads them
+            if isinstance(token, VariableAssignmentCommand) and (token.overwrite or token.name not in scope):
+                scope[token.name] = None if token.immediate else token.value  # immediate: one value
+        total = 1
+        for token in node.tokens:
+            if not isinstance(token, VariableAssignmentCommand):
+                total = self.capped(total * self.count(token, scope, depth))
+        return total
+
+    def variable(self, node: VariableAccessCommand, variables: Variables, depth: int) -> int:
+        value = variables.get(node.name, node.default)
+        return 1 if value is None else self.count(value, variables, depth)
+
+    def wrap(self, node: WrapCommand, variables: Variables, depth: int) -> int:
+        return self.capped(self.count(node.wrapper, variables, depth) * self.count(node.inner, variables, depth))
+
+    def wildcard(self, node: WildcardCommand, variables: Variables, depth: int) -> int:
+        return self.picks(self.wildcard_options(node, variables, depth), 1, 1)
+
+    def variant(self, node: VariantCommand, variables: Variables, depth: int) -> int:
+        from dynamicprompts.commands import WildcardCommand
+
+        if len(node.values) == 1 and isinstance(node.values[0], WildcardCommand):
+            options = self.wildcard_options(node.values[0], variables, depth)
+        else:
+            options = [self.count(v, variables, depth) for v in node.values]
+        return self.picks(options, node.min_bound, node.max_bound)
+
+    def wildcard_options(self, node: WildcardCommand, variables: Variables, depth: int) -> list[int]:
         """Per value of the wildcard (repeated by weight, as the library repeats them): its count."""
         if depth >= MAX_WILDCARD_DEPTH:
             raise ValueError(f"wildcards nest more than {MAX_WILDCARD_DEPTH} deep (a wildcard that names itself?)")
@@ -149,7 +177,8 @@ class _Counter:
         if not isinstance(path, str):  # a templated path: the library takes its first expansion
             from dynamicprompts.generators import CombinatorialPromptGenerator
 
-            path = CombinatorialPromptGenerator(self.wildcards).generate(path, max_prompts=1)[0]
+            # generate() hands the template to sample_prompts, which takes a parsed Command too; annotated str only
+            path = CombinatorialPromptGenerator(self.wildcards).generate(path, max_prompts=1)[0]  # type: ignore[arg-type]
         options = []
         for item in self.wildcards.get_values(path).items:
             each = self.count(str(item), variables, depth + 1)
@@ -168,3 +197,8 @@ class _Counter:
 
     def capped(self, n: int) -> int:
         return min(n, self.cap)
+
+
+def _one(_node: Command, _variables: Variables, _depth: int) -> int:
+    """A literal, or an assignment (its value counts where its sequence uses it): one prompt."""
+    return 1

@@ -8,10 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
 
 from . import families, grid, hires, models, samplers
 from .components import Component, LoraUse, resolve_embeddings, resolve_init_image, resolve_lora, resolve_upscaler, resolve_vae
@@ -23,7 +24,7 @@ from .jobfile import load_job
 from .models import ModelSpec
 from .params import AXES, INDEX
 from .prompts import LoraTag, encoder_text, lora_tags, search_replace
-from .rates import cell_work, chunk_size
+from .rates import RateOf, cell_work, chunk_size
 from .settings import Settings, concrete_dtype
 from .storage import Store
 from .stores import open_store
@@ -34,6 +35,13 @@ _MODEL, _LORAS, _EMBEDDINGS = INDEX["model"], INDEX["loras"], INDEX["embeddings"
 
 # Bump when expansion or chunking changes: chunk ids (and so progress records) follow it.
 EXPANSION_VERSION = 1
+DERIVED_TEXTS_KEPT = 10_000  # a cell's texts' derivations remembered: bounds memory on data sets of many prompts
+SHOWN_VALUES = 8  # values of an axis `validate` prints; more are counted
+USUAL_MAX_CLIP_SKIP = 2  # beyond it images tend to look under-guided: a warning, not an error
+
+P = ParamSpec("P")
+T = TypeVar("T")
+Key = TypeVar("Key")
 
 
 @dataclass(frozen=True)
@@ -55,24 +63,25 @@ class Components:
     upscalers: dict[str, Component] = field(default_factory=dict)  # hires upscaler model files
     init_images: dict[str, InitImage] = field(default_factory=dict)  # img2img: source -> image
 
-    def to_dict(self) -> dict:
-        def components(d: dict) -> list:
-            return [[k, v.to_dict() if v else None] for k, v in d.items()]
+    def to_dict(self) -> dict[str, Any]:
+        def components(pairs: Iterable[tuple[str | None, Component | InitImage | None]]) -> list[list[Any]]:
+            return [[k, v.to_dict() if v else None] for k, v in pairs]
 
-        return {"models": [[k, m.to_dict()] for k, m in self.models.items()], "vaes": components(self.vaes),
-                "loras": components(self.loras), "embeddings": components(self.embeddings),
-                "upscalers": components(self.upscalers), "init_images": components(self.init_images)}
+        return {"models": [[k, m.to_dict()] for k, m in self.models.items()], "vaes": components(self.vaes.items()),
+                "loras": components(self.loras.items()), "embeddings": components(self.embeddings.items()),
+                "upscalers": components(self.upscalers.items()), "init_images": components(self.init_images.items())}
 
     @classmethod
-    def from_dict(cls, data: dict) -> Components:
-        def components(pairs: list) -> dict:
-            return {k: Component.from_dict(v) if v else None for k, v in pairs}
+    def from_dict(cls, data: dict[str, Any]) -> Components:
+        def components(pairs: list[list[Any]]) -> dict[str, Component]:  # none is None: only found ones are kept
+            return {k: Component.from_dict(v) for k, v in pairs}
 
-        return cls({k: ModelSpec.from_dict(m) for k, m in data["models"]}, components(data["vaes"]),
+        return cls({k: ModelSpec.from_dict(m) for k, m in data["models"]},
+                   {k: Component.from_dict(v) if v else None for k, v in data["vaes"]},
                    components(data["loras"]), components(data["embeddings"]), components(data.get("upscalers", [])),
                    {k: InitImage.from_dict(v) for k, v in data.get("init_images", [])})
 
-    def identity(self) -> dict:
+    def identity(self) -> dict[str, dict[str, Any]]:
         return {"models": {k: m.identity() for k, m in self.models.items()},
                 "vaes": {str(k): v.identity() if v else None for k, v in self.vaes.items()},
                 "loras": {k: v.identity() for k, v in self.loras.items()},
@@ -104,7 +113,7 @@ class Plan:
 
     def cells(self) -> Iterator[Cell]:
         c = self.components
-        values: dict[str, Sequence] = {
+        values: dict[str, Sequence[object]] = {
             **self.job.grid_values(),
             "model": self.models,
             "dtype": [self.dtype],
@@ -141,12 +150,12 @@ class Plan:
     def store(self) -> Store:
         return open_store(self.job.output)
 
-    def resolved(self) -> dict:
+    def resolved(self) -> dict[str, Any]:
         """What a stored plan needs to expand again without the model files (finalize, export)."""
         return {"components": self.components.to_dict(), "dtype": self.dtype, "chunk_cells": self.chunk_cells,
                 "partition": self.partition, "cells": self.total}
 
-    def keeping_chunks_of(self, earlier: dict) -> Plan:
+    def keeping_chunks_of(self, earlier: dict[str, Any]) -> Plan:
         """This plan split as an earlier submission (its `resolved()`) split it, when nothing else changed.
 
         Chunk sizes follow the workers' measured rate, which moves between submits; a resubmit of the
@@ -160,7 +169,7 @@ class Plan:
         return same if same.partition == earlier.get("partition") else self
 
     @classmethod
-    def from_resolved(cls, job: Job, resolved: dict) -> Plan:
+    def from_resolved(cls, job: Job, resolved: dict[str, Any]) -> Plan:
         return cls(job, Components.from_dict(resolved["components"]), resolved["dtype"], [],
                    int(resolved["chunk_cells"]))
 
@@ -170,14 +179,17 @@ class Derivation:
 
     def __init__(self, components: Components):
         self.components = components
-        self.cache: dict[tuple, tuple] = {}
+        # (prompt, negative prompt, search/replace, model) -> (LoRAs its tags name, embeddings its texts trigger)
+        self.cache: dict[tuple[str, str, tuple[str, str] | None, ModelSpec],
+                         tuple[tuple[LoraUse, ...], tuple[Component, ...]]] = {}
 
-    def derive(self, slots: list) -> None:
+    def derive(self, slots: list[Any]) -> None:
+        """Completes a cell's parameter slots (`grid.expand`'s order) with what its texts imply."""
         prompt, negative, sr = slots[_PROMPT], slots[_NEGATIVE], slots[_SR]
         key = (prompt, negative, sr, slots[_MODEL])
         found = self.cache.get(key)
         if found is None:
-            if len(self.cache) > 10_000:
+            if len(self.cache) > DERIVED_TEXTS_KEPT:
                 self.cache.clear()
             shown = search_replace(prompt, sr)
             tagged = tuple(LoraUse(self.components.loras[tag.name], tag.te, tag.unet, tag.name)
@@ -189,7 +201,8 @@ class Derivation:
             slots[_LORAS] = tagged + slots[_LORAS]
         slots[_EMBEDDINGS] = used
 
-    def embeddings(self, prompt: str, negative: str, sr: tuple | None, model: ModelSpec) -> tuple[Component, ...]:
+    def embeddings(self, prompt: str, negative: str, sr: tuple[str, str] | None,
+                   model: ModelSpec) -> tuple[Component, ...]:
         """The embeddings a cell's texts trigger."""
         texts = [encoder_text(prompt, sr), encoder_text(negative, sr)]
         return embeddings_used(texts, self.components.embeddings, model)
@@ -222,8 +235,8 @@ def describe(plan: Plan) -> list[str]:
     models = ", ".join(_describe_model(m) for m in plan.models)
     lines = [f"job {plan.job.name}: {plan.total:,} cells, model {models}, output {plan.job.output}"]
     for axis, values in plan.job.axes().items():
-        shown = ", ".join(repr(v) if isinstance(v, str) else str(v) for v in list(values[:8]))
-        more = f", … ({len(values):,} in all)" if len(values) > 8 else ""
+        shown = ", ".join(repr(v) if isinstance(v, str) else str(v) for v in list(values[:SHOWN_VALUES]))
+        more = f", … ({len(values):,} in all)" if len(values) > SHOWN_VALUES else ""
         lines.append(f"  {axis:<16} {'varies' if len(values) > 1 else 'locked':<7} {shown}{more}")
     tokenizer = tokenizer_for(plan.model)
     if tokenizer is None:
@@ -251,7 +264,7 @@ def _describe_model(model: ModelSpec) -> str:
 
 
 def prepare(job: Job | str | Path, cuda: bool | None = None, settings: Settings | None = None,
-            output: str | None = None, rate_of: Callable[[ModelSpec, str], float | None] | None = None) -> Plan:
+            output: str | None = None, rate_of: RateOf | None = None) -> Plan:
     """Validate everything that can be checked before rendering; raise JobError if not.
 
     `cuda` says what `dtype: auto` means: True/False for a local run, None for a
@@ -280,7 +293,7 @@ def prepare(job: Job | str | Path, cuda: bool | None = None, settings: Settings 
 
 
 def measured_rate(job: Job, components: Components, dtype: str,
-                  rate_of: Callable[[ModelSpec, str], float | None] | None) -> tuple[float | None, float]:
+                  rate_of: RateOf | None) -> tuple[float | None, float]:
     """(the slowest model's measured work/s, or None if any model has none yet; the job's costliest cell)."""
     values = job.grid_values()
     hires = job.hires.values(components.upscalers) if job.hires else [None]
@@ -295,65 +308,100 @@ def resolve_components(job: Job, settings: Settings, notes: list[Problem] | None
 
     `notes` receives warnings: the LoRA keys A1111 would not match, the layers it leaves alone.
     """
-    problems: list[Problem] = []
-    said: list[str] = []
+    resolver = _Resolver(job, settings, notes)
+    resolved_models = resolver.models()
+    first = next(iter(resolved_models.values()))
+    vaes = resolver.vaes(first)
+    loras = resolver.loras(list(resolved_models.values()))
+    if any(_has_lora_tag(n) for n in job.negative_prompt):
+        resolver.problems.append(job.problem("negative_prompt", "<lora:…> tags go in the prompt, not the negative prompt"))
+    embeddings = (resolver.attempt("embeddings", resolve_embeddings, job.embeddings, first, settings)
+                  if job.embeddings else {})
+    upscalers = resolver.upscalers()
+    init_images = {source: resolver.attempt(f"init_images.{i}", resolve_init_image, source)
+                   for i, source in enumerate(job.init_images or [])}
+    if resolver.problems:
+        raise job.error(list(dict.fromkeys(resolver.problems)))
+    return Components(resolved_models, vaes, _found(loras), embeddings or {}, _found(upscalers), _found(init_images))
 
-    def lora(key: str, source: str, model: ModelSpec) -> Component | None:
-        before = len(said)
-        found = attempt(key, resolve_lora, source, model, settings, said)
-        if notes is not None:
-            notes.extend(job.problem(key, note) for note in said[before:])
-        return found
 
-    def attempt(key: str, fn, *args):
+class _Resolver:
+    """Resolves a job's components one key at a time, collecting each problem on its key rather than stopping."""
+
+    def __init__(self, job: Job, settings: Settings, notes: list[Problem] | None):
+        self.job, self.settings, self.notes = job, settings, notes
+        self.problems: list[Problem] = []
+        self.said: list[str] = []  # what resolve_lora noted, in order; `notes` gets each on its key
+
+    def attempt(self, key: str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T | None:
+        """fn's result, or None with its ModelError a problem on `key`."""
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         except ModelError as exc:
-            problems.append(job.problem(key, str(exc)))
+            self.problems.append(self.job.problem(key, str(exc)))
             return None
 
-    found = {source: attempt(f"model.{i}" if len(job.model) > 1 else "model", models.resolve, source, job.revision,
-                             settings) for i, source in enumerate(job.model)}
-    if problems:
-        raise job.error(problems)
-    resolved_models = {k: with_job_prediction(v, job) for k, v in found.items() if v is not None}
-    first = next(iter(resolved_models.values()))
-    vaes: dict[str | None, Component | None] = {None: None}
-    for i, source in enumerate(job.vae):
-        if source is not None:
-            vaes[source] = attempt(f"vae.{i}" if len(job.vae) > 1 else "vae", resolve_vae, source, first, settings)
-    loras: dict[str, Component | None] = {}
-    for i, entry in enumerate(job.loras):
-        for model in resolved_models.values():
-            loras[entry.path] = lora(f"loras.{i}.path", entry.path, model)
-    listed = {found.name for found in loras.values() if found is not None}  # named as the infotext's tags name them
-    for sr in job.values_of("prompt_sr"):
-        for text in job.values_of("prompts"):
-            try:
-                tags = lora_tags(search_replace(text, sr))
-            except ValueError as exc:
-                problems.append(job.problem("prompts", str(exc)))
-                continue
-            if twice := _named_twice(tags, listed):
-                problems.append(job.problem("prompts", twice))
+    def models(self) -> dict[str, ModelSpec]:
+        """Job-file source -> model, with the job's prediction settings; any model not found ends here."""
+        job = self.job
+        found = {source: self.attempt(f"model.{i}" if len(job.model) > 1 else "model", models.resolve, source,
+                                      job.revision, self.settings) for i, source in enumerate(job.model)}
+        if self.problems:
+            raise job.error(self.problems)
+        return {k: with_job_prediction(v, job) for k, v in found.items() if v is not None}
+
+    def vaes(self, first: ModelSpec) -> dict[str | None, Component | None]:
+        vaes: dict[str | None, Component | None] = {None: None}
+        for i, source in enumerate(self.job.vae):
+            if source is not None:
+                key = f"vae.{i}" if len(self.job.vae) > 1 else "vae"
+                vaes[source] = self.attempt(key, resolve_vae, source, first, self.settings)
+        return vaes
+
+    def lora(self, key: str, source: str, model: ModelSpec) -> Component | None:
+        before = len(self.said)
+        found = self.attempt(key, resolve_lora, source, model, self.settings, self.said)
+        if self.notes is not None:
+            self.notes.extend(self.job.problem(key, note) for note in self.said[before:])
+        return found
+
+    def loras(self, resolved_models: list[ModelSpec]) -> dict[str, Component | None]:
+        """The `loras:` list's, then those the prompts' <lora:NAME:W> tags name; each checked against every model."""
+        loras: dict[str, Component | None] = {}
+        for i, entry in enumerate(self.job.loras):
+            for model in resolved_models:
+                loras[entry.path] = self.lora(f"loras.{i}.path", entry.path, model)
+        listed = {found.name for found in loras.values() if found is not None}  # named as the infotext's tags name them
+        for tags in self.prompt_tags(listed):
             for tag in tags:
                 if tag.name not in loras:
-                    for model in resolved_models.values():
-                        loras[tag.name] = lora("prompts", tag.name, model)
-    if any(_has_lora_tag(n) for n in job.negative_prompt):
-        problems.append(job.problem("negative_prompt", "<lora:…> tags go in the prompt, not the negative prompt"))
-    embeddings = attempt("embeddings", resolve_embeddings, job.embeddings, first, settings) if job.embeddings else {}
-    upscalers = {}
-    for i, name in enumerate(job.hires.upscaler if job.hires else []):
-        if hires.is_model_file(name):
-            upscalers[name] = attempt(f"hires.upscaler.{i}", resolve_upscaler, name, settings)
-    init_images = {}
-    for i, source in enumerate(job.init_images or []):
-        init_images[source] = attempt(f"init_images.{i}", resolve_init_image, source)
-    if problems:
-        raise job.error(list(dict.fromkeys(problems)))
-    return Components(resolved_models, vaes, {k: v for k, v in loras.items() if v is not None}, embeddings or {},
-                      upscalers, init_images)
+                    for model in resolved_models:
+                        loras[tag.name] = self.lora("prompts", tag.name, model)
+        return loras
+
+    def prompt_tags(self, listed: set[str]) -> Iterator[list[LoraTag]]:
+        """Each prompt's LoRA tags; one that cannot be read, or names a LoRA twice, is a problem."""
+        for sr in self.job.values_of("prompt_sr"):
+            for text in self.job.values_of("prompts"):
+                try:
+                    tags = lora_tags(search_replace(text, sr))
+                except ValueError as exc:
+                    self.problems.append(self.job.problem("prompts", str(exc)))
+                    continue
+                if twice := _named_twice(tags, listed):
+                    self.problems.append(self.job.problem("prompts", twice))
+                yield tags
+
+    def upscalers(self) -> dict[str, Component | None]:
+        """Hires upscalers that are model files (the others are built in)."""
+        names = self.job.hires.upscaler if self.job.hires else []
+        return {name: self.attempt(f"hires.upscaler.{i}", resolve_upscaler, name, self.settings)
+                for i, name in enumerate(names) if hires.is_model_file(name)}
+
+
+def _found(resolved: dict[Key, T | None]) -> dict[Key, T]:
+    """The entries that resolved (those that did not are problems, raised before this is used)."""
+    return {k: v for k, v in resolved.items() if v is not None}
 
 
 def _named_twice(tags: list[LoraTag], listed: set[str]) -> str | None:
@@ -392,7 +440,7 @@ def check_output(plan: Plan) -> Store:
         return plan.store()
     except JobError:
         raise
-    except Exception as exc:  # e.g. a malformed s3:// URL
+    except Exception as exc:  # noqa: BLE001  (boto3 and the filesystem raise many types for a bad root: each is bad `output`)
         raise plan.job.error([plan.job.problem("output", str(exc))]) from None
 
 
@@ -422,7 +470,7 @@ def check_against_model(job: Job, model: ModelSpec) -> tuple[list[Problem], list
         if skip > top:
             errors.append(job.problem("clip_skip", f"{skip} is outside 1..{top} "
                                       f"({model.source} has {layers} CLIP layers)"))
-        elif skip > 2:
+        elif skip > USUAL_MAX_CLIP_SKIP:
             warnings.append(job.problem("clip_skip", f"{skip} skips {skip - 1} of {layers} layers; "
                                         "images tend to look under-guided beyond 2"))
     if model.family == families.SDXL and {1, 2} <= set(job.clip_skip):

@@ -16,15 +16,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .hires import Hires
 from .models import ModelSpec
 from .settings import Settings
 
+if TYPE_CHECKING:
+    import redis
+
 MAX_CHUNK_CELLS = 4096  # above: progress records and task messages grow without a gain
 RATE_TTL = 7 * 24 * 3600  # seconds a published rate is trusted
 SMOOTHING = 0.3  # weight of the newest chunk in the published average
 UNIT_WORK = 512 * 512 * 20  # pixels x steps of one unit of work: a 512² image at 20 steps
+
+RateOf = Callable[[ModelSpec, str], float | None]  # (model, dtype) -> measured work/s, as `prepare` takes it
 
 
 def cell_work(size: tuple[int, int], steps: int, denoise: float | None = None, hires: Hires | None = None) -> float:
@@ -42,7 +49,7 @@ def rate_key(model: ModelSpec, dtype: str) -> str:
     return f"gridrender:rate:{hashlib.sha256(identity.encode()).hexdigest()[:16]}:{dtype}"
 
 
-def publish(client, model: ModelSpec, dtype: str, work: float, seconds: float) -> float | None:
+def publish(client: redis.Redis, model: ModelSpec, dtype: str, work: float, seconds: float) -> float | None:
     """Fold a chunk's work per second (`cell_work` units) into the model's published rate; the rate now published."""
     if work <= 0 or seconds <= 0:
         return None
@@ -55,7 +62,7 @@ def publish(client, model: ModelSpec, dtype: str, work: float, seconds: float) -
     return rate
 
 
-def measured(client, model: ModelSpec, dtype: str) -> float | None:
+def measured(client: redis.Redis, model: ModelSpec, dtype: str) -> float | None:
     """The published work per second (`cell_work` units) of one worker for this model and dtype, if any."""
     value = client.get(rate_key(model, dtype))
     try:
@@ -88,7 +95,7 @@ def chunk_size(total: int, settings: Settings, rate: float | None = None, work: 
     return max(1, min(wanted, by_duration, MAX_CHUNK_CELLS))
 
 
-def from_broker(settings: Settings):
+def from_broker(settings: Settings) -> RateOf | None:
     """`measured` against the broker's Redis, as `prepare(rate_of=...)` takes it; None when the broker
     is not Redis. A broker that cannot be reached gives no rate (the assumed one): submit reports it."""
     if not settings.broker_url.startswith(("redis://", "rediss://")):

@@ -15,9 +15,10 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
 
 import torch
 
@@ -27,9 +28,12 @@ from gridrender.scheduler.models import ModelSpec
 from gridrender.scheduler.storage import Store
 
 from .records import save
-from .render import CellsFailed, Rendered, Renderer
+from .render import CellsFailed, Embeddings, Rendered, Renderer
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
+Item = TypeVar("Item")
 
 IO_THREADS = 8
 IO_QUEUE = 32  # writes in flight before the render loop waits: bounds memory held by images
@@ -66,13 +70,13 @@ class Writer:
         self.checks = ThreadPoolExecutor(threads, thread_name_prefix="gridrender-check")
         self.slots = threading.BoundedSemaphore(depth)
 
-    def submit(self, fn: Callable, *args) -> Future:
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         self.slots.acquire()  # back-pressure: the GPU loop waits when uploads fall behind
-        future = self.pool.submit(fn, *args)
+        future = self.pool.submit(fn, *args, **kwargs)
         future.add_done_callback(lambda _: self.slots.release())
         return future
 
-    def map(self, fn: Callable, items: list) -> list:
+    def map(self, fn: Callable[[Item], T], items: Iterable[Item]) -> list[T]:
         return list(self.checks.map(fn, items))
 
     def close(self) -> None:
@@ -80,20 +84,22 @@ class Writer:
         self.pool.shutdown(wait=True)  # pending writes finish: nothing is lost on shutdown
 
 
-def render_and_store(
-    renderer: Renderer,
-    writer: Writer,
-    store: Store,
-    model: ModelSpec,
-    cells: list[Cell],
-    batch_size: int,
-    job: str,
-    on_batch: Callable[[int], None] = lambda n: None,
-) -> ChunkResult:
+@dataclass(frozen=True)
+class ChunkJob:
+    """What one `render_and_store` call renders: cells of one job on one model, in batches of `batch_size`."""
+
+    job: str  # the job's name, as logs name it and records store it
+    model: ModelSpec
+    cells: list[Cell]
+    batch_size: int
+
+
+def render_and_store(renderer: Renderer, writer: Writer, store: Store, work: ChunkJob, *,
+                     on_batch: Callable[[int], None] = lambda _cells: None) -> ChunkResult:
     result = ChunkResult()
-    stored = writer.map(lambda c: store.exists(layout.cell_record(c.id)), cells)
-    todo = [c for c, done in zip(cells, stored) if not done]
-    result.present = len(cells) - len(todo)
+    stored = writer.map(lambda c: store.exists(layout.cell_record(c.id)), work.cells)
+    todo = [c for c, done in zip(work.cells, stored, strict=True) if not done]
+    result.present = len(work.cells) - len(todo)
     if not todo:
         return result
     # Cells that are one cell (SDXL's clip skip 1 and 2) render once; each counts as stored.
@@ -101,44 +107,49 @@ def render_and_store(
     todo = list({c.id: c for c in todo}.values())
     passes = renderer.encoder_passes()
     try:
-        embeddings = renderer.encode(model, todo)
-    except Exception as exc:
+        embeddings = renderer.encode(work.model, todo)
+    except Exception as exc:  # noqa: BLE001  (whatever the encoder raises fails these cells, reported; the worker goes on)
         result.failed = {c.id: f"{type(exc).__name__}: {exc}" for c in todo}
         on_batch(len(todo))
         return result
-    pending: list[tuple[Cell, Future]] = []
-    for batch in renderer.batches(todo, batch_size, embeddings):
-        size = len(batch)
+    batches = _BatchRenderer(renderer, work.model, embeddings, result)
+    pending: list[tuple[Cell, Future[bool]]] = []
+    for planned in renderer.batches(todo, work.batch_size, embeddings):
         # Checked again before each batch, the first too (loading or compiling the model may have
         # taken minutes): a redelivered copy of this chunk may be storing the same cells.
-        batch = _still_missing(writer, store, batch, copies, result)
-        if len(batch) < size:
+        batch = _still_missing(writer, store, planned, copies, result)
+        if len(batch) < len(planned):
             log.info("%d cells of %s were stored by another copy of this chunk meanwhile; skipped",
-                     size - len(batch), job)
+                     len(planned) - len(batch), work.job)
         if not batch:
-            on_batch(size)
+            on_batch(len(planned))
             continue
         started = time.perf_counter()
         try:
-            for rendered in _render_splitting(renderer, model, batch, embeddings, result, batch_size):
+            for rendered in batches.render(batch, work.batch_size):
                 result.rendered += 1
-                pending.append((rendered.cell, writer.submit(save, store, rendered, model, renderer.device, job)))
-        except Exception as exc:  # this batch fails; the rest of the chunk goes on
-            log.error("batch of %d cells of %s failed: %s", len(batch), job, exc)
+                pending.append((rendered.cell, writer.submit(save, store, rendered, work.model, renderer.device, work.job)))
+        except Exception as exc:  # noqa: BLE001  (whatever fails this batch fails its cells; the rest of the chunk goes on)
+            log.error("batch of %d cells of %s failed: %s", len(batch), work.job, exc)
             result.failed.update({c.id: f"{type(exc).__name__}: {exc}" for c in batch})
         result.render_seconds += time.perf_counter() - started
-        on_batch(size)
+        on_batch(len(planned))
+    _wait_for_writes(pending, copies, result)
+    result.encoder_passes = renderer.encoder_passes() - passes
+    log.info("chunk of %s: %d cells rendered, %d stored, %d already stored, %d failed; %d encoder pass(es); %s",
+             work.job, result.rendered, len(result.stored), result.present, len(result.failed), result.encoder_passes,
+             speed(result, renderer.device))
+    return result
+
+
+def _wait_for_writes(pending: list[tuple[Cell, Future[bool]]], copies: Counter[str], result: ChunkResult) -> None:
+    """Every write finished: a stored cell counts once per copy, a failed write fails its cell."""
     for cell, future in pending:
         try:
             future.result()
             result.stored += [cell.id] * copies[cell.id]
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (an upload or PNG error of any kind fails its cell, never the chunk)
             result.failed[cell.id] = f"{type(exc).__name__}: {exc}"
-    result.encoder_passes = renderer.encoder_passes() - passes
-    log.info("chunk of %s: %d cells rendered, %d stored, %d already stored, %d failed; %d encoder pass(es); %s",
-             job, result.rendered, len(result.stored), result.present, len(result.failed), result.encoder_passes,
-             speed(result, renderer.device))
-    return result
 
 
 def speed(result: ChunkResult, device: torch.device) -> str:
@@ -153,7 +164,7 @@ def speed(result: ChunkResult, device: torch.device) -> str:
     return text
 
 
-def _still_missing(writer: Writer, store: Store, batch: list[Cell], copies: Counter,
+def _still_missing(writer: Writer, store: Store, batch: list[Cell], copies: Counter[str],
                    result: ChunkResult) -> list[Cell]:
     """The batch's cells not stored yet; those stored since the chunk started count as present."""
     stored = writer.map(lambda c: store.exists(layout.cell_record(c.id)), batch)
@@ -161,25 +172,31 @@ def _still_missing(writer: Writer, store: Store, batch: list[Cell], copies: Coun
     return [c for c, done in zip(batch, stored, strict=True) if not done]
 
 
-def _render_splitting(renderer: Renderer, model: ModelSpec, batch: list[Cell], embeddings, result: ChunkResult,
-                      pad_to: int | None = None) -> list[Rendered]:
-    """Render a batch padded to `pad_to` cells; on OOM, as two halves, unpadded.
+@dataclass
+class _BatchRenderer:
+    """Renders a chunk's batches with the chunk's embeddings; failed cells and OOM splits go into `result`."""
 
-    Cells that produced NaN/inf fail alone: the batch's other cells are returned and stored.
-    """
-    try:
-        return renderer.render(model, batch, embeddings, pad_to)
-    except CellsFailed as exc:
-        result.failed.update(exc.failed)
-        return exc.rendered
-    except torch.OutOfMemoryError:
-        if len(batch) == 1:
-            raise
-        result.oom_splits += 1
-        log.warning("out of GPU memory with a batch of %d; retrying as two of %d", len(batch), len(batch) // 2)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        half = len(batch) // 2
-        return _render_splitting(renderer, model, batch[:half], embeddings, result) + _render_splitting(
-            renderer, model, batch[half:], embeddings, result
-        )
+    renderer: Renderer
+    model: ModelSpec
+    embeddings: Embeddings
+    result: ChunkResult
+
+    def render(self, batch: list[Cell], pad_to: int | None = None) -> list[Rendered]:
+        """Render a batch padded to `pad_to` cells; on OOM, as two halves, unpadded.
+
+        Cells that produced NaN/inf fail alone: the batch's other cells are returned and stored.
+        """
+        try:
+            return self.renderer.render(self.model, batch, self.embeddings, pad_to)
+        except CellsFailed as exc:
+            self.result.failed.update(exc.failed)
+            return exc.rendered
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            self.result.oom_splits += 1
+            log.warning("out of GPU memory with a batch of %d; retrying as two of %d", len(batch), len(batch) // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(batch) // 2
+            return self.render(batch[:half]) + self.render(batch[half:])

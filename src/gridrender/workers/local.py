@@ -17,7 +17,7 @@ from gridrender.scheduler.plan import Plan, check_output, prepare
 from gridrender.scheduler.settings import Settings
 from gridrender.scheduler.storage import Store
 
-from .chunk import ChunkResult, Writer, render_and_store
+from .chunk import ChunkJob, ChunkResult, Writer, render_and_store
 from .render import Renderer
 
 
@@ -64,8 +64,8 @@ def render_missing(started: Started, renderer: Renderer,
             for chunk, missing in ledger.pending(plan, False, started.submission):
                 if not missing:
                     continue
-                result = render_and_store(renderer, writer, store, chunk.cells[0].model, chunk.cells,
-                                          plan.job.batch_size, plan.job.name, on_batch)
+                work = ChunkJob(plan.job.name, chunk.cells[0].model, chunk.cells, plan.job.batch_size)
+                result = render_and_store(renderer, writer, store, work, on_batch=on_batch)
                 ledger.record(plan.partition, chunk.id, result.stored, result.present, result.failed,
                               started.submission, "run")
                 total.add(result)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import logging
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import redis
+from celery import Task
 from celery.exceptions import Reject, Retry
 
 from gridrender.scheduler import liveness, models, rates
@@ -29,31 +31,29 @@ from gridrender.scheduler.storage import RetryingStore, Store
 from gridrender.scheduler.stores import open_store
 
 from . import policy
-from .chunk import ChunkResult, Writer, render_and_store
+from .chunk import ChunkJob, ChunkResult, Writer, render_and_store
 from .render import Renderer
 
 log = logging.getLogger(__name__)
 app = shared_app()
 _settings = Settings()
-_renderer: Renderer | None = None
-_writer: Writer | None = None
-_local_models: dict[tuple, ModelSpec] = {}
+_local_models: dict[tuple[tuple[str, Any], ...], ModelSpec] = {}  # key: a model's sorted identity
 compile_mode: str | None = None  # set by `worker --no-compile` ("eager"); None: GRIDRENDER_COMPILE decides
 
 
+@cache
 def renderer() -> Renderer:
-    """One renderer per worker process: its pipeline stays loaded between chunks."""
-    global _renderer
-    if _renderer is None:
-        _renderer = Renderer(compile_mode=compile_mode)
-    return _renderer
+    """One renderer per worker process: its pipeline stays loaded between chunks.
+
+    Made on first use, so with the `compile_mode` the worker set before taking tasks.
+    """
+    return Renderer(compile_mode=compile_mode)
 
 
+@cache
 def writer() -> Writer:
-    global _writer
-    if _writer is None:
-        _writer = Writer()
-    return _writer
+    """One I/O pool per worker process, shared by its chunks."""
+    return Writer()
 
 
 @cache
@@ -83,8 +83,8 @@ def local_model(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
-@app.task(name=RENDER_TASK, bind=True, max_retries=None)
-def render_chunk(self, message: dict, failures: int = 0) -> dict:
+@app.task(name=RENDER_TASK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]  # Celery ships no types
+def render_chunk(self: Task, message: dict[str, Any], failures: int = 0) -> dict[str, Any]:
     """`failures`: render attempts of this chunk that failed so far (storage outages not counted)."""
     try:
         chunk = ChunkMessage.from_message(message)
@@ -98,7 +98,7 @@ def render_chunk(self, message: dict, failures: int = 0) -> dict:
         return _run(self, ledger, chunk, message, failures)
 
 
-def _run(task, ledger: Ledger, chunk: ChunkMessage, message: dict, failures: int) -> dict:
+def _run(task: Task, ledger: Ledger, chunk: ChunkMessage, message: dict[str, Any], failures: int) -> dict[str, Any]:
     try:
         ended = policy.gate(ledger, chunk)
         if ended is not None:
@@ -126,7 +126,7 @@ def _run(task, ledger: Ledger, chunk: ChunkMessage, message: dict, failures: int
         raise
     except (Retry, Reject):
         raise
-    except Exception:  # noqa: BLE001 - anything else escaping would acknowledge the chunk unrecorded
+    except Exception:  # anything else escaping would acknowledge the chunk unrecorded
         log.exception("chunk of %s: unexpected failure", chunk.job)
         if failures < _settings.task_retries:
             raise policy.retry(task, message, failures + 1) from None
@@ -162,7 +162,7 @@ def render_cells(chunk: ChunkMessage, store: Store) -> ChunkResult:
         except ModelError as exc:
             return ChunkResult(failed={c.id: f"ModelError: {exc}" for c in chunk.cells})
         cells = [c.replace(model=model) if c.model is not model else c for c in chunk.cells]
-        return render_and_store(renderer(), writer(), store, model, cells, chunk.batch_size, chunk.job)
+        return render_and_store(renderer(), writer(), store, ChunkJob(chunk.job, model, cells, chunk.batch_size))
     except StorageError as exc:
         if exc.transient:
             raise

@@ -196,8 +196,8 @@ class Ledger:
 
         A chunk whose every cell is stored forgets the workers it killed.
         """
-        records.write(self.store, self.job, partition, chunk, Attempt(list(stored), present, failed, submission, by,
-                                                                      poisoned))
+        attempt = Attempt(list(stored), present, failed, submission, by, poisoned)
+        records.write(self.store, self.job, partition, chunk, attempt)
         if not failed and self.kills is not None:
             self.kills.clear(self.job, submission, chunk)
 

@@ -24,7 +24,9 @@ import time
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -59,7 +61,7 @@ def measured(*args: str, env: dict) -> tuple[float, float, str]:
     with tempfile.NamedTemporaryFile("r") as rss:
         start = time.perf_counter()
         result = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name, sys.executable, "-m", "gridrender", *args],
-                                env=env, capture_output=True, text=True)
+                                env=env, capture_output=True, text=True, check=False)  # stderr raised below
         seconds = time.perf_counter() - start
         if result.returncode != 0:
             raise RuntimeError(f"gridrender {' '.join(args)} failed:\n{result.stderr}")
@@ -93,10 +95,6 @@ def main() -> None:
     import boto3
     import redis
 
-    from gridrender.scheduler.ledger import Ledger
-    from gridrender.scheduler.s3 import S3Store
-    from gridrender.scheduler.status import job_status
-
     moto, endpoint = start_moto()
     broker = f"{args.redis}/{args.redis_db}"
     client = redis.Redis.from_url(broker)
@@ -108,81 +106,118 @@ def main() -> None:
     s3.create_bucket(Bucket="scale-bench")
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            prompts = ", ".join(f"a prompt number {i} with a few more words" for i in range(10))
-            job = Path(tmp) / "big.yaml"
-            job.write_text(f"name: big\nmodel: builtin:tiny\nprompts: [{prompts}]\nclip_skip: 1\n"
-                           f"seeds: {{start: 0, count: {args.cells // 10}}}\noutput: s3://scale-bench/grid\n")
-            print(f"job: {args.cells:,} cells (10 prompts x {args.cells // 10:,} seeds), builtin:tiny, S3 on moto, Redis")
-
+            job = write_job(Path(tmp), args.cells)
             seconds, rss, _ = measured("validate", str(job), env=env)
             print(f"validate: {seconds:.1f} s, peak RSS {rss:.0f} MiB")
             seconds, rss, out = measured("submit", str(job), env=env)
             queued = client.llen("gridrender")
             print(f"submit: {seconds:.1f} s, peak RSS {rss:.0f} MiB, {queued:,} messages ({out.strip()})")
 
-            store = S3Store.from_url("s3://scale-bench/grid")
-            requests = Requests(store.client)
-            ledger = Ledger(store, "big")
-            record = ledger.current()
-            plan = ledger.plan(record)
-            chunks = [(chunk.id, len(chunk.cells)) for chunk in plan.chunks()]  # ids only: bounded memory
-            half = chunks[: len(chunks) // 2]
-            from gridrender.scheduler.settings import Settings
-
-            visibility = Settings().visibility_timeout
-            duration = plan.chunk_cells / args.rate
-            print(f"chunks: {len(chunks):,} of up to {plan.chunk_cells:,} cells; at {args.rate} img/s a chunk runs "
-                  f"{duration:,.0f} s, {'under' if duration < visibility else 'OVER'} the visibility timeout "
-                  f"({visibility:,} s)")
-
-            def done(chunk):
-                chunk_id, cells = chunk
-                ledger.record(plan.partition, chunk_id, [], cells, {}, record.id, "bench")
-
-            with ThreadPoolExecutor(16) as pool:
-                list(pool.map(done, half))
-            requests.reset()
-            start = time.perf_counter()
-            st = job_status(store, "big")
-            empty_seconds, empty_requests = time.perf_counter() - start, sum(requests.reset().values())
-            print(f"status, half done, no other cells in the bucket: {empty_seconds:.2f} s, {empty_requests} requests "
-                  f"({st.done:,}/{st.total:,} done)")
-
-            def other(i):
-                s3.put_object(Bucket="scale-bench", Key=f"grid/cells/{i:016x}.json", Body=b"{}")
-
-            start = time.perf_counter()
-            with ThreadPoolExecutor(32) as pool:
-                list(pool.map(other, range(args.other_cells)))
-            print(f"(wrote {args.other_cells:,} cells of other jobs in {time.perf_counter() - start:.0f} s)")
-            start = time.perf_counter()
-            st = job_status(store, "big")
-            seconds, counts = time.perf_counter() - start, requests.reset()
-            print(f"status, half done, {args.other_cells:,} other cells: {seconds:.2f} s, {sum(counts.values())} "
-                  f"requests {dict(counts)} ({st.done:,}/{st.total:,} done)")
-
-            with ThreadPoolExecutor(16) as pool:
-                list(pool.map(done, chunks[len(chunks) // 2 :]))
-            client.delete("gridrender")
-            seconds, rss, out = measured("submit", str(job), env=env)
-            print(f"resubmit of the finished job: {seconds:.1f} s, peak RSS {rss:.0f} MiB, "
-                  f"{client.llen('gridrender')} messages ({out.strip()})")
-            requests.reset()
-            from gridrender.scheduler.broker import shared_app
-            from gridrender.scheduler.plan import prepare
-            from gridrender.scheduler.submit import submit  # in process, to count its list calls
-
-            sent = submit(prepare(job, cuda=None), store, shared_app())
-            counts = requests.reset()
-            print(f"resubmit, counted in process: {counts['ListObjectsV2']} list calls, {sum(counts.values())} requests, "
-                  f"{sent.chunks} chunks enqueued")
-
-            seconds, rss, out = measured("finalize", "big", "--output", "s3://scale-bench/grid", env=env)
-            print(f"finalize of the finished job: {seconds:.1f} s, peak RSS {rss:.0f} MiB ({out.strip()})")
+            big = Submitted.read(args.rate)
+            big.record_done(big.chunks[: len(big.chunks) // 2])
+            status_half_done(big, s3, args.other_cells)
+            big.record_done(big.chunks[len(big.chunks) // 2 :])
+            resubmit_and_finalize(big, job, env, client)
     finally:
         client.flushdb()
         moto.terminate()
         moto.wait(10)
+
+
+def write_job(folder: Path, cells: int) -> Path:
+    prompts = ", ".join(f"a prompt number {i} with a few more words" for i in range(10))
+    job = folder / "big.yaml"
+    job.write_text(f"name: big\nmodel: builtin:tiny\nprompts: [{prompts}]\nclip_skip: 1\n"
+                   f"seeds: {{start: 0, count: {cells // 10}}}\noutput: s3://scale-bench/grid\n")
+    print(f"job: {cells:,} cells (10 prompts x {cells // 10:,} seeds), builtin:tiny, S3 on moto, Redis")
+    return job
+
+
+@dataclass
+class Submitted:
+    """The submitted job as the benchmark reads and completes it, its S3 requests counted."""
+
+    store: Any  # S3Store, Ledger, Submission, Plan: gridrender is imported once the environment is set
+    requests: Requests
+    ledger: Any
+    record: Any
+    plan: Any
+    chunks: list[tuple[str, int]]  # (id, cells): ids only, bounded memory
+
+    @classmethod
+    def read(cls, rate: float) -> Submitted:
+        """The job's plan and chunks; prints the chunk size and the duration it implies at `rate` img/s."""
+        from gridrender.scheduler.ledger import Ledger
+        from gridrender.scheduler.s3 import S3Store
+        from gridrender.scheduler.settings import Settings
+
+        store = S3Store.from_url("s3://scale-bench/grid")
+        requests = Requests(store.client)
+        ledger = Ledger(store, "big")
+        record = ledger.current()
+        plan = ledger.plan(record)
+        chunks = [(chunk.id, len(chunk.cells)) for chunk in plan.chunks()]
+        visibility = Settings().visibility_timeout
+        duration = plan.chunk_cells / rate
+        print(f"chunks: {len(chunks):,} of up to {plan.chunk_cells:,} cells; at {rate} img/s a chunk runs "
+              f"{duration:,.0f} s, {'under' if duration < visibility else 'OVER'} the visibility timeout "
+              f"({visibility:,} s)")
+        return cls(store, requests, ledger, record, plan, chunks)
+
+    def record_done(self, chunks: list[tuple[str, int]]) -> None:
+        """Progress records saying these chunks are complete, as workers would write them."""
+
+        def done(chunk: tuple[str, int]) -> None:
+            chunk_id, cells = chunk
+            self.ledger.record(self.plan.partition, chunk_id, [], cells, {}, self.record.id, "bench")
+
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(done, chunks))
+
+
+def status_half_done(big: Submitted, s3, other_cells: int) -> None:
+    """`status` of the half-done job: alone in the bucket, then beside other jobs' cells."""
+    from gridrender.scheduler.status import job_status
+
+    big.requests.reset()
+    start = time.perf_counter()
+    st = job_status(big.store, "big")
+    empty_seconds, empty_requests = time.perf_counter() - start, sum(big.requests.reset().values())
+    print(f"status, half done, no other cells in the bucket: {empty_seconds:.2f} s, {empty_requests} requests "
+          f"({st.done:,}/{st.total:,} done)")
+
+    def other(i):
+        s3.put_object(Bucket="scale-bench", Key=f"grid/cells/{i:016x}.json", Body=b"{}")
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(other, range(other_cells)))
+    print(f"(wrote {other_cells:,} cells of other jobs in {time.perf_counter() - start:.0f} s)")
+    start = time.perf_counter()
+    st = job_status(big.store, "big")
+    seconds, counts = time.perf_counter() - start, big.requests.reset()
+    print(f"status, half done, {other_cells:,} other cells: {seconds:.2f} s, {sum(counts.values())} "
+          f"requests {dict(counts)} ({st.done:,}/{st.total:,} done)")
+
+
+def resubmit_and_finalize(big: Submitted, job: Path, env: dict[str, str], client) -> None:
+    """The finished job submitted again (by the CLI, then in process to count its list calls), then finalized."""
+    client.delete("gridrender")
+    seconds, rss, out = measured("submit", str(job), env=env)
+    print(f"resubmit of the finished job: {seconds:.1f} s, peak RSS {rss:.0f} MiB, "
+          f"{client.llen('gridrender')} messages ({out.strip()})")
+    big.requests.reset()
+    from gridrender.scheduler.broker import shared_app
+    from gridrender.scheduler.plan import prepare
+    from gridrender.scheduler.submit import submit  # in process, to count its list calls
+
+    sent = submit(prepare(job, cuda=None), big.store, shared_app())
+    counts = big.requests.reset()
+    print(f"resubmit, counted in process: {counts['ListObjectsV2']} list calls, {sum(counts.values())} requests, "
+          f"{sent.chunks} chunks enqueued")
+
+    seconds, rss, out = measured("finalize", "big", "--output", "s3://scale-bench/grid", env=env)
+    print(f"finalize of the finished job: {seconds:.1f} s, peak RSS {rss:.0f} MiB ({out.strip()})")
 
 
 if __name__ == "__main__":

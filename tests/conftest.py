@@ -33,21 +33,21 @@ def private_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def renderer(private_cache):
+def renderer(private_cache):  # noqa: ARG001  (loads into the session's private cache, for its side effect)
     from gridrender.workers.render import Renderer
 
     return Renderer()
 
 
 @pytest.fixture(scope="session")
-def tiny(private_cache):
+def tiny(private_cache):  # noqa: ARG001  (resolves in the session's private cache, for its side effect)
     from gridrender.scheduler.models import resolve
 
     return resolve("builtin:tiny")
 
 
 @pytest.fixture(scope="session")
-def tiny_folder(private_cache):
+def tiny_folder(private_cache):  # noqa: ARG001  (written into the session's private cache, for its side effect)
     from gridrender.workers.pipelines import builtin_folder
 
     return builtin_folder("tiny")
@@ -91,6 +91,7 @@ def cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: f
         capture_output=True,
         text=True,
         timeout=timeout,
+        check=False,  # callers assert the return code (and read stderr when it is not 0)
     )
 
 
@@ -134,7 +135,7 @@ def redis_url(redis_base):
 
 
 @pytest.fixture
-def cluster(tmp_path, moto_endpoint, redis_url, private_cache, tiny_folder):
+def cluster(tmp_path, moto_endpoint, redis_url, private_cache, tiny_folder):  # noqa: ARG001  (tiny built before workers start)
     """Environment, bucket and worker launcher for one distributed test."""
     import uuid
 

@@ -5,6 +5,7 @@ processes it started (each in its own process group).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -42,7 +43,7 @@ class Process:
 
     def __init__(self, cmd: list[str], env: dict, log: Path):
         self.log = log
-        self._out = open(log, "ab")
+        self._out = open(log, "ab")  # noqa: SIM115  (open for the process's life: closed when it is stopped)
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def text(self) -> str:
@@ -177,10 +178,8 @@ class TcpProxy:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def down(self) -> None:
         self._up.clear()

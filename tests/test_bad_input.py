@@ -1,6 +1,7 @@
 """Bad input: every malformed job file is refused with exit 2, named, and leaves no trace."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -56,14 +57,16 @@ def test_each_bad_file_is_refused_by_every_command(path, sandbox):
     assert not Path("/tmp/gridrender-pwned").exists()
 
 
-def test_oversized_file_is_refused(tmp_path, sandbox):
+@pytest.mark.usefixtures("sandbox")
+def test_oversized_file_is_refused(tmp_path):
     path = tmp_path / "huge.yaml"
     path.write_text("name: bad\nmodel: builtin:tiny\nprompts:\n" + "  - a prompt that goes on and on\n" * 40_000)
     result = CliRunner().invoke(app, ["validate", str(path)])
     assert result.exit_code == 2 and "at most" in result.output
 
 
-def test_missing_job_file(tmp_path, sandbox):
+@pytest.mark.usefixtures("sandbox")
+def test_missing_job_file(tmp_path):
     result = CliRunner().invoke(app, ["validate", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2 and "cannot read" in result.output
 
@@ -78,31 +81,26 @@ values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.di
 @given(st.dictionaries(st.sampled_from(KEYS), values, max_size=10))
 def test_random_documents_raise_only_job_errors(document):
     text = yaml.safe_dump(document, allow_unicode=True)
-    try:
+    with contextlib.suppress(JobError):  # any other exception fails the test
         parse_job(text)
-    except JobError:
-        pass
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=st.sampled_from(list("ab:-[]{},&*!|>'\"#%@`\n\t 0123456789.~?")), max_size=200))
 def test_random_yaml_text_raises_only_job_errors(text):
-    try:
+    with contextlib.suppress(JobError):  # any other exception fails the test
         parse_job(text)
-    except JobError:
-        pass
 
 
 @settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=300))
 def test_random_bytes_raise_only_job_errors(raw):
-    try:
+    with contextlib.suppress(JobError):  # any other exception fails the test
         parse_job(raw)
-    except JobError:
-        pass
 
 
-def test_a_template_of_ten_billion_prompts_is_counted_not_expanded(tmp_path, sandbox):
+@pytest.mark.usefixtures("sandbox")
+def test_a_template_of_ten_billion_prompts_is_counted_not_expanded(tmp_path):
     """10**10 prompts from a 200-byte prompt: refused on the key within seconds, none of them expanded."""
     import time
 
@@ -120,7 +118,8 @@ def test_a_template_of_ten_billion_prompts_is_counted_not_expanded(tmp_path, san
     assert time.perf_counter() - started < 10
 
 
-def test_prompt_samples_over_the_limit_are_refused_before_drawing(tmp_path, sandbox):
+@pytest.mark.usefixtures("sandbox")
+def test_prompt_samples_over_the_limit_are_refused_before_drawing(tmp_path):
     """prompt_samples: N drew N x 20 prompts per template before the cell limit was checked."""
     import time
 
@@ -134,7 +133,8 @@ def test_prompt_samples_over_the_limit_are_refused_before_drawing(tmp_path, sand
     assert time.perf_counter() - started < 10  # drawing 2,000,000 prompts took minutes
 
 
-def test_messages_print_prompts_literally_never_as_markup(tmp_path, sandbox):
+@pytest.mark.usefixtures("sandbox")
+def test_messages_print_prompts_literally_never_as_markup(tmp_path):
     """Rich markup ate `[worst quality]` and crashed on `[/x]` (exit 1, a traceback): text prints as written."""
     fine = tmp_path / "fine.yaml"
     fine.write_text(yaml.safe_dump({"name": "fine", "model": "builtin:tiny", "prompts": ["a cow [/x], [worst quality] :cow:"],

@@ -181,7 +181,7 @@ def test_a_redelivered_copy_skips_cells_the_other_copy_stored_after_it_started(r
     store, first_writer, second_writer = LocalStore(tmp_path), Writer(), Writer()
     second = []
 
-    def redelivered(done: int) -> None:  # once the first copy's first cell is stored, the second copy runs
+    def redelivered(_done: int) -> None:  # once the first copy's first cell is stored, the second copy runs
         if not second:
             deadline = time.monotonic() + 30
             while not store.exists(f"cells/{cells[0].id}.json"):

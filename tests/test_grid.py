@@ -45,12 +45,12 @@ def test_a_text_that_a1111s_cleaning_changes_gets_a_new_id_and_others_keep_their
     tiny = resolve("builtin:tiny")
     base = dict(model=tiny, negative_prompt="", clip_skip=1, seed=1, sampler="Euler a", schedule="Automatic",
                 steps=4, guidance=7.0, width=64, height=64, dtype="float32")
-    texts = ("a cow, (masterpiece:1.2)", "猫", "café au lait", "\u201ccow\u201d", "Tom &amp; Jerry", "（masterpiece）")
+    texts = ("a cow, (masterpiece:1.2)", "猫", "café au lait", "\u201ccow\u201d", "Tom &amp; Jerry", "（masterpiece）")  # noqa: RUF001  (full-width brackets: the text under test)
     ids = {t: grid.make_cell(**base, prompt=t).id for t in texts}
     with monkeypatch.context() as m:
         m.setattr(grid, "text_identity", lambda text: text)  # the ids before the cleaning existed
         before = {t: grid.make_cell(**base, prompt=t).id for t in texts}
-    assert [t for t in texts if ids[t] != before[t]] == ["\u201ccow\u201d", "Tom &amp; Jerry", "（masterpiece）"]
+    assert [t for t in texts if ids[t] != before[t]] == ["\u201ccow\u201d", "Tom &amp; Jerry", "（masterpiece）"]  # noqa: RUF001  (full-width brackets: the text under test)
 
 
 def test_model_identity_ignores_where_the_file_lies():

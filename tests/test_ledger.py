@@ -27,7 +27,7 @@ FAST_HEARTBEAT = {"GRIDRENDER_HEARTBEAT_TTL": "3", "GRIDRENDER_HEARTBEAT_INTERVA
 
 
 def stored(cluster) -> int:
-    return len([k for k in cluster.keys() if k.endswith(".json")])
+    return len([k for k in cluster.keys() if k.endswith(".json")])  # noqa: SIM118  (the cluster's method)
 
 
 def renders(*workers) -> int:
@@ -59,6 +59,21 @@ def messages(path, output: str, submission: str) -> list[dict]:
             for chunk in plan.chunks()]
 
 
+def reap_failed(caplog, chunk: str, what: str) -> bool:
+    """Whether the reaper logged that it cannot reap `chunk`, saying `what`."""
+    return any(chunk in r.getMessage() and what in r.getMessage() for r in caplog.records
+               if "cannot reap chunk" in r.getMessage())
+
+
+def wait_beating(client, heartbeat, caplog, done, seconds: float) -> None:
+    """Wait until `done()`, checking all along that the heartbeat's key never expires."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, caplog.text
+        assert client.exists(liveness.WORKER + heartbeat.name), "the reaper delayed the heartbeat"
+        time.sleep(0.1)
+
+
 def test_the_reaper_survives_a_broker_error_and_a_storage_error_and_never_delays_a_heartbeat(
         in_process, job_file, monkeypatch, caplog):
     """Old code: the reaper ran on the heartbeat thread and caught only RedisError."""
@@ -86,30 +101,20 @@ def test_the_reaper_survives_a_broker_error_and_a_storage_error_and_never_delays
         heartbeat.start()
         reaper.start()
 
-        def failed(chunk: str, what: str) -> bool:
-            return any(chunk in r.getMessage() and what in r.getMessage() for r in caplog.records
-                       if "cannot reap chunk" in r.getMessage())
-
-        def beating_until(done, seconds: float) -> None:
-            deadline = time.monotonic() + seconds
-            while not done():
-                assert time.monotonic() < deadline, caplog.text
-                assert client.exists(liveness.WORKER + heartbeat.name), "the reaper delayed the heartbeat"
-                time.sleep(0.1)
-
         try:
             with caplog.at_level(logging.ERROR, logger="gridrender.scheduler.liveness"):
                 # A StorageError (no such bucket) and kombu's OperationalError from send_task: both logged, both kept.
-                beating_until(lambda: failed(poison["chunk"], missing) and failed(dead["chunk"], ""), 30)
+                wait_beating(client, heartbeat, caplog,
+                             lambda: reap_failed(caplog, poison["chunk"], missing) and reap_failed(caplog, dead["chunk"], ""), 30)
                 assert reaper.alive() and len(held(client)) == 2
                 # A slow store: connections refused for 4 s while the reaper retries; heartbeats go on.
                 cluster.s3.create_bucket(Bucket=missing)
                 s3.down()
                 broker.up()
                 until = time.monotonic() + 4
-                beating_until(lambda: time.monotonic() > until, 10)
+                wait_beating(client, heartbeat, caplog, lambda: time.monotonic() > until, 10)
                 s3.up()
-                beating_until(lambda: not held(client), 60)
+                wait_beating(client, heartbeat, caplog, lambda: not held(client), 60)
             assert reaper.alive()
         finally:
             reaper.stop()

@@ -19,7 +19,7 @@ ARTIFACTS = ROOT / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
-def rendered_job(tmp_path_factory, private_cache):
+def rendered_job(tmp_path_factory, private_cache):  # noqa: ARG001  (the CLI it runs uses the private cache)
     """A 2 prompts x 2 clip skips x 3 seeds job, run once for the whole module."""
     import yaml
 
@@ -45,7 +45,7 @@ def a1111_parse(text: str) -> dict:
     for line in lines:
         if line.startswith("Negative prompt:"):
             done_with_prompt = True
-            line = line[16:].strip()
+            line = line[16:].strip()  # noqa: PLW2901  (the oracle stays as A1111 wrote it)
         if done_with_prompt:
             negative += ("" if negative == "" else "\n") + line
         else:
@@ -57,7 +57,7 @@ def a1111_parse(text: str) -> dict:
 
 
 def test_sheets_one_per_prompt_with_placeholders_for_missing_cells(rendered_job, tmp_path):
-    path, store = rendered_job
+    _path, store = rendered_job
     sheets_dir = Path(store.root) / "jobs" / "sheet-test" / "sheets"
     names = sorted(p.name for p in sheets_dir.iterdir())
     assert names == ["001-a-cow-in-a-field.png", "002-a-lighthouse-at-dusk.png"]
@@ -115,7 +115,7 @@ def browser_executable() -> str | None:
     if found:
         return found
     install = subprocess.run([sys.executable, "-m", "playwright", "install", "chromium"], capture_output=True,
-                             text=True, timeout=600)
+                             text=True, timeout=600, check=False)
     if install.returncode != 0:
         pytest.skip("no chromium on this machine and Playwright could not download its own: "
                     + (install.stderr.strip().splitlines() or ["?"])[-1])

@@ -22,7 +22,7 @@ FAST_HEARTBEAT = {"GRIDRENDER_HEARTBEAT_TTL": "4", "GRIDRENDER_HEARTBEAT_INTERVA
 
 
 def stored(cluster) -> int:
-    return len([k for k in cluster.keys() if k.endswith(".json")])
+    return len([k for k in cluster.keys() if k.endswith(".json")])  # noqa: SIM118  (the cluster's method)
 
 
 def renders(*workers) -> int:
@@ -85,14 +85,14 @@ def test_reapers_race_for_a_dead_workers_chunk_and_one_wins(redis_url):
     client.hset(liveness.HELD, "gridrender-1@gone", json.dumps({"message": message, "queue": "q", "task": "t1",
                                                                 "chunk": "c0ffee", "job": "t"}))
     sent: list = []
-    first = liveness.reap(client, lambda m, q: sent.append((m, q)), lambda m, k, w: None)
-    second = liveness.reap(client, lambda m, q: sent.append((m, q)), lambda m, k, w: None)
+    first = liveness.reap(client, lambda m, q: sent.append((m, q)), lambda _m, _k, _w: None)
+    second = liveness.reap(client, lambda m, q: sent.append((m, q)), lambda _m, _k, _w: None)
     assert [r.requeued for r in first] == [True] and second == []
     assert sent == [(message, "q")] and not client.hgetall(liveness.HELD)
     alive = liveness.Heartbeat(client, "gridrender-2@here", ["q"], Settings(heartbeat_ttl=5))
     alive.beat()
     client.hset(liveness.HELD, "gridrender-2@here", json.dumps({"message": message, "queue": "q", "task": "t2"}))
-    assert liveness.reap(client, lambda m, q: sent.append((m, q)), lambda m, k, w: None) == []  # alive: left alone
+    assert liveness.reap(client, lambda m, q: sent.append((m, q)), lambda _m, _k, _w: None) == []  # alive: left alone
     assert liveness.consumed_queues(client) == {"q": 1}
 
 
@@ -131,7 +131,7 @@ def test_cancel_after_two_submissions_stops_both(cluster, job_file):
     time.sleep(5)
     result = cluster.cli("cancel", "t", "--output", cluster.output)
     assert result.returncode == 0 and "3 submission(s) cancelled" in result.stdout, result.stdout
-    out, err = waiting.communicate(timeout=60)
+    _out, err = waiting.communicate(timeout=60)
     assert waiting.returncode == 1 and "cancelled with 5 cells not rendered" in err, err
     worker = cluster.worker()
     wait_for(lambda: worker.text().count("dropping") >= 3, 60, "the worker to drop every submission's chunks")

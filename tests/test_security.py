@@ -40,7 +40,7 @@ def test_a_pickled_message_is_refused_and_never_unpickled(cluster, tmp_path):
     assert redis.Redis.from_url(cluster.env["GRIDRENDER_BROKER_URL"]).llen(QUEUE) == 0
 
 
-def test_a_tampered_message_cannot_write_another_cells_key(cluster, job_file, tmp_path):
+def test_a_tampered_message_cannot_write_another_cells_key(cluster, job_file):
     from gridrender.scheduler.messages import ChunkMessage
     from gridrender.scheduler.plan import prepare
 
@@ -57,20 +57,20 @@ def test_a_tampered_message_cannot_write_another_cells_key(cluster, job_file, tm
     assert cluster.keys() == []
 
 
-@pytest.mark.parametrize("url", ["s3://bucket/../etc", "s3://bucket/a/../../b", "s3://bucket/a\\b", "s3://bucket/ａ", "s3://bucket/a\0b"])
+@pytest.mark.parametrize("url", ["s3://bucket/../etc", "s3://bucket/a/../../b", "s3://bucket/a\\b", "s3://bucket/ａ", "s3://bucket/a\0b"])  # noqa: RUF001  (a full-width letter: the input under test)
 def test_s3_prefixes_cannot_climb_out(url):
     with pytest.raises(StorageError):
         S3Store(url[5:].split("/", 1)[0], url[5:].split("/", 1)[1], client=object())
 
 
-def test_an_escaping_output_prefix_is_bad_input(job_file, tmp_path):
+def test_an_escaping_output_prefix_is_bad_input(job_file):
     from tests.conftest import cli
 
     result = cli("run", str(job_file(output="s3://bucket/../escape")))
     assert result.returncode == 2 and "output" in result.stderr
 
 
-@pytest.mark.parametrize("name", ["../x", "/etc", "a/b", "a\\b", "ｔ"])
+@pytest.mark.parametrize("name", ["../x", "/etc", "a/b", "a\\b", "ｔ"])  # noqa: RUF001  (a full-width letter: the input under test)
 def test_job_names_on_the_command_line_cannot_climb_out(name, tmp_path):
     from tests.conftest import cli
 

@@ -7,6 +7,7 @@ import json
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from . import layout
 from .errors import InputError
@@ -21,7 +22,7 @@ SHARD_SIZE = 1000  # samples per tar shard
 RENDERED = ("rendered_prompt", "rendered_negative_prompt")
 
 
-def _rows(store: Store, name: str) -> Iterator[dict]:
+def _rows(store: Store, name: str) -> Iterator[dict[str, Any]]:
     """The job's stored cells with their parameters, streamed (statuses from progress records).
 
     `caption` is the prompt as rendered (Prompt S/R applied, `<lora:>` tags removed), not as written.
@@ -46,7 +47,7 @@ def export(store: Store, name: str, fmt: str, dest: Path) -> int:
     return _webdataset(store, rows, dest, name)
 
 
-def _imagefolder(store: Store, rows: Iterable[dict], dest: Path) -> int:
+def _imagefolder(store: Store, rows: Iterable[dict[str, Any]], dest: Path) -> int:
     """Images plus metadata.jsonl: `load_dataset("imagefolder", data_dir=dest)` reads the params as columns."""
     count = 0
     with open(dest / "metadata.jsonl", "w", encoding="utf-8") as meta:
@@ -58,7 +59,7 @@ def _imagefolder(store: Store, rows: Iterable[dict], dest: Path) -> int:
     return count
 
 
-def _webdataset(store: Store, rows: Iterable[dict], dest: Path, name: str) -> int:
+def _webdataset(store: Store, rows: Iterable[dict[str, Any]], dest: Path, name: str) -> int:
     """Tar shards of `<key>.png` + `<key>.json` pairs, as the webdataset package reads them."""
     count = 0
     iterator = iter(rows)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from . import layout
 from .gallery import render_gallery
@@ -24,7 +25,7 @@ def stored_plan(store: Store, name: str) -> Plan:
     return Ledger(store, name).plan()
 
 
-def manifest_lines(store: Store, plan: Plan, verify: bool = False) -> Iterator[dict]:
+def manifest_lines(store: Store, plan: Plan, verify: bool = False) -> Iterator[dict[str, Any]]:
     """One line per cell, in expansion order, with `status` done or missing.
 
     A complete chunk's record answers for its cells; `verify` checks every cell
@@ -38,13 +39,13 @@ def manifest_lines(store: Store, plan: Plan, verify: bool = False) -> Iterator[d
                 stored = [True] * len(chunk.cells)
             else:
                 stored = ledger.present(chunk.cells)
-            for cell, is_stored in zip(chunk.cells, stored):
+            for cell, is_stored in zip(chunk.cells, stored, strict=True):
                 yield {"cell_id": cell.id, "status": "done" if is_stored else "missing",
                        "image": layout.cell_image(cell.id), "record": layout.cell_record(cell.id), **cell.params(),
                        **cell.rendered()}
 
 
-def read_manifest(store: Store, name: str) -> Iterator[dict]:
+def read_manifest(store: Store, name: str) -> Iterator[dict[str, Any]]:
     for line in store.lines(layout.manifest(name)):
         if line.strip():
             yield json.loads(line)
@@ -65,7 +66,7 @@ def finalize(store: Store, name: str, settings: Settings | None = None) -> Final
     """
     settings = settings or Settings()
     plan = stored_plan(store, name)
-    kept: list[dict] = []  # the lines sheets and the gallery draw, at most sheet_max_cells
+    kept: list[dict[str, Any]] = []  # the lines sheets and the gallery draw, at most sheet_max_cells
     counts = {"done": 0, "total": 0}
 
     def encoded() -> Iterator[bytes]:
@@ -90,7 +91,7 @@ def finalize(store: Store, name: str, settings: Settings | None = None) -> Final
     return Finalized(counts["done"], counts["total"], len(sheets), note)
 
 
-def _layout(job: Job) -> dict | None:
+def _layout(job: Job) -> dict[str, Any] | None:
     return job.sheet.model_dump() if job.sheet else None
 
 

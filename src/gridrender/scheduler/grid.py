@@ -14,7 +14,8 @@ from .params import CALL, INDEX, NAMES, PARAMS, REQUIRED, clip_skip_identity, ne
 from .prompts import encoder_text, is_empty_prompt
 from .tokens import text_identity
 
-_call_values = operator.itemgetter(*(INDEX[p.name] for p in CALL))
+# CALL holds several parameters, so the getter returns a tuple of their values.
+_call_values: Callable[[tuple[Any, ...]], tuple[Any, ...]] = operator.itemgetter(*(INDEX[p.name] for p in CALL))
 CELL_ID_HEX = 16  # 64 bits: a collision among 10^6 cells has odds of about 1 in 3.7e7
 CHUNK_ID_HEX = 16
 
@@ -28,7 +29,7 @@ class Cell:
 
     __slots__ = ("id", "values")
 
-    def __init__(self, values: tuple, id: str | None = None):
+    def __init__(self, values: tuple[Any, ...], id: str | None = None):
         self.values = values
         self.id = id or cell_id(values)
 
@@ -47,7 +48,7 @@ class Cell:
     def __repr__(self) -> str:
         return f"Cell({self.id}, seed={self.seed}, clip_skip={self.clip_skip}, prompt={self.prompt[:30]!r})"
 
-    def params(self) -> dict:
+    def params(self) -> dict[str, Any]:
         """The cell's parameters under the job file's own key names."""
         return public_params(self.values)
 
@@ -70,7 +71,7 @@ class Cell:
         """SDXL conditions on zeros for this negative (A1111: the text is '' itself, spaces are not)."""
         return is_empty_prompt(self.negative_prompt, self.prompt_sr)
 
-    def call_key(self) -> tuple:
+    def call_key(self) -> tuple[Any, ...]:
         """Cells with equal keys can share one pipeline call."""
         return _call_values(self.values)
 
@@ -92,13 +93,14 @@ _ORDER = sorted(range(len(PARAMS)), key=lambda i: PARAMS[i].name)
 _KEYS = [canonical_json(PARAMS[i].name) for i in _ORDER]
 _CACHED = {i for i in _ORDER if PARAMS[i].call}
 _fragments: dict[tuple[int, Any], str] = {}
+_FRAGMENTS_MAX = 100_000  # past this many, start the cache afresh (texts vary per cell)
 
 
 _PROMPT, _NEGATIVE, _SR = INDEX["prompt"], INDEX["negative_prompt"], INDEX["prompt_sr"]
 _MODEL, _CLIP_SKIP = INDEX["model"], INDEX["clip_skip"]
 
 
-def cell_id(values: tuple) -> str:
+def cell_id(values: tuple[Any, ...]) -> str:
     """A hash of everything that changes the cell's pixels: the texts as the encoder reads them
     (S/R applied, LoRA tags removed: the LoRAs are in `loras`; on SDXL a blank negative is not an
     empty one), each component's identity,
@@ -108,7 +110,7 @@ def cell_id(values: tuple) -> str:
     texts = {_PROMPT: text_identity(encoder_text(values[_PROMPT], sr)), _NEGATIVE: text_identity(negative)}
     layers = clip_skip_identity(values[_MODEL], values[_CLIP_SKIP])
     parts = []
-    for key, i in zip(_KEYS, _ORDER):
+    for key, i in zip(_KEYS, _ORDER, strict=True):
         value = texts.get(i, values[i])
         if i == _CLIP_SKIP and type(layers) is not int:
             fragment = canonical_json(layers)
@@ -122,7 +124,7 @@ def cell_id(values: tuple) -> str:
                 identity = PARAMS[i].identity(value)
                 fragment = "" if identity is None else canonical_json(identity)
                 if i in _CACHED or type(value) is str:
-                    if len(_fragments) > 100_000:
+                    if len(_fragments) > _FRAGMENTS_MAX:
                         _fragments.clear()
                     _fragments[(i, value)] = fragment
         if fragment:  # a component not in use leaves no trace: ids stay as they were without it
@@ -144,7 +146,7 @@ def make_cell(model: Any, **params: Any) -> Cell:
     return Cell(tuple(params[name] for name in NAMES))
 
 
-def expand(values: Mapping[str, Sequence], derive: Callable[[list], None] | None = None) -> Iterator[Cell]:
+def expand(values: Mapping[str, Sequence[Any]], derive: Callable[[list[Any]], None] | None = None) -> Iterator[Cell]:
     """Every cell of a grid, in a stable order: parameters in table order, outermost first.
 
     `values` maps each parameter name to its list of values, except parameters that
@@ -152,7 +154,7 @@ def expand(values: Mapping[str, Sequence], derive: Callable[[list], None] | None
     `derive` completes a cell's values in place (LoRAs named in prompt tags, the
     embeddings its texts trigger) before its id is computed.
     """
-    dimensions: list[tuple[tuple[int, ...], Sequence]] = []
+    dimensions: list[tuple[tuple[int, ...], Sequence[tuple[Any, ...]]]] = []
     seen = set()
     for param in PARAMS:
         if param.axis in seen:
@@ -164,8 +166,8 @@ def expand(values: Mapping[str, Sequence], derive: Callable[[list], None] | None
     slots: list[Any] = [None] * len(PARAMS)
     sampler_at, schedule_at, hires_at = INDEX["sampler"], INDEX["schedule"], INDEX["hires"]
     for combo in itertools.product(*(listed for _, listed in dimensions)):
-        for (members, _), value in zip(dimensions, combo):
-            for index, part in zip(members, value):
+        for (members, _), value in zip(dimensions, combo, strict=True):
+            for index, part in zip(members, value, strict=True):
                 slots[index] = part
         if slots[hires_at] is not None:  # the hires sampler and schedule as A1111 resolves them
             slots[hires_at] = _resolved_hires(slots[hires_at], slots[sampler_at], slots[schedule_at])

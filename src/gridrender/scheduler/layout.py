@@ -18,6 +18,7 @@ Nothing else in gridrender spells a key.
 from __future__ import annotations
 
 import posixpath
+from typing import NamedTuple
 
 CELLS = "cells/"
 JOBS = "jobs/"
@@ -92,23 +93,36 @@ def progress_prefix(name: str, partition: str) -> str:
 SEQUENCE_DIGITS = 19  # zero-padded: keys sort as their sequences do
 
 
-def progress(name: str, partition: str, chunk_id: str, sequence: int, stored: int, failed: int,
-             submission_id: str) -> str:
-    return (f"{progress_prefix(name, partition)}{chunk_id}.{sequence:0{SEQUENCE_DIGITS}d}.{stored}.{failed}."
-            f"{submission_id}.json")
+class ProgressKey(NamedTuple):
+    """What a progress record's key carries, in key order."""
+
+    chunk_id: str
+    sequence: int
+    stored: int  # cells stored
+    failed: int  # cells failed
+    submission_id: str
 
 
-def parse_progress(key: str) -> tuple[str, int, int, int, str] | None:
-    """(chunk id, sequence, cells stored, cells failed, submission id) from a progress key; None for anything else.
+_PROGRESS_FIELDS = len(ProgressKey._fields)
+_PROGRESS_FIELDS_BEFORE_SEQUENCES = _PROGRESS_FIELDS - 1
+
+
+def progress(name: str, partition: str, fields: ProgressKey) -> str:
+    return (f"{progress_prefix(name, partition)}{fields.chunk_id}.{fields.sequence:0{SEQUENCE_DIGITS}d}."
+            f"{fields.stored}.{fields.failed}.{fields.submission_id}.json")
+
+
+def parse_progress(key: str) -> ProgressKey | None:
+    """What a progress key carries; None for anything else.
 
     Keys written before sequences existed (`<chunk>.<stored>.<failed>.<submission>.json`) read as sequence 0.
     """
     parts = leaf(key, ".json").split(".")
-    if len(parts) == 4:
+    if len(parts) == _PROGRESS_FIELDS_BEFORE_SEQUENCES:
         parts.insert(1, "0")
-    if len(parts) != 5 or not all(p.isdigit() for p in parts[1:4]):
+    if len(parts) != _PROGRESS_FIELDS or not all(p.isdigit() for p in parts[1:4]):
         return None
-    return parts[0], int(parts[1]), int(parts[2]), int(parts[3]), parts[4]
+    return ProgressKey(parts[0], int(parts[1]), int(parts[2]), int(parts[3]), parts[4])
 
 
 def leaf(key: str, suffix: str = "") -> str:

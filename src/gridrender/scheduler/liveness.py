@@ -14,6 +14,7 @@ place keeps its pid and host name, and must not pass for the worker that died.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -87,7 +88,7 @@ class Loop:
         while not self._stop.wait(self.interval):
             try:
                 self.step()
-            except Exception as exc:  # the broker or storage down: keep going, the next step tries again
+            except Exception as exc:  # noqa: BLE001  (whatever a step raises, broker or storage down: the next step tries again)
                 log.warning("%s failed: %s", self._thread.name, redact(str(exc)) or type(exc).__name__)
 
 
@@ -109,16 +110,14 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._loop.stop()
-        try:
+        with contextlib.suppress(redis.RedisError):  # the key expires anyway
             self.client.delete(WORKER + self.name)
-        except redis.RedisError:
-            pass
 
     def beat(self) -> None:
         body = json.dumps({"queues": self.queues, "host": socket.gethostname(), "pid": os.getpid(), "at": time.time()})
         self.client.set(WORKER + self.name, body, px=int(self.settings.heartbeat_ttl * 1000))
 
-    def hold(self, message: dict, queue: str, task_id: str) -> None:
+    def hold(self, message: dict[str, Any], queue: str, task_id: str) -> None:
         """Say which chunk this worker renders. Best effort: without it, the visibility timeout still recovers it."""
         entry = {"message": message, "queue": queue, "task": task_id, "chunk": message.get("chunk"),
                  "job": message.get("job"), "submission": message.get("submission"), "since": time.time()}
@@ -158,8 +157,8 @@ class Reaped:
     requeued: bool  # False: the chunk killed POISON_KILLS workers and was recorded as failed
 
 
-Send = Callable[[dict, str], Any]
-Poison = Callable[[dict, int, str], None]  # (message, kills, last worker)
+Send = Callable[[dict[str, Any], str], Any]
+Poison = Callable[[dict[str, Any], int, str], None]  # (message, kills, last worker)
 
 
 def reap(client: redis.Redis, send: Send, poisoned: Poison) -> list[Reaped]:
@@ -185,15 +184,18 @@ def reap(client: redis.Redis, send: Send, poisoned: Poison) -> list[Reaped]:
         if not client.set(lock, b"1", nx=True, ex=LOCK_TTL):
             continue  # another reaper has it
         try:
-            reaped.append(_reap_one(client, kills, name, entry, send, poisoned))
-        except Exception as exc:
+            done = _reap_one(kills, name, entry, send, poisoned)
+            client.hdel(HELD, name)
+            reaped.append(done)
+        except Exception as exc:  # noqa: BLE001  (each entry stands alone: whatever fails on one leaves the others)
             client.delete(lock)  # the next pass (here or in another reaper) tries again; the kill is counted once
             log.error("cannot reap chunk %s of %s held by %s (will retry): %s", entry.get("chunk"), entry.get("job"),
                       name, redact(str(exc)) or type(exc).__name__)
     return reaped
 
 
-def _reap_one(client: redis.Redis, kills: KillCounts, name: str, entry: dict, send: Send, poisoned: Poison) -> Reaped:
+def _reap_one(kills: KillCounts, name: str, entry: dict[str, Any], send: Send, poisoned: Poison) -> Reaped:
+    """Count the death against the chunk, then send the chunk again or record it as poison."""
     message = entry["message"]
     chunk = entry.get("chunk") or entry["task"]
     killed = kills.add(str(message.get("job")), str(message.get("submission")), chunk, f"{name}/{entry['task']}")
@@ -205,16 +207,15 @@ def _reap_one(client: redis.Redis, kills: KillCounts, name: str, entry: dict, se
         log.warning("worker %s stopped heartbeating holding chunk %s of %s; re-enqueueing it on %s",
                     name, chunk, entry.get("job"), entry["queue"])
         send(message, entry["queue"])
-    client.hdel(HELD, name)
     return Reaped(name, chunk, killed < POISON_KILLS)
 
 
-def send_chunk(app: Any, message: dict, queue: str) -> None:
+def send_chunk(app: Any, message: dict[str, Any], queue: str) -> None:
     app.send_task(RENDER_TASK, args=[message], queue=queue, retry=False,
                   argsrepr=f"[chunk {message.get('chunk')} of {message.get('job')}]", kwargsrepr="{}")
 
 
-def record_poisoned(client: redis.Redis, message: dict, kills: int, last: str, deadline: float = 60) -> None:
+def record_poisoned(client: redis.Redis, message: dict[str, Any], kills: int, last: str, deadline: float = 60) -> None:
     chunk = ChunkMessage.from_message(message)
     store = RetryingStore(open_store(chunk.output), deadline=deadline)
     with Ledger(store, chunk.job, kills=KillCounts(client)) as ledger:

@@ -8,6 +8,7 @@ cannot make it write another cell's key.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import InputError
 from .grid import Cell, cell_id
@@ -27,7 +28,7 @@ class ChunkMessage:
     cells: list[Cell]  # the cells to render (all of the chunk, or those missing at submit)
     present: int = 0  # cells of the chunk that the submit found stored already
 
-    def to_message(self) -> dict:
+    def to_message(self) -> dict[str, Any]:
         first = self.cells[0]
         texts = list(dict.fromkeys(getattr(c, p.name) for c in self.cells for p in PER_CELL if p.text))
         index = {t: i for i, t in enumerate(texts)}
@@ -48,7 +49,7 @@ class ChunkMessage:
         }
 
     @classmethod
-    def from_message(cls, message: dict) -> ChunkMessage:
+    def from_message(cls, message: dict[str, Any]) -> ChunkMessage:
         try:
             if message.get("v") != VERSION:
                 raise ValueError(f"unknown message version {message.get('v')!r}")
@@ -58,7 +59,7 @@ class ChunkMessage:
             for claimed, *row in message["cells"]:
                 if len(row) != len(PER_CELL):
                     raise ValueError(f"cell {claimed!r} has {len(row)} values, expected {len(PER_CELL)}")
-                per_cell = {p.name: texts[v] if p.text else p.unpack(v) for p, v in zip(PER_CELL, row)}
+                per_cell = {p.name: texts[v] if p.text else p.unpack(v) for p, v in zip(PER_CELL, row, strict=True)}
                 values = tuple({**call, **per_cell}[p.name] for p in PARAMS)
                 actual = cell_id(values)
                 if actual != claimed:

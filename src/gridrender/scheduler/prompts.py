@@ -55,6 +55,62 @@ _LORA_TAG = re.compile(r"<(?:lora|lyco):([^>]+)>")
 _AND = re.compile(r"\bAND\b")
 
 
+@dataclass
+class _Segment:
+    text: str
+    weight: float
+
+
+class _Attention:
+    """parse_prompt_attention's state: the segments read so far, where each open bracket began."""
+
+    def __init__(self) -> None:
+        self.segments: list[_Segment] = []
+        self.round_brackets: list[int] = []
+        self.square_brackets: list[int] = []
+
+    def multiply_range(self, start: int, multiplier: float) -> None:
+        for segment in self.segments[start:]:
+            segment.weight *= multiplier
+
+    def read(self, token: str, weight: str | None) -> None:
+        if token.startswith("\\"):
+            self.segments.append(_Segment(token[1:], 1.0))
+        elif token == "(":
+            self.round_brackets.append(len(self.segments))
+        elif token == "[":
+            self.square_brackets.append(len(self.segments))
+        elif weight is not None and self.round_brackets:
+            self.multiply_range(self.round_brackets.pop(), float(weight))
+        elif token == ")" and self.round_brackets:
+            self.multiply_range(self.round_brackets.pop(), ROUND)
+        elif token == "]" and self.square_brackets:
+            self.multiply_range(self.square_brackets.pop(), SQUARE)
+        else:
+            for i, part in enumerate(_BREAK.split(token)):
+                if i > 0:
+                    self.segments.append(_Segment("BREAK", BREAK_MARK))
+                self.segments.append(_Segment(part, 1.0))
+
+    def close_unclosed(self) -> None:
+        """Unclosed brackets apply to the rest of the prompt."""
+        for start in self.round_brackets:
+            self.multiply_range(start, ROUND)
+        for start in self.square_brackets:
+            self.multiply_range(start, SQUARE)
+
+
+def _merge_equal_weights(segments: list[_Segment]) -> list[_Segment]:
+    """Runs of segments with equal weights as one segment each."""
+    merged = [_Segment("", 1.0)] if not segments else segments[:1]
+    for segment in segments[1:]:
+        if segment.weight == merged[-1].weight:
+            merged[-1].text += segment.text
+        else:
+            merged.append(segment)
+    return merged
+
+
 def parse_attention(text: str) -> list[tuple[str, float]]:
     """(text, weight) segments of a prompt, as A1111's parse_prompt_attention.
 
@@ -62,47 +118,11 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     `\\(` is a literal bracket, `BREAK` becomes ("BREAK", -1). Unclosed brackets
     apply to the rest of the prompt; runs of equal weights are merged.
     """
-    res: list[list] = []
-    round_brackets: list[int] = []
-    square_brackets: list[int] = []
-
-    def multiply_range(start: int, multiplier: float) -> None:
-        for p in range(start, len(res)):
-            res[p][1] *= multiplier
-
+    attention = _Attention()
     for match in _ATTENTION.finditer(text):
-        token, weight = match.group(0), match.group(1)
-        if token.startswith("\\"):
-            res.append([token[1:], 1.0])
-        elif token == "(":
-            round_brackets.append(len(res))
-        elif token == "[":
-            square_brackets.append(len(res))
-        elif weight is not None and round_brackets:
-            multiply_range(round_brackets.pop(), float(weight))
-        elif token == ")" and round_brackets:
-            multiply_range(round_brackets.pop(), ROUND)
-        elif token == "]" and square_brackets:
-            multiply_range(square_brackets.pop(), SQUARE)
-        else:
-            for i, part in enumerate(_BREAK.split(token)):
-                if i > 0:
-                    res.append(["BREAK", BREAK_MARK])
-                res.append([part, 1.0])
-    for start in round_brackets:
-        multiply_range(start, ROUND)
-    for start in square_brackets:
-        multiply_range(start, SQUARE)
-    if not res:
-        res = [["", 1.0]]
-    i = 0
-    while i + 1 < len(res):
-        if res[i][1] == res[i + 1][1]:
-            res[i][0] += res[i + 1][0]
-            res.pop(i + 1)
-        else:
-            i += 1
-    return [(segment, weight) for segment, weight in res]
+        attention.read(match.group(0), match.group(1))
+    attention.close_unclosed()
+    return [(segment.text, segment.weight) for segment in _merge_equal_weights(attention.segments)]
 
 
 @dataclass
@@ -133,6 +153,88 @@ class Vocabulary:
 Triggers = Mapping[tuple[int, ...], tuple[Any, int]]
 
 
+# Per first token id: (trigger ids, embedding key, vectors) of the triggers that start with it, longest first
+_TriggerLookup = dict[int, list[tuple[tuple[int, ...], Any, int]]]
+
+
+def _trigger_lookup(embeddings: Triggers | None) -> _TriggerLookup:
+    lookup: _TriggerLookup = {}
+    for ids, (key, vectors) in (embeddings or {}).items():
+        lookup.setdefault(ids[0], []).append((ids, key, vectors))
+    for matches in lookup.values():
+        matches.sort(key=lambda m: len(m[0]), reverse=True)
+    return lookup
+
+
+class _Chunker:
+    """tokenize_line's state: the chunks so far, the one being filled, its last comma."""
+
+    def __init__(self, vocab: Vocabulary, lookup: _TriggerLookup):
+        self.vocab, self.lookup = vocab, lookup
+        self.chunks: list[Chunk] = []
+        self.current = Chunk()
+        self.token_count = 0
+        self.last_comma = -1
+
+    def next_chunk(self, is_last: bool = False) -> None:
+        current = self.current
+        self.token_count += len(current.tokens) if is_last else CHUNK_TOKENS
+        padding = CHUNK_TOKENS - len(current.tokens)
+        if padding > 0:
+            current.tokens += [self.vocab.eos] * padding
+            current.weights += [1.0] * padding
+        current.tokens = [self.vocab.bos, *current.tokens, self.vocab.eos]
+        current.weights = [1.0, *current.weights, 1.0]
+        self.last_comma = -1
+        self.chunks.append(current)
+        self.current = Chunk()
+
+    def add(self, tokens: list[int], weight: float) -> None:
+        """A segment's tokens, each embedding trigger among them replaced by the embedding's slots."""
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
+            self._make_room(token)
+            match = next((m for m in self.lookup.get(token, ()) if tuple(tokens[position : position + len(m[0])]) == m[0]),
+                         None)
+            if match is None:
+                self.current.tokens.append(token)
+                self.current.weights.append(weight)
+                position += 1
+            else:
+                ids, key, vectors = match
+                self._add_embedding(key, vectors, weight)
+                position += len(ids)
+
+    def _make_room(self, token: int) -> None:
+        """Before `token`: note a comma; a full chunk passes its words after a recent comma on to the next."""
+        current = self.current
+        if token == self.vocab.comma:
+            self.last_comma = len(current.tokens)
+        elif (len(current.tokens) == CHUNK_TOKENS and self.last_comma != -1
+              and len(current.tokens) - self.last_comma <= COMMA_BACKTRACK):
+            cut = self.last_comma + 1
+            moved_tokens, moved_weights = current.tokens[cut:], current.weights[cut:]
+            current.tokens, current.weights = current.tokens[:cut], current.weights[:cut]
+            self.next_chunk()
+            self.current.tokens, self.current.weights = moved_tokens, moved_weights
+        if len(self.current.tokens) == CHUNK_TOKENS:
+            self.next_chunk()
+
+    def _add_embedding(self, key: Any, vectors: int, weight: float) -> None:
+        """An embedding's slots, all in one chunk."""
+        if len(self.current.tokens) + vectors > CHUNK_TOKENS:
+            self.next_chunk()
+        self.current.fixes.append((len(self.current.tokens), key))
+        self.current.tokens += [0] * vectors
+        self.current.weights += [weight] * vectors
+
+    def finish(self) -> Encoding:
+        if self.current.tokens or not self.chunks:
+            self.next_chunk(is_last=True)
+        return Encoding(self.chunks, self.token_count)
+
+
 def chunk_prompt(text: str, tokenize: Callable[[Sequence[str]], list[list[int]]], vocab: Vocabulary,
                  embeddings: Triggers | None = None) -> Encoding:
     """A1111's tokenize_line: weighted segments -> chunks of 75 tokens + BOS/EOS.
@@ -141,66 +243,15 @@ def chunk_prompt(text: str, tokenize: Callable[[Sequence[str]], list[list[int]]]
     within the last 20 tokens) into the next chunk; BREAK closes a chunk early. An
     embedding's trigger takes as many slots as the embedding has vectors, in one chunk.
     """
-    lookup: dict[int, list[tuple[tuple[int, ...], Any, int]]] = {}
-    for ids, (key, vectors) in (embeddings or {}).items():
-        lookup.setdefault(ids[0], []).append((ids, key, vectors))
-    for matches in lookup.values():
-        matches.sort(key=lambda m: len(m[0]), reverse=True)
+    chunker = _Chunker(vocab, _trigger_lookup(embeddings))
     parsed = parse_attention(text)
     tokenized = tokenize([segment for segment, _ in parsed])
-    chunks: list[Chunk] = []
-    current = Chunk()
-    token_count = 0
-    last_comma = -1
-
-    def next_chunk(is_last: bool = False) -> None:
-        nonlocal token_count, last_comma, current
-        token_count += len(current.tokens) if is_last else CHUNK_TOKENS
-        padding = CHUNK_TOKENS - len(current.tokens)
-        if padding > 0:
-            current.tokens += [vocab.eos] * padding
-            current.weights += [1.0] * padding
-        current.tokens = [vocab.bos, *current.tokens, vocab.eos]
-        current.weights = [1.0, *current.weights, 1.0]
-        last_comma = -1
-        chunks.append(current)
-        current = Chunk()
-
-    for tokens, (segment, weight) in zip(tokenized, parsed):
+    for tokens, (segment, weight) in zip(tokenized, parsed, strict=True):
         if segment == "BREAK" and weight == BREAK_MARK:
-            next_chunk()
-            continue
-        position = 0
-        while position < len(tokens):
-            token = tokens[position]
-            if token == vocab.comma:
-                last_comma = len(current.tokens)
-            elif (len(current.tokens) == CHUNK_TOKENS and last_comma != -1
-                  and len(current.tokens) - last_comma <= COMMA_BACKTRACK):
-                cut = last_comma + 1
-                moved_tokens, moved_weights = current.tokens[cut:], current.weights[cut:]
-                current.tokens, current.weights = current.tokens[:cut], current.weights[:cut]
-                next_chunk()
-                current.tokens, current.weights = moved_tokens, moved_weights
-            if len(current.tokens) == CHUNK_TOKENS:
-                next_chunk()
-            match = next((m for m in lookup.get(token, ()) if tuple(tokens[position : position + len(m[0])]) == m[0]),
-                         None)
-            if match is None:
-                current.tokens.append(token)
-                current.weights.append(weight)
-                position += 1
-                continue
-            ids, key, vectors = match
-            if len(current.tokens) + vectors > CHUNK_TOKENS:
-                next_chunk()
-            current.fixes.append((len(current.tokens), key))
-            current.tokens += [0] * vectors
-            current.weights += [weight] * vectors
-            position += len(ids)
-    if current.tokens or not chunks:
-        next_chunk(is_last=True)
-    return Encoding(chunks, token_count)
+            chunker.next_chunk()
+        else:
+            chunker.add(tokens, weight)
+    return chunker.finish()
 
 
 @dataclass(frozen=True)
@@ -211,6 +262,9 @@ class LoraTag:
     te: float  # text-encoder multiplier
     unet: float  # UNet multiplier
     written: str  # the tag as the prompt has it
+
+
+_TE_AT, _UNET_AT = 1, 2  # a tag's positional items: NAME, TE, UNET
 
 
 def lora_tags(text: str) -> list[LoraTag]:
@@ -229,18 +283,18 @@ def lora_tags(text: str) -> list[LoraTag]:
         positional: list[str] = []
         named: dict[str, str] = {}
         for item in match.group(1).split(":"):
-            parts = item.split("=", 2)
-            if len(parts) == 2:
-                named[parts[0]] = parts[1]
+            if item.count("=") == 1:  # key=value
+                key, value = item.split("=")
+                named[key] = value
             else:
                 positional.append(item)
         if not positional or not positional[0].strip():
             raise ValueError(f"{written}: the tag names no LoRA")
-        if len(positional) > 3 or "dyn" in named:
+        if len(positional) > _UNET_AT + 1 or "dyn" in named:
             raise ValueError(f"{written}: `dyn` (a LoRA rank cut) is not supported; write <lora:NAME:TE:UNET>")
-        te = _multiplier(written, positional[1]) if len(positional) > 1 else 1.0
+        te = _multiplier(written, positional[_TE_AT]) if len(positional) > _TE_AT else 1.0
         te = _multiplier(written, named["te"]) if "te" in named else te
-        unet = _multiplier(written, positional[2]) if len(positional) > 2 else te
+        unet = _multiplier(written, positional[_UNET_AT]) if len(positional) > _UNET_AT else te
         unet = _multiplier(written, named["unet"]) if "unet" in named else unet
         tags.append(LoraTag(positional[0], te, unet, written))
     return tags

@@ -63,7 +63,9 @@ def job_status(store: Store, name: str, now: float | None = None) -> Status:
                   counts.rate(now or time.time(), RATE_WINDOW), ledger.is_cancelled(record.id), poisoned)
 
 
-def follow(store: Store, name: str, on_update: Callable[[Status], None], interval: float = 1.0,
+# The polling options stay keyword arguments while cli.py (being rewritten in parallel) passes them so;
+# then they become one `Polling` object.
+def follow(store: Store, name: str, on_update: Callable[[Status], None], *, interval: float = 1.0,  # noqa: PLR0913
            max_interval: float = 15.0, idle_timeout: float | None = None,
            working: Callable[[], bool] = lambda: False, tick: Callable[[], None] = lambda: None,
            until: Callable[[Status], bool] = lambda s: s.finished or s.cancelled) -> Status:

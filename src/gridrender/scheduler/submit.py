@@ -126,8 +126,8 @@ def retry_poisoned(store: Store, name: str, app: Celery, settings: Settings | No
             if chunk.id not in poisoned:
                 continue
             stored = ledger.present(chunk.cells)
-            missing = [cell for cell, ok in zip(chunk.cells, stored) if not ok]
-            ledger.record(plan.partition, chunk.id, [c.id for c, ok in zip(chunk.cells, stored) if ok], 0, {},
+            missing = [cell for cell, ok in zip(chunk.cells, stored, strict=True) if not ok]
+            ledger.record(plan.partition, chunk.id, [c.id for c, ok in zip(chunk.cells, stored, strict=True) if ok], 0, {},
                           record.id, "retry")  # clears the chunk's kill count
             if missing:
                 message = ChunkMessage(name, record.id, plan.job.output, plan.job.batch_size, plan.partition,

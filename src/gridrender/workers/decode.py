@@ -7,10 +7,12 @@ keep such an image under a cell id, so those cells fail, alone.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from PIL import Image
 
+from gridrender.scheduler.components import Component
 from gridrender.scheduler.errors import RenderError
 
 from .components import fp32_vae, vae_for
@@ -19,14 +21,15 @@ from .twopass import to_pil
 
 log = logging.getLogger(__name__)
 LARGE_IMAGE = 1024 * 1024  # pixels above which the VAE decodes in tiles (diffusers classes only)
+SLICED_BATCH = 8  # images in a batch above which the VAE decodes them one at a time
 UNET_NAN = ("the UNet produced NaN/inf latents ({stage}; A1111: \"A tensor with all NaNs was produced\"), e.g. "
             "an emphasis weight or a conditioning that divides by zero, or a UNet overflowing in this dtype; "
             "nothing is stored for this cell")
 VAE_NAN = "the VAE decoded NaN/inf even in float32; nothing is stored for this cell"
 
 
-def decode_latents(loaded: Loaded, latents: torch.Tensor, component,
-                   truncate: bool) -> tuple[list[Image.Image | None], dict]:
+def decode_latents(loaded: Loaded, latents: torch.Tensor, component: Component | None,
+                   truncate: bool) -> tuple[list[Image.Image | None], dict[str, Any]]:
     """VAE decode (the model's own or the cell's); A1111 truncates to uint8 (astype), diffusers rounds.
 
     A1111's samplers decode whole (no tiles). A decode with NaN or inf (a VAE overflowing
@@ -45,7 +48,7 @@ def decode_latents(loaded: Loaded, latents: torch.Tensor, component,
     cast = latents.to(vae.dtype)  # A1111 and diffusers cast to the VAE's dtype, then scale
     scaled = cast * (1.0 / vae.config.scaling_factor) if truncate else cast / vae.config.scaling_factor
     decoded = decode(scaled, return_dict=False)[0]
-    described = {"dtype": str(vae.dtype).removeprefix("torch."), "redone_in_float32": False}
+    described: dict[str, Any] = {"dtype": str(vae.dtype).removeprefix("torch."), "redone_in_float32": False}
     if not finite(decoded):
         log.warning("the VAE decoded NaN/inf in %s; decoding again in float32", described["dtype"])
         vae = fp32_vae(loaded.extras, vae, component)
@@ -66,11 +69,11 @@ def finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
-def _size_vae(vae, pixels: int, batch: int, tile: bool) -> None:
+def _size_vae(vae: Any, pixels: int, batch: int, tile: bool) -> None:
     """Tile and slice the VAE only when an image is large: it costs time on small ones.
 
     A1111's samplers decode whole (A1111's decode_first_stage): `tile` is off for them.
     """
     large = pixels > LARGE_IMAGE
     (vae.enable_tiling if large and tile else vae.disable_tiling)()
-    (vae.enable_slicing if large or batch > 8 else vae.disable_slicing)()
+    (vae.enable_slicing if large or batch > SLICED_BATCH else vae.disable_slicing)()

@@ -54,7 +54,7 @@ def start(job: Job | str | Path, output: str | None = None, renderer: Renderer |
 
 
 def render_missing(started: Started, renderer: Renderer,
-                   on_batch: Callable[[int], None] = lambda n: None) -> ChunkResult:
+                   on_batch: Callable[[int], None] = lambda _: None) -> ChunkResult:
     """Render every chunk not yet complete, writing a progress record after each."""
     plan, store = started.plan, started.store
     total = ChunkResult()
@@ -74,7 +74,7 @@ def render_missing(started: Started, renderer: Renderer,
     return total
 
 
-def finish(started: Started, renderer: Renderer, on_batch: Callable[[int], None] = lambda n: None,
+def finish(started: Started, renderer: Renderer, on_batch: Callable[[int], None] = lambda _: None,
            settings: Settings | None = None) -> RunResult:
     """Render what is missing, then write manifest, sheets and gallery (also after Ctrl-C)."""
     interrupted = False
@@ -89,7 +89,7 @@ def finish(started: Started, renderer: Renderer, on_batch: Callable[[int], None]
 
 
 def run_job(job: Job | str | Path, output: str | None = None, renderer: Renderer | None = None,
-            on_batch: Callable[[int], None] = lambda n: None, settings: Settings | None = None) -> RunResult:
+            on_batch: Callable[[int], None] = lambda _: None, settings: Settings | None = None) -> RunResult:
     """Render the job's missing cells here, then write manifest, sheets and gallery."""
     started, renderer = start(job, output, renderer, settings)
     return finish(started, renderer, on_batch, settings)

@@ -46,8 +46,9 @@ def quiet_libraries() -> None:
 
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    # transformers leaves these unannotated (diffusers' are exempt in pyproject: untyped_calls_exclude).
+    transformers.utils.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
 
 
@@ -71,7 +72,7 @@ class Loaded:
     dtype: str
     load_seconds: float
     encoder: PromptEncoder
-    scheduler_config: dict  # the model's own (prediction and noise schedule as the model says them)
+    scheduler_config: dict[str, Any]  # the model's own (prediction and noise schedule as the model says them)
     sigmas: ModelSigmas | None  # None: the model's noise schedule is not one A1111's samplers know
     unet: Callable[..., Any]  # pipe.unet, compiled where compiling is on
     decode: Callable[..., Any]  # pipe.vae.decode, likewise
@@ -91,7 +92,7 @@ class Loaded:
         return self.model.family == SDXL
 
     @classmethod
-    def wrap(cls, pipe, model: ModelSpec, dtype: str, load_seconds: float, compile_mode: str | None = None) -> Loaded:
+    def wrap(cls, pipe: Any, model: ModelSpec, dtype: str, load_seconds: float, compile_mode: str | None = None) -> Loaded:
         # What the model (or the job's override of it) says, whatever the shipped or saved config said.
         config = {**dict(pipe.scheduler.config), "prediction_type": model.prediction,
                   "rescale_betas_zero_snr": model.zero_terminal_snr}
@@ -117,10 +118,14 @@ class Loaded:
         """Whether calls are compiled: then shapes should stay static (short batches padded)."""
         return isinstance(self.unet, Compiled) and self.unet.state != EAGER
 
-    def compile_state(self) -> dict:
+    def compile_state(self) -> dict[str, str]:
         """What a record says about compilation: the mode each module ran in."""
         return {name: (module.state if isinstance(module, Compiled) else EAGER)
                 for name, module in (("unet", self.unet), ("vae_decode", self.decode))}
+
+
+# A resident pipeline's key: the model's identity as sorted (name, value) pairs, and the dtype.
+PipelineKey = tuple[tuple[tuple[str, Any], ...], str]
 
 
 class PipelineCache:
@@ -132,7 +137,7 @@ class PipelineCache:
         settings = Settings()
         self.device = device or default_device()
         self.keep = keep
-        self.loaded: dict[tuple, Loaded] = {}
+        self.loaded: dict[PipelineKey, Loaded] = {}
         self.loads = 0
         if compile_mode is None:
             compile_mode = settings.compile_mode if enabled(self.device, settings) else EAGER
@@ -159,18 +164,18 @@ class PipelineCache:
         self.loaded[key] = loaded
         return loaded
 
-    def put(self, model: ModelSpec, dtype: str, pipe) -> Loaded:
+    def put(self, model: ModelSpec, dtype: str, pipe: Any) -> Loaded:
         """Make an already built pipeline resident (benchmarks with random full-size weights)."""
         loaded = Loaded.wrap(make_resident(pipe, self.device), model, dtype, 0.0, self.compile_mode)
         self.loaded[(json_key(model), dtype)] = loaded
         return loaded
 
 
-def json_key(model: ModelSpec) -> tuple:
+def json_key(model: ModelSpec) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(model.identity().items()))
 
 
-def load(model: ModelSpec, dtype: torch.dtype, device: torch.device):
+def load(model: ModelSpec, dtype: torch.dtype, device: torch.device) -> Any:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if model.family == SDXL:
@@ -201,16 +206,16 @@ def load(model: ModelSpec, dtype: torch.dtype, device: torch.device):
     return make_resident(pipe, device)
 
 
-def make_resident(pipe, device: torch.device):
+def make_resident(pipe: Any, device: torch.device) -> Any:
     """Quiet, on the device, and tuned for it: every pipeline goes through here."""
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
     if device.type == "cuda":
-        tune_for_cuda(pipe)
+        tune_for_cuda()
     return pipe
 
 
-def tune_for_cuda(pipe) -> None:
+def tune_for_cuda() -> None:
     """Only settings a measurement justified (BENCHMARKS.md, H100, SD 1.5 fp16 batch 8).
 
     cuDNN autotuning: 5.16 -> 5.24 img/s. Not set: channels_last (4.53, -13%), TF32

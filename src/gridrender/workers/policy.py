@@ -31,7 +31,7 @@ def backoff(attempt: int) -> float:
     return min(2.0 ** max(attempt, 1), MAX_BACKOFF)
 
 
-def retry(task: Task, message: dict, failures: int) -> Exception:
+def retry(task: Task, message: dict[str, Any], failures: int) -> Exception:
     """The retry to raise: the same message, `failures` render attempts spent so far.
 
     Celery publishes the retry, then acknowledges the message. When publishing fails it raises
@@ -39,17 +39,20 @@ def retry(task: Task, message: dict, failures: int) -> Exception:
     queue instead (requeued, still unacknowledged), and comes again when the broker is back.
     """
     try:
-        return task.retry(args=[message], kwargs={"failures": failures}, countdown=backoff(task.request.retries + 1),
-                          max_retries=None)
-    except Reject as exc:
-        log.error("could not publish the retry of a chunk (%s): putting the message back on its queue", exc.reason)
-        return Reject(exc.reason, requeue=True)
+        # Celery is untyped. Task.retry raises its Retry itself (throw=True); with throw=False it would return it.
+        exc: Exception = task.retry(args=[message], kwargs={"failures": failures},
+                                    countdown=backoff(task.request.retries + 1), max_retries=None)
+    except Reject as rejected:
+        log.error("could not publish the retry of a chunk (%s): putting the message back on its queue", rejected.reason)
+        requeued: Exception = Reject(rejected.reason, requeue=True)
+        return requeued
+    return exc
 
 
 def hold_chunks(task: Task, heartbeat: Heartbeat) -> Callable[[], None]:
     """Name the running chunk in the heartbeat while `task` runs; returns the disconnect."""
 
-    def hold(task_id: str, task: Task, args: tuple, **_: Any) -> None:
+    def hold(task_id: str, task: Task, args: tuple[Any, ...], **_: Any) -> None:
         routing = (task.request.delivery_info or {}).get("routing_key") or ""
         if args and isinstance(args[0], dict):
             heartbeat.hold(args[0], routing, task_id)
@@ -67,17 +70,18 @@ def hold_chunks(task: Task, heartbeat: Heartbeat) -> Callable[[], None]:
     return disconnect
 
 
-Gate = Callable[[Ledger, ChunkMessage], "dict | None"]
+Ended = dict[str, int]  # the task's result for a chunk ended before rendering: {"cancelled" or "poisoned": cells}
+Gate = Callable[[Ledger, ChunkMessage], "Ended | None"]
 
 
-def cancelled(ledger: Ledger, chunk: ChunkMessage) -> dict | None:
+def cancelled(ledger: Ledger, chunk: ChunkMessage) -> Ended | None:
     if ledger.is_cancelled(chunk.submission):
         log.info("job %s was cancelled: dropping %d cells", chunk.job, len(chunk.cells))
         return {"cancelled": len(chunk.cells)}
     return None
 
 
-def poisoned(ledger: Ledger, chunk: ChunkMessage) -> dict | None:
+def poisoned(ledger: Ledger, chunk: ChunkMessage) -> Ended | None:
     kills = ledger.kill_count(chunk.submission, chunk.chunk)
     if ledger.poisoned_by_kills(chunk.submission, chunk.chunk):
         log.error("chunk %s of %s killed %d workers: recording it as failed", chunk.chunk, chunk.job, kills)
@@ -89,7 +93,7 @@ def poisoned(ledger: Ledger, chunk: ChunkMessage) -> dict | None:
 GATES: tuple[Gate, ...] = (cancelled, poisoned)
 
 
-def gate(ledger: Ledger, chunk: ChunkMessage, gates: tuple[Gate, ...] = GATES) -> dict | None:
+def gate(ledger: Ledger, chunk: ChunkMessage, gates: tuple[Gate, ...] = GATES) -> Ended | None:
     """The first gate's answer that ends the chunk before rendering, or None: render it."""
     for check in gates:
         ended = check(ledger, chunk)

@@ -46,9 +46,10 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arrays]
 
 
-def resize_image(image: Image.Image, width: int, height: int, upscaler: str = "None",
-                 model: Component | None = None, device: torch.device | None = None) -> Image.Image:
-    """images.resize_image(0, ...): "Just resize", through an upscaler when the image grows."""
+def resize_image(image: Image.Image, width: int, height: int, hires: Hires | None = None,
+                 device: torch.device | None = None) -> Image.Image:
+    """images.resize_image(0, ...): "Just resize", through the hires fix's upscaler when the image grows."""
+    upscaler, model = (hires.upscaler, hires.model) if hires is not None else ("None", None)
     if upscaler == "None" and model is None:
         return image.resize((width, height), resample=LANCZOS)
     scale = max(width / image.width, height / image.height)
@@ -79,8 +80,8 @@ def _upscale(image: Image.Image, scale: float, upscaler: str, model: Component |
     return image
 
 
-@cache
-def _upscaler_model(location: str, sha256: str, device: str) -> Any:
+@cache  # keyed by the file's sha256 too: a file replaced at the same location loads anew
+def _upscaler_model(location: str, _sha256: str, device: str) -> Any:
     try:
         import spandrel
     except ImportError:
@@ -168,7 +169,8 @@ def encode(vae: Any, images: list[Image.Image], seeds: list[int], device: torch.
     noise = torch.cat([torch.randn((1, *dist.mean.shape[1:]), generator=torch.Generator("cpu").manual_seed(seed))
                        for seed in seeds]).to(device=dist.mean.device, dtype=dist.mean.dtype)
     latents = dist.mean + dist.std * noise
-    return (latents * vae.config.scaling_factor).float()
+    scaled: torch.Tensor = (latents * vae.config.scaling_factor).float()  # the VAE's outputs type as Any
+    return scaled
 
 
 def load_init_image(init: InitImage) -> Image.Image:

@@ -14,6 +14,9 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
+
+from celery import Celery, Task
 
 from gridrender.scheduler import liveness
 from gridrender.scheduler.broker import SHARED_QUEUE, model_queue
@@ -96,7 +99,7 @@ def _run_here(queues: list[str], options: Options) -> int:
     if options.preload:
         _preload(options, settings)
     name = liveness.worker_name()
-    stop = _start_liveness(name, queues, settings, tasks)
+    stop = _start_liveness(name, queues, settings, tasks.app, tasks.render_chunk)
     argv = [
         "worker",
         "--pool=solo",  # one process owns the GPU and its resident pipeline
@@ -116,16 +119,17 @@ def _run_here(queues: list[str], options: Options) -> int:
     return 0
 
 
-def _start_liveness(name: str, queues: list[str], settings: Settings, tasks) -> Callable[[], None]:
-    """Heartbeat, the chunk it names, and the reaper, each on its own; returns what stops them."""
+def _start_liveness(name: str, queues: list[str], settings: Settings, app: Celery, task: Task) -> Callable[[], None]:
+    """Heartbeat, the chunk `task` is running, and the reaper (re-sending through `app`), each on its own;
+    returns what stops them."""
     client = liveness.connect(settings)
     if client is None:
         log.warning("the broker is not Redis: no heartbeats; a dead worker's chunk waits for the visibility timeout")
         return lambda: None
     heartbeat = liveness.Heartbeat(client, name, queues, settings)
-    reaper = liveness.Reaper(client, tasks.app, settings)
+    reaper = liveness.Reaper(client, app, settings)
     heartbeat.start()
-    release = policy.hold_chunks(tasks.render_chunk, heartbeat)
+    release = policy.hold_chunks(task, heartbeat)
     reaper.start()
     log.info("heartbeat %s every %.0fs on %s", name, settings.heartbeat_interval, ", ".join(queues))
 
@@ -145,7 +149,7 @@ def _spawn_per_gpu(queues: list[str], gpus: list[str], options: Options) -> int:
         cmd = [sys.executable, "-m", "gridrender", "worker", "-Q", ",".join(queues), *options.argv()]
         children.append(subprocess.Popen(cmd, env=env))
 
-    def forward(signum, _frame):
+    def forward(signum: int, _frame: FrameType | None) -> None:
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -27,7 +27,7 @@ from ..storage import NotFound, Store
 from . import records
 from .expansion import Expansion, RecordedPlan, recorded_job
 from .kills import POISON_KILLS, KillCounts
-from .records import ChunkProgress
+from .records import Attempt, ChunkProgress, PoisonNote
 from .submissions import Submission, new_id
 
 if TYPE_CHECKING:
@@ -59,7 +59,8 @@ def job_yaml(plan: Plan) -> bytes:
         data["revision"] = hub[0].revision  # the resolved commit: a branch moves, a commit does not
     identities = "".join(f"# model {m.source}: {json.dumps(m.identity(), sort_keys=True)}\n" for m in plan.models)
     header = f"# normalized by gridrender: {plan.total} cells\n{identities}"
-    return (header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)).encode()
+    body: str = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    return (header + body).encode()
 
 
 class Ledger:
@@ -173,7 +174,7 @@ class Ledger:
             present: set[str] = set()
             if check_each and unknown:
                 cells = [cell for chunk in unknown for cell in chunk.cells]
-                present = {cell.id for cell, ok in zip(cells, self.present(cells)) if ok}
+                present = {cell.id for cell, ok in zip(cells, self.present(cells), strict=True) if ok}
             for chunk in window:
                 if records.complete(len(chunk.cells), done.get(chunk.id)):
                     yield chunk, []
@@ -187,10 +188,16 @@ class Ledger:
     def progress(self, partition: str) -> dict[str, ChunkProgress]:
         return records.read(self.store, self.job, partition)
 
-    def record(self, partition: str, chunk: str, stored: Iterable[str], present: int, failed: dict[str, str],
-               submission: str, by: str, poisoned: dict | None = None) -> None:
-        """A chunk's outcome; a chunk whose every cell is stored forgets the workers it killed."""
-        records.write(self.store, self.job, partition, chunk, stored, present, failed, submission, by, poisoned)
+    # Keeps the positional signature workers/tasks.py calls (being rewritten in parallel): to take an
+    # `Attempt` once it is free.
+    def record(self, partition: str, chunk: str, stored: Iterable[str], present: int,  # noqa: PLR0913, PLR0917
+               failed: dict[str, str], submission: str, by: str, poisoned: PoisonNote | None = None) -> None:
+        """A chunk's outcome; `present` counts cells found stored before this attempt.
+
+        A chunk whose every cell is stored forgets the workers it killed.
+        """
+        attempt = Attempt(list(stored), present, failed, submission, by, poisoned)
+        records.write(self.store, self.job, partition, chunk, attempt)
         if not failed and self.kills is not None:
             self.kills.clear(self.job, submission, chunk)
 
@@ -199,9 +206,9 @@ class Ledger:
         stored = self.present(chunk.cells)
         error = (f"the chunk killed {kills} workers (last: {last}; out of memory, or a crash in the GPU driver?); "
                  f"`gridrender retry {self.job}` renders it again")
-        failed = {c.id: error for c, ok in zip(chunk.cells, stored) if not ok}
-        self.record(chunk.partition, chunk.chunk, [c.id for c, ok in zip(chunk.cells, stored) if ok], chunk.present,
-                    failed, chunk.submission, "reaper", {"kills": kills, "last": last, "error": error})
+        failed = {c.id: error for c, ok in zip(chunk.cells, stored, strict=True) if not ok}
+        self.record(chunk.partition, chunk.chunk, [c.id for c, ok in zip(chunk.cells, stored, strict=True) if ok],
+                    chunk.present, failed, chunk.submission, "reaper", {"kills": kills, "last": last, "error": error})
 
     def kill_count(self, submission: str, chunk: str) -> int:
         return 0 if self.kills is None else self.kills.get(self.job, submission, chunk)
@@ -209,7 +216,7 @@ class Ledger:
     def poisoned_by_kills(self, submission: str, chunk: str) -> bool:
         return self.kill_count(submission, chunk) >= POISON_KILLS
 
-    def failing(self, records_: Iterable[ChunkProgress], limit: int) -> list[dict]:
+    def failing(self, records_: Iterable[ChunkProgress], limit: int) -> list[dict[str, Any]]:
         """Bodies of up to `limit` records with failed cells."""
         return records.bodies(self.store, records_, limit)
 

@@ -10,18 +10,22 @@ torch-free CLI host writes the manifest the submitting host would.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .. import yamlfile
 from ..components import Component
 from ..job import Job
 from ..models import ModelSpec
-from ..plan import Derivation, Plan
+from ..plan import Components, Derivation, Plan
+
+# (prompt index, negative index, S/R index, model source, trigger words): the embeddings one text combination triggers
+EmbeddingUse = tuple[int, int, int, str, list[str]]
 
 
 @dataclass
 class Expansion:
     prompts: list[str]  # the prompts as expanded: wildcards and templates resolved on the submitting host
-    embeddings: list[list]  # [prompt index, negative index, S/R index, model source, [trigger words]], non-empty only
+    embeddings: list[EmbeddingUse]  # non-empty uses only
     partition: str
 
     @classmethod
@@ -29,7 +33,7 @@ class Expansion:
         job, derivation = plan.job, plan.derivation()
         prompts = list(job.values_of("prompts"))
         triggers = {id(e): word for word, e in plan.components.embeddings.items()}
-        table = []
+        table: list[EmbeddingUse] = []
         if triggers:  # without embeddings there is nothing a host could match differently
             negatives, srs = list(job.values_of("negative_prompt")), list(job.values_of("prompt_sr"))
             for p, prompt in enumerate(prompts):
@@ -38,15 +42,16 @@ class Expansion:
                         for model in plan.models:
                             used = derivation.embeddings(prompt, negative, sr, model)
                             if used:
-                                table.append([p, n, s, model.source, [triggers[id(e)] for e in used]])
+                                table.append((p, n, s, model.source, [triggers[id(e)] for e in used]))
         return cls(prompts, table, plan.partition)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"prompts": self.prompts, "embeddings": self.embeddings, "partition": self.partition}
 
     @classmethod
-    def from_dict(cls, data: dict) -> Expansion:
-        return cls(list(data["prompts"]), list(data["embeddings"]), str(data["partition"]))
+    def from_dict(cls, data: dict[str, Any]) -> Expansion:
+        uses = [(int(p), int(n), int(s), str(source), list(words)) for p, n, s, source, words in data["embeddings"]]
+        return cls(list(data["prompts"]), uses, str(data["partition"]))
 
 
 def recorded_job(raw: bytes, source: str, expansion: Expansion) -> Job:
@@ -74,16 +79,16 @@ class RecordedPlan(Plan):
 
 
 class RecordedDerivation(Derivation):
-    def __init__(self, components, job: Job, expansion: Expansion):
+    def __init__(self, components: Components, job: Job, expansion: Expansion):
         super().__init__(components)
         self.table = self._index(job, expansion)
 
     @staticmethod
-    def _index(job: Job, expansion: Expansion) -> dict[tuple, list[str]]:
+    def _index(job: Job, expansion: Expansion) -> dict[tuple[str, str, Any, str], list[str]]:
         prompts, negatives, srs = expansion.prompts, job.values_of("negative_prompt"), job.values_of("prompt_sr")
         return {(prompts[p], negatives[n], srs[s], source): words for p, n, s, source, words in expansion.embeddings}
 
-    def embeddings(self, prompt: str, negative: str, sr: tuple | None, model: ModelSpec) -> tuple[Component, ...]:
+    def embeddings(self, prompt: str, negative: str, sr: tuple[Any, ...] | None, model: ModelSpec) -> tuple[Component, ...]:
         words = self.table.get((prompt, negative, sr, model.source), [])
         return tuple(self.components.embeddings[word] for word in words)
 

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any, TypedDict
 
 from .. import layout
 from ..storage import Store
@@ -59,15 +60,36 @@ class Sequence:
 SEQUENCE = Sequence()
 
 
-def write(store: Store, job: str, partition: str, chunk: str, stored: Iterable[str], present: int,
-          failed: dict[str, str], submission: str, by: str, poisoned: dict | None = None) -> str:
-    """Record a chunk's outcome; `present` counts cells found stored before this attempt. Returns the key."""
-    stored = list(stored)
+class PoisonNote(TypedDict):
+    """Why the reaper gave up on a chunk: in its record for `status` and `retry`."""
+
+    kills: int
+    last: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt at a chunk, as its progress record states it."""
+
+    stored: list[str]  # cells this attempt stored (or found stored by another copy of the chunk meanwhile)
+    present: int  # cells found stored before this attempt
+    failed: dict[str, str]  # cell id: error
+    submission: str
+    by: str  # the worker, or "run", "check", "reaper"
+    poisoned: PoisonNote | None = None
+
+
+def write(store: Store, job: str, partition: str, chunk: str, attempt: Attempt) -> str:
+    """Record a chunk's outcome. Returns the key."""
     sequence = SEQUENCE.next()
-    body = {"job": job, "chunk": chunk, "partition": partition, "submission": submission, "sequence": sequence,
-            "stored": stored, "present": present, "failed": failed, "by": by, "host": socket.gethostname(),
-            "at": time.time(), **({"poisoned": poisoned} if poisoned else {})}
-    key = layout.progress(job, partition, chunk, sequence, len(stored) + present, len(failed), submission)
+    body = {"job": job, "chunk": chunk, "partition": partition, "submission": attempt.submission,
+            "sequence": sequence, "stored": attempt.stored, "present": attempt.present, "failed": attempt.failed,
+            "by": attempt.by, "host": socket.gethostname(), "at": time.time(),
+            **({"poisoned": attempt.poisoned} if attempt.poisoned else {})}
+    counts = layout.ProgressKey(chunk, sequence, len(attempt.stored) + attempt.present, len(attempt.failed),
+                                attempt.submission)
+    key = layout.progress(job, partition, counts)
     store.put(key, json.dumps(body, ensure_ascii=False).encode(), "application/json")
     return key
 
@@ -79,17 +101,20 @@ def read(store: Store, job: str, partition: str) -> dict[str, ChunkProgress]:
         parsed = layout.parse_progress(key)
         if parsed is None:
             continue
-        record = ChunkProgress(*parsed[:5], at=at, key=key)
+        record = ChunkProgress(*parsed, at=at, key=key)
         known = newest.get(record.chunk)
         if known is None or record.newer_than(known):
             newest[record.chunk] = record
     return newest
 
 
-def bodies(store: Store, records: Iterable[ChunkProgress], limit: int) -> list[dict]:
+def bodies(store: Store, records: Iterable[ChunkProgress], limit: int) -> list[dict[str, Any]]:
     """The bodies of up to `limit` records that failed cells (each a GET)."""
     failing = itertools.islice((r for r in records if r.failed), limit)
     return [json.loads(store.get(r.key)) for r in failing]
+
+
+_RATE_POINTS = 2  # a rate needs two moments
 
 
 @dataclass
@@ -101,7 +126,7 @@ class Tally:
     def rate(self, now: float, window: float) -> float | None:
         """Cells per second over the records of the last `window` seconds."""
         points = sorted((t, n) for t, n in self.recent if t >= now - window)
-        if len(points) < 2 or points[-1][0] <= points[0][0]:
+        if len(points) < _RATE_POINTS or points[-1][0] <= points[0][0]:
             return None
         return sum(n for _, n in points[1:]) / (points[-1][0] - points[0][0])
 

@@ -10,6 +10,7 @@ import json
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from typing import Any
 
 
 @dataclass
@@ -22,7 +23,7 @@ class Submission:
     enqueued_cells: int
     enqueued_chunks: int
     already_stored: int
-    resolved: dict  # Plan.resolved(): model, dtype, chunk size, partition
+    resolved: dict[str, Any]  # Plan.resolved(): model, dtype, chunk size, partition
     at: float
 
     def to_json(self) -> bytes:

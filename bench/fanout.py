@@ -7,6 +7,7 @@ the CLI process (imports, validation, expansion, job files, messages) against th
 target, then a per-cell apply_async loop for comparison. `--profile` adds the top of a
 cProfile of the same submit, in process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,15 @@ def main() -> None:
     client = redis.Redis.from_url(broker)
     client.flushdb()
     moto, endpoint = start_moto()
-    env = {**os.environ, "AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-           "AWS_DEFAULT_REGION": "us-east-1", "GRIDRENDER_BROKER_URL": broker, "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "GRIDRENDER_BROKER_URL": broker,
+        "HF_HUB_OFFLINE": "1",
+    }
     os.environ.update(env)
     import boto3
 
@@ -60,17 +68,20 @@ def main() -> None:
                 path = write_job(tmp, prompts, seeds, f"s3://{bucket}/grid")
                 client.flushdb()
                 start = time.perf_counter()
-                result = subprocess.run([sys.executable, "-m", "gridrender", "submit", path], env=env,
-                                        capture_output=True, text=True, check=False)  # stderr raised below
+                result = subprocess.run(
+                    [sys.executable, "-m", "gridrender", "submit", path], env=env, capture_output=True, text=True, check=False
+                )  # stderr raised below
                 times.append(time.perf_counter() - start)
                 if result.returncode != 0:
                     raise RuntimeError(result.stderr)
                 queued = sum(client.llen(q) for q in client.scan_iter("gridrender*") if client.type(q) == b"list")
             best = min(times)
             cells = prompts * 2 * seeds
-            print(f"gridrender submit (whole process, moto S3 + Redis): {cells:,} cells in {queued:,} messages: "
-                  f"best {best:.2f} s of {', '.join(f'{t:.2f}' for t in times)} "
-                  f"({cells / best:,.0f} cells/s); target {TARGET:.0f} s: {'met' if best <= TARGET else 'MISSED'}")
+            print(
+                f"gridrender submit (whole process, moto S3 + Redis): {cells:,} cells in {queued:,} messages: "
+                f"best {best:.2f} s of {', '.join(f'{t:.2f}' for t in times)} "
+                f"({cells / best:,.0f} cells/s); target {TARGET:.0f} s: {'met' if best <= TARGET else 'MISSED'}"
+            )
             print(f"  ({result.stdout.strip()})")
             started = time.perf_counter()
             subprocess.run([sys.executable, "-c", "import gridrender.cli"], env=env, check=True)
@@ -85,9 +96,18 @@ def main() -> None:
 
 
 def write_job(tmp: str, prompts: int, seeds: int, output: str) -> str:
-    job = {"name": "fanout", "model": "builtin:tiny", "prompts": [f"prompt number {i}" for i in range(prompts)],
-           "clip_skip": [1, 2], "seeds": {"start": 0, "count": seeds}, "dtype": "float16", "steps": 25,
-           "width": 512, "height": 512, "output": output}
+    job = {
+        "name": "fanout",
+        "model": "builtin:tiny",
+        "prompts": [f"prompt number {i}" for i in range(prompts)],
+        "clip_skip": [1, 2],
+        "seeds": {"start": 0, "count": seeds},
+        "dtype": "float16",
+        "steps": 25,
+        "width": 512,
+        "height": 512,
+        "output": output,
+    }
     path = f"{tmp}/job-{output.split('/')[2]}.yaml"
     Path(path).write_text(yaml.safe_dump(job))
     return path
@@ -122,8 +142,10 @@ def naive(job: str, args, broker: str, client) -> None:
     for cell in cells:
         app.send_task(RENDER_TASK, args=[{"cell": cell.params(), "id": cell.id}], queue="naive")
     elapsed = time.perf_counter() - start
-    print(f"per-cell apply_async: {len(cells):,} cells: {elapsed:.2f} s ({len(cells) / elapsed:,.0f} cells/s; "
-          f"{args.cells / (len(cells) / elapsed):.1f} s extrapolated to {args.cells:,})")
+    print(
+        f"per-cell apply_async: {len(cells):,} cells: {elapsed:.2f} s ({len(cells) / elapsed:,.0f} cells/s; "
+        f"{args.cells / (len(cells) / elapsed):.1f} s extrapolated to {args.cells:,})"
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ how far compiled pixels are from eager ones on the same cells.
 GRIDRENDER_CACHE_DIR, its warm-up is a restarted worker's (kernels from the cache).
 `--tiny --device cpu` runs the same code on builtin:tiny / tiny-sdxl at 64x64 (a smoke test).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,18 +81,36 @@ def build(config: str, device: Any, dtype: Any) -> Any:
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(src / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(src / "vae"))
         encoder = CLIPTextModel(CLIPTextConfig.from_json_file(src / "text_encoder" / "config.json"))
-        encoder_2 = (CLIPTextModelWithProjection(CLIPTextConfig.from_json_file(src / "text_encoder_2" / "config.json"))
-                     if (src / "text_encoder_2").is_dir() else None)
+        encoder_2 = (
+            CLIPTextModelWithProjection(CLIPTextConfig.from_json_file(src / "text_encoder_2" / "config.json"))
+            if (src / "text_encoder_2").is_dir()
+            else None
+        )
     scheduler = EulerAncestralDiscreteScheduler.from_config(EulerAncestralDiscreteScheduler.load_config(src / "scheduler"))
     files = {"vocab_file": str(vocab / "vocab.json"), "merges_file": str(vocab / "merges.txt"), "model_max_length": 77}
     tokenizer = CLIPTokenizer(**files)
     if encoder_2 is not None:
-        pipe: Any = StableDiffusionXLPipeline(vae=vae, text_encoder=encoder, text_encoder_2=encoder_2, tokenizer=tokenizer,
-                                              tokenizer_2=CLIPTokenizer(**files, pad_token="!"), unet=unet,
-                                              scheduler=scheduler, add_watermarker=False)
+        pipe: Any = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=encoder,
+            text_encoder_2=encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=CLIPTokenizer(**files, pad_token="!"),
+            unet=unet,
+            scheduler=scheduler,
+            add_watermarker=False,
+        )
     else:
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, dtype)
 
@@ -108,12 +127,12 @@ def timed(fn: Callable[[], None], repeat: int, sync: Callable[[], None]) -> floa
 
 def pixel_gap(eager: list[Any], compiled: list[Any]) -> None:
     """How far compiled images are from eager ones of the same cells (same batch shape)."""
-    diffs = [np.abs(np.asarray(x.image, dtype=int) - np.asarray(y.image, dtype=int))
-             for x, y in zip(eager, compiled, strict=True)]
+    diffs = [
+        np.abs(np.asarray(x.image, dtype=int) - np.asarray(y.image, dtype=int)) for x, y in zip(eager, compiled, strict=True)
+    ]
     worst = max(int(d.max()) for d in diffs)
     changed = float(np.mean([(d > 0).mean() for d in diffs]))
-    print(f"  compiled vs eager on the same {len(diffs)} cells: max {worst}/255, {changed:.2%} of values differ",
-          flush=True)
+    print(f"  compiled vs eager on the same {len(diffs)} cells: max {worst}/255, {changed:.2%} of values differ", flush=True)
 
 
 class Memory:
@@ -171,17 +190,25 @@ def bench_model(key: str, args: argparse.Namespace, device: Any, cuda: bool, nam
     config, size = (TINY[key], 64) if args.tiny else (setup.config, setup.size)
     dtype, dtype_name = (torch.float16, "float16") if cuda else (torch.float32, "float32")
     limit = None if args.tiny else peak(name)
-    print(f"== {config} architecture (random weights), {size}x{size}, {args.steps} steps, {dtype_name}, CFG 7, Euler a",
-          flush=True)
+    print(
+        f"== {config} architecture (random weights), {size}x{size}, {args.steps} steps, {dtype_name}, CFG 7, Euler a", flush=True
+    )
     # (a)'s modules stay untouched. cuDNN autotuning, which gridrender turns on, is a
     # process-wide flag: it speeds (a) up too, a stricter baseline.
     plain_pipe = build(config, device, dtype) if "a" in args.paths else None
     ours_pipe = build(config, device, dtype)
     xl = hasattr(ours_pipe, "text_encoder_2")
     layers = ours_pipe.text_encoder.config.num_hidden_layers
-    model = ModelSpec(f"{config}-random", "builtin", f"{config}-random", "bench", None, layers,
-                      family=families.SDXL if xl else families.SD1,
-                      clip_layers_2=ours_pipe.text_encoder_2.config.num_hidden_layers if xl else None)
+    model = ModelSpec(
+        f"{config}-random",
+        "builtin",
+        f"{config}-random",
+        "bench",
+        None,
+        layers,
+        family=families.SDXL if xl else families.SD1,
+        clip_layers_2=ours_pipe.text_encoder_2.config.num_hidden_layers if xl else None,
+    )
     eager = Renderer(PipelineCache(device, compile_mode="eager"))
     eager.cache.put(model, dtype_name, ours_pipe)
     compiled = Renderer(PipelineCache(device, compile_mode=args.compile_mode))
@@ -189,17 +216,43 @@ def bench_model(key: str, args: argparse.Namespace, device: Any, cuda: bool, nam
     seeds = iter(range(10**9))
 
     def cells(batch: int) -> list[Any]:
-        return [make_cell(model, prompt="a cow standing in a field", negative_prompt="lowres", clip_skip=1 + i % 2,
-                          seed=next(seeds), sampler="Euler a", steps=args.steps, guidance=7.0, width=size, height=size,
-                          dtype=dtype_name) for i in range(batch)]
+        return [
+            make_cell(
+                model,
+                prompt="a cow standing in a field",
+                negative_prompt="lowres",
+                clip_skip=1 + i % 2,
+                seed=next(seeds),
+                sampler="Euler a",
+                steps=args.steps,
+                guidance=7.0,
+                width=size,
+                height=size,
+                dtype=dtype_name,
+            )
+            for i in range(batch)
+        ]
 
     def share(rate: float) -> str:
         return f"{rate * setup.flop_per_image / limit:.0%} of peak" if limit else "peak n/a"
 
     batches = args.batches.get(key, setup.batches)
     with tempfile.TemporaryDirectory() as tmp:
-        run = _Run(args, cuda, size, args.chunk or setup.chunk, model, plain_pipe, eager, compiled, Writer(),
-                   LocalStore(tmp), cells, torch.cuda.synchronize if cuda else (lambda: None), share)
+        run = _Run(
+            args,
+            cuda,
+            size,
+            args.chunk or setup.chunk,
+            model,
+            plain_pipe,
+            eager,
+            compiled,
+            Writer(),
+            LocalStore(tmp),
+            cells,
+            torch.cuda.synchronize if cuda else (lambda: None),
+            share,
+        )
         for batch in [int(b) for b in batches.split(",")]:
             _bench_batch(run, batch)
         run.writer.close()
@@ -218,9 +271,15 @@ def _bench_batch(run: _Run, batch: int) -> None:
 
     def plain(batch: int = batch, per_call: int = per_call) -> None:
         for _ in range(per_call // batch):
-            run.plain_pipe(prompt=["a cow standing in a field"] * batch, negative_prompt=["lowres"] * batch,
-                           num_inference_steps=args.steps, guidance_scale=7.0, height=run.size, width=run.size,
-                           generator=[torch.Generator("cpu").manual_seed(i) for i in range(batch)])
+            run.plain_pipe(
+                prompt=["a cow standing in a field"] * batch,
+                negative_prompt=["lowres"] * batch,
+                num_inference_steps=args.steps,
+                guidance_scale=7.0,
+                height=run.size,
+                width=run.size,
+                generator=[torch.Generator("cpu").manual_seed(i) for i in range(batch)],
+            )
 
     def worker(renderer: Any, batch: int = batch, per_call: int = per_call) -> None:
         result = render_and_store(renderer, run.writer, run.store, ChunkJob("bench", run.model, run.cells(per_call), batch))
@@ -229,8 +288,7 @@ def _bench_batch(run: _Run, batch: int) -> None:
     rates: dict[str, float] = {}
     first: dict[str, float] = {}
     memory = {k: Memory(run.cuda) for k in "abc"}
-    for path, call in (("a", plain), ("b", lambda **kw: worker(run.eager, **kw)),
-                       ("c", lambda **kw: worker(run.compiled, **kw))):
+    for path, call in (("a", plain), ("b", lambda **kw: worker(run.eager, **kw)), ("c", lambda **kw: worker(run.compiled, **kw))):
         if path not in args.paths:
             continue
         with memory[path]:
@@ -243,8 +301,11 @@ def _bench_batch(run: _Run, batch: int) -> None:
     print(f"batch {batch:>2}, {per_call} cells per call:", flush=True)
     for k, v in rates.items():
         ratio = f", {v / base:.2f}x (a)" if base and k != "a" else ""
-        print(f"  ({k}) {NAMES[k]:<20} {v:7.2f} img/s ({run.share(v)}{ratio}); first call {first[k]:.1f}s; "
-              f"peak {memory[k].peak:.1f} GiB", flush=True)
+        print(
+            f"  ({k}) {NAMES[k]:<20} {v:7.2f} img/s ({run.share(v)}{ratio}); first call {first[k]:.1f}s; "
+            f"peak {memory[k].peak:.1f} GiB",
+            flush=True,
+        )
     if "c" in rates:
         print(f"  inductor cache {cache_stats()}", flush=True)
     if "b" in rates and "c" in rates and not run.measured_pixels:

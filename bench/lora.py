@@ -12,6 +12,7 @@ MLP; `--locon` adds every conv). Timed in the same process:
     (how gridrender applied LoRAs before, and A1111's "lora_functional" mode).
 Prints seconds and what a 32-cell chunk spends on its one merge.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,20 +37,43 @@ def build_pipe(channels: tuple[int, ...]) -> Any:
     torch.manual_seed(0)
     tiny = builtin_folder("tiny")
     n = len(channels)
-    unet = UNet2DConditionModel(block_out_channels=channels, layers_per_block=2, cross_attention_dim=768,
-                                down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-                                attention_head_dim=8, norm_num_groups=32, sample_size=32)
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                        num_attention_heads=12, vocab_size=514, bos_token_id=512, eos_token_id=513,
-                                        pad_token_id=513))
-    base = StableDiffusionPipeline.from_pretrained(tiny, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False)
+    unet = UNet2DConditionModel(
+        block_out_channels=channels,
+        layers_per_block=2,
+        cross_attention_dim=768,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        attention_head_dim=8,
+        norm_num_groups=32,
+        sample_size=32,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            vocab_size=514,
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=513,
+        )
+    )
+    base = StableDiffusionPipeline.from_pretrained(
+        tiny, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     vae: AutoencoderKL = base.vae
     tokenizer: CLIPTokenizer = base.tokenizer
-    return StableDiffusionPipeline(vae=vae, text_encoder=text.eval(), tokenizer=tokenizer, unet=unet.eval(),
-                                   scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=base.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def write_lora(pipe: Any, rank: int, locon: bool, path: Path) -> int:
@@ -61,9 +85,10 @@ def write_lora(pipe: Any, rank: int, locon: bool, path: Path) -> int:
     rng = torch.Generator().manual_seed(1)
     state: dict[str, torch.Tensor] = {}
     targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
-    for prefix, root, names in (("lora_unet_", pipe.unet, targets),
-                                ("lora_te_text_model_", text_transformer(pipe.text_encoder),
-                                 ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"))):
+    for prefix, root, names in (
+        ("lora_unet_", pipe.unet, targets),
+        ("lora_te_text_model_", text_transformer(pipe.text_encoder), ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
+    ):
         for name, module in root.named_modules():
             conv = isinstance(module, torch.nn.Conv2d)
             if not (name.endswith(names) or (locon and conv and prefix == "lora_unet_")):
@@ -163,9 +188,23 @@ def main() -> None:
         switches, unload = _time_switches(pipe, loaded.extras, uses, args.switches)
 
         def cells(loras: tuple[LoraUse, ...]) -> list[Any]:
-            return [make_cell(spec, prompt="a cow standing in a field", negative_prompt="lowres", clip_skip=1,
-                              seed=seed, sampler="Euler a", steps=args.steps, guidance=7.0, width=args.size,
-                              height=args.size, dtype="float32", loras=loras) for seed in range(args.batch)]
+            return [
+                make_cell(
+                    spec,
+                    prompt="a cow standing in a field",
+                    negative_prompt="lowres",
+                    clip_skip=1,
+                    seed=seed,
+                    sampler="Euler a",
+                    steps=args.steps,
+                    guidance=7.0,
+                    width=args.size,
+                    height=args.size,
+                    dtype="float32",
+                    loras=loras,
+                )
+                for seed in range(args.batch)
+            ]
 
         def call(loras: tuple[LoraUse, ...]) -> float:
             batch = cells(loras)
@@ -182,8 +221,10 @@ def main() -> None:
         hooks.remove()
     per_switch = statistics.median(switches)
     chunk = merged / args.batch * 32
-    print(f"model: UNet channels {args.channels}, CLIP-L text encoder, {params / 1e6:.0f}M parameters, float32, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"model: UNet channels {args.channels}, CLIP-L text encoder, {params / 1e6:.0f}M parameters, float32, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"LoRA: kohya rank {args.rank}{' + LoCon convs' if args.locon else ''}, {layers} layers")
     print(f"(a) switch the weight axis (one merge):  {per_switch * 1000:8.1f} ms  (median of {args.switches})")
     print(f"(b) unload to the base weights:          {unload * 1000:8.1f} ms")

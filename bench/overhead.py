@@ -8,6 +8,7 @@ Run by hand:  python bench/overhead.py [--size 256] [--steps 10] [--seeds 16]
 All three use builtin:tiny, the same cells and batch size, and a loaded pipeline
 (model load is excluded: every path loads it once). Prints seconds and ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,10 +23,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def job(args, output: str, name: str) -> dict:
-    return {"name": name, "model": "builtin:tiny", "prompts": ["a cow standing in a field", "a lighthouse at dusk"],
-            "negative_prompt": "lowres, blurry", "clip_skip": 1, "seeds": {"start": 0, "count": args.seeds},
-            "sampler": "Euler a", "steps": args.steps, "guidance": 7.0, "width": args.size, "height": args.size,
-            "dtype": "float32", "batch_size": args.batch, "output": output}
+    return {
+        "name": name,
+        "model": "builtin:tiny",
+        "prompts": ["a cow standing in a field", "a lighthouse at dusk"],
+        "negative_prompt": "lowres, blurry",
+        "clip_skip": 1,
+        "seeds": {"start": 0, "count": args.seeds},
+        "sampler": "Euler a",
+        "steps": args.steps,
+        "guidance": 7.0,
+        "width": args.size,
+        "height": args.size,
+        "dtype": "float32",
+        "batch_size": args.batch,
+        "output": output,
+    }
 
 
 def direct(args, plan, folder: Path) -> float:
@@ -44,9 +57,15 @@ def direct(args, plan, folder: Path) -> float:
     start = time.perf_counter()
     for i in range(0, len(cells), args.batch):
         batch = cells[i : i + args.batch]
-        images = pipe(prompt=[c.prompt for c in batch], negative_prompt=[c.negative_prompt for c in batch],
-                      generator=[torch.Generator("cpu").manual_seed(c.seed) for c in batch],
-                      num_inference_steps=args.steps, guidance_scale=7.0, width=args.size, height=args.size).images
+        images = pipe(
+            prompt=[c.prompt for c in batch],
+            negative_prompt=[c.negative_prompt for c in batch],
+            generator=[torch.Generator("cpu").manual_seed(c.seed) for c in batch],
+            num_inference_steps=args.steps,
+            guidance_scale=7.0,
+            width=args.size,
+            height=args.size,
+        ).images
         for cell, image in zip(batch, images, strict=True):
             image.save(folder / f"{cell.id}.png")
     return time.perf_counter() - start
@@ -79,8 +98,14 @@ def distributed(args, job_path: Path, warm_path: Path, tmp: Path) -> float:
     from tests.services import start_moto, start_worker, wait_for
 
     moto, endpoint = start_moto(tmp / "moto.log")
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL_S3": endpoint, "GRIDRENDER_BROKER_URL": args.redis}
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "GRIDRENDER_BROKER_URL": args.redis,
+    }
     os.environ.update({k: v for k, v in env.items() if k.startswith(("AWS_", "GRIDRENDER_"))})
     redis.Redis.from_url(args.redis).flushdb()
     boto3.client("s3").create_bucket(Bucket="bench")
@@ -100,6 +125,7 @@ def distributed(args, job_path: Path, warm_path: Path, tmp: Path) -> float:
         store = open_store(plan.job.output)
         submit(plan, store, app, settings=settings)
         ids = {c.id for c in plan.cells()}
+
         # The worker logs each chunk once its cells are stored; watching that log costs
         # the S3 server nothing (polling it with LISTs stole CPU from the renderer on a
         # 2-core machine). Storage is checked once at the end.

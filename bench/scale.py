@@ -12,6 +12,7 @@ write, so what is measured is the scheduler side alone:
   - resubmit of the finished job: S3 list calls and messages enqueued;
   - finalize of the finished job (a streamed manifest line per cell): time and RSS.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,11 @@ def free_port() -> int:
 
 def start_moto() -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -60,8 +64,13 @@ def measured(*args: str, env: dict) -> tuple[float, float, str]:
     """
     with tempfile.NamedTemporaryFile("r") as rss:
         start = time.perf_counter()
-        result = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name, sys.executable, "-m", "gridrender", *args],
-                                env=env, capture_output=True, text=True, check=False)  # stderr raised below
+        result = subprocess.run(
+            ["/usr/bin/time", "-f", "%M", "-o", rss.name, sys.executable, "-m", "gridrender", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )  # stderr raised below
         seconds = time.perf_counter() - start
         if result.returncode != 0:
             raise RuntimeError(f"gridrender {' '.join(args)} failed:\n{result.stderr}")
@@ -99,8 +108,15 @@ def main() -> None:
     broker = f"{args.redis}/{args.redis_db}"
     client = redis.Redis.from_url(broker)
     client.flushdb()
-    env = {**os.environ, "AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-           "AWS_DEFAULT_REGION": "us-east-1", "GRIDRENDER_BROKER_URL": broker, "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "GRIDRENDER_BROKER_URL": broker,
+        "HF_HUB_OFFLINE": "1",
+    }
     os.environ.update(env)
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="scale-bench")
@@ -127,8 +143,10 @@ def main() -> None:
 def write_job(folder: Path, cells: int) -> Path:
     prompts = ", ".join(f"a prompt number {i} with a few more words" for i in range(10))
     job = folder / "big.yaml"
-    job.write_text(f"name: big\nmodel: builtin:tiny\nprompts: [{prompts}]\nclip_skip: 1\n"
-                   f"seeds: {{start: 0, count: {cells // 10}}}\noutput: s3://scale-bench/grid\n")
+    job.write_text(
+        f"name: big\nmodel: builtin:tiny\nprompts: [{prompts}]\nclip_skip: 1\n"
+        f"seeds: {{start: 0, count: {cells // 10}}}\noutput: s3://scale-bench/grid\n"
+    )
     print(f"job: {cells:,} cells (10 prompts x {cells // 10:,} seeds), builtin:tiny, S3 on moto, Redis")
     return job
 
@@ -159,9 +177,11 @@ class Submitted:
         chunks = [(chunk.id, len(chunk.cells)) for chunk in plan.chunks()]
         visibility = Settings().visibility_timeout
         duration = plan.chunk_cells / rate
-        print(f"chunks: {len(chunks):,} of up to {plan.chunk_cells:,} cells; at {rate} img/s a chunk runs "
-              f"{duration:,.0f} s, {'under' if duration < visibility else 'OVER'} the visibility timeout "
-              f"({visibility:,} s)")
+        print(
+            f"chunks: {len(chunks):,} of up to {plan.chunk_cells:,} cells; at {rate} img/s a chunk runs "
+            f"{duration:,.0f} s, {'under' if duration < visibility else 'OVER'} the visibility timeout "
+            f"({visibility:,} s)"
+        )
         return cls(store, requests, ledger, record, plan, chunks)
 
     def record_done(self, chunks: list[tuple[str, int]]) -> None:
@@ -183,8 +203,10 @@ def status_half_done(big: Submitted, s3, other_cells: int) -> None:
     start = time.perf_counter()
     st = job_status(big.store, "big")
     empty_seconds, empty_requests = time.perf_counter() - start, sum(big.requests.reset().values())
-    print(f"status, half done, no other cells in the bucket: {empty_seconds:.2f} s, {empty_requests} requests "
-          f"({st.done:,}/{st.total:,} done)")
+    print(
+        f"status, half done, no other cells in the bucket: {empty_seconds:.2f} s, {empty_requests} requests "
+        f"({st.done:,}/{st.total:,} done)"
+    )
 
     def other(i):
         s3.put_object(Bucket="scale-bench", Key=f"grid/cells/{i:016x}.json", Body=b"{}")
@@ -196,16 +218,20 @@ def status_half_done(big: Submitted, s3, other_cells: int) -> None:
     start = time.perf_counter()
     st = job_status(big.store, "big")
     seconds, counts = time.perf_counter() - start, big.requests.reset()
-    print(f"status, half done, {other_cells:,} other cells: {seconds:.2f} s, {sum(counts.values())} "
-          f"requests {dict(counts)} ({st.done:,}/{st.total:,} done)")
+    print(
+        f"status, half done, {other_cells:,} other cells: {seconds:.2f} s, {sum(counts.values())} "
+        f"requests {dict(counts)} ({st.done:,}/{st.total:,} done)"
+    )
 
 
 def resubmit_and_finalize(big: Submitted, job: Path, env: dict[str, str], client) -> None:
     """The finished job submitted again (by the CLI, then in process to count its list calls), then finalized."""
     client.delete("gridrender")
     seconds, rss, out = measured("submit", str(job), env=env)
-    print(f"resubmit of the finished job: {seconds:.1f} s, peak RSS {rss:.0f} MiB, "
-          f"{client.llen('gridrender')} messages ({out.strip()})")
+    print(
+        f"resubmit of the finished job: {seconds:.1f} s, peak RSS {rss:.0f} MiB, "
+        f"{client.llen('gridrender')} messages ({out.strip()})"
+    )
     big.requests.reset()
     from gridrender.scheduler.broker import shared_app
     from gridrender.scheduler.plan import prepare
@@ -213,8 +239,10 @@ def resubmit_and_finalize(big: Submitted, job: Path, env: dict[str, str], client
 
     sent = submit(prepare(job, cuda=None), big.store, shared_app())
     counts = big.requests.reset()
-    print(f"resubmit, counted in process: {counts['ListObjectsV2']} list calls, {sum(counts.values())} requests, "
-          f"{sent.chunks} chunks enqueued")
+    print(
+        f"resubmit, counted in process: {counts['ListObjectsV2']} list calls, {sum(counts.values())} requests, "
+        f"{sent.chunks} chunks enqueued"
+    )
 
     seconds, rss, out = measured("finalize", "big", "--output", "s3://scale-bench/grid", env=env)
     print(f"finalize of the finished job: {seconds:.1f} s, peak RSS {rss:.0f} MiB ({out.strip()})")

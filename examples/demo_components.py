@@ -6,6 +6,7 @@ Random weights on builtin:tiny's architecture (as the tests build them), so the
 comparison runs anywhere without downloading a checkpoint. The LoRA is in kohya's
 layout (lora_unet_…/lora_te_… keys with alpha), the one civitai files mostly use.
 """
+
 from __future__ import annotations
 
 import sys

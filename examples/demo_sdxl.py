@@ -7,6 +7,7 @@ different widths and depths) written as one .safetensors file the way SDXL, Pony
 Illustrious checkpoints are shared, and once more with NoobAI-XL v-pred's `v_pred` and
 `ztsnr` markers: gridrender reads the family and the v-prediction from the files.
 """
+
 from __future__ import annotations
 
 import sys
@@ -25,6 +26,5 @@ if __name__ == "__main__":
     demo.mkdir(parents=True, exist_ok=True)
     folder = builtin_folder("tiny-sdxl")
     write_single_file(folder, demo / "tiny-sdxl.safetensors")
-    write_single_file(folder, demo / "tiny-sdxl-vpred.safetensors", extra={"v_pred": torch.tensor([]),
-                                                                          "ztsnr": torch.tensor([])})
+    write_single_file(folder, demo / "tiny-sdxl-vpred.safetensors", extra={"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])})
     print(f"wrote {demo / 'tiny-sdxl.safetensors'} and {demo / 'tiny-sdxl-vpred.safetensors'}")

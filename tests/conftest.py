@@ -1,4 +1,5 @@
 """Shared fixtures: a private cache for builtin models, a resident tiny renderer."""
+
 from __future__ import annotations
 
 import os
@@ -154,8 +155,13 @@ def cluster(tmp_path, moto_endpoint, redis_url, private_cache, tiny_folder):  # 
         "XDG_CACHE_HOME": str(private_cache),
         "PYTHONUNBUFFERED": "1",
     }
-    s3 = boto3.client("s3", endpoint_url=moto_endpoint, aws_access_key_id="testing",
-                      aws_secret_access_key="testing-secret-key", region_name="us-east-1")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing-secret-key",
+        region_name="us-east-1",
+    )
     s3.create_bucket(Bucket=bucket)
     s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})  # to see overwrites
 

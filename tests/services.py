@@ -3,6 +3,7 @@
 Every helper waits for readiness with a bounded timeout and stops exactly the
 processes it started (each in its own process group).
 """
+
 from __future__ import annotations
 
 import contextlib

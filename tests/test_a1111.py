@@ -8,6 +8,7 @@ built here, not gridrender's builtin, whose scheduler config is what SD 1.5 fold
 ship (leading timestep spacing, steps_offset 1): A1111's samplers ignore it, and so
 must gridrender.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -72,11 +73,19 @@ def model_folder(tmp_path_factory, private_cache):  # noqa: ARG001  (its own HF 
     encoder = CLIPTextModel(text_config)
     for module in (unet, vae, encoder):
         builtin._fill(module, rng)
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       timestep_spacing="leading", steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoder, tokenizer=CLIPTokenizer(vocab=vocab, merges=merges),
-                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=encoder,
+        tokenizer=CLIPTokenizer(vocab=vocab, merges=merges),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     folder = tmp_path_factory.mktemp("a1111") / "cow-model"
     pipe.save_pretrained(folder)
     return folder
@@ -240,8 +249,9 @@ def a1111_render(pipe, scheduler_config, prompt, negative, clip_skip, seed, name
         extra["solver_type"] = options["solver_type"]
     k.sampling.torch = TorchHijack([generator], shape)  # ImageRNG.next() for every later draw
     try:
-        samples = func(cfg_denoiser, x, sigmas, extra_args={"cond": cond, "uncond": uncond, "cond_scale": scale},
-                       disable=True, **extra)
+        samples = func(
+            cfg_denoiser, x, sigmas, extra_args={"cond": cond, "uncond": uncond, "cond_scale": scale}, disable=True, **extra
+        )
     finally:
         k.sampling.torch = torch
     decoded = pipe.vae.decode(samples / pipe.vae.config.scaling_factor).sample
@@ -251,8 +261,19 @@ def a1111_render(pipe, scheduler_config, prompt, negative, clip_skip, seed, name
 
 def cell(model, **kw):
     """A cell with A1111's CPU random-number source, which these references draw (GPU: test_a1111_rng.py)."""
-    params = dict(prompt="a cow standing in a field, golden hour", negative_prompt="lowres, blurry", clip_skip=2,
-                  seed=5, sampler="Euler a", steps=8, guidance=7.0, width=64, height=64, dtype="float32", rng="CPU")
+    params = dict(
+        prompt="a cow standing in a field, golden hour",
+        negative_prompt="lowres, blurry",
+        clip_skip=2,
+        seed=5,
+        sampler="Euler a",
+        steps=8,
+        guidance=7.0,
+        width=64,
+        height=64,
+        dtype="float32",
+        rng="CPU",
+    )
     return make_cell(model, **{**params, **kw})
 
 
@@ -268,9 +289,20 @@ DOCUMENTED = [  # parse_prompt_attention's doctests, A1111 modules/prompt_parser
     ("(unbalanced", [("unbalanced", 1.1)]),
     ("\\(literal\\]", [("(literal]", 1.0)]),
     ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
-    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
-     [("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
-      (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
+    (
+        "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+        [
+            ("a ", 1.0),
+            ("house", 1.5730000000000004),
+            (" ", 1.1),
+            ("on", 1.0),
+            (" a ", 1.1),
+            ("hill", 0.55),
+            (", sun, ", 1.1),
+            ("sky", 1.4641000000000006),
+            (".", 1.1),
+        ],
+    ),
 ]
 
 
@@ -422,8 +454,16 @@ np.savez(out, **arrays)
 def test_every_sampler_is_the_same_alone_in_a_batch_and_in_two_fresh_processes(model_folder, tmp_path):
     # Two processes at once: they share nothing but the model folder, and the wall time halves.
     outs = [tmp_path / f"run{n}.npz" for n in range(2)]
-    processes = [subprocess.Popen([sys.executable, "-c", RENDER_ALL, str(model_folder), str(out)], cwd=ROOT,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for out in outs]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", RENDER_ALL, str(model_folder), str(out)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for out in outs
+    ]
     try:
         outputs = [process.communicate(timeout=600) for process in processes]
     finally:
@@ -446,8 +486,11 @@ def test_every_sampler_is_the_same_alone_in_a_batch_and_in_two_fresh_processes(m
 def test_prompt_syntax_a1111_would_schedule_is_refused_at_validate(job_file):
     from tests.conftest import cli
 
-    for prompt, needle in (("a [cat:dog:0.5] in a field", "prompt editing"), ("a [cat|dog]", "alternation"),
-                           ("a cat AND a dog", "composable")):
+    for prompt, needle in (
+        ("a [cat:dog:0.5] in a field", "prompt editing"),
+        ("a [cat|dog]", "alternation"),
+        ("a cat AND a dog", "composable"),
+    ):
         result = cli("validate", str(job_file(prompts=[prompt])))
         assert result.returncode == 2 and needle in result.stderr and "prompts.0" in result.stderr, result.stderr
     ok = cli("validate", str(job_file(prompts=["a \\[cat:dog:0.5\\] (literal:1.2)", LONG_PROMPT])))

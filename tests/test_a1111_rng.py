@@ -10,6 +10,7 @@ StableDiffusionProcessingImg2Img.init / sample), modules/images.py (resize_image
 modules/upscaler.py (Upscaler.upscale, UpscalerLanczos), around k-diffusion's own sampling
 functions. gridrender's code is never called to build a reference.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -106,23 +107,28 @@ TABLE = {
     "DPM++ 2M": ("sample_dpmpp_2m", {"scheduler": "karras"}),
     "DPM++ SDE": ("sample_dpmpp_sde", {"scheduler": "karras", "brownian_noise": True}),
     "DPM++ 2M SDE": ("sample_dpmpp_2m_sde", {"scheduler": "exponential", "brownian_noise": True}),
-    "DPM++ 2M SDE Heun": ("sample_dpmpp_2m_sde", {"scheduler": "exponential", "brownian_noise": True,
-                                                   "solver_type": "heun"}),
+    "DPM++ 2M SDE Heun": ("sample_dpmpp_2m_sde", {"scheduler": "exponential", "brownian_noise": True, "solver_type": "heun"}),
     "DPM++ 2S a": ("sample_dpmpp_2s_ancestral", {"scheduler": "karras", "uses_ensd": True}),
-    "DPM++ 3M SDE": ("sample_dpmpp_3m_sde", {"scheduler": "exponential", "discard_next_to_last_sigma": True,
-                                             "brownian_noise": True}),
+    "DPM++ 3M SDE": (
+        "sample_dpmpp_3m_sde",
+        {"scheduler": "exponential", "discard_next_to_last_sigma": True, "brownian_noise": True},
+    ),
     "Euler a": ("sample_euler_ancestral", {"uses_ensd": True}),
     "Euler": ("sample_euler", {}),
     "LMS": ("sample_lms", {}),
     "Heun": ("sample_heun", {}),
     "DPM2": ("sample_dpm_2", {"scheduler": "karras", "discard_next_to_last_sigma": True}),
-    "DPM2 a": ("sample_dpm_2_ancestral", {"scheduler": "karras", "discard_next_to_last_sigma": True,
-                                          "uses_ensd": True}),
+    "DPM2 a": ("sample_dpm_2_ancestral", {"scheduler": "karras", "discard_next_to_last_sigma": True, "uses_ensd": True}),
 }
 SCHEDULE_LABELS = {"karras": "Karras", "exponential": "Exponential", None: "Uniform"}
-LATENT_MODES = {"Latent": ("bilinear", False), "Latent (antialiased)": ("bilinear", True),
-                "Latent (bicubic)": ("bicubic", False), "Latent (bicubic antialiased)": ("bicubic", True),
-                "Latent (nearest)": ("nearest", False), "Latent (nearest-exact)": ("nearest-exact", False)}
+LATENT_MODES = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
 
 
 # -- A1111's tiled model upscale (images.split_grid / combine_grid, upscaler_utils) ------------
@@ -176,8 +182,11 @@ def combine_grid(grid):
 
 
 def upscale_pil_patch(model, img):
-    tensor = torch.from_numpy(np.ascontiguousarray(np.transpose(np.array(img.convert("RGB"))[:, :, ::-1], (2, 0, 1)))
-                              / 255).unsqueeze(0).to(dtype=torch.float32)
+    tensor = (
+        torch.from_numpy(np.ascontiguousarray(np.transpose(np.array(img.convert("RGB"))[:, :, ::-1], (2, 0, 1))) / 255)
+        .unsqueeze(0)
+        .to(dtype=torch.float32)
+    )
     with torch.inference_mode():
         arr = model(tensor).squeeze(0).float().cpu().clamp_(0, 1).numpy()
     arr = (255.0 * np.moveaxis(arr, 0, 2)).round().astype(np.uint8)[:, :, ::-1]
@@ -194,9 +203,16 @@ def upscale_with_model(model, img, tile_size, tile_overlap):
             scale_factor = output.width // tile.width
             newrow.append([x * scale_factor, w * scale_factor, output])
         newtiles.append([y * scale_factor, h * scale_factor, newrow])
-    return combine_grid({"tiles": newtiles, "tile_w": grid["tile_w"] * scale_factor,
-                         "tile_h": grid["tile_h"] * scale_factor, "image_w": grid["image_w"] * scale_factor,
-                         "image_h": grid["image_h"] * scale_factor, "overlap": grid["overlap"] * scale_factor})
+    return combine_grid(
+        {
+            "tiles": newtiles,
+            "tile_w": grid["tile_w"] * scale_factor,
+            "tile_h": grid["tile_h"] * scale_factor,
+            "image_w": grid["image_w"] * scale_factor,
+            "image_h": grid["image_h"] * scale_factor,
+            "overlap": grid["overlap"] * scale_factor,
+        }
+    )
 
 
 def calculate_target_resolution(width, height, hr_scale, hr_resize_x, hr_resize_y):
@@ -223,8 +239,13 @@ def fake_esrgan() -> torch.nn.Module:
     Two layers with biases: a tile's black border is not the zero padding of an untiled run.
     """
     torch.manual_seed(11)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.LeakyReLU(0.2),
-                               torch.nn.Conv2d(16, 48, 3, padding=1), torch.nn.PixelShuffle(4), torch.nn.Sigmoid()).eval()
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.LeakyReLU(0.2),
+        torch.nn.Conv2d(16, 48, 3, padding=1),
+        torch.nn.PixelShuffle(4),
+        torch.nn.Sigmoid(),
+    ).eval()
 
 
 class Reference:
@@ -280,9 +301,16 @@ class Reference:
         try:
             if options.get("brownian_noise"):  # create_noise_sampler: over the whole schedule
                 extra["noise_sampler"] = k.sampling.BrownianTreeNoiseSampler(
-                    x, sigmas[sigmas > 0].min(), sigmas.max(), seed=[seed])
-            return func(cfg_denoiser, x, sigma_sched, extra_args={"cond": cond, "uncond": uncond, "cond_scale": scale},
-                        disable=True, **extra)
+                    x, sigmas[sigmas > 0].min(), sigmas.max(), seed=[seed]
+                )
+            return func(
+                cfg_denoiser,
+                x,
+                sigma_sched,
+                extra_args={"cond": cond, "uncond": uncond, "cond_scale": scale},
+                disable=True,
+                **extra,
+            )
         finally:
             k.sampling.torch = torch
             brownian._randn = original
@@ -314,11 +342,13 @@ class Reference:
 
     def hires_pass(self, c, hr, samples, cond, uncond) -> np.ndarray:
         target_w, target_h, truncate_x, truncate_y = calculate_target_resolution(
-            c.width, c.height, hr.get("scale", 2.0), *hr.get("resize", (0, 0)))
+            c.width, c.height, hr.get("scale", 2.0), *hr.get("resize", (0, 0))
+        )
         if hr["upscaler"] in LATENT_MODES:
             mode, antialias = LATENT_MODES[hr["upscaler"]]
-            samples = torch.nn.functional.interpolate(samples, size=(target_h // 8, target_w // 8), mode=mode,
-                                                      antialias=antialias)
+            samples = torch.nn.functional.interpolate(
+                samples, size=(target_h // 8, target_w // 8), mode=mode, antialias=antialias
+            )
         else:  # decode, images.resize_image(0, image, w, h, upscaler_name="Lanczos" or a model's), encode
             image = Image.fromarray(self.decode(samples)[0])
             scale = max(target_w / image.width, target_h / image.height)
@@ -338,8 +368,12 @@ class Reference:
             if image.size != (target_w, target_h):
                 image = image.resize((target_w, target_h), resample=Image.LANCZOS)
             samples = self.encode([image], c.seed)
-        samples = samples[:, :, truncate_y // 2:samples.shape[2] - (truncate_y + 1) // 2,
-                          truncate_x // 2:samples.shape[3] - (truncate_x + 1) // 2]
+        samples = samples[
+            :,
+            :,
+            truncate_y // 2 : samples.shape[2] - (truncate_y + 1) // 2,
+            truncate_x // 2 : samples.shape[3] - (truncate_x + 1) // 2,
+        ]
         rng = ImageRNG(tuple(samples.shape[1:]), [c.seed], c.rng, c.eta_noise_seed_delta)
         noise = rng.next()
         name = hr.get("sampler") or c.sampler
@@ -347,7 +381,7 @@ class Reference:
         steps = int(requested / min(hr["denoise"], 0.999))  # setup_img2img_steps, fixed steps
         t_enc = requested - 1
         sigmas = self.get_sigmas(name, hr.get("schedule", "Automatic"), steps)
-        sigma_sched = sigmas[steps - t_enc - 1:]
+        sigma_sched = sigmas[steps - t_enc - 1 :]
         xi = samples + noise * sigma_sched[0]
         out = self.run(name, xi, sigmas, sigma_sched, rng, c.seed, c.rng, cond, uncond, c.guidance)
         return self.decode(out)[0]
@@ -361,7 +395,7 @@ class Reference:
         x = rng.next()
         t_enc = int(min(denoise, 0.999) * c.steps)  # setup_img2img_steps, img2img_fix_steps off
         sigmas = self.get_sigmas(c.sampler, "Automatic", c.steps)
-        sigma_sched = sigmas[c.steps - t_enc - 1:]
+        sigma_sched = sigmas[c.steps - t_enc - 1 :]
         xi = init_latent + x * sigma_sched[0]
         out = self.run(c.sampler, xi, sigmas, sigma_sched, rng, c.seed, c.rng, cond, uncond, c.guidance)
         return self.decode(out)[0]
@@ -389,9 +423,20 @@ class Spec:
     """The settings of one A1111 render, as the reference reads them."""
 
     def __init__(self, **kw):
-        base = dict(prompt="a cow standing in a field, golden hour", negative_prompt="lowres, blurry", clip_skip=2,
-                    seed=5, sampler="Euler a", schedule="Automatic", steps=6, guidance=7.0, width=64, height=64,
-                    rng="GPU", eta_noise_seed_delta=0)
+        base = dict(
+            prompt="a cow standing in a field, golden hour",
+            negative_prompt="lowres, blurry",
+            clip_skip=2,
+            seed=5,
+            sampler="Euler a",
+            schedule="Automatic",
+            steps=6,
+            guidance=7.0,
+            width=64,
+            height=64,
+            rng="GPU",
+            eta_noise_seed_delta=0,
+        )
         self.__dict__.update({**base, **kw})
 
     def cell(self, model, **extra):
@@ -408,9 +453,11 @@ def test_philox_matches_a1111s_documented_output_and_the_reference():
     from gridrender.workers.philox import PhiloxGenerator
 
     # rng_philox.py's docstring: Generator(seed=0).randn(shape=(3, 4))
-    documented = [[-0.92466259, -0.42534415, -2.6438457, 0.14518388],
-                  [-0.12086647, -0.57972564, -0.62285122, -0.32838709],
-                  [-1.07454231, -0.36314407, -1.67105067, 2.26550497]]
+    documented = [
+        [-0.92466259, -0.42534415, -2.6438457, 0.14518388],
+        [-0.12086647, -0.57972564, -0.62285122, -0.32838709],
+        [-1.07454231, -0.36314407, -1.67105067, 2.26550497],
+    ]
     np.testing.assert_allclose(PhiloxGenerator(0).randn((3, 4)), documented, atol=1e-6)
     for seed in (0, 5, 31337, 2**32 - 1, 2**32 + 7, 2**63 + 11):
         ours, ref = PhiloxGenerator(seed), PhiloxReference(seed)
@@ -475,6 +522,7 @@ KEPT = [s.name for s in samplers.A1111]
 
 def get_align_your_steps_sigmas(n, is_sdxl):
     """sd_schedulers.get_align_your_steps_sigmas (1.10): NVIDIA's 10-step tables, log-linear in between."""
+
     def loglinear_interp(t_steps, num_steps):
         xs = np.linspace(0, 1, len(t_steps))
         ys = np.log(t_steps[::-1])
@@ -583,11 +631,21 @@ def test_hires_fix_with_an_esrgan_model_matches_a1111(ours, model, reference, mo
 
 def test_hires_targets_are_a1111s():
     for width, height in ((512, 768), (768, 512), (640, 448), (64, 48), (520, 512)):
-        for scale, rx, ry in ((2.0, 0, 0), (1.5, 0, 0), (1.33, 0, 0), (2.0, 1024, 0), (2.0, 0, 1000),
-                              (2.0, 1024, 1024), (2.0, 1280, 896), (2.0, 800, 1200), (2.0, 96, 64)):
+        for scale, rx, ry in (
+            (2.0, 0, 0),
+            (1.5, 0, 0),
+            (1.33, 0, 0),
+            (2.0, 1024, 0),
+            (2.0, 0, 1000),
+            (2.0, 1024, 1024),
+            (2.0, 1280, 896),
+            (2.0, 800, 1200),
+            (2.0, 96, 64),
+        ):
             target = Hires("Latent", 0.5, 0, scale, rx, ry).target(width, height)
-            assert (target.width, target.height, target.truncate_x, target.truncate_y) == \
-                calculate_target_resolution(width, height, scale, rx, ry), (width, height, scale, rx, ry)
+            assert (target.width, target.height, target.truncate_x, target.truncate_y) == calculate_target_resolution(
+                width, height, scale, rx, ry
+            ), (width, height, scale, rx, ry)
 
 
 @pytest.mark.parametrize(("size", "resize", "final"), [((64, 48), (80, 0), (80, 56)), ((64, 64), (96, 64), (96, 64))])
@@ -606,12 +664,14 @@ def test_hires_with_another_sampler_and_ensd_shares_its_first_pass(ours, model, 
     cells = [spec.cell(model, hires=h) for h in settings]
     rendered = ours.render(model, cells)
     assert len({r.sampler["sigmas"][0] for r in rendered}) == 1  # one first pass
-    want = reference.txt2img(spec, {"upscaler": "Latent (bicubic antialiased)", "scale": 1.5, "denoise": 0.6,
-                                    "steps": 3, "sampler": "DPM++ 2S a"})
+    want = reference.txt2img(
+        spec, {"upscaler": "Latent (bicubic antialiased)", "scale": 1.5, "denoise": 0.6, "steps": 3, "sampler": "DPM++ 2S a"}
+    )
     assert rendered[0].image.size == (96, 96)
     assert differs(rendered[0].image, want) <= 2
-    assert differs(rendered[1].image, reference.txt2img(spec, {"upscaler": "Latent", "scale": 2.0, "denoise": 0.5,
-                                                                "steps": 0})) <= 2
+    assert (
+        differs(rendered[1].image, reference.txt2img(spec, {"upscaler": "Latent", "scale": 2.0, "denoise": 0.5, "steps": 0})) <= 2
+    )
     # alone or beside the other setting, in a job of batch size 2: one shape for every call, the same image
     together = ours.render(model, cells, pad_to=2)
     for i, cell in enumerate(cells):
@@ -622,8 +682,9 @@ def test_hires_with_another_sampler_and_ensd_shares_its_first_pass(ours, model, 
 def init_png(tmp_path_factory):
     rng = np.random.default_rng(3)
     gradient = np.linspace(0, 255, 48, dtype=np.float32)
-    pixels = np.stack([gradient[None, :].repeat(40, 0), gradient[:40, None].repeat(48, 1),
-                       rng.uniform(0, 255, (40, 48))], axis=2).astype(np.uint8)
+    pixels = np.stack(
+        [gradient[None, :].repeat(40, 0), gradient[:40, None].repeat(48, 1), rng.uniform(0, 255, (40, 48))], axis=2
+    ).astype(np.uint8)
     path = tmp_path_factory.mktemp("init") / "init.png"
     Image.fromarray(pixels).save(path)
     return path

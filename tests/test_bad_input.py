@@ -1,4 +1,5 @@
 """Bad input: every malformed job file is refused with exit 2, named, and leaves no trace."""
+
 from __future__ import annotations
 
 import contextlib
@@ -71,10 +72,30 @@ def test_missing_job_file(tmp_path):
     assert result.exit_code == 2 and "cannot read" in result.output
 
 
-KEYS = ["name", "model", "revision", "dtype", "prompts", "negative_prompt", "clip_skip", "seeds", "sampler", "steps",
-        "guidance", "width", "height", "size", "batch_size", "output", "sheet", "bogus"]
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=True), st.text(max_size=20))
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+KEYS = [
+    "name",
+    "model",
+    "revision",
+    "dtype",
+    "prompts",
+    "negative_prompt",
+    "clip_skip",
+    "seeds",
+    "sampler",
+    "steps",
+    "guidance",
+    "width",
+    "height",
+    "size",
+    "batch_size",
+    "output",
+    "sheet",
+    "bogus",
+]
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.floats(allow_nan=True), st.text(max_size=20))
+values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -124,8 +145,9 @@ def test_prompt_samples_over_the_limit_are_refused_before_drawing(tmp_path):
     import time
 
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump({"name": "bad", "model": "builtin:tiny", "prompts": [" ".join(["{a|b}"] * 24)],
-                                    "prompt_samples": 100_000}))
+    path.write_text(
+        yaml.safe_dump({"name": "bad", "model": "builtin:tiny", "prompts": [" ".join(["{a|b}"] * 24)], "prompt_samples": 100_000})
+    )
     started = time.perf_counter()
     result = CliRunner().invoke(app, ["validate", str(path)], env={"GRIDRENDER_MAX_CELLS": "5000"})
     assert result.exit_code == 2, result.output
@@ -137,8 +159,16 @@ def test_prompt_samples_over_the_limit_are_refused_before_drawing(tmp_path):
 def test_messages_print_prompts_literally_never_as_markup(tmp_path):
     """Rich markup ate `[worst quality]` and crashed on `[/x]` (exit 1, a traceback): text prints as written."""
     fine = tmp_path / "fine.yaml"
-    fine.write_text(yaml.safe_dump({"name": "fine", "model": "builtin:tiny", "prompts": ["a cow [/x], [worst quality] :cow:"],
-                                    "negative_prompt": "[bold]lowres[/bold]"}))
+    fine.write_text(
+        yaml.safe_dump(
+            {
+                "name": "fine",
+                "model": "builtin:tiny",
+                "prompts": ["a cow [/x], [worst quality] :cow:"],
+                "negative_prompt": "[bold]lowres[/bold]",
+            }
+        )
+    )
     result = CliRunner().invoke(app, ["validate", str(fine)])
     assert result.exit_code == 0, result.output
     assert "'a cow [/x], [worst quality] :cow:'" in result.output and "'[bold]lowres[/bold]'" in result.output

@@ -1,4 +1,5 @@
 """CLIP skip exactly as DESIGN.md: layer L-N+1, then the final LayerNorm, for both prompts."""
+
 from __future__ import annotations
 
 import json
@@ -75,7 +76,10 @@ def test_skip_1_equals_the_pipelines_own_embedding(pipe):
 def test_deeper_skips_stop_the_pass_early(pipe):
     encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
     ran = []
-    handles = [layer.register_forward_hook(lambda _m, _a, _o, i=i: ran.append(i)) for i, layer in enumerate(text_transformer(pipe.text_encoder).encoder.layers)]
+    handles = [
+        layer.register_forward_hook(lambda _m, _a, _o, i=i: ran.append(i))
+        for i, layer in enumerate(text_transformer(pipe.text_encoder).encoder.layers)
+    ]
     try:
         encoder.encode(["x"], {3})
     finally:
@@ -97,15 +101,33 @@ def test_render_applies_the_skip_to_positive_and_negative_prompt(renderer, tiny,
     """A cell rendered by gridrender (diffusers' Euler a class) equals diffusers fed the reference embeddings."""
     from diffusers import EulerAncestralDiscreteScheduler
 
-    cell = make_cell(tiny, prompt="a cow standing in a field", negative_prompt="lowres, blurry", clip_skip=2, seed=7,
-                     sampler="EulerAncestralDiscreteScheduler", steps=3, guidance=7.0, width=64, height=64, dtype="float32",
-                     rng="CPU")  # diffusers' own draw from the generator the pipeline is given
+    cell = make_cell(
+        tiny,
+        prompt="a cow standing in a field",
+        negative_prompt="lowres, blurry",
+        clip_skip=2,
+        seed=7,
+        sampler="EulerAncestralDiscreteScheduler",
+        steps=3,
+        guidance=7.0,
+        width=64,
+        height=64,
+        dtype="float32",
+        rng="CPU",
+    )  # diffusers' own draw from the generator the pipeline is given
     ours = np.asarray(renderer.render(tiny, [cell])[0].image)
     embeds = reference(pipe, ["a cow standing in a field", "lowres, blurry"], 2)
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(renderer.cache.get(tiny, "float32").scheduler_config)
-    theirs = pipe(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], num_inference_steps=3,
-                  guidance_scale=7.0, width=64, height=64, generator=torch.Generator("cpu").manual_seed(7),
-                  output_type="np").images[0]
+    theirs = pipe(
+        prompt_embeds=embeds[:1],
+        negative_prompt_embeds=embeds[1:],
+        num_inference_steps=3,
+        guidance_scale=7.0,
+        width=64,
+        height=64,
+        generator=torch.Generator("cpu").manual_seed(7),
+        output_type="np",
+    ).images[0]
     theirs = (theirs * 255).round().astype(np.uint8)
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() == 0
     # and the skip matters: the skip-1 image differs

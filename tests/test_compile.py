@@ -5,6 +5,7 @@ device: a short last batch is padded and never recompiles, a second process with
 the same cache directory loads the compiled graphs instead of compiling them, and
 `--no-compile` runs eager.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,13 +25,24 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 def probes(tmp_path_factory, private_cache):
     """Two fresh processes compiling the same chunk with one cache directory."""
     folder = tmp_path_factory.mktemp("compile")
-    env = {"GRIDRENDER_CACHE_DIR": str(folder / "cache"), "XDG_CACHE_HOME": str(private_cache), "HF_HUB_OFFLINE": "1",
-           "PATH": __import__("os").environ["PATH"]}
+    env = {
+        "GRIDRENDER_CACHE_DIR": str(folder / "cache"),
+        "XDG_CACHE_HOME": str(private_cache),
+        "HF_HUB_OFFLINE": "1",
+        "PATH": __import__("os").environ["PATH"],
+    }
     runs = []
     for n in range(2):
         out = folder / f"probe{n}.npz"
-        result = subprocess.run([sys.executable, "-m", "tests.support.compile_probe", str(out)], cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=900, check=False)
+        result = subprocess.run(
+            [sys.executable, "-m", "tests.support.compile_probe", str(out)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         runs.append((json.loads(result.stdout.strip().splitlines()[-1]), np.load(out)))
     return runs

@@ -1,4 +1,5 @@
 """Sweeps people compare: checkpoints, LoRAs and their weights, VAEs, embeddings, Prompt S/R, wildcards."""
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,18 @@ from tests.conftest import ROOT, cli
 from tests.support.components import write_embedding, write_lora, write_model, write_vae
 from tests.test_outputs import a1111_parse
 
-BASE = dict(prompts=["a cow standing in a field"], negative_prompt="lowres", clip_skip=1, seeds=[1], steps=3,
-            sampler="Euler a", dtype="float32", width=64, height=64, batch_size=4)
+BASE = dict(
+    prompts=["a cow standing in a field"],
+    negative_prompt="lowres",
+    clip_skip=1,
+    seeds=[1],
+    steps=3,
+    sampler="Euler a",
+    dtype="float32",
+    width=64,
+    height=64,
+    batch_size=4,
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +54,16 @@ def pixels(image) -> np.ndarray:
 
 
 def test_a_job_of_model_x_lora_weight_x_vae_x_prompt_sr_renders_every_cell(kit, job_file, tmp_path):
-    path = job_file(**{**BASE, "model": ["builtin:tiny", str(kit["model2"])], "vae": [None, str(kit["vae"])],
-                       "loras": [{"path": str(kit["lora"]), "weight": [0.0, 0.6]}], "prompt_sr": ["cow", "horse"],
-                       "sheet": {"rows": "loras", "cols": "prompt_sr", "pages": "model"}})
+    path = job_file(
+        **{
+            **BASE,
+            "model": ["builtin:tiny", str(kit["model2"])],
+            "vae": [None, str(kit["vae"])],
+            "loras": [{"path": str(kit["lora"]), "weight": [0.0, 0.6]}],
+            "prompt_sr": ["cow", "horse"],
+            "sheet": {"rows": "loras", "cols": "prompt_sr", "pages": "model"},
+        }
+    )
     validated = cli("validate", str(path))
     assert validated.returncode == 0, validated.stderr
     assert "16 cells" in validated.stdout
@@ -74,8 +92,18 @@ def test_lora_weight_zero_equals_no_lora_and_a_tag_equals_the_loras_key(renderer
     from gridrender.scheduler.settings import Settings
 
     lora = resolve_lora(str(kit["lora"]), tiny, Settings())
-    base = dict(prompt="a cow standing in a field", negative_prompt="lowres", clip_skip=1, seed=3, sampler="Euler a",
-                steps=3, guidance=7.0, width=64, height=64, dtype="float32")
+    base = dict(
+        prompt="a cow standing in a field",
+        negative_prompt="lowres",
+        clip_skip=1,
+        seed=3,
+        sampler="Euler a",
+        steps=3,
+        guidance=7.0,
+        width=64,
+        height=64,
+        dtype="float32",
+    )
     plain = renderer.render(tiny, [make_cell(tiny, **base)])[0]
     zero = renderer.render(tiny, [make_cell(tiny, **base, loras=(LoraUse(lora, 0.0, 0.0, "detail"),))])[0]
     strong = renderer.render(tiny, [make_cell(tiny, **base, loras=(LoraUse(lora, 0.8, 0.8, "detail"),))])[0]
@@ -86,8 +114,17 @@ def test_lora_weight_zero_equals_no_lora_and_a_tag_equals_the_loras_key(renderer
     from gridrender.scheduler.jobfile import parse_job
     from gridrender.scheduler.plan import prepare
 
-    job = parse_job(yaml.safe_dump({"name": "tag", "model": "builtin:tiny", **{k: v for k, v in BASE.items() if k != "prompts"},
-                                    "prompts": ["a cow standing in a field <lora:detail:0.8>"], "seeds": [3]}))
+    job = parse_job(
+        yaml.safe_dump(
+            {
+                "name": "tag",
+                "model": "builtin:tiny",
+                **{k: v for k, v in BASE.items() if k != "prompts"},
+                "prompts": ["a cow standing in a field <lora:detail:0.8>"],
+                "seeds": [3],
+            }
+        )
+    )
     (tagged,) = list(prepare(job, cuda=False).cells())
     assert tagged.id == make_cell(tiny, **base, loras=(LoraUse(lora, 0.8, 0.8, "detail"),)).id
     assert tagged.text == "a cow standing in a field"
@@ -123,13 +160,20 @@ def test_switching_loras_in_one_process_matches_fresh_processes(kit, tmp_path):
     loras = json.dumps({"detail": str(kit["lora"]), "style": str(kit["kohya"])})
 
     def run(order, out):
-        result = subprocess.run([sys.executable, "-c", RENDER_SWITCHING, loras, json.dumps(order), str(out)], cwd=ROOT,
-                                capture_output=True, text=True, timeout=300, check=False)
+        result = subprocess.run(
+            [sys.executable, "-c", RENDER_SWITCHING, loras, json.dumps(order), str(out)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert result.returncode == 0, result.stderr
         return np.load(out), result.stdout
 
-    switching, log = run([["detail", 0.8], ["style", 1.0], ["", 0], ["detail", 0.4], ["style", 1.0], ["detail", 0.8]],
-                         tmp_path / "switching.npz")
+    switching, log = run(
+        [["detail", 0.8], ["style", 1.0], ["", 0], ["detail", 0.4], ["style", 1.0], ["detail", 0.8]], tmp_path / "switching.npz"
+    )
     assert "loads 1" in log  # one model load for every switch
     for name, weight in (["style", 1.0], ["detail", 0.4]):  # kohya keys; a weight seen after two switches
         fresh, _ = run([[name, weight]], tmp_path / f"fresh-{name}-{weight}.npz")
@@ -138,8 +182,9 @@ def test_switching_loras_in_one_process_matches_fresh_processes(kit, tmp_path):
 
 
 def test_embeddings_trigger_by_their_file_stem_and_join_the_id_only_where_used(kit, job_file, tmp_path):
-    path = job_file(**{**BASE, "prompts": ["a cow in grdtok style", "a cow in plain style"],
-                       "embeddings": [str(kit["embedding"].parent)]})
+    path = job_file(
+        **{**BASE, "prompts": ["a cow in grdtok style", "a cow in plain style"], "embeddings": [str(kit["embedding"].parent)]}
+    )
     result = cli("run", str(path))
     assert result.returncode == 0, result.stderr
     lines = list(read_manifest(LocalStore(tmp_path / "out"), "t"))
@@ -160,8 +205,15 @@ def test_embeddings_trigger_by_their_file_stem_and_join_the_id_only_where_used(k
 
 
 def test_infotext_carries_model_vae_lora_and_ti_fields_civitai_reads(kit, job_file, tmp_path):
-    path = job_file(**{**BASE, "prompts": ["a cow, grdtok"], "vae": str(kit["vae"]), "embeddings": [str(kit["embedding"])],
-                       "loras": [{"path": str(kit["lora"]), "weight": 0.5}]})
+    path = job_file(
+        **{
+            **BASE,
+            "prompts": ["a cow, grdtok"],
+            "vae": str(kit["vae"]),
+            "embeddings": [str(kit["embedding"])],
+            "loras": [{"path": str(kit["lora"]), "weight": 0.5}],
+        }
+    )
     assert cli("run", str(path)).returncode == 0
     (line,) = list(read_manifest(LocalStore(tmp_path / "out"), "t"))
     parsed = a1111_parse(Image.open(tmp_path / "out" / line["image"]).text["parameters"])
@@ -169,7 +221,7 @@ def test_infotext_carries_model_vae_lora_and_ti_fields_civitai_reads(kit, job_fi
     assert parsed["Model"] == "builtin:tiny" and re.fullmatch(r"[0-9a-f]{10}", parsed["Model hash"])
     assert parsed["VAE"] == "sharp-vae" and re.fullmatch(r"[0-9a-f]{10}", parsed["VAE hash"])
     data = kit["lora"].read_bytes()  # A1111's hash (hashes.py addnet_hash_safetensors): the data after the header
-    addnet = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+    addnet = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()
     assert parsed["Lora hashes"] == f"detail: {addnet[:12]}"
     assert re.fullmatch(r"grdtok: [0-9a-f]{12}", parsed["TI hashes"])
 
@@ -182,8 +234,9 @@ def test_a_wildcard_job_resubmitted_expands_to_the_same_cells(job_file, tmp_path
     (wildcards / "colors.txt").write_text("red\nblue\ngreen\n")
     monkeypatch.setenv("GRIDRENDER_WILDCARD_DIR", str(wildcards))
     combinatorial = prepare(job_file(**{**BASE, "prompts": ["a {small|big} __colors__ cow"]}), cuda=False)
-    assert sorted(combinatorial.job.values_of("prompts")) == sorted(f"a {s} {c} cow" for s in ("small", "big")
-                                                                    for c in ("red", "blue", "green"))
+    assert sorted(combinatorial.job.values_of("prompts")) == sorted(
+        f"a {s} {c} cow" for s in ("small", "big") for c in ("red", "blue", "green")
+    )
     path = job_file(**{**BASE, "prompts": ["a {small|big} __colors__ cow"], "prompt_samples": 4, "seeds": [1, 2]})
     first = [c.id for c in prepare(path, cuda=False).cells()]
     again = [c.id for c in prepare(path, cuda=False).cells()]
@@ -195,22 +248,27 @@ def test_a_wildcard_job_resubmitted_expands_to_the_same_cells(job_file, tmp_path
     assert [c.id for c in from_stored.cells()] == first
 
 
-@pytest.mark.parametrize("overrides, key", [
-    ({"loras": [{"path": "no/such/lora.safetensors"}]}, "loras.0.path"),
-    ({"loras": [{"path": "LORA", "weight": "strong"}]}, "loras.0.weight"),
-    ({"loras": [{"path": "WRONG_LORA"}]}, "loras.0.path"),
-    ({"vae": "no/such/vae"}, "vae"),
-    ({"vae": "LORA"}, "vae"),
-    ({"embeddings": ["WRONG_EMBEDDING"]}, "embeddings"),
-    ({"prompt_sr": ["zebra", "cat"]}, "prompt_sr"),
-    ({"prompts": ["a cow <lora:detail:lots>"]}, "prompts"),
-    ({"model": ["builtin:tiny", "no/such/model"]}, "model.1"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"loras": [{"path": "no/such/lora.safetensors"}]}, "loras.0.path"),
+        ({"loras": [{"path": "LORA", "weight": "strong"}]}, "loras.0.weight"),
+        ({"loras": [{"path": "WRONG_LORA"}]}, "loras.0.path"),
+        ({"vae": "no/such/vae"}, "vae"),
+        ({"vae": "LORA"}, "vae"),
+        ({"embeddings": ["WRONG_EMBEDDING"]}, "embeddings"),
+        ({"prompt_sr": ["zebra", "cat"]}, "prompt_sr"),
+        ({"prompts": ["a cow <lora:detail:lots>"]}, "prompts"),
+        ({"model": ["builtin:tiny", "no/such/model"]}, "model.1"),
+    ],
+)
 def test_bad_components_are_refused_naming_the_key(overrides, key, kit, job_file, tmp_path):
     wrong = tmp_path / "wrong"
-    replace = {"LORA": str(kit["lora"]),
-               "WRONG_LORA": str(_wide_lora(wrong)),
-               "WRONG_EMBEDDING": str(write_embedding(wrong / "wide.safetensors", width=48, vectors=1, seed=1))}
+    replace = {
+        "LORA": str(kit["lora"]),
+        "WRONG_LORA": str(_wide_lora(wrong)),
+        "WRONG_EMBEDDING": str(write_embedding(wrong / "wide.safetensors", width=48, vectors=1, seed=1)),
+    }
     text = yaml.safe_dump({**BASE, **overrides})
     for placeholder, value in replace.items():
         text = text.replace(placeholder, value)
@@ -229,17 +287,28 @@ def _wide_lora(folder: Path) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "wide-lora.safetensors"
-    save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 320),
-               "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(320, 4)},
-              str(path))
+    save_file(
+        {
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 320),
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(320, 4),
+        },
+        str(path),
+    )
     return path
 
 
 def test_model_lora_weight_vae_and_prompt_sr_axes_through_workers(kit, cluster, job_file):
     cluster.worker()
-    path = job_file(output=cluster.output, **{**BASE, "model": ["builtin:tiny", str(kit["model2"])],
-                                               "loras": [{"path": str(kit["kohya"]), "weight": [0.5, 1.0]}],
-                                               "prompt_sr": ["cow", "horse"], "vae": [None, str(kit["vae"])]})
+    path = job_file(
+        output=cluster.output,
+        **{
+            **BASE,
+            "model": ["builtin:tiny", str(kit["model2"])],
+            "loras": [{"path": str(kit["kohya"]), "weight": [0.5, 1.0]}],
+            "prompt_sr": ["cow", "horse"],
+            "vae": [None, str(kit["vae"])],
+        },
+    )
     result = cluster.cli("submit", str(path), "--wait")
     assert result.returncode == 0, result.stderr
     assert "16 cells" in result.stdout
@@ -255,8 +324,18 @@ def test_a_single_file_vae_decodes_as_its_folder_does(renderer, tiny, kit, tmp_p
     folder = resolve_vae(str(kit["vae"]), tiny, Settings())
     single = resolve_vae(str(write_single_file_vae(kit["vae"], tmp_path / "sharp-vae.safetensors")), tiny, Settings())
     assert single.sha256 != folder.sha256
-    base = dict(prompt="a cow", negative_prompt="", clip_skip=1, seed=2, sampler="Euler", steps=3, guidance=7.0,
-                width=64, height=64, dtype="float32")
+    base = dict(
+        prompt="a cow",
+        negative_prompt="",
+        clip_skip=1,
+        seed=2,
+        sampler="Euler",
+        steps=3,
+        guidance=7.0,
+        width=64,
+        height=64,
+        dtype="float32",
+    )
     own, a, b = (renderer.render(tiny, [make_cell(tiny, **base, vae=v)])[0] for v in (None, folder, single))
     assert np.abs(pixels(a.image) - pixels(b.image)).max() == 0
     assert np.abs(pixels(a.image) - pixels(own.image)).max() > 10  # another VAE, another image

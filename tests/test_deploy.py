@@ -1,6 +1,7 @@
 """deploy/ validated offline: compose against compose-spec, manifests against the
 Kubernetes schemas, Dockerfiles parse and copy files that exist, and every
 environment variable deploy/ sets is one the code reads."""
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,11 @@ def test_compose_file_matches_the_compose_spec():
 
 def test_compose_takes_secrets_from_the_env_file_only():
     text = (DEPLOY / "compose.yaml").read_text()
-    example = dict(line.split("=", 1) for line in (DEPLOY / ".env.example").read_text().splitlines() if "=" in line and not line.startswith("#"))
+    example = dict(
+        line.split("=", 1)
+        for line in (DEPLOY / ".env.example").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
     for name, value in example.items():
         if "PASSWORD" in name:
             assert value not in text, f"{name}'s example value is baked into compose.yaml"
@@ -94,7 +99,22 @@ def test_dockerfiles_parse_and_copy_files_that_exist(name):
         instructions = [i for i in parser.structure if i["instruction"] != "COMMENT"]
         content = parser.content
     assert instructions[0]["instruction"] == "FROM"
-    known = {"FROM", "RUN", "COPY", "ENV", "WORKDIR", "USER", "VOLUME", "ENTRYPOINT", "CMD", "HEALTHCHECK", "ARG", "LABEL", "EXPOSE", "COMMENT"}
+    known = {
+        "FROM",
+        "RUN",
+        "COPY",
+        "ENV",
+        "WORKDIR",
+        "USER",
+        "VOLUME",
+        "ENTRYPOINT",
+        "CMD",
+        "HEALTHCHECK",
+        "ARG",
+        "LABEL",
+        "EXPOSE",
+        "COMMENT",
+    }
     assert {i["instruction"] for i in instructions} <= known
     for copy in (i for i in instructions if i["instruction"] == "COPY"):
         *sources, _ = copy["value"].split()
@@ -116,8 +136,16 @@ def variables_read_by_the_code() -> set[str]:
     for path in CODE:
         names |= set(re.findall(r'"(GRIDRENDER_[A-Z_]+)"', path.read_text()))
     # what boto3 reads for S3 (the "standard AWS variables")
-    names |= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
-              "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"}
+    names |= {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_DEFAULT_REGION",
+        "AWS_REGION",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_PROFILE",
+    }
     return names
 
 
@@ -145,6 +173,7 @@ def test_the_validators_do_reject_broken_files():
 
 # -- locked down: loopback ports, Flower's password, a bucket-scoped S3 user, placeholders refused -----
 
+
 def compose() -> dict:
     return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
 
@@ -161,8 +190,15 @@ def shell(script: str, env: dict, compose_escapes: bool = False, cwd: Path | Non
 
     if compose_escapes:
         script = script.replace("$$", "$")
-    return subprocess.run(["/bin/sh", "-c", script], env={"PATH": os.environ["PATH"], **env}, capture_output=True,
-                          text=True, timeout=30, cwd=cwd, check=False)
+    return subprocess.run(
+        ["/bin/sh", "-c", script],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=cwd,
+        check=False,
+    )
 
 
 def test_compose_publishes_consoles_on_loopback_only_and_flower_asks_for_a_password():
@@ -184,12 +220,19 @@ def test_compose_workers_use_a_bucket_scoped_minio_user_made_by_minio_init(tmp_p
         if name not in ("minio", "minio-init", "preflight"):
             assert "MINIO_ROOT" not in yaml.safe_dump(service), name
     # minio-init's script, run against a stand-in `mc` that records each call
-    (tmp_path / "mc").write_text('#!/bin/sh\necho "$*" >> "$MC_LOG"\n'
-                                 '[ "$1 $2 $3" = "admin policy create" ] && cp "$6" "$MC_LOG.policy"\nexit 0\n')
+    (tmp_path / "mc").write_text(
+        '#!/bin/sh\necho "$*" >> "$MC_LOG"\n[ "$1 $2 $3" = "admin policy create" ] && cp "$6" "$MC_LOG.policy"\nexit 0\n'
+    )
     (tmp_path / "mc").chmod(0o755)
     script = data["services"]["minio-init"]["command"][0].replace("/tmp/", f"{tmp_path}/")
-    env = {"MINIO_ROOT_USER": "root", "MINIO_ROOT_PASSWORD": "root-secret-123", "MINIO_WORKER_USER": "worker",
-           "MINIO_WORKER_PASSWORD": "worker-secret-123", "S3_BUCKET": "renders", "MC_LOG": str(tmp_path / "log")}
+    env = {
+        "MINIO_ROOT_USER": "root",
+        "MINIO_ROOT_PASSWORD": "root-secret-123",
+        "MINIO_WORKER_USER": "worker",
+        "MINIO_WORKER_PASSWORD": "worker-secret-123",
+        "S3_BUCKET": "renders",
+        "MC_LOG": str(tmp_path / "log"),
+    }
     import os
 
     result = shell(script, {**env, "PATH": f"{tmp_path}:{os.environ['PATH']}"}, compose_escapes=True)
@@ -207,8 +250,10 @@ def test_compose_workers_use_a_bucket_scoped_minio_user_made_by_minio_init(tmp_p
     # a second `compose up`: the policy is attached already (mc says so and exits 1), in an image without grep
     bare = tmp_path / "bare"
     bare.mkdir()
-    (bare / "mc").write_text('#!/bin/sh\n[ "$1 $2 $3" = "admin policy attach" ] || exit 0\n'
-                             'echo "mc: <ERROR> Unable to attach policy: policy change already in effect" >&2; exit 1\n')
+    (bare / "mc").write_text(
+        '#!/bin/sh\n[ "$1 $2 $3" = "admin policy attach" ] || exit 0\n'
+        'echo "mc: <ERROR> Unable to attach policy: policy change already in effect" >&2; exit 1\n'
+    )
     (bare / "mc").chmod(0o755)
     again = shell(script, {**env, "PATH": str(bare)}, compose_escapes=True)
     assert again.returncode == 0, again.stderr
@@ -241,8 +286,12 @@ def test_compose_refuses_change_me_placeholders_before_anything_starts():
 
 def test_kubernetes_pods_refuse_a_secret_with_placeholders():
     secret = next(yaml.safe_load_all((DEPLOY / "k8s" / "secret.example.yaml").read_text()))["stringData"]
-    real = {"REDIS_PASSWORD": "r3dis-password-long", "GRIDRENDER_BROKER_URL": "redis://:r3dis-password-long@redis:6379/0",
-            "AWS_ACCESS_KEY_ID": "gridrender-worker", "AWS_SECRET_ACCESS_KEY": "s3-secret-long-enough"}
+    real = {
+        "REDIS_PASSWORD": "r3dis-password-long",
+        "GRIDRENDER_BROKER_URL": "redis://:r3dis-password-long@redis:6379/0",
+        "AWS_ACCESS_KEY_ID": "gridrender-worker",
+        "AWS_SECRET_ACCESS_KEY": "s3-secret-long-enough",
+    }
     for manifest, kind in (("worker.yaml", "Deployment"), ("submit-job.yaml", "Job")):
         pod = next(d for d in yaml.safe_load_all((DEPLOY / "k8s" / manifest).read_text()) if d["kind"] == kind)
         (init,) = pod["spec"]["template"]["spec"]["initContainers"]

@@ -1,4 +1,5 @@
 """submit -> Redis -> worker processes -> S3 (moto server), all real."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,14 @@ import redis
 
 from tests.services import wait_for
 
-JOB = dict(prompts=["a cow standing in a field", "a lighthouse at dusk"], clip_skip=[1, 2], seeds=[1, 2, 3, 4],
-           dtype="float32", steps=2, batch_size=4)
+JOB = dict(
+    prompts=["a cow standing in a field", "a lighthouse at dusk"],
+    clip_skip=[1, 2],
+    seeds=[1, 2, 3, 4],
+    dtype="float32",
+    steps=2,
+    batch_size=4,
+)
 QUEUE = "gridrender.builtin-tiny-0920326f"
 
 
@@ -66,7 +73,9 @@ def test_resubmitting_enqueues_nothing_and_new_seeds_only_new_cells(cluster, job
     assert submitted(again) == (0, 0)
     assert queued(cluster) == 0 and queued(cluster, "gridrender") == 0
 
-    more = cluster.cli("submit", str(job_file(output=cluster.output, **{**JOB, "seeds": [1, 2, 3, 4, 5, 6]})), GRIDRENDER_CHUNK_CELLS="3")
+    more = cluster.cli(
+        "submit", str(job_file(output=cluster.output, **{**JOB, "seeds": [1, 2, 3, 4, 5, 6]})), GRIDRENDER_CHUNK_CELLS="3"
+    )
     # 2 prompts x 2 skips x 2 new seeds; the job's chunks of 3 are seeds 1-3 (all stored: not sent) and 4-6
     assert submitted(more) == (8, 4)
     assert "no worker consumes queue gridrender" in more.stderr  # no worker runs: the shared queue, and a hint
@@ -99,15 +108,20 @@ def test_failed_cells_are_recorded_and_resubmitting_retries_only_them(cluster, j
 
     model = tmp_path / "model"
     shutil.copytree(tiny_folder, model)
-    path = job_file(output=cluster.output, model=str(model), prompts=["a cow"], clip_skip=1, seeds=[1, 2], dtype="float32", steps=2)
+    path = job_file(
+        output=cluster.output, model=str(model), prompts=["a cow"], clip_skip=1, seeds=[1, 2], dtype="float32", steps=2
+    )
     queue = None
     result = cluster.cli("submit", str(path))
     queue = re.search(r"queue (\S+)", result.stdout)[1]
     shutil.rmtree(model)  # the worker cannot find the model: every attempt fails
     retries = {"GRIDRENDER_TASK_RETRIES": "1"}
     cluster.worker(queue, **retries)
-    wait_for(lambda: "0/2 done, 2 failed" in cluster.cli("status", "t", "--output", cluster.output).stdout, 60,
-             "failures in the progress record")
+    wait_for(
+        lambda: "0/2 done, 2 failed" in cluster.cli("status", "t", "--output", cluster.output).stdout,
+        60,
+        "failures in the progress record",
+    )
     status = cluster.cli("status", "t", "--output", cluster.output)
     assert status.returncode == 1  # a job with failed cells
     assert "ModelError" in status.stderr
@@ -150,19 +164,27 @@ finally:
 def test_the_scheduler_side_runs_without_torch(cluster, job_file):
     path = job_file(output=cluster.output, **JOB)
     env = cluster.env
-    for args in (["validate", str(path)], ["submit", str(path)], ["status", "t", "--output", cluster.output],
-                 ["finalize", "t", "--output", cluster.output], ["cancel", "t", "--output", cluster.output]):
-        result = subprocess.run([sys.executable, "-c", BLOCK_TORCH, *args], env=env, capture_output=True, text=True, timeout=60,
-                                check=False)
+    for args in (
+        ["validate", str(path)],
+        ["submit", str(path)],
+        ["status", "t", "--output", cluster.output],
+        ["finalize", "t", "--output", cluster.output],
+        ["cancel", "t", "--output", cluster.output],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-c", BLOCK_TORCH, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
         assert result.returncode == 0, (args, result.stdout, result.stderr)
     assert queued(cluster, "gridrender") == 1  # no worker listens: the shared queue
 
 
 def test_scheduler_modules_do_not_import_torch():
-    code = ("import sys, gridrender.scheduler.plan, gridrender.scheduler.submit, gridrender.scheduler.status, "
-            "gridrender.scheduler.s3, gridrender.scheduler.broker, gridrender.scheduler.messages, "
-            "gridrender.scheduler.finalize, gridrender.cli; "
-            "print(sorted({'torch', 'diffusers', 'transformers', 'gridrender.workers'} & set(sys.modules)))")
+    code = (
+        "import sys, gridrender.scheduler.plan, gridrender.scheduler.submit, gridrender.scheduler.status, "
+        "gridrender.scheduler.s3, gridrender.scheduler.broker, gridrender.scheduler.messages, "
+        "gridrender.scheduler.finalize, gridrender.cli; "
+        "print(sorted({'torch', 'diffusers', 'transformers', 'gridrender.workers'} & set(sys.modules)))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert result.stdout.strip() == "[]", result.stderr
 
@@ -203,7 +225,9 @@ def test_rediss_urls_verify_the_certificate():
 def test_gpus_flag_starts_one_worker_process_per_gpu(cluster, tmp_path):
     from tests.services import Process
 
-    proc = Process([sys.executable, "-m", "gridrender", "worker", "-Q", QUEUE, "--gpus", "0,1"], cluster.env, tmp_path / "gpus.log")
+    proc = Process(
+        [sys.executable, "-m", "gridrender", "worker", "-Q", QUEUE, "--gpus", "0,1"], cluster.env, tmp_path / "gpus.log"
+    )
     try:
         wait_for(lambda: proc.text().count(" ready.") == 2, 90, "two workers")
         names = set(re.findall(r"(gridrender-\d+-gpu[01])@", proc.text()))

@@ -3,6 +3,7 @@
 Each test runs real worker processes against real Redis and a real S3 endpoint and
 checks the promises: no cell lost, none rendered twice, nothing overwritten.
 """
+
 from __future__ import annotations
 
 import re
@@ -116,8 +117,22 @@ def test_out_of_memory_splits_the_batch_and_the_worker_lives(renderer, tiny, tmp
             raise torch.OutOfMemoryError("CUDA out of memory (simulated by the test)")
         return real_forward(sample, *args, **kwargs)
 
-    cells = [make_cell(tiny, prompt="a cow", negative_prompt="", clip_skip=1, seed=s, sampler="Euler a", steps=2,
-                       guidance=7.0, width=64, height=64, dtype="float32") for s in range(4)]
+    cells = [
+        make_cell(
+            tiny,
+            prompt="a cow",
+            negative_prompt="",
+            clip_skip=1,
+            seed=s,
+            sampler="Euler a",
+            steps=2,
+            guidance=7.0,
+            width=64,
+            height=64,
+            dtype="float32",
+        )
+        for s in range(4)
+    ]
     store, writer = LocalStore(tmp_path), Writer()
     pipe.unet.forward = forward
     try:
@@ -143,8 +158,11 @@ def test_poison_cell_fails_a_bounded_number_of_times_and_the_rest_completes(clus
     env = {"GRIDRENDER_TASK_RETRIES": "2", "GRIDRENDER_CHUNK_CELLS": "3"}
     cluster.cli("submit", str(path), **env)
     worker = cluster.worker(**env)
-    wait_for(lambda: "11/12 done, 1 failed" in cluster.cli("status", "t", "--output", str(output)).stdout, 90,
-             "the failure in the progress record")
+    wait_for(
+        lambda: "11/12 done, 1 failed" in cluster.cli("status", "t", "--output", str(output)).stdout,
+        90,
+        "the failure in the progress record",
+    )
     status = cluster.cli("status", "t", "--output", str(output))
     assert status.returncode == 1 and poison.id in status.stderr
     assert "StorageError" in status.stderr
@@ -176,8 +194,22 @@ def test_a_redelivered_copy_skips_cells_the_other_copy_stored_after_it_started(r
     from gridrender.scheduler.storage import LocalStore
     from gridrender.workers.chunk import ChunkJob, Writer, render_and_store
 
-    cells = [make_cell(tiny, prompt="a cow", negative_prompt="", clip_skip=1, seed=s, sampler="Euler a", steps=2,
-                       guidance=7.0, width=64, height=64, dtype="float32") for s in range(4)]
+    cells = [
+        make_cell(
+            tiny,
+            prompt="a cow",
+            negative_prompt="",
+            clip_skip=1,
+            seed=s,
+            sampler="Euler a",
+            steps=2,
+            guidance=7.0,
+            width=64,
+            height=64,
+            dtype="float32",
+        )
+        for s in range(4)
+    ]
     store, first_writer, second_writer = LocalStore(tmp_path), Writer(), Writer()
     second = []
 
@@ -190,8 +222,7 @@ def test_a_redelivered_copy_skips_cells_the_other_copy_stored_after_it_started(r
             second.append(render_and_store(renderer, second_writer, store, ChunkJob("redelivered", tiny, cells, 1)))
 
     try:
-        first = render_and_store(renderer, first_writer, store, ChunkJob("redelivered", tiny, cells, 1),
-                                 on_batch=redelivered)
+        first = render_and_store(renderer, first_writer, store, ChunkJob("redelivered", tiny, cells, 1), on_batch=redelivered)
     finally:
         first_writer.close()
         second_writer.close()

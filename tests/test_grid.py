@@ -1,4 +1,5 @@
 """Cells: content-addressed ids, stable order, batches that share a pipeline call."""
+
 from __future__ import annotations
 
 from gridrender.scheduler import grid
@@ -29,12 +30,36 @@ def test_same_parameters_same_id_in_any_job():
 
 def test_every_pixel_changing_parameter_changes_the_id():
     tiny = resolve("builtin:tiny")
-    base = dict(model=tiny, prompt="p", negative_prompt="", clip_skip=1, seed=1, sampler="Euler a", schedule="Automatic",
-                steps=4, guidance=7.0, width=64, height=64, dtype="float32")
+    base = dict(
+        model=tiny,
+        prompt="p",
+        negative_prompt="",
+        clip_skip=1,
+        seed=1,
+        sampler="Euler a",
+        schedule="Automatic",
+        steps=4,
+        guidance=7.0,
+        width=64,
+        height=64,
+        dtype="float32",
+    )
     ref = grid.make_cell(**base).id
     other_model = ModelSpec("x.safetensors", "file", "/x.safetensors", None, "ab" * 32, 12)
-    changes = dict(model=other_model, prompt="q", negative_prompt="n", clip_skip=2, seed=2, sampler="DDIMScheduler",
-                   schedule="Karras", steps=5, guidance=7.5, width=72, height=72, dtype="float16")
+    changes = dict(
+        model=other_model,
+        prompt="q",
+        negative_prompt="n",
+        clip_skip=2,
+        seed=2,
+        sampler="DDIMScheduler",
+        schedule="Karras",
+        steps=5,
+        guidance=7.5,
+        width=72,
+        height=72,
+        dtype="float16",
+    )
     for key, value in changes.items():
         assert grid.make_cell(**{**base, key: value}).id != ref, key
 
@@ -43,8 +68,19 @@ def test_a_text_that_a1111s_cleaning_changes_gets_a_new_id_and_others_keep_their
     """ftfy and open_clip's HTML unescaping change what the encoder reads for some texts: those
     cells must not keep the ids they had when gridrender read the raw text."""
     tiny = resolve("builtin:tiny")
-    base = dict(model=tiny, negative_prompt="", clip_skip=1, seed=1, sampler="Euler a", schedule="Automatic",
-                steps=4, guidance=7.0, width=64, height=64, dtype="float32")
+    base = dict(
+        model=tiny,
+        negative_prompt="",
+        clip_skip=1,
+        seed=1,
+        sampler="Euler a",
+        schedule="Automatic",
+        steps=4,
+        guidance=7.0,
+        width=64,
+        height=64,
+        dtype="float32",
+    )
     texts = ("a cow, (masterpiece:1.2)", "猫", "café au lait", "\u201ccow\u201d", "Tom &amp; Jerry", "（masterpiece）")  # noqa: RUF001  (full-width brackets: the text under test)
     ids = {t: grid.make_cell(**base, prompt=t).id for t in texts}
     with monkeypatch.context() as m:
@@ -56,8 +92,19 @@ def test_a_text_that_a1111s_cleaning_changes_gets_a_new_id_and_others_keep_their
 def test_model_identity_ignores_where_the_file_lies():
     a = ModelSpec("./a/m.safetensors", "file", "/a/m.safetensors", None, "cd" * 32, 12)
     b = ModelSpec("/b/m.safetensors", "file", "/b/m.safetensors", None, "cd" * 32, 12)
-    params = dict(prompt="p", negative_prompt="", clip_skip=1, seed=1, sampler="Euler", schedule="Automatic", steps=4,
-                  guidance=7.0, width=64, height=64, dtype="float32")
+    params = dict(
+        prompt="p",
+        negative_prompt="",
+        clip_skip=1,
+        seed=1,
+        sampler="Euler",
+        schedule="Automatic",
+        steps=4,
+        guidance=7.0,
+        width=64,
+        height=64,
+        dtype="float32",
+    )
     assert grid.make_cell(model=a, **params).id == grid.make_cell(model=b, **params).id
 
 

@@ -1,4 +1,5 @@
 """Job files: every key of DESIGN.md, lists as axes, errors with key and line."""
+
 from __future__ import annotations
 
 import pytest
@@ -79,8 +80,14 @@ colour: blue
         parse_job(bad, "bad.yaml")
     lines = str(info.value).splitlines()
     expected = {
-        ("name", 1), ("prompts", 3), ("clip_skip.0", 4), ("seeds.count", 5), ("steps.0", 6),
-        ("width", 7), ("sampler", 8), ("colour", 9),
+        ("name", 1),
+        ("prompts", 3),
+        ("clip_skip.0", 4),
+        ("seeds.count", 5),
+        ("steps.0", 6),
+        ("width", 7),
+        ("sampler", 8),
+        ("colour", 9),
     }
     found = {(p.field, p.line) for p in info.value.problems}
     assert expected <= found, lines
@@ -149,9 +156,24 @@ def test_validate_rejects_with_exit_2_and_writes_nothing(job_file, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("template", ["{a|b} {c|d|e}", "{a|{b|c}}", "{2$$a|b|c}", "{1-2$$a|b|c}", "{0-2$$a|b}",
-                                      "{2$$a|{b|c}|d}", "__colors__", "__animals__ and {x|y}", "{2$$__colors__}",
-                                      "{~a|b} {c|d}", "${v={a|b}} ${v} ${v}", "${v=!{a|b}} ${v} ${v}", "plain"])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{a|b} {c|d|e}",
+        "{a|{b|c}}",
+        "{2$$a|b|c}",
+        "{1-2$$a|b|c}",
+        "{0-2$$a|b}",
+        "{2$$a|{b|c}|d}",
+        "__colors__",
+        "__animals__ and {x|y}",
+        "{2$$__colors__}",
+        "{~a|b} {c|d}",
+        "${v={a|b}} ${v} ${v}",
+        "${v=!{a|b}} ${v} ${v}",
+        "plain",
+    ],
+)
 def test_templates_are_counted_as_the_library_expands_them(template, tmp_path):
     from dynamicprompts.generators import CombinatorialPromptGenerator
     from dynamicprompts.wildcards import WildcardManager

@@ -5,6 +5,7 @@ a TCP proxy that refuses connections. Each test reproduces its scenario under th
 conditions the old code path failed in, and checks: nothing lost, nothing rendered
 twice, no chunk stuck.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,14 +56,16 @@ def messages(path, output: str, submission: str) -> list[dict]:
     from gridrender.scheduler.plan import prepare
 
     plan = prepare(path, cuda=None, output=output)
-    return [ChunkMessage("t", submission, output, 4, plan.partition, chunk.id, chunk.cells).to_message()
-            for chunk in plan.chunks()]
+    return [
+        ChunkMessage("t", submission, output, 4, plan.partition, chunk.id, chunk.cells).to_message() for chunk in plan.chunks()
+    ]
 
 
 def reap_failed(caplog, chunk: str, what: str) -> bool:
     """Whether the reaper logged that it cannot reap `chunk`, saying `what`."""
-    return any(chunk in r.getMessage() and what in r.getMessage() for r in caplog.records
-               if "cannot reap chunk" in r.getMessage())
+    return any(
+        chunk in r.getMessage() and what in r.getMessage() for r in caplog.records if "cannot reap chunk" in r.getMessage()
+    )
 
 
 def wait_beating(client, heartbeat, caplog, done, seconds: float) -> None:
@@ -75,7 +78,8 @@ def wait_beating(client, heartbeat, caplog, done, seconds: float) -> None:
 
 
 def test_the_reaper_survives_a_broker_error_and_a_storage_error_and_never_delays_a_heartbeat(
-        in_process, job_file, monkeypatch, caplog):
+    in_process, job_file, monkeypatch, caplog
+):
     """Old code: the reaper ran on the heartbeat thread and caught only RedisError."""
     cluster = in_process
     url = cluster.env["GRIDRENDER_BROKER_URL"]
@@ -85,15 +89,22 @@ def test_the_reaper_survives_a_broker_error_and_a_storage_error_and_never_delays
     missing = f"{cluster.bucket}-later"  # its bucket does not exist yet: recording the poisoned chunk fails
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{s3.port}")
-        poison, = messages(job_file(output=cluster.output, **SMALL, seeds=[1, 2]), f"s3://{missing}/grid", "s1")
-        dead, = messages(job_file(output=cluster.output, **SMALL, seeds=[3]), cluster.output, "s1")
+        (poison,) = messages(job_file(output=cluster.output, **SMALL, seeds=[1, 2]), f"s3://{missing}/grid", "s1")
+        (dead,) = messages(job_file(output=cluster.output, **SMALL, seeds=[3]), cluster.output, "s1")
         KillCounts(client).add("t", "s1", poison["chunk"], "gridrender-0@gone#0/t0")  # its first death, earlier
         for name, message in (("gridrender-1@gone#1", poison), ("gridrender-2@gone#2", dead)):
-            client.hset(liveness.HELD, name, json.dumps({"message": message, "queue": "q", "task": f"task-{name}",
-                                                          "chunk": message["chunk"], "job": "t"}))
+            client.hset(
+                liveness.HELD,
+                name,
+                json.dumps({"message": message, "queue": "q", "task": f"task-{name}", "chunk": message["chunk"], "job": "t"}),
+            )
         broker.down()
-        settings = Settings(broker_url=f"redis://127.0.0.1:{broker.port}/{url.rsplit('/', 1)[1]}",
-                            heartbeat_interval=0.2, heartbeat_ttl=1.0, storage_deadline=1.0)
+        settings = Settings(
+            broker_url=f"redis://127.0.0.1:{broker.port}/{url.rsplit('/', 1)[1]}",
+            heartbeat_interval=0.2,
+            heartbeat_ttl=1.0,
+            storage_deadline=1.0,
+        )
         from gridrender.scheduler.broker import make_app
 
         heartbeat = liveness.Heartbeat(client, "gridrender-3@here#3", ["q"], settings)
@@ -104,8 +115,13 @@ def test_the_reaper_survives_a_broker_error_and_a_storage_error_and_never_delays
         try:
             with caplog.at_level(logging.ERROR, logger="gridrender.scheduler.liveness"):
                 # A StorageError (no such bucket) and kombu's OperationalError from send_task: both logged, both kept.
-                wait_beating(client, heartbeat, caplog,
-                             lambda: reap_failed(caplog, poison["chunk"], missing) and reap_failed(caplog, dead["chunk"], ""), 30)
+                wait_beating(
+                    client,
+                    heartbeat,
+                    caplog,
+                    lambda: reap_failed(caplog, poison["chunk"], missing) and reap_failed(caplog, dead["chunk"], ""),
+                    30,
+                )
                 assert reaper.alive() and len(held(client)) == 2
                 # A slow store: connections refused for 4 s while the reaper retries; heartbeats go on.
                 cluster.s3.create_bucket(Bucket=missing)
@@ -194,8 +210,13 @@ def test_finalize_and_export_on_a_host_with_other_wildcards_give_the_submitting_
     manifest = output / "jobs" / "t" / "manifest.jsonl"
     ids = [json.loads(line)["cell_id"] for line in manifest.read_text().splitlines()]
     for env in ({"GRIDRENDER_WILDCARD_DIR": str(there)}, {}):  # other files, or none on this host
-        done = cli("finalize", "t", "--output", str(output), env={**env, "GRIDRENDER_WILDCARD_DIR": env.get(
-            "GRIDRENDER_WILDCARD_DIR", "")})
+        done = cli(
+            "finalize",
+            "t",
+            "--output",
+            str(output),
+            env={**env, "GRIDRENDER_WILDCARD_DIR": env.get("GRIDRENDER_WILDCARD_DIR", "")},
+        )
         assert done.returncode == 0 and "2/2 cells done" in done.stdout, done.stdout + done.stderr
         assert [json.loads(line)["cell_id"] for line in manifest.read_text().splitlines()] == ids
         dest = tmp_path / f"export-{len(env)}"
@@ -216,8 +237,9 @@ def test_a_failed_progress_write_is_retried_not_acknowledged(cluster, job_file, 
     worker = cluster.worker()
     wait_for(lambda: "cannot record its progress" in worker.text(), 90, "the progress write to fail")
     blocker.unlink()
-    wait_for(lambda: "4/4 done" in cluster.cli("status", "t", "--output", str(output)).stdout, 60,
-             "the retry to record the chunk")
+    wait_for(
+        lambda: "4/4 done" in cluster.cli("status", "t", "--output", str(output)).stdout, 60, "the retry to record the chunk"
+    )
     assert renders(worker) == 4  # the retry found its cells stored: no GPU work twice
     assert len(list((output / "cells").glob("*.json"))) == 4
 
@@ -229,7 +251,7 @@ def test_a_worker_restarted_in_place_has_its_dead_chunk_reaped(cluster, job_file
     path = job_file(output=cluster.output, **{**SMALL, "steps": 6, "batch_size": 1}, seeds=list(range(6)))
     cluster.cli("submit", str(path))  # one chunk: one worker takes it
     wait_for(lambda: held(client) and stored(cluster) >= 1, 90, "a worker to hold the chunk and store a cell")
-    (name, entry), = held(client).items()
+    ((name, entry),) = held(client).items()
     holder = next(w for w in workers if f"gridrender-{w.proc.pid}@" in name)
     other = next(w for w in workers if w is not holder)
     holder.kill()

@@ -6,6 +6,7 @@ LoKr (lycoris.functional, imported without the package's heavy __init__), A1111'
 (extensions-builtin/Lora/network.py apply_weight_decompose: the merged weight rescaled
 to `dora_scale` per input column, then W + m·(W' − W)), PEFT's alpha / r.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,13 +34,19 @@ from tests.support import loras as build
 TE, UNET_M = 0.7, 1.3  # distinct multipliers: text-encoder layers take TE, UNet layers UNET_M
 RANK, ALPHA = 4, 2.0
 # builtin:tiny's layers, as kohya names SD 1.x's (the diffusers UNet's paths)
-LINEAR = ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
-          "down_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k",
-          "mid_block.attentions.0.transformer_blocks.0.ff.net.2",
-          "up_blocks.1.attentions.2.transformer_blocks.0.attn1.to_out.0",
-          "down_blocks.0.resnets.0.time_emb_proj")
-CONV3 = ("down_blocks.2.resnets.0.conv1", "up_blocks.0.upsamplers.0.conv", "down_blocks.0.downsamplers.0.conv",
-         "mid_block.resnets.1.conv2")
+LINEAR = (
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+    "down_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k",
+    "mid_block.attentions.0.transformer_blocks.0.ff.net.2",
+    "up_blocks.1.attentions.2.transformer_blocks.0.attn1.to_out.0",
+    "down_blocks.0.resnets.0.time_emb_proj",
+)
+CONV3 = (
+    "down_blocks.2.resnets.0.conv1",
+    "up_blocks.0.upsamplers.0.conv",
+    "down_blocks.0.downsamplers.0.conv",
+    "mid_block.resnets.1.conv2",
+)
 CONV1 = ("down_blocks.2.resnets.0.conv_shortcut", "down_blocks.0.attentions.0.proj_in")
 TEXT = ("encoder.layers.0.self_attn.q_proj", "encoder.layers.3.mlp.fc1", "encoder.layers.11.self_attn.out_proj")
 KINDS = ("lora", "locon", "loha", "lokr", "dora", "full", "peft", "peft_dora")
@@ -87,8 +94,10 @@ def reference(kind: str, parts: dict[str, torch.Tensor], base: torch.Tensor) -> 
         norm = DoraLinearLayer(fan_in_fan_out=False).get_weight_norm(base, delta, scaling=scale)
         return (parts["magnitude"] / norm).view(-1, 1) * (base + scale * delta) - base
     if kind in ("lora", "locon", "dora", "peft"):
-        up, down = parts.get("lora_up.weight", parts.get("lora_B.weight")), parts.get("lora_down.weight",
-                                                                                      parts.get("lora_A.weight"))
+        up, down = (
+            parts.get("lora_up.weight", parts.get("lora_B.weight")),
+            parts.get("lora_down.weight", parts.get("lora_A.weight")),
+        )
         scale = float(parts["alpha"]) / down.shape[0] if "alpha" in parts else 1.0  # no alpha: 1 (network.py)
         if "lora_mid.weight" in parts:
             delta = torch.einsum("on,nmkl,mi->oikl", up.flatten(1), parts["lora_mid.weight"], down.flatten(1))
@@ -103,16 +112,35 @@ def reference(kind: str, parts: dict[str, torch.Tensor], base: torch.Tensor) -> 
     if kind == "loha":
         loha, _ = lycoris()
         scale = float(parts["alpha"]) / parts["hada_w1_b"].shape[0]
-        return loha.diff_weight(parts["hada_w1_b"], parts["hada_w1_a"], parts["hada_w2_b"], parts["hada_w2_a"],
-                                parts.get("hada_t1"), parts.get("hada_t2"), gamma=scale, backend="torch").reshape(shape)
+        return loha.diff_weight(
+            parts["hada_w1_b"],
+            parts["hada_w1_a"],
+            parts["hada_w2_b"],
+            parts["hada_w2_a"],
+            parts.get("hada_t1"),
+            parts.get("hada_t2"),
+            gamma=scale,
+            backend="torch",
+        ).reshape(shape)
     if kind == "lokr":
         _, lokr = lycoris()
-        rank = parts["lokr_w2_b"].shape[0] if "lokr_w2_b" in parts else (
-            parts["lokr_w1_b"].shape[0] if "lokr_w1_b" in parts else None)
+        rank = (
+            parts["lokr_w2_b"].shape[0]
+            if "lokr_w2_b" in parts
+            else (parts["lokr_w1_b"].shape[0] if "lokr_w1_b" in parts else None)
+        )
         scale = float(parts["alpha"]) / rank if rank else 1.0  # LyCORIS: whole w1 and w2 are unscaled
-        return lokr.kron_weight(parts.get("lokr_w1"), parts.get("lokr_w1_a"), parts.get("lokr_w1_b"),
-                                parts.get("lokr_w2"), parts.get("lokr_w2_a"), parts.get("lokr_w2_b"),
-                                parts.get("lokr_t2"), scale=scale, backend="torch").reshape(shape)
+        return lokr.kron_weight(
+            parts.get("lokr_w1"),
+            parts.get("lokr_w1_a"),
+            parts.get("lokr_w1_b"),
+            parts.get("lokr_w2"),
+            parts.get("lokr_w2_a"),
+            parts.get("lokr_w2_b"),
+            parts.get("lokr_t2"),
+            scale=scale,
+            backend="torch",
+        ).reshape(shape)
     if kind == "full":
         return parts["diff"]
     raise ValueError(kind)
@@ -172,8 +200,7 @@ class _CaseBuilder:
         rng, shape = self.rng, self.shape
         self.add("unet", LINEAR[0], "lokr", build.lokr(shape("unet", LINEAR[0]), 4, 4, RANK, rng, ALPHA, "w2_factored"))
         self.add("unet", LINEAR[3], "lokr", build.lokr(shape("unet", LINEAR[3]), 4, 4, RANK, rng, ALPHA, "w1_factored"))
-        self.add("text_encoder", TEXT[0], "lokr",
-                 build.lokr(shape("text_encoder", TEXT[0]), 4, 2, RANK, rng, ALPHA, "whole"))
+        self.add("text_encoder", TEXT[0], "lokr", build.lokr(shape("text_encoder", TEXT[0]), 4, 2, RANK, rng, ALPHA, "whole"))
         self.add("unet", CONV3[0], "lokr", build.lokr(shape("unet", CONV3[0]), 8, 4, RANK, rng, ALPHA, "whole"))
         self.add("unet", CONV3[3], "lokr", build.lokr(shape("unet", CONV3[3]), 8, 8, RANK, rng, ALPHA, "tucker"))
 
@@ -188,14 +215,18 @@ class _CaseBuilder:
         norms = (("unet", "down_blocks.1.resnets.0.norm1"), ("text_encoder", "encoder.layers.2.layer_norm2"))
         for component, path in (targets[0], ("unet", CONV1[0]), targets[-1], *norms):  # A1111 patches norms too
             module = roots(self.pipe)[component].get_submodule(path)
-            self.add(component, path, "full", build.full(self.shape(component, path), self.rng,
-                                                         bias=module.bias is not None))
+            self.add(component, path, "full", build.full(self.shape(component, path), self.rng, bias=module.bias is not None))
 
 
 # The builder of each layout's layers (PEFT's files hold kohya's LoRA layers, renamed).
 _BUILDERS: dict[str, Callable[[_CaseBuilder], None]] = {
-    "lora": _CaseBuilder.lora, "peft": _CaseBuilder.lora, "peft_dora": _CaseBuilder.peft_dora,
-    "locon": _CaseBuilder.locon, "loha": _CaseBuilder.loha, "lokr": _CaseBuilder.lokr, "dora": _CaseBuilder.dora,
+    "lora": _CaseBuilder.lora,
+    "peft": _CaseBuilder.lora,
+    "peft_dora": _CaseBuilder.peft_dora,
+    "locon": _CaseBuilder.locon,
+    "loha": _CaseBuilder.loha,
+    "lokr": _CaseBuilder.lokr,
+    "dora": _CaseBuilder.dora,
     "full": _CaseBuilder.full,
 }
 
@@ -275,8 +306,12 @@ def test_several_loras_sum_and_switching_sets_never_drifts(loaded, tiny, tmp_pat
         m1, m2 = (0.5, -0.8) if component == "text_encoder" else (0.5, 1.1)
         expected = base + m1 * reference(kind, parts, base) + m2 * reference(*second_case[(component, layer)], base)
         assert torch.allclose(weight(pipe, component, layer), expected, atol=2e-5, rtol=1e-4), layer
-    for chosen in ((LoraUse(uses["dora"], 1.0, 0.6, "d"),), (LoraUse(uses["loha"], 0.3, 0.3, "h"),),
-                   (LoraUse(uses["lora"], 1.0, 1.0, "a"), LoraUse(uses["loha"], 2.0, 2.0, "h")), ()):
+    for chosen in (
+        (LoraUse(uses["dora"], 1.0, 0.6, "d"),),
+        (LoraUse(uses["loha"], 0.3, 0.3, "h"),),
+        (LoraUse(uses["lora"], 1.0, 1.0, "a"), LoraUse(uses["loha"], 2.0, 2.0, "h")),
+        (),
+    ):
         merge(loaded, chosen)
     assert all(torch.equal(value, before[key]) for key, value in snapshot(pipe).items())
 
@@ -350,8 +385,18 @@ def test_a_merge_that_fails_midway_leaves_the_base_weights_not_half_a_set(loaded
 
 # -- images ----------------------------------------------------------------------------------
 
-CELL = dict(prompt="a cow standing in a field", negative_prompt="lowres", clip_skip=1, seed=3, sampler="Euler a",
-            steps=3, guidance=7.0, width=64, height=64, dtype="float32")
+CELL = dict(
+    prompt="a cow standing in a field",
+    negative_prompt="lowres",
+    clip_skip=1,
+    seed=3,
+    sampler="Euler a",
+    steps=3,
+    guidance=7.0,
+    width=64,
+    height=64,
+    dtype="float32",
+)
 
 
 @pytest.fixture(scope="module")
@@ -362,8 +407,9 @@ def reference_renderer(tiny_folder: Path) -> tuple[Any, ModelSpec, Any]:
     from gridrender.workers.render import Renderer
 
     spec = ModelSpec("reference", "builtin", "tiny", "reference-weights", None, 12)
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_folder, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     renderer = Renderer(compile_mode="eager")
     renderer.cache.put(spec, "float32", pipe)
     return renderer, spec, renderer.cache.get(spec, "float32").pipe
@@ -374,8 +420,7 @@ def pixels(image: Any) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", ("lora", "locon", "loha", "lokr", "dora", "peft"))
-def test_each_layout_renders_the_image_of_the_formula_weights(kind, renderer, tiny, loaded, reference_renderer,
-                                                              tmp_path):
+def test_each_layout_renders_the_image_of_the_formula_weights(kind, renderer, tiny, loaded, reference_renderer, tmp_path):
     ref_renderer, spec, ref_pipe = reference_renderer
     merge(loaded, ())
     path, case = write_case(kind, loaded.pipe, tmp_path)
@@ -400,8 +445,12 @@ def test_a_kohya_file_and_its_peft_conversion_render_the_same_image(renderer, ti
     merge(loaded, ())
     kohya, _ = write_case("lora", loaded.pipe, tmp_path / "kohya", seed=5)
     peft, _ = write_case("peft", loaded.pipe, tmp_path / "peft", seed=5)
-    images = [renderer.render(tiny, [make_cell(tiny, **CELL, loras=(
-        LoraUse(resolve_lora(str(p), tiny, Settings()), 0.9, 0.9, "x"),))])[0].image for p in (kohya, peft)]
+    images = [
+        renderer.render(tiny, [make_cell(tiny, **CELL, loras=(LoraUse(resolve_lora(str(p), tiny, Settings()), 0.9, 0.9, "x"),))])[
+            0
+        ].image
+        for p in (kohya, peft)
+    ]
     assert np.abs(pixels(images[0]) - pixels(images[1])).max() <= 1
 
 
@@ -417,25 +466,41 @@ def test_unloading_renders_the_base_image_again_exactly(renderer, tiny, loaded, 
 # -- A1111's tags, hashes and key matching ---------------------------------------------------
 
 
-@pytest.mark.parametrize("tag, expected", [
-    ("<lora:detail:0.8>", ("detail", 0.8, 0.8)),  # unet = te when not given
-    ("<lora:detail>", ("detail", 1.0, 1.0)),
-    ("<lora:detail:0.5:1.5>", ("detail", 0.5, 1.5)),
-    ("<lora:detail:te=0.25:unet=0.75>", ("detail", 0.25, 0.75)),
-    ("<lora:detail:unet=0.2>", ("detail", 1.0, 0.2)),
-    ("<lora:detail:0.4:unet=1>", ("detail", 0.4, 1.0)),
-    ("<lyco:detail:0.6>", ("detail", 0.6, 0.6)),
-])
+@pytest.mark.parametrize(
+    "tag, expected",
+    [
+        ("<lora:detail:0.8>", ("detail", 0.8, 0.8)),  # unet = te when not given
+        ("<lora:detail>", ("detail", 1.0, 1.0)),
+        ("<lora:detail:0.5:1.5>", ("detail", 0.5, 1.5)),
+        ("<lora:detail:te=0.25:unet=0.75>", ("detail", 0.25, 0.75)),
+        ("<lora:detail:unet=0.2>", ("detail", 1.0, 0.2)),
+        ("<lora:detail:0.4:unet=1>", ("detail", 0.4, 1.0)),
+        ("<lyco:detail:0.6>", ("detail", 0.6, 0.6)),
+    ],
+)
 def test_lora_tags_read_as_a1111_reads_them(tag, expected):
     (found,) = lora_tags(f"a cow, {tag} in a field")
     assert (found.name, found.te, found.unet) == expected and found.written == tag
 
 
-@pytest.mark.parametrize("tag", ["<lora:detail:lots>", "<lora:detail:inf>", "<lora:detail:nan>",
-                                 "<lora:detail:1:1:8>", "<lora:detail:dyn=8>", "<lora::1>",
-                                 "<lora:detail:1e30>", "<lora:detail:-11>", "<lora:detail:0.5:-1e6>",
-                                 "<lora:detail:0.5:nan>", "<lora:detail:te=inf>", "<lora:detail:unet=-inf>",
-                                 "<lora:detail:unet=1e308>"])
+@pytest.mark.parametrize(
+    "tag",
+    [
+        "<lora:detail:lots>",
+        "<lora:detail:inf>",
+        "<lora:detail:nan>",
+        "<lora:detail:1:1:8>",
+        "<lora:detail:dyn=8>",
+        "<lora::1>",
+        "<lora:detail:1e30>",
+        "<lora:detail:-11>",
+        "<lora:detail:0.5:-1e6>",
+        "<lora:detail:0.5:nan>",
+        "<lora:detail:te=inf>",
+        "<lora:detail:unet=-inf>",
+        "<lora:detail:unet=1e308>",
+    ],
+)
 def test_lora_tags_a1111_would_fail_on_are_refused(tag):
     with pytest.raises(ValueError, match="lora"):
         lora_tags(tag)
@@ -446,8 +511,7 @@ def test_two_tags_are_two_loras_in_prompt_order():
     assert isinstance(lora_tags("<lora:b:1>")[0], LoraTag)
 
 
-@pytest.mark.parametrize("prompt, listed", [("<lora:twice:0.5> a cow <lora:twice:1>", False),
-                                             ("a cow <lora:twice:0.5>", True)])
+@pytest.mark.parametrize("prompt, listed", [("<lora:twice:0.5> a cow <lora:twice:1>", False), ("a cow <lora:twice:0.5>", True)])
 def test_a_lora_named_twice_is_refused_at_validate(prompt, listed, loaded, job_file, tmp_path):
     """networks.py load_networks reuses the one Network of a name and sets its multipliers again for each
     mention: A1111 applies `<lora:x:0.5> <lora:x:1>` as x twice at 1, not as written."""
@@ -467,7 +531,7 @@ def test_lora_hash_is_a1111s_hash_of_the_tensor_data_or_kohyas_metadata(loaded, 
     data = path.read_bytes()
     size = int.from_bytes(data[:8], "little")  # hashes.py addnet_hash_safetensors: sha256 of what follows the header
     component = resolve_lora(str(path), tiny, Settings())
-    assert component.short_hash() == hashlib.sha256(data[8 + size:]).hexdigest()[:12]
+    assert component.short_hash() == hashlib.sha256(data[8 + size :]).hexdigest()[:12]
     assert component.sha256 == hashlib.sha256(data).hexdigest()  # the cell id's identity is the whole file
     layers, _, _ = sd1_case("lora", loaded.pipe, 1)
     tagged = build.write(tmp_path / "tagged.safetensors", layers, metadata={"sshs_model_hash": "ab" * 32})
@@ -484,7 +548,10 @@ SDXL_UNET = {
     "input_blocks_4_1_transformer_blocks_0_attn1_to_q": ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "lora"),
     "input_blocks_8_1_transformer_blocks_1_attn2_to_k": ("down_blocks.2.attentions.1.transformer_blocks.1.attn2.to_k", "lora"),
     "middle_block_1_proj_in": ("mid_block.attentions.0.proj_in", "lora"),
-    "output_blocks_1_1_transformer_blocks_0_ff_net_0_proj": ("up_blocks.0.attentions.1.transformer_blocks.0.ff.net.0.proj", "lora"),
+    "output_blocks_1_1_transformer_blocks_0_ff_net_0_proj": (
+        "up_blocks.0.attentions.1.transformer_blocks.0.ff.net.0.proj",
+        "lora",
+    ),
     "input_blocks_7_0_in_layers_2": ("down_blocks.2.resnets.0.conv1", "locon"),
     "input_blocks_4_0_skip_connection": ("down_blocks.1.resnets.0.conv_shortcut", "locon"),
     "output_blocks_2_2_conv": ("up_blocks.0.upsamplers.0.conv", "locon"),
@@ -492,11 +559,18 @@ SDXL_UNET = {
     "label_emb_0_0": ("add_embedding.linear_1", "lora"),
 }
 SDXL_TE1 = ("encoder.layers.0.self_attn.q_proj", "encoder.layers.2.mlp.fc2")
-SDXL_TE2_WHOLE = ("encoder.layers.0.self_attn.q_proj", "encoder.layers.0.self_attn.k_proj",
-                  "encoder.layers.0.self_attn.v_proj", "encoder.layers.0.self_attn.out_proj", "encoder.layers.0.mlp.fc1")
+SDXL_TE2_WHOLE = (
+    "encoder.layers.0.self_attn.q_proj",
+    "encoder.layers.0.self_attn.k_proj",
+    "encoder.layers.0.self_attn.v_proj",
+    "encoder.layers.0.self_attn.out_proj",
+    "encoder.layers.0.mlp.fc1",
+)
 SDXL_TE2_PARTIAL = ("encoder.layers.1.self_attn.q_proj", "encoder.layers.1.self_attn.v_proj")
-SDXL_UNMATCHED = ("lora_unet_up_blocks_0_upsamplers_0_conv",  # A1111 looks for output_blocks_2_1_conv
-                  "lora_te_text_model_encoder_layers_0_self_attn_q_proj")  # SD 1.x text-encoder naming
+SDXL_UNMATCHED = (
+    "lora_unet_up_blocks_0_upsamplers_0_conv",  # A1111 looks for output_blocks_2_1_conv
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+)  # SD 1.x text-encoder naming
 
 
 @pytest.fixture(scope="module")
@@ -507,23 +581,56 @@ def sdxl(tmp_path_factory: Any) -> tuple[Path, Any]:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64, 64), layers_per_block=2, sample_size=8, norm_num_groups=32,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        sample_size=8,
+        norm_num_groups=32,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 2), attention_head_dim=(2, 4, 4), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32,
-        cross_attention_dim=64)
-    clip_l = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=3,
-                                          num_attention_heads=4, vocab_size=514, bos_token_id=0, eos_token_id=1))
-    big_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                                                       num_attention_heads=4, projection_dim=32, vocab_size=514,
-                                                       bos_token_id=0, eos_token_id=1))
+        transformer_layers_per_block=(1, 2, 2),
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + 32,
+        cross_attention_dim=64,
+    )
+    clip_l = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            vocab_size=514,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    big_g = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            projection_dim=32,
+            vocab_size=514,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+    )
     folder = tmp_path_factory.mktemp("tiny-sdxl")
     for name, module in (("unet", unet), ("text_encoder", clip_l), ("text_encoder_2", big_g)):
         module.save_pretrained(folder / name)
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionXLPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            }
+        )
+    )
     return folder, SimpleNamespace(unet=unet.eval(), text_encoder=clip_l.eval(), text_encoder_2=big_g.eval())
 
 
@@ -534,11 +641,14 @@ def sdxl_file(pipe: Any, folder: Path) -> tuple[Path, Case]:
     for key, (path, kind) in SDXL_UNET.items():
         layers["lora_unet_" + key] = parts = build.lora(tuple(weight(pipe, "unet", path).shape), RANK, rng, ALPHA)
         case[("unet", path)] = (kind, parts)
-    for component, prefix, paths in (("text_encoder", "lora_te1_text_model_", SDXL_TE1),
-                                     ("text_encoder_2", "lora_te2_text_model_", SDXL_TE2_WHOLE + SDXL_TE2_PARTIAL)):
+    for component, prefix, paths in (
+        ("text_encoder", "lora_te1_text_model_", SDXL_TE1),
+        ("text_encoder_2", "lora_te2_text_model_", SDXL_TE2_WHOLE + SDXL_TE2_PARTIAL),
+    ):
         for path in paths:
             layers[prefix + path.replace(".", "_")] = parts = build.lora(
-                tuple(weight(pipe, component, path).shape), RANK, rng, ALPHA)
+                tuple(weight(pipe, component, path).shape), RANK, rng, ALPHA
+            )
             if path not in SDXL_TE2_PARTIAL:
                 case[(component, path)] = ("lora", parts)
     for key in SDXL_UNMATCHED:
@@ -581,8 +691,10 @@ def test_full_diffs_change_biases_as_a1111_and_a_fused_bigg_attention_only_its_o
     folder, pipe = sdxl
     rng = torch.Generator().manual_seed(4)
     attention = [f"encoder.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
-    layers = {"lora_te2_text_model_" + p.replace(".", "_"): build.full(tuple(weight(pipe, "text_encoder_2", p).shape),
-                                                                      rng) for p in attention}
+    layers = {
+        "lora_te2_text_model_" + p.replace(".", "_"): build.full(tuple(weight(pipe, "text_encoder_2", p).shape), rng)
+        for p in attention
+    }
     proj_in = "down_blocks.1.attentions.0.proj_in"
     layers["lora_unet_input_blocks_4_1_proj_in"] = build.full(tuple(weight(pipe, "unet", proj_in).shape), rng)
     path = build.write(tmp_path / "full.safetensors", layers)
@@ -619,8 +731,10 @@ def test_validate_lists_the_keys_a1111_would_not_match(loaded, job_file, tmp_pat
     path = build.write(tmp_path / "odd.safetensors", layers)
     result = cli("validate", str(job_file(loras=[{"path": str(path), "weight": 1.0}])))
     assert result.returncode == 0, result.stderr
-    assert ("didn't match keys: lora_unet_no_such_block_proj.alpha, lora_unet_no_such_block_proj.lora_down.weight, "
-            "lora_unet_no_such_block_proj.lora_up.weight") in result.stderr
+    assert (
+        "didn't match keys: lora_unet_no_such_block_proj.alpha, lora_unet_no_such_block_proj.lora_down.weight, "
+        "lora_unet_no_such_block_proj.lora_up.weight"
+    ) in result.stderr
 
 
 COMPILED_SWITCHING = """
@@ -662,8 +776,15 @@ def test_merged_loras_run_in_the_compiled_unet_without_recompiling(tmp_path, tin
 
     path = write_lora(tmp_path / "detail.safetensors", tiny_folder, seed=1, kohya=True)
     env = {**os.environ, "GRIDRENDER_CACHE_DIR": str(tmp_path / "cache"), "XDG_CACHE_HOME": str(private_cache)}
-    result = subprocess.run([sys.executable, "-c", COMPILED_SWITCHING, str(path), str(tmp_path / "out.npz")], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=900, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", COMPILED_SWITCHING, str(path), str(tmp_path / "out.npz")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["state"]["unet"] == "default" and len(set(report["graphs"])) == 1, report  # compiled once
@@ -683,9 +804,16 @@ XL_BUILTIN_UNET = {
     "output_blocks_2_2_conv": ("up_blocks.0.upsamplers.0.conv", "locon"),
     "input_blocks_5_0_in_layers_2": ("down_blocks.1.resnets.1.conv1", "locon"),
 }
-XL_BUILTIN_TEXT = {"lora_te1_text_model_": ("text_encoder", ("encoder.layers.5.self_attn.v_proj", "encoder.layers.2.mlp.fc1")),
-                   "lora_te2_text_model_": ("text_encoder_2", tuple(f"encoder.layers.6.{p}" for p in (
-                       "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc2")))}
+XL_BUILTIN_TEXT = {
+    "lora_te1_text_model_": ("text_encoder", ("encoder.layers.5.self_attn.v_proj", "encoder.layers.2.mlp.fc1")),
+    "lora_te2_text_model_": (
+        "text_encoder_2",
+        tuple(
+            f"encoder.layers.6.{p}"
+            for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc2")
+        ),
+    ),
+}
 
 
 def test_an_sdxl_kohya_lora_renders_through_gridrender_as_the_formula_weights(renderer, tmp_path):
@@ -704,15 +832,26 @@ def test_an_sdxl_kohya_lora_renders_through_gridrender_as_the_formula_weights(re
         case[("unet", path)] = (kind, parts)
     for prefix, (component, paths) in XL_BUILTIN_TEXT.items():
         for path in paths:
-            layers[prefix + path.replace(".", "_")] = parts = build.lora(tuple(weight(pipe, component, path).shape),
-                                                                         RANK, rng, ALPHA)
+            layers[prefix + path.replace(".", "_")] = parts = build.lora(
+                tuple(weight(pipe, component, path).shape), RANK, rng, ALPHA
+            )
             case[(component, path)] = ("lora", parts)
     file = build.write(tmp_path / "xl-style.safetensors", layers, {"ss_base_model_version": "sdxl_base_v1-0"})
     notes: list[str] = []
     lora = resolve_lora(str(file), xl, Settings(), notes)
     assert notes == []  # every key matched, every layer applied
-    cell = dict(prompt="a (cow:1.3) standing in a field", negative_prompt="lowres", clip_skip=1, seed=5,
-                sampler="Euler a", steps=4, guidance=7.0, width=64, height=64, dtype="float32")
+    cell = dict(
+        prompt="a (cow:1.3) standing in a field",
+        negative_prompt="lowres",
+        clip_skip=1,
+        seed=5,
+        sampler="Euler a",
+        steps=4,
+        guidance=7.0,
+        width=64,
+        height=64,
+        dtype="float32",
+    )
     image = renderer.render(xl, [make_cell(xl, **cell, loras=(LoraUse(lora, 0.8, 1.2, "xl-style"),))])[0].image
     plain = renderer.render(xl, [make_cell(xl, **cell)])[0].image
     # the reference: the same model made resident a second time, its weights set from the formulas

@@ -10,6 +10,7 @@ SDXL the SGM path; A1111's networks.py convert_diffusers_name_to_compvis and its
 fallbacks decide which of them match (quirks included: conv_norm_out, SDXL's
 add_embedding and up_blocks.0 upsampler have no A1111 name under their diffusers keys).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,8 +27,16 @@ MODULES = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerN
 def clip_config(layers: int = 2, width: int = 32) -> Any:
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(hidden_size=width, intermediate_size=37, num_hidden_layers=layers, num_attention_heads=4,
-                          vocab_size=514, bos_token_id=0, eos_token_id=1, projection_dim=width)
+    return CLIPTextConfig(
+        hidden_size=width,
+        intermediate_size=37,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        vocab_size=514,
+        bos_token_id=0,
+        eos_token_id=1,
+        projection_dim=width,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +45,16 @@ def sd1() -> tuple[Any, Any, LayerTable]:
     from transformers import CLIPTextModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(32, 64, 64, 64), layers_per_block=2, sample_size=8,
-                                norm_num_groups=32, cross_attention_dim=32, attention_head_dim=4,
-                                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=2,
+        sample_size=8,
+        norm_num_groups=32,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
     text = CLIPTextModel(clip_config())
     return unet, text, layer_table(dict(unet.config), [text.config.to_dict()])
 
@@ -51,12 +66,20 @@ def xl() -> tuple[Any, tuple[Any, Any], LayerTable]:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64, 64), layers_per_block=2, sample_size=8, norm_num_groups=32,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        sample_size=8,
+        norm_num_groups=32,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 3), attention_head_dim=(2, 4, 4), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32,
-        cross_attention_dim=64)
+        transformer_layers_per_block=(1, 2, 3),
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + 32,
+        cross_attention_dim=64,
+    )
     clip_l, big_g = CLIPTextModel(clip_config(3)), CLIPTextModelWithProjection(clip_config(2))
     table = layer_table(dict(unet.config), [clip_l.config.to_dict(), big_g.config.to_dict()])
     return unet, (clip_l, big_g), table
@@ -97,12 +120,18 @@ def test_each_text_encoder_layer_is_the_module_its_a1111_name_means(sd1, xl):
 
     _, encoder, table = sd1
     check_modules(text_of(encoder), table, TEXT)
-    assert all(layer.name == "transformer_text_model_" + layer.path.replace(".", "_")
-               for (c, _), layer in table.by_path.items() if c == TEXT)
+    assert all(
+        layer.name == "transformer_text_model_" + layer.path.replace(".", "_")
+        for (c, _), layer in table.by_path.items()
+        if c == TEXT
+    )
     _, (clip_l, big_g), table = xl
     check_modules(text_of(clip_l), table, TEXT)
-    assert all(layer.name == "0_transformer_text_model_" + layer.path.replace(".", "_")
-               for (c, _), layer in table.by_path.items() if c == TEXT)
+    assert all(
+        layer.name == "0_transformer_text_model_" + layer.path.replace(".", "_")
+        for (c, _), layer in table.by_path.items()
+        if c == TEXT
+    )
     check_modules(text_of(big_g), table, TEXT_2)
     # bigG as A1111 has it (OpenCLIP: `1_model_` + the module path): one in_proj_weight for q, k and v
     openclip = [layer for (c, _), layer in table.by_path.items() if c == TEXT_2 and layer.listed]
@@ -113,7 +142,8 @@ def test_each_text_encoder_layer_is_the_module_its_a1111_name_means(sd1, xl):
         if layer.kind == "attention":
             tags.update({f"{layer.path}.{p}": float(i * 10 + k) for k, p in enumerate(("q_proj", "k_proj", "v_proj"))})
             checkpoint[f"m.{layer.original}.in_proj_weight"] = torch.cat(
-                [torch.full((width, 1), float(i * 10 + k)) for k in range(3)])
+                [torch.full((width, 1), float(i * 10 + k)) for k in range(3)]
+            )
         else:
             tags[layer.path] = float(i * 10)
             checkpoint[f"m.{layer.original}.weight"] = torch.full((width, 1), float(i * 10))
@@ -152,19 +182,23 @@ def test_norm_layers_take_full_diffs_and_refuse_other_modules(sd1):
     modules on a norm are refused, never silently dropped; a full diff applies to weight and bias."""
     _, _, table = sd1
     norm = "lora_unet_down_blocks_0_resnets_0_norm1"  # A1111: diffusion_model_input_blocks_1_0_in_layers_0
-    lora = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": [4, 32, 1, 1],
-            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": [32, 4, 1, 1]}
+    lora = {
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": [4, 32, 1, 1],
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": [32, 4, 1, 1],
+    }
     fit = fit_lora({**lora, f"{norm}.w_norm": [32], f"{norm}.b_norm": [32]}, {}, table)
     assert fit.problem("SD 1.x") and "norm-layer" in fit.problem("SD 1.x") and not fit.unmatched
     fit = fit_lora({**lora, f"{norm}.lora_down.weight": [4, 32], f"{norm}.lora_up.weight": [32, 4]}, {}, table)
     assert fit.problem("SD 1.x") and "norm-layer" in fit.problem("SD 1.x")
-    full = {f"{norm}.diff": [32], f"{norm}.diff_b": [32],
-            "lora_te_text_model_encoder_layers_1_layer_norm2.diff": [32]}
+    full = {f"{norm}.diff": [32], f"{norm}.diff_b": [32], "lora_te_text_model_encoder_layers_1_layer_norm2.diff": [32]}
     fit = fit_lora({**lora, **full}, {}, table)
     assert fit.problem("SD 1.x") is None and not fit.unmatched and not fit.skipped
     applied = {m.layer.path: m.changes_bias for m in fit.modules}
-    assert applied == {"down_blocks.0.attentions.0.proj_in": False, "down_blocks.0.resnets.0.norm1": True,
-                       "encoder.layers.1.layer_norm2": False}
+    assert applied == {
+        "down_blocks.0.attentions.0.proj_in": False,
+        "down_blocks.0.resnets.0.norm1": True,
+        "encoder.layers.1.layer_norm2": False,
+    }
 
 
 def test_a_bias_diff_for_a_layer_without_bias_is_skipped_with_a_note(sd1):
@@ -174,14 +208,16 @@ def test_a_bias_diff_for_a_layer_without_bias_is_skipped_with_a_note(sd1):
     assert not fit.modules and "bias it does not have" in fit.skipped[0]
 
 
-@pytest.mark.parametrize("parts", [
-    {"hada_w1_a": [32, 4], "hada_w1_b": [3, 32], "hada_w2_a": [32, 4], "hada_w2_b": [4, 32]},
-    {"hada_w1_a": [4, 32], "hada_w1_b": [4, 32], "hada_t1": [4, 3, 1, 1],
-     "hada_w2_a": [32, 4], "hada_w2_b": [4, 32]},
-    {"lokr_w1_a": [4, 2], "lokr_w1_b": [3, 4], "lokr_w2": [8, 8]},
-    {"lokr_w1": [4, 4], "lokr_t2": [2, 2, 1, 1], "lokr_w2_a": [3, 8], "lokr_w2_b": [2, 8]},
-    {"lora_down.weight": [4, 32, 1, 1], "lora_mid.weight": [4, 3, 1, 1], "lora_up.weight": [32, 4, 1, 1]},
-])
+@pytest.mark.parametrize(
+    "parts",
+    [
+        {"hada_w1_a": [32, 4], "hada_w1_b": [3, 32], "hada_w2_a": [32, 4], "hada_w2_b": [4, 32]},
+        {"hada_w1_a": [4, 32], "hada_w1_b": [4, 32], "hada_t1": [4, 3, 1, 1], "hada_w2_a": [32, 4], "hada_w2_b": [4, 32]},
+        {"lokr_w1_a": [4, 2], "lokr_w1_b": [3, 4], "lokr_w2": [8, 8]},
+        {"lokr_w1": [4, 4], "lokr_t2": [2, 2, 1, 1], "lokr_w2_a": [3, 8], "lokr_w2_b": [2, 8]},
+        {"lora_down.weight": [4, 32, 1, 1], "lora_mid.weight": [4, 3, 1, 1], "lora_up.weight": [32, 4, 1, 1]},
+    ],
+)
 def test_factors_that_do_not_multiply_skip_the_layer_as_a1111s_runtime_error_does(parts, sd1):
     """network_apply_weights catches the RuntimeError of calc_updown and skips the layer: validate says so."""
     _, _, table = sd1
@@ -196,8 +232,11 @@ def test_peft_alpha_patterns_match_module_names_as_peft_does(sd1):
 
     _, _, table = sd1
     block = "down_blocks.0.attentions.0.transformer_blocks.0"
-    shapes = {f"unet.{block}.attn1.{p}.{ab}": shape for p in ("to_q", "to_k", "to_v")
-              for ab, shape in (("lora_A.weight", [4, 32]), ("lora_B.weight", [32, 4]))}
+    shapes = {
+        f"unet.{block}.attn1.{p}.{ab}": shape
+        for p in ("to_q", "to_k", "to_v")
+        for ab, shape in (("lora_A.weight", [4, 32]), ("lora_B.weight", [32, 4]))
+    }
     config = {"unet.lora_alpha": 2, "unet.r": 4, "unet.alpha_pattern": {"attn1.to_q|attn1.to_k": 8}}
     fit = fit_lora(shapes, {"lora_adapter_metadata": json.dumps(config)}, table)
     assert {m.layer.path.rsplit(".", 1)[1]: m.alpha for m in fit.modules} == {"to_q": 8.0, "to_k": 8.0, "to_v": 2.0}

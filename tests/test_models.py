@@ -1,4 +1,5 @@
 """Models: builtin:tiny, a local diffusers folder, a single .safetensors file, a hub id."""
+
 from __future__ import annotations
 
 import hashlib
@@ -15,8 +16,18 @@ from tests.support.singlefile import write_single_file
 
 
 def _cell(model, **kw):
-    params = dict(prompt="a red barn", negative_prompt="blurry", clip_skip=2, seed=3, sampler="DPM++ 2M Karras",
-                  steps=3, guidance=6.0, width=64, height=64, dtype="float32")
+    params = dict(
+        prompt="a red barn",
+        negative_prompt="blurry",
+        clip_skip=2,
+        seed=3,
+        sampler="DPM++ 2M Karras",
+        steps=3,
+        guidance=6.0,
+        width=64,
+        height=64,
+        dtype="float32",
+    )
     return make_cell(model, **{**params, **kw})
 
 
@@ -144,32 +155,63 @@ def test_a_folder_laid_out_by_other_tools_loads(renderer, tiny, tiny_folder, tmp
     torch.save({"text_model." + k: v for k, v in state.items()}, encoder / "pytorch_model.bin")
     (encoder / "model.safetensors").unlink()
     index = json.loads((folder / "model_index.json").read_text())
-    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
-                 feature_extractor=["transformers", "CLIPImageProcessor"], requires_safety_checker=True)
+    index.update(
+        safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+        feature_extractor=["transformers", "CLIPImageProcessor"],
+        requires_safety_checker=True,
+    )
     (folder / "model_index.json").write_text(json.dumps(index))
     model = resolve(str(folder))
     assert (_pixels(renderer, model) == _pixels(renderer, tiny)).all()
 
 
-@pytest.mark.parametrize("keys, says", [
-    ({"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": [49408, 768],
-      "model.diffusion_model.input_blocks.0.0.weight": [320, 4, 3, 3]}, "SDXL"),
-    ({"cond_stage_model.model.token_embedding.weight": [49408, 1024],
-      "model.diffusion_model.input_blocks.0.0.weight": [320, 4, 3, 3]}, "SD 2"),
-    ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": [4, 320]}, "LoRA"),
-    ({"conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight": [3840, 1280],
-      "model.diffusion_model.input_blocks.0.0.weight": [384, 4, 3, 3]}, "SDXL refiner"),
-    ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": [4608, 1536]}, "SD3"),
-    ({"double_blocks.0.img_attn.qkv.weight": [9216, 3072]}, "Flux"),
-    ({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": [9216, 3072]}, "Flux"),
-    # A1111's sd_models_config.guess_model_config_from_state_dict: input_blocks.0.0 with 9 input channels
-    # is an inpainting model (SDXL's too), 8 instruct-pix2pix; no txt2img config fits them
-    ({"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": [49408, 768],
-      "conditioner.embedders.1.model.token_embedding.weight": [49408, 1280],
-      "model.diffusion_model.input_blocks.0.0.weight": [320, 9, 3, 3]}, "inpainting"),
-    ({"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": [49408, 768],
-      "model.diffusion_model.input_blocks.0.0.weight": [320, 8, 3, 3]}, "instruct-pix2pix"),
-])
+@pytest.mark.parametrize(
+    "keys, says",
+    [
+        (
+            {
+                "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": [49408, 768],
+                "model.diffusion_model.input_blocks.0.0.weight": [320, 4, 3, 3],
+            },
+            "SDXL",
+        ),
+        (
+            {
+                "cond_stage_model.model.token_embedding.weight": [49408, 1024],
+                "model.diffusion_model.input_blocks.0.0.weight": [320, 4, 3, 3],
+            },
+            "SD 2",
+        ),
+        ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": [4, 320]}, "LoRA"),
+        (
+            {
+                "conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight": [3840, 1280],
+                "model.diffusion_model.input_blocks.0.0.weight": [384, 4, 3, 3],
+            },
+            "SDXL refiner",
+        ),
+        ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": [4608, 1536]}, "SD3"),
+        ({"double_blocks.0.img_attn.qkv.weight": [9216, 3072]}, "Flux"),
+        ({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": [9216, 3072]}, "Flux"),
+        # A1111's sd_models_config.guess_model_config_from_state_dict: input_blocks.0.0 with 9 input channels
+        # is an inpainting model (SDXL's too), 8 instruct-pix2pix; no txt2img config fits them
+        (
+            {
+                "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": [49408, 768],
+                "conditioner.embedders.1.model.token_embedding.weight": [49408, 1280],
+                "model.diffusion_model.input_blocks.0.0.weight": [320, 9, 3, 3],
+            },
+            "inpainting",
+        ),
+        (
+            {
+                "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": [49408, 768],
+                "model.diffusion_model.input_blocks.0.0.weight": [320, 8, 3, 3],
+            },
+            "instruct-pix2pix",
+        ),
+    ],
+)
 def test_a_safetensors_file_that_is_not_sd1_is_bad_input(job_file, tmp_path, keys, says):
     import json
     import struct
@@ -190,8 +232,9 @@ def test_single_file_and_folder_records_reproduce(tiny_folder, job_file, tmp_pat
 
     single = write_single_file(tiny_folder, tmp_path / "tiny-sd.safetensors")
     for n, model in enumerate((str(single), str(tiny_folder))):
-        path = job_file(f"job{n}.yaml", model=model, seeds=[4], clip_skip=[2], sampler="DPM++ SDE Karras",
-                        output=str(tmp_path / f"out{n}"))
+        path = job_file(
+            f"job{n}.yaml", model=model, seeds=[4], clip_skip=[2], sampler="DPM++ SDE Karras", output=str(tmp_path / f"out{n}")
+        )
         assert cli("run", str(path)).returncode == 0
         (record,) = (tmp_path / f"out{n}" / "cells").glob("*.json")
         assert json.loads(record.read_text())["model"]["kind"] == ("file" if n == 0 else "folder")

@@ -1,4 +1,5 @@
 """Sheets, gallery, dataset export, reproduce and A1111-readable infotext."""
+
 from __future__ import annotations
 
 import io
@@ -24,9 +25,20 @@ def rendered_job(tmp_path_factory, private_cache):  # noqa: ARG001  (the CLI it 
     import yaml
 
     folder = tmp_path_factory.mktemp("outputs")
-    job = {"name": "sheet-test", "model": "builtin:tiny", "prompts": ["a cow, in a field", "a lighthouse at dusk"],
-           "negative_prompt": "lowres", "clip_skip": [1, 2], "seeds": [1, 2, 3], "sampler": "DPM++ 2M Karras",
-           "steps": 3, "guidance": 7.0, "width": 64, "height": 64, "output": str(folder / "out")}
+    job = {
+        "name": "sheet-test",
+        "model": "builtin:tiny",
+        "prompts": ["a cow, in a field", "a lighthouse at dusk"],
+        "negative_prompt": "lowres",
+        "clip_skip": [1, 2],
+        "seeds": [1, 2, 3],
+        "sampler": "DPM++ 2M Karras",
+        "steps": 3,
+        "guidance": 7.0,
+        "width": 64,
+        "height": 64,
+        "output": str(folder / "out"),
+    }
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     result = cli("run", str(path))
@@ -96,7 +108,10 @@ def test_undeclared_varying_axis_is_warned_about(job_file):
     result = cli("validate", str(job_file(negative_prompt=["lowres", "blurry"])))
     assert result.returncode == 0
     assert "warning" in result.stderr and "negative_prompt varies" in result.stderr
-    declared = cli("validate", str(job_file(negative_prompt=["lowres", "blurry"], sheet={"rows": "negative_prompt", "cols": "seed", "pages": "prompt"})))
+    declared = cli(
+        "validate",
+        str(job_file(negative_prompt=["lowres", "blurry"], sheet={"rows": "negative_prompt", "cols": "seed", "pages": "prompt"})),
+    )
     assert "negative_prompt varies" not in declared.stderr
     assert "clip_skip varies" in declared.stderr  # now clip skip is the undeclared one
     bad = cli("validate", str(job_file(sheet={"rows": "colour"})))
@@ -114,11 +129,14 @@ def browser_executable() -> str | None:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found:
         return found
-    install = subprocess.run([sys.executable, "-m", "playwright", "install", "chromium"], capture_output=True,
-                             text=True, timeout=600, check=False)
+    install = subprocess.run(
+        [sys.executable, "-m", "playwright", "install", "chromium"], capture_output=True, text=True, timeout=600, check=False
+    )
     if install.returncode != 0:
-        pytest.skip("no chromium on this machine and Playwright could not download its own: "
-                    + (install.stderr.strip().splitlines() or ["?"])[-1])
+        pytest.skip(
+            "no chromium on this machine and Playwright could not download its own: "
+            + (install.stderr.strip().splitlines() or ["?"])[-1]
+        )
     return None
 
 
@@ -129,9 +147,18 @@ def test_gallery_loads_in_a_real_browser(rendered_job):
     page_path = Path(store.root) / "jobs" / "sheet-test" / "index.html"
     ARTIFACTS.mkdir(exist_ok=True)
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = p.chromium.launch(
+            executable_path=chromium,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 5000})
             errors, requests = [], []

@@ -3,6 +3,7 @@
 Real Redis, real worker processes, a real S3 endpoint. The visibility timeout stays
 at its default (an hour) unless a test says otherwise: recovery comes from heartbeats.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,11 @@ def test_a_chunk_that_killed_two_workers_is_recorded_failed(cluster, job_file):
     cluster.cli("submit", str(path))
     for _ in range(2):
         worker = cluster.worker(**FAST_HEARTBEAT)
-        wait_for(lambda w=worker: any(n.startswith("gridrender-") and w.proc.pid and str(w.proc.pid) in n
-                                      for n in held(cluster)), 60, "the worker to hold the chunk")
+        wait_for(
+            lambda w=worker: any(n.startswith("gridrender-") and w.proc.pid and str(w.proc.pid) in n for n in held(cluster)),
+            60,
+            "the worker to hold the chunk",
+        )
         worker.kill()
     survivor = cluster.worker(**FAST_HEARTBEAT)
     wait_for(lambda: "killed 2 workers" in survivor.text(), 60, "the reaper to give up on the chunk")
@@ -82,8 +86,11 @@ def test_a_chunk_that_killed_two_workers_is_recorded_failed(cluster, job_file):
 def test_reapers_race_for_a_dead_workers_chunk_and_one_wins(redis_url):
     client = redis.Redis.from_url(redis_url)
     message = {"chunk": "c0ffee", "job": "t", "cells": []}
-    client.hset(liveness.HELD, "gridrender-1@gone", json.dumps({"message": message, "queue": "q", "task": "t1",
-                                                                "chunk": "c0ffee", "job": "t"}))
+    client.hset(
+        liveness.HELD,
+        "gridrender-1@gone",
+        json.dumps({"message": message, "queue": "q", "task": "t1", "chunk": "c0ffee", "job": "t"}),
+    )
     sent: list = []
     first = liveness.reap(client, lambda m, q: sent.append((m, q)), lambda _m, _k, _w: None)
     second = liveness.reap(client, lambda m, q: sent.append((m, q)), lambda _m, _k, _w: None)
@@ -125,9 +132,20 @@ def test_wait_without_a_worker_fails_after_the_idle_timeout(cluster, job_file):
 def test_cancel_after_two_submissions_stops_both(cluster, job_file):
     cluster.cli("submit", str(job_file(output=cluster.output, **SMALL, seeds=[1, 2])))
     cluster.cli("submit", str(job_file(output=cluster.output, **SMALL, seeds=[1, 2, 3, 4])))
-    waiting = subprocess.Popen([sys.executable, "-m", "gridrender", "submit", str(job_file(output=cluster.output, **SMALL,
-                               seeds=[1, 2, 3, 4, 5])), "--wait"], env=cluster.env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    waiting = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gridrender",
+            "submit",
+            str(job_file(output=cluster.output, **SMALL, seeds=[1, 2, 3, 4, 5])),
+            "--wait",
+        ],
+        env=cluster.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(5)
     result = cluster.cli("cancel", "t", "--output", cluster.output)
     assert result.returncode == 0 and "3 submission(s) cancelled" in result.stdout, result.stdout

@@ -12,6 +12,7 @@ input, differs by 2e-3 between batch shapes (8e-6 for the other seeds), and abou
 of the image's values differ by 1/255. Measured, not fitted: the GPU case asserts that
 the input is identical and allows that share for it alone.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,8 +23,17 @@ from gridrender.scheduler.grid import make_cell
 
 
 def cells(tiny, seeds, sampler="Euler a", **kw):
-    base = dict(prompt="a cow standing in a field", negative_prompt="lowres", clip_skip=1, sampler=sampler,
-                steps=3, guidance=7.0, width=64, height=64, dtype="float32")
+    base = dict(
+        prompt="a cow standing in a field",
+        negative_prompt="lowres",
+        clip_skip=1,
+        sampler=sampler,
+        steps=3,
+        guidance=7.0,
+        width=64,
+        height=64,
+        dtype="float32",
+    )
     return [make_cell(tiny, **{**base, "seed": s, **kw}) for s in seeds]
 
 
@@ -45,8 +55,7 @@ def _alone_and_in_a_batch_of_8(renderer, tiny, sampler: str, rng: str) -> list[t
 
 @pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M Karras", "DDIMScheduler"])
 def test_a_cell_alone_equals_the_same_cell_in_a_batch_of_8(renderer, tiny, sampler):
-    for index, (largest, share) in zip((0, 3, 5, 7), _alone_and_in_a_batch_of_8(renderer, tiny, sampler, "CPU"),
-                                       strict=True):
+    for index, (largest, share) in zip((0, 3, 5, 7), _alone_and_in_a_batch_of_8(renderer, tiny, sampler, "CPU"), strict=True):
         assert largest <= 1, f"cell {index} differs by {largest}/255 between batch and single render"
         assert share < 0.05, f"cell {index}: {share:.1%} of values differ"
 

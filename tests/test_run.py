@@ -1,4 +1,5 @@
 """`gridrender run`: the whole job in one process, with the DESIGN.md layout."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,34 @@ from PIL import Image
 
 from tests.conftest import ROOT, cli
 
-RECORD_KEYS = {"cell_id", "params", "model", "clip_skip", "clip_layer", "clip_layers", "versions", "device", "timings", "image_sha256", "sampler"}
-PARAM_KEYS = {"model", "prompt", "negative_prompt", "clip_skip", "seed", "sampler", "schedule", "steps", "guidance", "width",
-              "height", "dtype", "rng"}
+RECORD_KEYS = {
+    "cell_id",
+    "params",
+    "model",
+    "clip_skip",
+    "clip_layer",
+    "clip_layers",
+    "versions",
+    "device",
+    "timings",
+    "image_sha256",
+    "sampler",
+}
+PARAM_KEYS = {
+    "model",
+    "prompt",
+    "negative_prompt",
+    "clip_skip",
+    "seed",
+    "sampler",
+    "schedule",
+    "steps",
+    "guidance",
+    "width",
+    "height",
+    "dtype",
+    "rng",
+}
 
 
 def snapshot(root: Path) -> dict[str, int]:
@@ -63,8 +89,9 @@ def test_run_writes_cells_records_job_and_manifest(job_file, tmp_path):
         prompt_line, negative_line, params_line = text.split("\n")
         assert prompt_line == line["prompt"]
         assert negative_line == "Negative prompt: lowres, blurry"
-        assert params_line.startswith(f"Steps: 3, Sampler: Euler a, Schedule type: Uniform, CFG scale: 7, "
-                                      f"Seed: {line['seed']}, Size: 64x64, Model hash: ")
+        assert params_line.startswith(
+            f"Steps: 3, Sampler: Euler a, Schedule type: Uniform, CFG scale: 7, Seed: {line['seed']}, Size: 64x64, Model hash: "
+        )
         assert params_line.endswith(f"Clip skip: {line['clip_skip']}")
 
 
@@ -87,7 +114,9 @@ def test_running_again_renders_nothing_and_adding_seeds_renders_only_them(job_fi
 
 def test_ctrl_c_leaves_no_half_written_file(job_file, tmp_path):
     path = job_file(seeds={"start": 0, "count": 60}, clip_skip=1, batch_size=1)
-    proc = subprocess.Popen([sys.executable, "-m", "gridrender", "run", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gridrender", "run", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     cells = tmp_path / "out" / "cells"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(cells.glob("*.json"))) < 5:
@@ -130,8 +159,13 @@ OVERFLOWING = "(a cow:1" + "0" * 38 + ")"
 def test_a_nan_cell_fails_alone_and_is_never_stored(job_file, tmp_path):
     """A1111 stops with "A tensor with all NaNs was produced"; here the cell fails with that reason, nothing
     is stored under its id, and the other cells of its batch (first pass and hires pass) land."""
-    path = job_file(prompts=["a cow", OVERFLOWING], clip_skip=1, seeds=[1], sampler="Euler",
-                    hires={"scale": 2, "upscaler": "Latent", "steps": 2, "denoise": 0.5, "prompt": ["a cow", OVERFLOWING]})
+    path = job_file(
+        prompts=["a cow", OVERFLOWING],
+        clip_skip=1,
+        seeds=[1],
+        sampler="Euler",
+        hires={"scale": 2, "upscaler": "Latent", "steps": 2, "denoise": 0.5, "prompt": ["a cow", OVERFLOWING]},
+    )
     result = cli("run", str(path))
     assert result.returncode == 1, result.stderr
     failed = [line for line in result.stderr.splitlines() if line.startswith("failed ")]

@@ -1,4 +1,5 @@
 """Sampler and schedule names: A1111's table, its combined names, diffusers classes."""
+
 from __future__ import annotations
 
 import pytest
@@ -41,8 +42,10 @@ def test_contradicting_names_and_schedules_are_errors():
         samplers.canonical("EulerDiscreteScheduler", "Karras")
 
 
-@pytest.mark.parametrize("name, hint", [("DDIM", "DDIMScheduler"), ("UniPC", "UniPCMultistepScheduler"),
-                                        ("PLMS", "PNDMScheduler"), ("DPM fast", "exactly")])
+@pytest.mark.parametrize(
+    "name, hint",
+    [("DDIM", "DDIMScheduler"), ("UniPC", "UniPCMultistepScheduler"), ("PLMS", "PNDMScheduler"), ("DPM fast", "exactly")],
+)
 def test_a1111_names_that_are_not_matched_teach_the_alternative(name, hint):
     with pytest.raises(samplers.UnknownName, match=hint):
         samplers.split_name(name)
@@ -68,8 +71,10 @@ def test_infotext_names_read_the_same_in_old_and_new_a1111():
 def test_job_schedule_axis_and_duplicates_after_canonicalization():
     job = parse_job(b"name: g\nmodel: builtin:tiny\nprompts: a\nsampler: [DPM++ 2M, Euler]\nschedule: [Uniform, Karras]\n")
     assert job.cell_count() == 4 and job.schedule == ["Uniform", "Karras"]
-    for text in (b"sampler: [DPM++ 2M Karras, dpm++ 2m karras]\n",
-                 b"sampler: [DPM++ 2M, DPM++ 2M Karras]\nschedule: [Automatic, Karras]\n"):
+    for text in (
+        b"sampler: [DPM++ 2M Karras, dpm++ 2m karras]\n",
+        b"sampler: [DPM++ 2M, DPM++ 2M Karras]\nschedule: [Automatic, Karras]\n",
+    ):
         with pytest.raises(JobError) as info:
             parse_job(b"name: g\nmodel: builtin:tiny\nprompts: a\n" + text)
         assert info.value.problems[0].field == "sampler"

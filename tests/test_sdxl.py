@@ -17,6 +17,7 @@ The references are written here from the upstream code, never from gridrender's:
 - k-diffusion's own sampling functions and external.CompVisDenoiser / CompVisVDenoiser.
 Clip skip N >= 3 takes hidden_states[-N] of both encoders (Forge, ComfyUI), as DESIGN.md says.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -60,8 +61,10 @@ def xl_folder(tmp_path_factory, private_cache):  # noqa: ARG001  (its own HF cac
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(src / "vae"))
     encoder = CLIPTextModel(CLIPTextConfig.from_json_file(src / "text_encoder" / "config.json"))
     encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_json_file(src / "text_encoder_2" / "config.json"))
-    assert (encoder.config.hidden_size, encoder.config.num_hidden_layers) != (encoder_2.config.hidden_size,
-                                                                             encoder_2.config.num_hidden_layers)
+    assert (encoder.config.hidden_size, encoder.config.num_hidden_layers) != (
+        encoder_2.config.hidden_size,
+        encoder_2.config.num_hidden_layers,
+    )
     assert unet.config.addition_embed_type == "text_time"
     for module in (unet, vae, encoder, encoder_2):
         builtin._fill(module, rng)
@@ -69,9 +72,15 @@ def xl_folder(tmp_path_factory, private_cache):  # noqa: ARG001  (its own HF cac
     vocab = byte_vocab()  # CLIP's layout: BOS and EOS are the last (highest) ids, as sgm's pool relies on
     assert vocab["<|endoftext|>"] == max(vocab.values())
     pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=encoder, text_encoder_2=encoder_2, tokenizer=CLIPTokenizer(vocab=vocab, merges=[]),
-        tokenizer_2=CLIPTokenizer(vocab=vocab, merges=[], pad_token="!"), unet=unet, scheduler=scheduler,
-        add_watermarker=False)
+        vae=vae,
+        text_encoder=encoder,
+        text_encoder_2=encoder_2,
+        tokenizer=CLIPTokenizer(vocab=vocab, merges=[]),
+        tokenizer_2=CLIPTokenizer(vocab=vocab, merges=[], pad_token="!"),
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
     folder = tmp_path_factory.mktemp("sdxl") / "tiny-xl"
     pipe.save_pretrained(folder)
     return folder
@@ -158,8 +167,11 @@ def a1111_xl_cond(pipe, text, clip_skip, negative=False, chunks=None, fixes=(), 
     chunks_l = chunks or a1111_chunks(pipe.tokenizer, text)
     chunks_g = chunks or a1111_chunks(tokenizer_2 or pipe.tokenizer, text)
     for index, ((tokens, multipliers), (tokens_g, multipliers_g)) in enumerate(zip(chunks_l, chunks_g, strict=True)):
-        handles = [with_fixes(pipe.text_encoder, fixes, "clip_l"),
-                   with_fixes(pipe.text_encoder_2, fixes, "clip_g")] if fixes and index == 0 else []
+        handles = (
+            [with_fixes(pipe.text_encoder, fixes, "clip_l"), with_fixes(pipe.text_encoder_2, fixes, "clip_g")]
+            if fixes and index == 0
+            else []
+        )
         try:
             # embedder 0, FrozenCLIPEmbedderForSDXLWithCustomWords: hidden_states[layer_idx], no final norm
             outputs = pipe.text_encoder(input_ids=torch.asarray([tokens]), output_hidden_states=True)
@@ -255,8 +267,7 @@ def a1111_xl_render(pipe, prompt, negative, clip_skip, seed, name, schedule, ste
         extra["solver_type"] = options["solver_type"]
     k.sampling.torch = TorchHijack([generator], shape)
     try:
-        samples = func(cfg_denoiser, x, sigmas, extra_args={"cond": c, "uncond": uc, "cond_scale": scale},
-                       disable=True, **extra)
+        samples = func(cfg_denoiser, x, sigmas, extra_args={"cond": c, "uncond": uc, "cond_scale": scale}, disable=True, **extra)
     finally:
         k.sampling.torch = torch
     decoded = pipe.vae.decode(samples.to(pipe.vae.dtype) * (1.0 / pipe.vae.config.scaling_factor)).sample
@@ -266,8 +277,19 @@ def a1111_xl_render(pipe, prompt, negative, clip_skip, seed, name, schedule, ste
 
 def xl_cell(model, **kw):
     """A cell with A1111's CPU random-number source, which these references draw."""
-    params = dict(prompt=SHORT, negative_prompt=NEGATIVE, clip_skip=2, seed=5, sampler="Euler a", steps=6,
-                  guidance=7.0, width=SIZE, height=SIZE, dtype="float32", rng="CPU")
+    params = dict(
+        prompt=SHORT,
+        negative_prompt=NEGATIVE,
+        clip_skip=2,
+        seed=5,
+        sampler="Euler a",
+        steps=6,
+        guidance=7.0,
+        width=SIZE,
+        height=SIZE,
+        dtype="float32",
+        rng="CPU",
+    )
     return make_cell(model, **{**params, **kw})
 
 
@@ -290,10 +312,12 @@ def test_conditioning_is_a1111s_for_short_and_long_prompts_and_an_empty_negative
 
 
 # Prompts where ftfy (both tokenizers) and open_clip's double html.unescape (the second) change the ids.
-TRICKY = ["“masterpiece”, best quality, 1girl，solo（smile）, ﬁsh",  # noqa: RUF001  (full-width on purpose)
-          "ｈｅｌｌｏ world, don’t, café &amp; bar",  # noqa: RUF001
-          ">_< &amp; fish &amp;amp; chips, (red:1.2) BREAK blue",
-          ", ".join(["“quoted” tag"] * 30) + ", &amp; more"]  # > 75 tokens: the comma backtrack
+TRICKY = [
+    "“masterpiece”, best quality, 1girl，solo（smile）, ﬁsh",  # noqa: RUF001  (full-width on purpose)
+    "ｈｅｌｌｏ world, don’t, café &amp; bar",  # noqa: RUF001
+    ">_< &amp; fish &amp;amp; chips, (red:1.2) BREAK blue",
+    ", ".join(["“quoted” tag"] * 30) + ", &amp; more",
+]  # > 75 tokens: the comma backtrack
 
 
 @pytest.fixture(scope="session")
@@ -311,8 +335,9 @@ def clip_vocab_encoder(tmp_path_factory):
     torch.manual_seed(0)
     small = dict(vocab_size=49408, intermediate_size=32, num_attention_heads=2, max_position_embeddings=77)
     encoder = CLIPTextModel(CLIPTextConfig(hidden_size=16, num_hidden_layers=3, hidden_act="quick_gelu", **small))
-    encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=24, num_hidden_layers=4, projection_dim=20,
-                                                           hidden_act="gelu", **small))
+    encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(hidden_size=24, num_hidden_layers=4, projection_dim=20, hidden_act="gelu", **small)
+    )
     return PromptEncoder(tokenizer, encoder.eval(), encoder_2.eval())
 
 
@@ -351,8 +376,9 @@ def test_each_encoder_reads_its_own_tokens(clip_vocab_encoder):
     from tests.support.a1111_text import ReferenceTokenizer
 
     encoder = clip_vocab_encoder
-    pipe = SimpleNamespace(tokenizer=ReferenceTokenizer(CLIP_MERGES, "hf"), text_encoder=encoder.encoders[0],
-                           text_encoder_2=encoder.encoders[1])
+    pipe = SimpleNamespace(
+        tokenizer=ReferenceTokenizer(CLIP_MERGES, "hf"), text_encoder=encoder.encoders[0], text_encoder_2=encoder.encoders[1]
+    )
     tokenizer_2 = ReferenceTokenizer(CLIP_MERGES, "open_clip")
     got = encoder.encode(TRICKY, {2})
     for text in TRICKY:
@@ -427,19 +453,32 @@ def test_a_blank_negative_is_encoded_and_only_an_empty_one_is_zeros(ours, xl, pi
 
 A1111_NAMES = [s.name for s in samplers.A1111]
 # Each sampler runs eps and v-pred; the prompt, negative and clip skip rotate so that every case is covered.
-CASES = [pytest.param(name, v, (SHORT, LONG_PROMPT)[(i + v) % 2], ("", NEGATIVE)[(i // 2 + v) % 2],
-                      (1, 2, 3)[(i + 2 * v) % 3], (5, 6) if i % 4 == v else (5,),
-                      id=f"{name}-{'v' if v else 'eps'}-{'long' if (i + v) % 2 else 'short'}-"
-                         f"{'neg' if (i // 2 + v) % 2 else 'empty'}-skip{(1, 2, 3)[(i + 2 * v) % 3]}")
-         for i, name in enumerate(A1111_NAMES) for v in (False, True)]
+CASES = [
+    pytest.param(
+        name,
+        v,
+        (SHORT, LONG_PROMPT)[(i + v) % 2],
+        ("", NEGATIVE)[(i // 2 + v) % 2],
+        (1, 2, 3)[(i + 2 * v) % 3],
+        (5, 6) if i % 4 == v else (5,),
+        id=f"{name}-{'v' if v else 'eps'}-{'long' if (i + v) % 2 else 'short'}-"
+        f"{'neg' if (i // 2 + v) % 2 else 'empty'}-skip{(1, 2, 3)[(i + 2 * v) % 3]}",
+    )
+    for i, name in enumerate(A1111_NAMES)
+    for v in (False, True)
+]
 
 
 @pytest.mark.parametrize("name, v, prompt, negative, skip, seeds", CASES)
 def test_sampler_matches_a1111_on_sdxl(name, v, prompt, negative, skip, seeds, ours, xl, xl_v, pipe):
     model = xl_v if v else xl
     schedule = "Karras" if name in ("DPM++ 2M", "DPM2") else "Uniform"
-    cells = [xl_cell(model, sampler=name, schedule=schedule, prompt=prompt, negative_prompt=negative, clip_skip=skip,
-                     seed=seed, steps=4) for seed in seeds]
+    cells = [
+        xl_cell(
+            model, sampler=name, schedule=schedule, prompt=prompt, negative_prompt=negative, clip_skip=skip, seed=seed, steps=4
+        )
+        for seed in seeds
+    ]
     rendered = ours.render(model, cells)  # two seeds: together in one batch
     for c, r in zip(cells, rendered, strict=True):
         want = a1111_xl_render(pipe, prompt, negative, skip, c.seed, name, schedule, c.steps, c.guidance, v=v)
@@ -451,7 +490,7 @@ def test_sampler_matches_a1111_on_sdxl(name, v, prompt, negative, skip, seeds, o
 def test_v_prediction_uses_a1111s_zero_terminal_snr_schedule(ours, xl_v):
     loaded = ours.cache.get(xl_v, "float32")
     assert xl_v.prediction == "v_prediction" and xl_v.zero_terminal_snr
-    cumprod = ((1 + loaded.sigmas.sigmas.double() ** 2) ** -1)
+    cumprod = (1 + loaded.sigmas.sigmas.double() ** 2) ** -1
     assert float(cumprod[-1]) == pytest.approx(4.8973451890853435e-08, rel=1e-5)
     assert 4000 < loaded.sigmas.sigma_max < 5000  # sqrt((1 - a) / a) of the last step
 
@@ -489,8 +528,15 @@ def test_sd1_and_sdxl_share_a_model_axis_and_records_say_each_encoders_layer(job
     from gridrender.workers.reproduce import reproduce
 
     out = tmp_path / "out"
-    path = job_file(model=["builtin:tiny", str(xl_files[1])], clip_skip=[1, 2], seeds=[3], steps=3, sampler="Euler a",
-                    negative_prompt="", sheet={"rows": "clip_skip", "cols": "model", "pages": "seed"})
+    path = job_file(
+        model=["builtin:tiny", str(xl_files[1])],
+        clip_skip=[1, 2],
+        seeds=[3],
+        steps=3,
+        sampler="Euler a",
+        negative_prompt="",
+        sheet={"rows": "clip_skip", "cols": "model", "pages": "seed"},
+    )
     checked = cli("validate", str(path))
     assert checked.returncode == 0, checked.stderr
     assert "1 and 2 are one cell" in checked.stderr and "SDXL, 6+8 CLIP layers, v-prediction" in checked.stdout
@@ -500,7 +546,9 @@ def test_sd1_and_sdxl_share_a_model_axis_and_records_say_each_encoders_layer(job
     assert len(records) == 3  # SD 1.x: skip 1 and 2; SDXL: one cell for both
     xl_record = next(r for r in records if r["model"]["family"] == "sdxl")
     assert [(e["encoder"], e["layer"], e["final_layer_norm"]) for e in xl_record["text_encoders"]] == [
-        ("text_encoder", 5, False), ("text_encoder_2", 7, False)]
+        ("text_encoder", 5, False),
+        ("text_encoder_2", 7, False),
+    ]
     assert xl_record["model"]["prediction"] == "v_prediction" and xl_record["model"]["zero_terminal_snr"]
     parameters = Image.open(out / "cells" / f"{xl_record['cell_id']}.png").text["parameters"]
     assert "Clip skip: " in parameters and "Noise Schedule: Zero Terminal SNR" in parameters
@@ -579,7 +627,6 @@ def test_nan_latents_fail_the_cells_rather_than_store_a_black_image(ours, tiny_f
         ours.render(model, [xl_cell(model, sampler="Euler", steps=2)])
 
 
-
 def test_a_text_encoder_output_of_mean_zero_fails_the_cells_as_a1111_would(ours, tiny_folder, tmp_path):
     """Seen: a small model whose text encoder's output has mean exactly 0 (here its final norm zeroed):
     A1111's "Original" emphasis restores the mean by dividing 0 by 0, so the conditioning is NaN and
@@ -621,10 +668,16 @@ def test_a_vae_that_decodes_nan_even_in_float32_fails_the_cells(ours, tiny_folde
         ours.render(model, [cell])
     assert list(failed.value.failed) == [cell.id] and failed.value.rendered == []
 
+
 # -- offline: CLIP's vocabulary ships with gridrender --------------------------------------------
 
-TEXTS = ["a photo of a cat", "masterpiece, best quality, 1girl, solo, looking at viewer, (sharp focus:1.1)",
-         "Ünïcode  spaces\tand CAPS, don't", "a,b,,c 123 4567", "<|endoftext|> lighthouse at dusk!!"]
+TEXTS = [
+    "a photo of a cat",
+    "masterpiece, best quality, 1girl, solo, looking at viewer, (sharp focus:1.1)",
+    "Ünïcode  spaces\tand CAPS, don't",
+    "a,b,,c 123 4567",
+    "<|endoftext|> lighthouse at dusk!!",
+]
 
 
 def test_the_shipped_vocabulary_tokenizes_as_clips_tokenizer(tmp_path):
@@ -666,14 +719,18 @@ def test_single_files_load_with_no_network_and_an_empty_hugging_face_cache(tmp_p
         return path
 
     unet = {"model.diffusion_model.input_blocks.0.0.weight": [320, 4, 3, 3]}
-    sd15 = {"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": [49408, 768],
-            **{f"cond_stage_model.transformer.text_model.encoder.layers.{i}.mlp.fc1.weight": [3072, 768] for i in range(12)}}
-    sdxl = {"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": [49408, 768],
-            **{f"conditioner.embedders.0.transformer.text_model.encoder.layers.{i}.mlp.fc1.weight": [3072, 768]
-               for i in range(12)},
-            "conditioner.embedders.1.model.token_embedding.weight": [49408, 1280],
-            **{f"conditioner.embedders.1.model.transformer.resblocks.{i}.mlp.c_fc.weight": [5120, 1280]
-               for i in range(32)}, "v_pred": [0], "ztsnr": [0]}
+    sd15 = {
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": [49408, 768],
+        **{f"cond_stage_model.transformer.text_model.encoder.layers.{i}.mlp.fc1.weight": [3072, 768] for i in range(12)},
+    }
+    sdxl = {
+        "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": [49408, 768],
+        **{f"conditioner.embedders.0.transformer.text_model.encoder.layers.{i}.mlp.fc1.weight": [3072, 768] for i in range(12)},
+        "conditioner.embedders.1.model.token_embedding.weight": [49408, 1280],
+        **{f"conditioner.embedders.1.model.transformer.resblocks.{i}.mlp.c_fc.weight": [5120, 1280] for i in range(32)},
+        "v_pred": [0],
+        "ztsnr": [0],
+    }
     one = resolve(str(header_only("sd15.safetensors", {**unet, **sd15})))
     xl = resolve(str(header_only("noobai-vpred.safetensors", {**unet, **sdxl})))
     assert (one.family, one.config, one.clip_layers) == ("sd1", "sd15", 12)
@@ -697,15 +754,18 @@ def test_an_sdxl_hub_id_resolves_its_family_and_prediction_from_the_cache(monkey
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("b" * 40)
     snapshot = repo / "snapshots" / ("b" * 40)
-    for name in ("model_index.json", "text_encoder/config.json", "text_encoder_2/config.json",
-                 "scheduler/scheduler_config.json"):
+    for name in ("model_index.json", "text_encoder/config.json", "text_encoder_2/config.json", "scheduler/scheduler_config.json"):
         (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(xl_vpred_folder / name, snapshot / name)
     model = resolve("someone/noob-vpred")
-    assert (model.kind, model.family, model.revision, model.clip_layers, model.clip_layers_2) == (
-        "hub", "sdxl", "b" * 40, 6, 8)
-    assert model.identity() == {"kind": "hub", "name": "someone/noob-vpred", "revision": "b" * 40,
-                                "prediction": "v_prediction", "zero_terminal_snr": True}
+    assert (model.kind, model.family, model.revision, model.clip_layers, model.clip_layers_2) == ("hub", "sdxl", "b" * 40, 6, 8)
+    assert model.identity() == {
+        "kind": "hub",
+        "name": "someone/noob-vpred",
+        "revision": "b" * 40,
+        "prediction": "v_prediction",
+        "zero_terminal_snr": True,
+    }
 
 
 def test_an_sd1_v_prediction_model_runs_on_the_v_denoiser(ours, tiny_folder, tmp_path):

@@ -1,5 +1,6 @@
 """Security basics: no pickle from the queue, no escape from the output root, no
 leaked secrets, no cell written under another cell's key."""
+
 from __future__ import annotations
 
 import base64
@@ -57,7 +58,11 @@ def test_a_tampered_message_cannot_write_another_cells_key(cluster, job_file):
     assert cluster.keys() == []
 
 
-@pytest.mark.parametrize("url", ["s3://bucket/../etc", "s3://bucket/a/../../b", "s3://bucket/a\\b", "s3://bucket/ａ", "s3://bucket/a\0b"])  # noqa: RUF001  (a full-width letter: the input under test)
+# a full-width letter: the input under test
+@pytest.mark.parametrize(
+    "url",
+    ["s3://bucket/../etc", "s3://bucket/a/../../b", "s3://bucket/a\\b", "s3://bucket/ａ", "s3://bucket/a\0b"],  # noqa: RUF001
+)
 def test_s3_prefixes_cannot_climb_out(url):
     with pytest.raises(StorageError):
         S3Store(url[5:].split("/", 1)[0], url[5:].split("/", 1)[1], client=object())
@@ -88,9 +93,13 @@ def test_credentials_never_reach_records_job_files_logs_or_errors(cluster, job_f
         worker = cluster.worker(QUEUE, **secrets)
         path = job_file(output=cluster.output, seeds=[1, 2], clip_skip=[1, 2], dtype="float32", steps=2)
         outputs = []
-        for args in (["submit", str(path), "--wait"], ["status", "t", "--output", cluster.output],
-                     ["finalize", "t", "--output", cluster.output], ["validate", str(path)],
-                     ["submit", str(job_file("other.yaml", output="s3://no-such-bucket-here/x"))]):
+        for args in (
+            ["submit", str(path), "--wait"],
+            ["status", "t", "--output", cluster.output],
+            ["finalize", "t", "--output", cluster.output],
+            ["validate", str(path)],
+            ["submit", str(job_file("other.yaml", output="s3://no-such-bucket-here/x"))],
+        ):
             result = cluster.cli(*args, **secrets)
             outputs.append(result.stdout + result.stderr)
         assert "4/4" in outputs[1]

@@ -1,4 +1,5 @@
 """Stores: write-once cells, atomic writes, keys that cannot leave the root."""
+
 from __future__ import annotations
 
 import pytest
@@ -45,8 +46,20 @@ def test_missing_key(store):
     assert not store.exists("cells/nope.json")
 
 
-@pytest.mark.parametrize("key", ["../escape", "/etc/passwd", "cells/../../x", "cells\\x", "cells/a\0b", "cells/ａ.png",  # noqa: RUF001  (a full-width a on purpose)
-                                  "", "cells//x", "cells/.hidden"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "../escape",
+        "/etc/passwd",
+        "cells/../../x",
+        "cells\\x",
+        "cells/a\0b",
+        "cells/ａ.png",  # noqa: RUF001  (a full-width a on purpose)
+        "",
+        "cells//x",
+        "cells/.hidden",
+    ],
+)
 def test_unsafe_keys_are_refused(store, key):
     with pytest.raises(StorageError):
         store.put_new(key, b"x")

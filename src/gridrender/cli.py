@@ -3,6 +3,7 @@
 The one place that turns errors into messages and exit codes: 2 for bad input,
 1 for a render, storage or broker failure.
 """
+
 from __future__ import annotations
 
 import functools
@@ -131,8 +132,9 @@ def finalize_cmd(name: str = typer.Argument(..., help="Job name (or job file).")
 def status_line(st: Status) -> str:
     rate = f"{st.rate:.2f} cells/s" if st.rate else "rate unknown"
     eta = f"ETA {st.eta / 60:.1f} min" if st.eta else "ETA unknown"
-    return (f"{st.name}: {st.done:,}/{st.total:,} done, {st.failed:,} failed, {st.pending:,} pending, {rate}, {eta}"
-            + (", cancelled" if st.cancelled else ""))
+    return f"{st.name}: {st.done:,}/{st.total:,} done, {st.failed:,} failed, {st.pending:,} pending, {rate}, {eta}" + (
+        ", cancelled" if st.cancelled else ""
+    )
 
 
 @app.command()
@@ -153,8 +155,7 @@ def status(
         st = job_status(store, job_name)
         say(status_line(st))
     for chunk in st.poisoned:
-        err.print(f"poisoned chunk {chunk.chunk}: {chunk.failed:,} cells failed: {chunk.error}", markup=False,
-                  highlight=False)
+        err.print(f"poisoned chunk {chunk.chunk}: {chunk.failed:,} cells failed: {chunk.error}", markup=False, highlight=False)
     if st.failed:
         show_failures(st.failures, st.failed)
         raise typer.Exit(EXIT_FAILED)
@@ -182,10 +183,12 @@ def submit(
     job: Path = typer.Argument(..., help="The job file."),
     wait: bool = typer.Option(False, "--wait", help="Show progress until every cell is stored, then finalize."),
     queue: str | None = typer.Option(
-        None, "--queue", help="Queue to send to (default: the model's queue if a worker listens, else the shared one)."),
+        None, "--queue", help="Queue to send to (default: the model's queue if a worker listens, else the shared one)."
+    ),
     output: str | None = OUTPUT_OPTION,
     idle_timeout: float = typer.Option(
-        600.0, "--idle-timeout", help="With --wait: fail when no worker took a chunk for this many seconds."),
+        600.0, "--idle-timeout", help="With --wait: fail when no worker took a chunk for this many seconds."
+    ),
 ) -> None:
     """Fan the job's missing cells out to workers through the broker."""
     from gridrender.scheduler.broker import shared_app
@@ -198,11 +201,17 @@ def submit(
     store = check_output(plan)
     warn(plan.warnings)
     sent = fan_out(plan, store, shared_app(), queue)
-    say(f"{plan.job.name}: {sent.cells:,} cells in {sent.chunks:,} chunks on queue {sent.queue} "
-        f"({sent.already_done:,} of {sent.total:,} already stored)")
+    say(
+        f"{plan.job.name}: {sent.cells:,} cells in {sent.chunks:,} chunks on queue {sent.queue} "
+        f"({sent.already_done:,} of {sent.total:,} already stored)"
+    )
     for idle in sent.idle_queues if sent.cells else []:
-        warn([f"no worker consumes queue {idle} right now; start one with: gridrender worker"
-              + (f" -Q {idle}" if idle != "gridrender" else "")])
+        warn(
+            [
+                f"no worker consumes queue {idle} right now; start one with: gridrender worker"
+                + (f" -Q {idle}" if idle != "gridrender" else "")
+            ]
+        )
     if wait:
         wait_for(store, plan.job.name, idle_timeout)
 
@@ -213,8 +222,7 @@ def wait_for(store: Store, name: str, idle_timeout: float) -> None:
 
     with progress_bar() as bar:
         task = bar.add_task(name, total=None)
-        final = wait(store, name, idle_timeout,
-                              on_update=lambda st: bar.update(task, total=st.total, completed=st.done))
+        final = wait(store, name, idle_timeout, on_update=lambda st: bar.update(task, total=st.total, completed=st.done))
     done = finalize.finalize(store, name)
     say(f"{name}: {done.done:,}/{done.total:,} cells done; finalized")
     if final.failed:
@@ -228,13 +236,17 @@ def wait_for(store: Store, name: str, idle_timeout: float) -> None:
 @app.command()
 def worker(  # noqa: PLR0913, PLR0917  (typer: the parameters are the command's options)
     queues: str | None = typer.Option(
-        None, "-Q", "--queues",
-        help="Comma-separated queues to consume (default: the shared queue, plus the model's with --model)."),
+        None,
+        "-Q",
+        "--queues",
+        help="Comma-separated queues to consume (default: the shared queue, plus the model's with --model).",
+    ),
     model: str | None = typer.Option(None, "--model", help="Load this model before taking tasks and consume its queue too."),
     preload: str | None = typer.Option(None, "--preload", hidden=True),
     gpus: str | None = typer.Option(None, "--gpus", help="Start one worker process per GPU, e.g. 0,1,2,3."),
     warmup: str | None = typer.Option(
-        None, "--warmup", help="With --model: compile for WxH:B (e.g. 512x512:8) before taking tasks."),
+        None, "--warmup", help="With --model: compile for WxH:B (e.g. 512x512:8) before taking tasks."
+    ),
     no_compile: bool = typer.Option(False, "--no-compile", help="Run the UNet and VAE eager (default: compiled on CUDA)."),
     loglevel: str = typer.Option("INFO", "--loglevel"),
 ) -> None:
@@ -288,16 +300,16 @@ def export(
 @exits
 def import_cmd(
     images: list[Path] = typer.Argument(..., help="A1111, Forge or civitai images (PNG; JPEG/WebP with EXIF)."),
-    output: Path | None = typer.Option(None, "-o", "--output", help="Job file to write (several images: one "
-                                       "file each, named after the image); default: print."),
+    output: Path | None = typer.Option(
+        None, "-o", "--output", help="Job file to write (several images: one file each, named after the image); default: print."
+    ),
 ) -> None:
     """Write the job file that renders each image again from its generation parameters."""
     from gridrender.scheduler.importer import import_images
 
     jobs = list(import_images(images))
     for imported in jobs:
-        warn(f"{imported.name}: {key} ({value}) is not rendered by gridrender" for key, value in
-             imported.unsupported.items())
+        warn(f"{imported.name}: {key} ({value}) is not rendered by gridrender" for key, value in imported.unsupported.items())
     if output is None:
         say("---\n".join(imported.yaml() for imported in jobs))
         return
@@ -317,20 +329,30 @@ def reproduce(record: str = typer.Argument(..., help="A cell record: cells/<id>.
     result = render_again(record)
     psnr = "inf" if result.psnr == float("inf") else f"{result.psnr:.2f}"
     verdict = "reproduced" if result.ok else f"DIFFERENT (tolerance {TOLERANCE}/255)"
-    say(f"{result.cell_id}: max pixel difference {result.max_diff}/255, PSNR {psnr} dB "
-        f"(UNet {'eager' if result.compile_mode == 'eager' else 'compiled, mode ' + result.compile_mode}): {verdict}")
+    say(
+        f"{result.cell_id}: max pixel difference {result.max_diff}/255, PSNR {psnr} dB "
+        f"(UNet {'eager' if result.compile_mode == 'eager' else 'compiled, mode ' + result.compile_mode}): {verdict}"
+    )
     if not result.ok:
         raise typer.Exit(EXIT_FAILED)
 
 
 def progress_bar() -> Progress:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+
     class CellRate(ProgressColumn):
         def render(self, task: Task) -> Text:
             return Text(f"{task.speed:.2f} cells/s" if task.speed else "-- cells/s")
 
-    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), CellRate(),
-                    TextColumn("ETA"), TimeRemainingColumn(), console=err)
+    return Progress(
+        TextColumn("{task.description}", markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        CellRate(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

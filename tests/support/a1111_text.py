@@ -14,6 +14,7 @@
   bpe_simple_vocab_16e6.txt after its header); the vocabulary is built from them here, as
   SimpleTokenizer does, not read from the shipped vocab.json.
 """
+
 from __future__ import annotations
 
 import html
@@ -160,8 +161,10 @@ class ReferenceTokenizer:
         self.cache = {t: t for t in specials}
         self.byte_encoder = bytes_to_unicode()
         self.flavour = flavour
-        self.pat = regex.compile("|".join(regex.escape(t) for t in specials)
-                                 + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+        self.pat = regex.compile(
+            "|".join(regex.escape(t) for t in specials) + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+            regex.IGNORECASE,
+        )
         self.bos_token_id, self.eos_token_id = self.encoder[specials[0]], self.encoder[specials[1]]
 
     def get_vocab(self) -> dict[str, int]:
@@ -215,6 +218,10 @@ class ReferenceTokenizer:
         return ids
 
     # transformers' tokenizer call, as gridrender makes it: never truncating, no special tokens either way.
-    def __call__(self, texts: list[str], truncation: bool = False,  # noqa: ARG002
-                 add_special_tokens: bool = False) -> dict[str, Any]:  # noqa: ARG002
+    def __call__(
+        self,
+        texts: list[str],
+        truncation: bool = False,  # noqa: ARG002
+        add_special_tokens: bool = False,  # noqa: ARG002
+    ) -> dict[str, Any]:
         return {"input_ids": [self.encode(t) for t in texts]}

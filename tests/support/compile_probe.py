@@ -6,6 +6,7 @@ A chunk of 5 cells at batch size 4 (a full batch, then a short one the renderer 
 the same 5 cells in full batches, and eager renders of each cell alone; prints JSON
 with torch's compile counters after the first batch and at the end, and timings.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,22 @@ def main(out: str) -> None:
     from gridrender.workers.render import Renderer
 
     model = resolve("builtin:tiny")
-    cells = [make_cell(model, prompt="a cow standing in a field", negative_prompt="lowres", clip_skip=1 + i % 2,
-                       seed=100 + i, sampler="Euler a", steps=3, guidance=7.0, width=64, height=64, dtype="float32")
-             for i in range(5)]
+    cells = [
+        make_cell(
+            model,
+            prompt="a cow standing in a field",
+            negative_prompt="lowres",
+            clip_skip=1 + i % 2,
+            seed=100 + i,
+            sampler="Euler a",
+            steps=3,
+            guidance=7.0,
+            width=64,
+            height=64,
+            dtype="float32",
+        )
+        for i in range(5)
+    ]
     compiled = Renderer(compile_mode="default")
     start = time.perf_counter()
     first = compiled.render(model, cells[:4], pad_to=4)
@@ -43,11 +57,26 @@ def main(out: str) -> None:
     in_full_batch = compiled.render(model, [cells[4], *cells[:3]], pad_to=4)[0]  # same cell, a full batch of others
     eager = Renderer(compile_mode="eager")
     alone = [eager.render(model, [c])[0] for c in cells]
-    np.savez(out, padded_last=np.asarray(padded_last.image), in_full_batch=np.asarray(in_full_batch.image),
-             first=np.stack([np.asarray(r.image) for r in first]), alone=np.stack([np.asarray(r.image) for r in alone]))
-    print(json.dumps({"after_first": after_first, "end": cache_stats(), "first_seconds": first_seconds,
-                      "rendered": result.rendered, "failed": result.failed,
-                      "record_compile": [r["compile"] for r in records], "record_batch": [r["batch_size"] for r in records]}))
+    np.savez(
+        out,
+        padded_last=np.asarray(padded_last.image),
+        in_full_batch=np.asarray(in_full_batch.image),
+        first=np.stack([np.asarray(r.image) for r in first]),
+        alone=np.stack([np.asarray(r.image) for r in alone]),
+    )
+    print(
+        json.dumps(
+            {
+                "after_first": after_first,
+                "end": cache_stats(),
+                "first_seconds": first_seconds,
+                "rendered": result.rendered,
+                "failed": result.failed,
+                "record_compile": [r["compile"] for r in records],
+                "record_batch": [r["batch_size"] for r in records],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Tiny components for tests, built from builtin:tiny's architecture: a LoRA, a VAE, an embedding, a model."""
+
 from __future__ import annotations
 
 import shutil
@@ -15,8 +16,9 @@ TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
 def _pipe(folder: Path):
     from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False)
+    return StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
 
 
 def write_lora(path: Path, model_folder: Path, seed: int, rank: int = 4, kohya: bool = False, strength: float = 0.3) -> Path:

@@ -4,6 +4,7 @@ k-diffusion's package __init__ imports its training extras (wandb, clean-fid,
 kornia, ...), so it is installed without dependencies (README's install command)
 and only `utils`, `sampling` and `external` are loaded here, under a bare package.
 """
+
 from __future__ import annotations
 
 import contextlib

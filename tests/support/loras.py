@@ -14,6 +14,7 @@ Key names and tensor layouts follow the trainers, not gridrender:
 - diffusers/PEFT: `unet.<path>.lora_A.weight` (r, in), `.lora_B.weight` (out, r), alpha in
   the `lora_adapter_metadata` diffusers writes.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,10 @@ def _randn(rng: torch.Generator, *shape: int, scale: float = 0.3) -> torch.Tenso
 def lora(shape: tuple[int, ...], rank: int, rng: torch.Generator, alpha: float | None = None) -> Parts:
     """kohya LoRA on a Linear, or LoCon on a conv (3x3 down, 1x1 up)."""
     out, cin, *kernel = shape
-    parts = {"lora_down.weight": _randn(rng, rank, cin, *kernel),
-             "lora_up.weight": _randn(rng, out, rank, *([1, 1] if kernel else []))}
+    parts = {
+        "lora_down.weight": _randn(rng, rank, cin, *kernel),
+        "lora_up.weight": _randn(rng, out, rank, *([1, 1] if kernel else [])),
+    }
     if alpha is not None:
         parts["alpha"] = torch.tensor(alpha)
     return parts
@@ -42,8 +45,12 @@ def lora(shape: tuple[int, ...], rank: int, rng: torch.Generator, alpha: float |
 def locon_tucker(shape: tuple[int, ...], rank: int, rng: torch.Generator, alpha: float) -> Parts:
     """LoCon with a CP/Tucker middle (lora_mid): 1x1 down, k x k mid, 1x1 up."""
     out, cin, kh, kw = shape
-    return {"lora_down.weight": _randn(rng, rank, cin, 1, 1), "lora_mid.weight": _randn(rng, rank, rank, kh, kw),
-            "lora_up.weight": _randn(rng, out, rank, 1, 1), "alpha": torch.tensor(alpha)}
+    return {
+        "lora_down.weight": _randn(rng, rank, cin, 1, 1),
+        "lora_mid.weight": _randn(rng, rank, rank, kh, kw),
+        "lora_up.weight": _randn(rng, out, rank, 1, 1),
+        "alpha": torch.tensor(alpha),
+    }
 
 
 def dora(shape: tuple[int, ...], base: torch.Tensor, rank: int, rng: torch.Generator, alpha: float) -> Parts:
@@ -58,16 +65,26 @@ def dora(shape: tuple[int, ...], base: torch.Tensor, rank: int, rng: torch.Gener
 def loha(shape: tuple[int, ...], rank: int, rng: torch.Generator, alpha: float, tucker: bool = False) -> Parts:
     out, cin, *kernel = shape
     if tucker:
-        return {"hada_t1": _randn(rng, rank, rank, *kernel), "hada_w1_a": _randn(rng, rank, out),
-                "hada_w1_b": _randn(rng, rank, cin), "hada_t2": _randn(rng, rank, rank, *kernel),
-                "hada_w2_a": _randn(rng, rank, out), "hada_w2_b": _randn(rng, rank, cin), "alpha": torch.tensor(alpha)}
+        return {
+            "hada_t1": _randn(rng, rank, rank, *kernel),
+            "hada_w1_a": _randn(rng, rank, out),
+            "hada_w1_b": _randn(rng, rank, cin),
+            "hada_t2": _randn(rng, rank, rank, *kernel),
+            "hada_w2_a": _randn(rng, rank, out),
+            "hada_w2_b": _randn(rng, rank, cin),
+            "alpha": torch.tensor(alpha),
+        }
     flat = cin * (kernel[0] * kernel[1] if kernel else 1)
-    return {"hada_w1_a": _randn(rng, out, rank), "hada_w1_b": _randn(rng, rank, flat),
-            "hada_w2_a": _randn(rng, out, rank), "hada_w2_b": _randn(rng, rank, flat), "alpha": torch.tensor(alpha)}
+    return {
+        "hada_w1_a": _randn(rng, out, rank),
+        "hada_w1_b": _randn(rng, rank, flat),
+        "hada_w2_a": _randn(rng, out, rank),
+        "hada_w2_b": _randn(rng, rank, flat),
+        "alpha": torch.tensor(alpha),
+    }
 
 
-def lokr(shape: tuple[int, ...], a: int, c: int, rank: int, rng: torch.Generator, alpha: float,
-         form: str) -> Parts:
+def lokr(shape: tuple[int, ...], a: int, c: int, rank: int, rng: torch.Generator, alpha: float, form: str) -> Parts:
     """LoKr with out = a*b, in = c*d. form: "w2_factored" (w1 whole, w2 = w2_a @ w2_b), "w1_factored"
     (w1 = w1_a @ w1_b, w2 whole), "tucker" (w2 from lokr_t2), "whole" (w1 and w2 whole)."""
     out, cin, *kernel = shape
@@ -80,8 +97,11 @@ def lokr(shape: tuple[int, ...], a: int, c: int, rank: int, rng: torch.Generator
     if form == "w2_factored":
         parts |= {"lokr_w2_a": _randn(rng, b, rank), "lokr_w2_b": _randn(rng, rank, d)}
     elif form == "tucker":
-        parts |= {"lokr_t2": _randn(rng, rank, rank, *kernel), "lokr_w2_a": _randn(rng, rank, b),
-                  "lokr_w2_b": _randn(rng, rank, d)}
+        parts |= {
+            "lokr_t2": _randn(rng, rank, rank, *kernel),
+            "lokr_w2_a": _randn(rng, rank, b),
+            "lokr_w2_b": _randn(rng, rank, d),
+        }
     else:
         parts["lokr_w2"] = _randn(rng, b, d, *kernel)
     return parts
@@ -112,14 +132,14 @@ def write(path: Path, layers: dict[str, Parts], metadata: dict[str, str] | None 
     return path
 
 
-def kohya_to_peft(layers: dict[str, Parts], names: dict[str, tuple[str, str]], alpha: float, rank: int) -> tuple[
-        dict[str, Parts], dict[str, str]]:
+def kohya_to_peft(
+    layers: dict[str, Parts], names: dict[str, tuple[str, str]], alpha: float, rank: int
+) -> tuple[dict[str, Parts], dict[str, str]]:
     """The same LoRA in diffusers/PEFT layout: `names` maps a kohya key to (component, diffusers path)."""
     peft: dict[str, Parts] = {}
     for key, parts in layers.items():
         component, path = names[key]
-        peft[f"{component}.{path}"] = {"lora_A.weight": parts["lora_down.weight"],
-                                        "lora_B.weight": parts["lora_up.weight"]}
+        peft[f"{component}.{path}"] = {"lora_A.weight": parts["lora_down.weight"], "lora_B.weight": parts["lora_up.weight"]}
         if "magnitude" in parts:  # DoRA as PEFT saves it: the magnitude of each output row
             peft[f"{component}.{path}"]["lora_magnitude_vector"] = parts["magnitude"]
     components = {component for component, _ in names.values()}

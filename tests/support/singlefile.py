@@ -6,6 +6,7 @@ The inverse of diffusers' single-file loader (LDM's UNet and VAE names, SD 1.x's
 text_projection), for any UNet of the folder's config: enough to test
 `from_single_file` on a file we made.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-SD1_UNET = {"block_out_channels": [1, 1, 1, 1], "layers_per_block": 2,
-            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3}
+SD1_UNET = {
+    "block_out_channels": [1, 1, 1, 1],
+    "layers_per_block": 2,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+}
 
 
 def _unet_map(config: dict | None = None) -> list[tuple[str, str]]:
@@ -119,11 +123,13 @@ def convert_text_encoder(state: dict, prefix: str = "cond_stage_model.transforme
 def convert_open_clip(state: dict, prefix: str = "conditioner.embedders.1.model.") -> dict:
     """A CLIPTextModelWithProjection as OpenCLIP (and so SDXL's checkpoints) lay it out."""
     state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    out = {prefix + "token_embedding.weight": state["embeddings.token_embedding.weight"],
-           prefix + "positional_embedding": state["embeddings.position_embedding.weight"],
-           prefix + "ln_final.weight": state["final_layer_norm.weight"],
-           prefix + "ln_final.bias": state["final_layer_norm.bias"],
-           prefix + "text_projection": state["text_projection.weight"].T}
+    out = {
+        prefix + "token_embedding.weight": state["embeddings.token_embedding.weight"],
+        prefix + "positional_embedding": state["embeddings.position_embedding.weight"],
+        prefix + "ln_final.weight": state["final_layer_norm.weight"],
+        prefix + "ln_final.bias": state["final_layer_norm.bias"],
+        prefix + "text_projection": state["text_projection.weight"].T,
+    }
     layers = {int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")}
     for i in sorted(layers):
         hf, ldm = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
@@ -152,8 +158,11 @@ def write_single_file(folder: Path, target: Path, extra: dict | None = None) -> 
     state.update(convert_unet(load_file(folder / "unet" / "diffusion_pytorch_model.safetensors"), unet_config))
     state.update(convert_vae(load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")))
     if (folder / "text_encoder_2").is_dir():  # SDXL
-        state.update(convert_text_encoder(load_file(folder / "text_encoder" / "model.safetensors"),
-                                          "conditioner.embedders.0.transformer.text_model."))
+        state.update(
+            convert_text_encoder(
+                load_file(folder / "text_encoder" / "model.safetensors"), "conditioner.embedders.0.transformer.text_model."
+            )
+        )
         state.update(convert_open_clip(load_file(folder / "text_encoder_2" / "model.safetensors")))
     else:
         state.update(convert_text_encoder(load_file(folder / "text_encoder" / "model.safetensors")))

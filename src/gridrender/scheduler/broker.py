@@ -3,6 +3,7 @@
 The scheduler sends tasks by name, so submitting needs neither torch nor the
 worker package; `workers.tasks` registers the task bodies on this same app.
 """
+
 from __future__ import annotations
 
 import re

@@ -4,6 +4,7 @@ Without torch: a file's identity is its sha256, and whether it fits the model is
 from safetensors headers (tensor names and shapes) and the model's configs. A file
 that does not fit is an input error at `validate`, never a failed render at night.
 """
+
 from __future__ import annotations
 
 import functools
@@ -112,8 +113,7 @@ def _find(source: str, base: str | None, what: str) -> Path:
     for candidate in candidates:
         if candidate.exists():
             return candidate.resolve()
-    raise ModelInputError(f"no {what} {source!r} (looked in the working directory"
-                          f"{' and ' + base if base else ''})")
+    raise ModelInputError(f"no {what} {source!r} (looked in the working directory{' and ' + base if base else ''})")
 
 
 def _read_shapes(path: Path, what: str) -> dict[str, list[int]]:
@@ -154,8 +154,9 @@ def resolve_vae(source: str, model: ModelSpec, settings: Settings) -> Component:
     if path.suffix != ".safetensors":
         raise ModelInputError(f"{source!r}: a VAE file must be .safetensors (or give a diffusers VAE folder)")
     shapes = _read_shapes(path, "VAE")
-    conv_in = next((shapes[k] for k in ("decoder.conv_in.weight", "first_stage_model.decoder.conv_in.weight") if k in shapes),
-                   None)
+    conv_in = next(
+        (shapes[k] for k in ("decoder.conv_in.weight", "first_stage_model.decoder.conv_in.weight") if k in shapes), None
+    )
     if conv_in is None:
         raise ModelInputError(f"{source!r} is not a VAE (no decoder.conv_in weights)")
     if conv_in[1] != latent:
@@ -229,12 +230,14 @@ def _embedding_vectors(file: Path, shapes: dict[str, list[int]], model: ModelSpe
         widths.append(int(model_config(model, "text_encoder_2")["hidden_size"]))
     if "clip_l" in shapes and "clip_g" in shapes:
         if model.family != SDXL:
-            raise ModelInputError(f"embedding {file.stem!r} is an SDXL embedding (clip_l + clip_g); {model.source} "
-                                  "is an SD 1.x model")
+            raise ModelInputError(
+                f"embedding {file.stem!r} is an SDXL embedding (clip_l + clip_g); {model.source} is an SD 1.x model"
+            )
         for key, width in zip(("clip_l", "clip_g"), widths, strict=True):
             if shapes[key][-1] != width:
-                raise ModelInputError(f"embedding {file.stem!r}: {key} has width {shapes[key][-1]}; {model.source}'s "
-                                      f"encoder has {width}")
+                raise ModelInputError(
+                    f"embedding {file.stem!r}: {key} has width {shapes[key][-1]}; {model.source}'s encoder has {width}"
+                )
         if shapes["clip_l"][0] != shapes["clip_g"][0]:
             raise ModelInputError(f"embedding {file.stem!r}: clip_l and clip_g hold different numbers of vectors")
         return int(shapes["clip_l"][0]) if len(shapes["clip_l"]) == _VECTORS_BY_WIDTH else 1
@@ -242,17 +245,17 @@ def _embedding_vectors(file: Path, shapes: dict[str, list[int]], model: ModelSpe
     if len(tensors) != 1:
         raise ModelInputError(f"{str(file)!r} is not a textual-inversion embedding (one tensor, or clip_l + clip_g)")
     if model.family == SDXL:
-        raise ModelInputError(f"embedding {file.stem!r} is an SD 1.x embedding (one tensor); {model.source} is SDXL, "
-                              "whose embeddings hold clip_l and clip_g")
+        raise ModelInputError(
+            f"embedding {file.stem!r} is an SD 1.x embedding (one tensor); {model.source} is SDXL, "
+            "whose embeddings hold clip_l and clip_g"
+        )
     shape = tensors[0] if len(tensors[0]) == _VECTORS_BY_WIDTH else [1, tensors[0][0]]
     if shape[1] != widths[0]:
-        raise ModelInputError(f"embedding {file.stem!r} has width {shape[1]}; {model.source}'s text "
-                              f"encoder has {widths[0]}")
+        raise ModelInputError(f"embedding {file.stem!r} has width {shape[1]}; {model.source}'s text encoder has {widths[0]}")
     return int(shape[0])
 
 
-def resolve_embeddings(sources: list[str], model: ModelSpec,
-                       settings: Settings) -> dict[str, Component]:  # noqa: ARG001  (one signature for every resolver)
+def resolve_embeddings(sources: list[str], model: ModelSpec, settings: Settings) -> dict[str, Component]:  # noqa: ARG001  (one signature for every resolver)
     """Trigger word (file stem) -> embedding, from files and folders (A1111's convention).
 
     Paths are relative to the working directory only, not to a settings folder (README).

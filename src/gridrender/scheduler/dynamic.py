@@ -5,6 +5,7 @@ A prompt that uses the template syntax expands combinatorially into an axis, or,
 the seed derives from the job's name and templates, and job.yaml records it: a
 resubmit expands to the same prompts, so to the same cells.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,9 @@ def default_seed(name: str, templates: list[str]) -> int:
     return int.from_bytes(hashlib.sha256("\0".join([name, *templates]).encode()).digest()[:4], "big")
 
 
-def expand(templates: list[str], count: int | None, seed: int, settings: Settings,
-           limit: int | None = None) -> tuple[list[str], list[Problem]]:
+def expand(
+    templates: list[str], count: int | None, seed: int, settings: Settings, limit: int | None = None
+) -> tuple[list[str], list[Problem]]:
     """(prompts, problems): every template expanded, plain prompts as they are, duplicates dropped.
 
     Combinatorial templates are counted before they expand (`count_variants`): more than
@@ -70,17 +72,27 @@ def expand(templates: list[str], count: int | None, seed: int, settings: Setting
                 planned += variants_at_most
                 if planned > limit:
                     many = f"{variants_at_most:,}" if variants_at_most < COUNT_CAP else f"more than {COUNT_CAP:.0e}"
-                    problems.append(Problem(f"prompts.{index}", f"the template expands to {many} prompts; with "
-                                            f"the job's other prompts and axes that is over the limit of "
-                                            f"{settings.max_cells:,} cells (GRIDRENDER_MAX_CELLS); use "
-                                            "`prompt_samples: N` to draw N of them"))
+                    problems.append(
+                        Problem(
+                            f"prompts.{index}",
+                            f"the template expands to {many} prompts; with "
+                            f"the job's other prompts and axes that is over the limit of "
+                            f"{settings.max_cells:,} cells (GRIDRENDER_MAX_CELLS); use "
+                            "`prompt_samples: N` to draw N of them",
+                        )
+                    )
                     break
                 variants = CombinatorialPromptGenerator(wildcards).generate(template, max_prompts=limit + 1)
             else:  # N different variants, in the order the seeded generator draws them
                 # checked before drawing: count x 20 draws per template add up over many templates
                 if planned + min(count, count_variants(template, wildcards, cap=count)) > limit:
-                    problems.append(Problem(f"prompts.{index}", f"prompt_samples: {count:,} more prompts put the "
-                                            f"job over the limit of {settings.max_cells:,} cells (GRIDRENDER_MAX_CELLS)"))
+                    problems.append(
+                        Problem(
+                            f"prompts.{index}",
+                            f"prompt_samples: {count:,} more prompts put the "
+                            f"job over the limit of {settings.max_cells:,} cells (GRIDRENDER_MAX_CELLS)",
+                        )
+                    )
                     break
                 drawn = RandomPromptGenerator(wildcards, seed=seed + index).generate(template, num_images=count * 20)
                 variants = list(dict.fromkeys(str(v) for v in drawn))[:count]
@@ -105,8 +117,7 @@ def count_variants(template: str, wildcards: WildcardManager, cap: int) -> int:
     from dynamicprompts.parser.config import default_parser_config
     from dynamicprompts.parser.parse import parse
 
-    return _Counter(wildcards, cap, lambda text: parse(text, parser_config=default_parser_config)).count(
-        template, {}, 0)
+    return _Counter(wildcards, cap, lambda text: parse(text, parser_config=default_parser_config)).count(template, {}, 0)
 
 
 class _Counter:

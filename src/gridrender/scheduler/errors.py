@@ -2,6 +2,7 @@
 
 The CLI maps `InputError` to exit code 2 and every other `GridrenderError` to 1.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

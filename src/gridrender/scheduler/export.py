@@ -1,4 +1,5 @@
 """Dataset export: `imagefolder` (Hugging Face datasets) and `webdataset` tar shards."""
+
 from __future__ import annotations
 
 import io
@@ -29,8 +30,11 @@ def _rows(store: Store, name: str) -> Iterator[dict[str, Any]]:
     """
     for line in manifest_lines(store, stored_plan(store, name)):
         if line["status"] == "done":
-            yield {"cell_id": line["cell_id"], "caption": line["rendered_prompt"],
-                   **{k: line[k] for k in (*NAMES, *RENDERED) if k in line}}
+            yield {
+                "cell_id": line["cell_id"],
+                "caption": line["rendered_prompt"],
+                **{k: line[k] for k in (*NAMES, *RENDERED) if k in line},
+            }
 
 
 def export(store: Store, name: str, fmt: str, dest: Path) -> int:

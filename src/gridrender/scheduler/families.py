@@ -11,6 +11,7 @@ v-prediction and zero terminal SNR: NoobAI-XL v-pred files carry empty `v_pred` 
 `ztsnr` tensors (read by A1111's dev branch, Forge and ComfyUI); a folder's scheduler
 config says `prediction_type` and `rescale_betas_zero_snr`.
 """
+
 from __future__ import annotations
 
 import re
@@ -65,14 +66,17 @@ def checkpoint_family(shapes: Mapping[str, Any]) -> str:
     _reject_other_architectures(keys)
     if keys.has("conditioner.embedders."):
         if not (keys.has(XL_CLIP_L) and keys.has(XL_CLIP_G)):
-            raise ModelInputError("is an SDXL-style checkpoint without both text encoders "
-                                  f"('{XL_CLIP_L}' CLIP-L and '{XL_CLIP_G}' OpenCLIP bigG)")
+            raise ModelInputError(
+                f"is an SDXL-style checkpoint without both text encoders ('{XL_CLIP_L}' CLIP-L and '{XL_CLIP_G}' OpenCLIP bigG)"
+            )
         if not keys.has(UNET):
             raise ModelInputError("is an SDXL text-encoder file without UNet weights ('model.diffusion_model.')")
         return SDXL
     if keys.has("cond_stage_model.model."):
-        raise ModelInputError("is an SD 2.x checkpoint (OpenCLIP text encoder, key 'cond_stage_model.model.'); "
-                              "gridrender renders SD 1.x and SDXL-family checkpoints")
+        raise ModelInputError(
+            "is an SD 2.x checkpoint (OpenCLIP text encoder, key 'cond_stage_model.model.'); "
+            "gridrender renders SD 1.x and SDXL-family checkpoints"
+        )
     if not keys.has(UNET):
         if any("lora" in k for k in shapes):
             raise ModelInputError("is a LoRA, not a model (use it under `loras:`)")
@@ -85,21 +89,28 @@ def checkpoint_family(shapes: Mapping[str, Any]) -> str:
 def _reject_other_architectures(keys: _Keys) -> None:
     """SD3, Flux, the SDXL refiner, inpainting and instruct-pix2pix checkpoints: named, refused."""
     if keys.has(UNET + "joint_blocks.") or keys.has(UNET + "x_embedder.") or keys.has("joint_blocks."):
-        raise ModelInputError("is an SD3 checkpoint (an MMDiT transformer, key 'joint_blocks.'); "
-                              "gridrender renders SD 1.x and SDXL-family checkpoints")
+        raise ModelInputError(
+            "is an SD3 checkpoint (an MMDiT transformer, key 'joint_blocks.'); "
+            "gridrender renders SD 1.x and SDXL-family checkpoints"
+        )
     if keys.match(r"^(model\.diffusion_model\.)?(double_blocks|single_blocks)\."):
-        raise ModelInputError("is a Flux checkpoint (key 'double_blocks.'); gridrender renders SD 1.x and "
-                              "SDXL-family checkpoints")
+        raise ModelInputError(
+            "is a Flux checkpoint (key 'double_blocks.'); gridrender renders SD 1.x and SDXL-family checkpoints"
+        )
     if keys.has(REFINER_CLIP_G) and not keys.has(XL_CLIP_G):
-        raise ModelInputError("is an SDXL refiner (one OpenCLIP encoder, 'conditioner.embedders.0.model.', and "
-                              "aesthetic-score conditioning); gridrender renders SDXL base-family checkpoints "
-                              "(SDXL, Pony, Illustrious, NoobAI), not the refiner")
+        raise ModelInputError(
+            "is an SDXL refiner (one OpenCLIP encoder, 'conditioner.embedders.0.model.', and "
+            "aesthetic-score conditioning); gridrender renders SDXL base-family checkpoints "
+            "(SDXL, Pony, Illustrious, NoobAI), not the refiner"
+        )
     in_channels = keys.shapes.get(UNET + "input_blocks.0.0.weight", [0, 0])
     if len(in_channels) > 1 and in_channels[1] not in _LATENT_CHANNELS:
         kind = _OTHER_INPUTS.get(int(in_channels[1]), "a")
-        raise ModelInputError(f"is {kind} checkpoint (its UNet takes {in_channels[1]} input channels, key "
-                              f"'{UNET}input_blocks.0.0.weight'); gridrender renders text-to-image checkpoints "
-                              "(4 latent channels)")
+        raise ModelInputError(
+            f"is {kind} checkpoint (its UNet takes {in_channels[1]} input channels, key "
+            f"'{UNET}input_blocks.0.0.weight'); gridrender renders text-to-image checkpoints "
+            "(4 latent channels)"
+        )
 
 
 def checkpoint_prediction(shapes: Mapping[str, Any]) -> Prediction:
@@ -118,19 +129,22 @@ def xl_encoders(shapes: Mapping[str, Any]) -> tuple[tuple[int, int], tuple[int, 
     """((width, layers) of CLIP-L, (width, layers) of OpenCLIP bigG) of an SDXL checkpoint."""
     l_width = shapes.get(XL_CLIP_L + "embeddings.token_embedding.weight", [0, 0])[1]
     g_width = shapes.get(XL_CLIP_G + "token_embedding.weight", [0, 0])[1]
-    return ((int(l_width), encoder_layers(shapes, XL_CLIP_L, r"encoder\.layers\.(\d+)\.")),
-            (int(g_width), encoder_layers(shapes, XL_CLIP_G, r"transformer\.resblocks\.(\d+)\.")))
+    return (
+        (int(l_width), encoder_layers(shapes, XL_CLIP_L, r"encoder\.layers\.(\d+)\.")),
+        (int(g_width), encoder_layers(shapes, XL_CLIP_G, r"transformer\.resblocks\.(\d+)\.")),
+    )
 
 
 def folder_family(index: Mapping[str, Any], source: str) -> str:
     """SD1 or SDXL from a diffusers model_index.json; other pipelines are bad input."""
     name = str(index.get("_class_name", ""))
     if name in ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLPipeline") and not _component(index, "text_encoder"):
-        raise ModelInputError(f"{source!r} is an SDXL refiner ({name} without `text_encoder`); gridrender renders "
-                              "SDXL base-family models, not the refiner")
+        raise ModelInputError(
+            f"{source!r} is an SDXL refiner ({name} without `text_encoder`); gridrender renders "
+            "SDXL base-family models, not the refiner"
+        )
     if name.startswith(("StableDiffusion3", "Flux")):
-        raise ModelInputError(f"{source!r} is a {name} (a transformer model); gridrender renders SD 1.x and "
-                              "SDXL-family models")
+        raise ModelInputError(f"{source!r} is a {name} (a transformer model); gridrender renders SD 1.x and SDXL-family models")
     family = PIPELINES.get(name)
     if family is None and name.startswith("StableDiffusionXL"):
         family = SDXL
@@ -150,5 +164,7 @@ def scheduler_prediction(config: Mapping[str, Any]) -> Prediction:
 
 def overridden(found: Prediction, prediction: str = AUTO, noise_schedule: str = AUTO) -> Prediction:
     """The job's `prediction:` / `noise_schedule:` keys over what the files say (`auto` keeps it)."""
-    return Prediction(found.prediction if prediction == AUTO else prediction,
-                      found.zero_terminal_snr if noise_schedule == AUTO else noise_schedule == ZERO_TERMINAL_SNR)
+    return Prediction(
+        found.prediction if prediction == AUTO else prediction,
+        found.zero_terminal_snr if noise_schedule == AUTO else noise_schedule == ZERO_TERMINAL_SNR,
+    )

@@ -3,6 +3,7 @@
 The manifest streams out a line at a time. A cell's status comes from its chunk's
 progress record; only the cells of incomplete chunks are checked one by one.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,14 @@ def manifest_lines(store: Store, plan: Plan, verify: bool = False) -> Iterator[d
             else:
                 stored = ledger.present(chunk.cells)
             for cell, is_stored in zip(chunk.cells, stored, strict=True):
-                yield {"cell_id": cell.id, "status": "done" if is_stored else "missing",
-                       "image": layout.cell_image(cell.id), "record": layout.cell_record(cell.id), **cell.params(),
-                       **cell.rendered()}
+                yield {
+                    "cell_id": cell.id,
+                    "status": "done" if is_stored else "missing",
+                    "image": layout.cell_image(cell.id),
+                    "record": layout.cell_record(cell.id),
+                    **cell.params(),
+                    **cell.rendered(),
+                }
 
 
 def read_manifest(store: Store, name: str) -> Iterator[dict[str, Any]]:
@@ -84,8 +90,10 @@ def finalize(store: Store, name: str, settings: Settings | None = None) -> Final
         for sheet in sheets:
             store.put(layout.sheet(name, sheet.name), sheet.png, "image/png")
     else:
-        note = (f"sheets skipped: {counts['total']:,} cells is over GRIDRENDER_SHEET_MAX_CELLS "
-                f"({settings.sheet_max_cells:,}); the gallery lists the first {len(kept):,} cells")
+        note = (
+            f"sheets skipped: {counts['total']:,} cells is over GRIDRENDER_SHEET_MAX_CELLS "
+            f"({settings.sheet_max_cells:,}); the gallery lists the first {len(kept):,} cells"
+        )
     page = render_gallery(name, kept, sheets, note)
     store.put(layout.gallery(name), page, "text/html; charset=utf-8")
     return Finalized(counts["done"], counts["total"], len(sheets), note)

@@ -3,6 +3,7 @@
 Shows the comparison sheets and every cell with its parameters (on hover and on
 click), filterable by the value of each axis that varies.
 """
+
 from __future__ import annotations
 
 import html
@@ -78,9 +79,13 @@ def render_gallery(job_name: str, lines: list[dict[str, Any]], sheets: list[Shee
     )
     page_key = layout.gallery(job_name)
     cells = [
-        {**{k: v for k, v in line.items() if k not in ("image", "record")},
-         "href": layout.relative(page_key, line["image"]), "axes": {a: axis_label(line, a) for a in varying}}
-        for line in lines if line.get("status") == "done"
+        {
+            **{k: v for k, v in line.items() if k not in ("image", "record")},
+            "href": layout.relative(page_key, line["image"]),
+            "axes": {a: axis_label(line, a) for a in varying},
+        }
+        for line in lines
+        if line.get("status") == "done"
     ]
     # "<" as \u003c: no prompt can close the script element or open a comment in it.
     payload = json.dumps({"cells": cells, "varying": varying}, ensure_ascii=False).replace("<", "\\u003c")

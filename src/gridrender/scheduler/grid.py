@@ -1,4 +1,5 @@
 """Cells: one image each, named by its content, expanded from the job's axes as a stream."""
+
 from __future__ import annotations
 
 import functools

@@ -4,6 +4,7 @@ A1111 reference: modules/processing.py (StableDiffusionProcessingTxt2Img.init,
 calculate_target_resolution, sample_hr_pass; StableDiffusionProcessingImg2Img),
 modules/shared.py (latent_upscale_modes), modules/images.py (resize_image).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,8 +52,10 @@ class Target:
     def final(self) -> tuple[int, int]:
         """The image's size after the second pass (the truncated latent, in pixels)."""
         lw, lh = self.width // OPT_F, self.height // OPT_F
-        return ((lw - (self.truncate_x // 2) - (self.truncate_x + 1) // 2) * OPT_F,
-                (lh - (self.truncate_y // 2) - (self.truncate_y + 1) // 2) * OPT_F)
+        return (
+            (lw - (self.truncate_x // 2) - (self.truncate_x + 1) // 2) * OPT_F,
+            (lh - (self.truncate_y // 2) - (self.truncate_y + 1) // 2) * OPT_F,
+        )
 
 
 @dataclass(frozen=True)
@@ -154,10 +157,18 @@ class Hires:
         wanted = self.schedule or (implied.label if implied else setting)
         canonical_sampler, canonical_schedule = samplers.canonical(base.name, wanted)
         first_sampler, first_schedule = samplers.canonical(sampler, schedule)
-        return Hires(self.upscaler, self.denoise, self.steps, self.scale, self.resize_x, self.resize_y,
-                     None if canonical_sampler == first_sampler else canonical_sampler,
-                     None if canonical_schedule == first_schedule and canonical_sampler == first_sampler
-                     else canonical_schedule, self.prompt, self.model)
+        return Hires(
+            self.upscaler,
+            self.denoise,
+            self.steps,
+            self.scale,
+            self.resize_x,
+            self.resize_y,
+            None if canonical_sampler == first_sampler else canonical_sampler,
+            None if canonical_schedule == first_schedule and canonical_sampler == first_sampler else canonical_schedule,
+            self.prompt,
+            self.model,
+        )
 
 
 @dataclass(frozen=True)

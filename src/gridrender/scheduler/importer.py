@@ -6,6 +6,7 @@ and writes a job: every field gridrender renders becomes a key; the model is fou
 hash among GRIDRENDER_MODEL_DIR's files, else named in a comment; every field it does not
 render (ControlNet, ADetailer, regional prompts, variation seeds, ...) is listed.
 """
+
 from __future__ import annotations
 
 import io
@@ -34,17 +35,50 @@ _LEGACY_HASH_DIGITS = 8  # A1111's old "Model hash"
 
 # Fields gridrender renders (read below), and fields that describe the image without changing it.
 HANDLED = {
-    "_missing", "Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size-1", "Size-2",
-    "Model hash", "Model", "Clip skip", "RNG", "ENSD", "Denoising strength", "Hires upscale", "Hires resize-1",
-    "Hires resize-2", "Hires upscaler", "Hires steps", "Hires sampler", "Hires schedule type", "Hires prompt",
-    "VAE", "VAE hash", "Lora hashes", "TI hashes",
+    "_missing",
+    "Prompt",
+    "Negative prompt",
+    "Steps",
+    "Sampler",
+    "Schedule type",
+    "CFG scale",
+    "Seed",
+    "Size-1",
+    "Size-2",
+    "Model hash",
+    "Model",
+    "Clip skip",
+    "RNG",
+    "ENSD",
+    "Denoising strength",
+    "Hires upscale",
+    "Hires resize-1",
+    "Hires resize-2",
+    "Hires upscaler",
+    "Hires steps",
+    "Hires sampler",
+    "Hires schedule type",
+    "Hires prompt",
+    "VAE",
+    "VAE hash",
+    "Lora hashes",
+    "TI hashes",
 }
 HARMLESS = {"Version", "Hashes", "Civitai resources", "Civitai metadata", "User", "Init image hash"}
 # Fields at A1111's default (what gridrender renders): no need to list them. ("Pad conds: True" is not
 # one: A1111 writes it only when it padded the shorter conditioning, which gridrender never does.)
-DEFAULTS = {"Emphasis": "Original", "Eta": "1", "Hires negative prompt": "", "Hires checkpoint": "Use same checkpoint",
-            "Hires sampler": "Use same sampler", "Schedule rho": "0", "Schedule max sigma": "0",
-            "Schedule min sigma": "0", "VAE Encoder": "Full", "VAE Decoder": "Full"}
+DEFAULTS = {
+    "Emphasis": "Original",
+    "Eta": "1",
+    "Hires negative prompt": "",
+    "Hires checkpoint": "Use same checkpoint",
+    "Hires sampler": "Use same sampler",
+    "Schedule rho": "0",
+    "Schedule max sigma": "0",
+    "Schedule min sigma": "0",
+    "VAE Encoder": "Full",
+    "VAE Decoder": "Full",
+}
 
 
 def read_parameters(data: bytes) -> str | None:
@@ -59,7 +93,7 @@ def read_parameters(data: bytes) -> str | None:
     if isinstance(comment, bytes):
         code, body = comment[:8], comment[8:]
         if code.startswith(b"UNICODE"):  # piexif's "unicode": UTF-16, big-endian unless a BOM says
-            return (body.decode("utf-16") if body[:2] in (b"\xff\xfe", b"\xfe\xff") else body.decode("utf-16-be"))
+            return body.decode("utf-16") if body[:2] in (b"\xff\xfe", b"\xfe\xff") else body.decode("utf-16-be")
         return body.decode("utf-8", errors="replace").strip("\0")
     if isinstance(comment, str):
         return comment
@@ -187,8 +221,9 @@ def to_job(params: dict[str, str], name: str, index: HashIndex) -> Imported:
     schedule = _schedule_before_1_9(params, schedule, imported)
     if _downcast_alphas(params.get("Version", "")) and "Downcast alphas_cumprod" not in params:
         # infotext_versions.backcompat: A1111 1.10 renders such a text with alphas_cumprod in float16
-        imported.unsupported["Downcast alphas_cumprod"] = (f"True (implied by Version {params['Version']}: A1111 "
-                                                           "before 1.7.0-225 rounded alphas_cumprod to float16)")
+        imported.unsupported["Downcast alphas_cumprod"] = (
+            f"True (implied by Version {params['Version']}: A1111 before 1.7.0-225 rounded alphas_cumprod to float16)"
+        )
     job["sampler"] = sampler
     job["schedule"] = schedule
     job.update(_image_settings(params))
@@ -209,11 +244,17 @@ def _schedule_before_1_9(params: dict[str, str], schedule: str, imported: Import
     without it comes from an older A1111, where a name without a schedule suffix meant Uniform. A1111 1.10's
     paste reads it as Automatic (parse_generation_parameters' default) and renders another image.
     """
-    if "Schedule type" in params.get("_missing", "") and not _at_least(params.get("Version", ""), (1, 9)) \
-            and not samplers.split_name(params.get("Sampler", "Euler a"))[1] and schedule != samplers.UNIFORM:
+    if (
+        "Schedule type" in params.get("_missing", "")
+        and not _at_least(params.get("Version", ""), (1, 9))
+        and not samplers.split_name(params.get("Sampler", "Euler a"))[1]
+        and schedule != samplers.UNIFORM
+    ):
         made_by = f"made by {params['Version']}" if params.get("Version") else "no Schedule type, so made before 1.9"
-        imported.comments.append(f"{made_by}: a sampler name without a schedule, so Uniform, as it rendered then "
-                                 "(A1111 1.9+ would read it as Automatic)")
+        imported.comments.append(
+            f"{made_by}: a sampler name without a schedule, so Uniform, as it rendered then "
+            "(A1111 1.9+ would read it as Automatic)"
+        )
         return samplers.UNIFORM
     return schedule
 
@@ -242,14 +283,17 @@ def _components(params: dict[str, str], index: HashIndex, imported: Imported) ->
         if found is not None:
             imported.job["vae"] = str(found)
         else:
-            imported.comments.append(f"VAE {params.get('VAE', '?')} (hash {params.get('VAE hash', '?')}): "
-                                     "not found under GRIDRENDER_MODEL_DIR; set `vae:` to its file")
+            imported.comments.append(
+                f"VAE {params.get('VAE', '?')} (hash {params.get('VAE hash', '?')}): "
+                "not found under GRIDRENDER_MODEL_DIR; set `vae:` to its file"
+            )
     if "Lora hashes" in params:
-        imported.comments.append(f"LoRAs (Lora hashes: {params['Lora hashes']}): the prompt's <lora:NAME:W> tags "
-                                 "load GRIDRENDER_LORA_DIR/NAME.safetensors")
+        imported.comments.append(
+            f"LoRAs (Lora hashes: {params['Lora hashes']}): the prompt's <lora:NAME:W> tags "
+            "load GRIDRENDER_LORA_DIR/NAME.safetensors"
+        )
     if "TI hashes" in params:
-        imported.comments.append(f"embeddings (TI hashes: {params['TI hashes']}): list their files under "
-                                 "`embeddings:`")
+        imported.comments.append(f"embeddings (TI hashes: {params['TI hashes']}): list their files under `embeddings:`")
 
 
 def _at_least(version: str, minimum: tuple[int, int]) -> bool:
@@ -282,8 +326,9 @@ def _model(params: dict[str, str], index: HashIndex, imported: Imported) -> str:
     found = index.find(digest) if digest else None
     if found is not None:
         return str(found)
-    imported.comments.append(f"model {name or '?'} (hash {digest or '?'}) is not under GRIDRENDER_MODEL_DIR: "
-                             "set `model:` to its file")
+    imported.comments.append(
+        f"model {name or '?'} (hash {digest or '?'}) is not under GRIDRENDER_MODEL_DIR: set `model:` to its file"
+    )
     return (name + ".safetensors") if name else "MODEL.safetensors"
 
 
@@ -315,8 +360,7 @@ def _hires(params: dict[str, str], imported: Imported, sampler: str, schedule: s
         hires["scale"] = _float(params.get("Hires upscale", "2"), "Hires upscale")
     upscaler = params.get("Hires upscaler", "Latent")
     if upscaler not in LATENT_MODES and upscaler not in PIXEL_UPSCALERS:
-        imported.comments.append(f"hires upscaler {upscaler!r}: give its model file (.pth/.safetensors) as "
-                                 "hires.upscaler")
+        imported.comments.append(f"hires upscaler {upscaler!r}: give its model file (.pth/.safetensors) as hires.upscaler")
         upscaler = upscaler + ".pth"
     hires["upscaler"] = upscaler
     hires["steps"] = _int(params.get("Hires steps", "0"), "Hires steps")

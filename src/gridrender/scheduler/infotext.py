@@ -8,6 +8,7 @@ writes any nonzero value, so that an imported PNG names the same cell).
 Components as A1111 and civitai name them: `<lora:NAME:WEIGHT>` in the prompt,
 "Lora hashes" (A1111's hash of each LoRA's tensor data), "VAE"/"VAE hash", "TI hashes".
 """
+
 from __future__ import annotations
 
 import json

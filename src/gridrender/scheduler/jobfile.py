@@ -1,4 +1,5 @@
 """Reading a job file: YAML -> Job, every problem at once with its key and line."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,8 +44,12 @@ def parse_job(raw: bytes | str, source: str = "<job>", settings: Settings | None
     expand_prompts(job, settings)
     if job.cell_count() > settings.max_cells:
         raise JobError(
-            [Problem("", f"the grid has {job.cell_count():,} cells, over the limit of {settings.max_cells:,} "
-                         "(GRIDRENDER_MAX_CELLS)")],
+            [
+                Problem(
+                    "",
+                    f"the grid has {job.cell_count():,} cells, over the limit of {settings.max_cells:,} (GRIDRENDER_MAX_CELLS)",
+                )
+            ],
             source,
         )
     return job
@@ -63,15 +68,20 @@ def expand_prompts(job: Job, settings: Settings) -> None:
             job.prompt_samples = samples
         # Counted before expanding: the prompts may be as many as the cell limit leaves to them.
         others = job.cell_count() // max(1, len(job.values_of("prompts")))
-        job._prompts, problems = dynamic.expand(job.prompts, samples.count if samples else None,
-                                                samples.seed or 0 if samples else 0, settings,
-                                                limit=settings.max_cells // max(1, others))
+        job._prompts, problems = dynamic.expand(
+            job.prompts,
+            samples.count if samples else None,
+            samples.seed or 0 if samples else 0,
+            settings,
+            limit=settings.max_cells // max(1, others),
+        )
         problems = [job.problem(p.field, p.message) for p in problems]
     if job.prompt_sr is not None:
         search = job.prompt_sr[0]
         if not any(search in text for text in [*job.values_of("prompts"), *job.negative_prompt]):
-            problems.append(job.problem("prompt_sr", f"{search!r} (the text to replace) occurs in no prompt "
-                                                     "and no negative prompt"))
+            problems.append(
+                job.problem("prompt_sr", f"{search!r} (the text to replace) occurs in no prompt and no negative prompt")
+            )
     if problems:
         raise job.error(problems)
 

@@ -14,6 +14,7 @@ a model without torch, and what the worker needs to merge it.
 Text-encoder paths are relative to the text transformer (`encoder.layers.0.mlp.fc1`):
 transformers >= 5 dropped CLIPTextModel's `.text_model` wrapper.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
@@ -113,13 +114,16 @@ class _UNetLayers:
     def of(cls, config: Mapping[str, Any]) -> _UNetLayers:
         channels = [int(c) for c in config["block_out_channels"]]
         blocks = len(channels)
-        return cls(config, channels,
-                   layers=_per_block(config.get("layers_per_block", 2), blocks),
-                   depth=_per_block(config.get("transformer_layers_per_block", 1) or 1, blocks),
-                   cross=_per_block(config.get("cross_attention_dim", 768), blocks),
-                   linear_proj=bool(config.get("use_linear_projection", False)),
-                   scale_shift=config.get("resnet_time_scale_shift", "default") == "scale_shift",
-                   temb=int(config.get("time_embedding_dim") or 4 * channels[0]))
+        return cls(
+            config,
+            channels,
+            layers=_per_block(config.get("layers_per_block", 2), blocks),
+            depth=_per_block(config.get("transformer_layers_per_block", 1) or 1, blocks),
+            cross=_per_block(config.get("cross_attention_dim", 768), blocks),
+            linear_proj=bool(config.get("use_linear_projection", False)),
+            scale_shift=config.get("resnet_time_scale_shift", "default") == "scale_shift",
+            temb=int(config.get("time_embedding_dim") or 4 * channels[0]),
+        )
 
     def all(self) -> _Found:
         yield from self.stem()
@@ -178,8 +182,9 @@ class _UNetLayers:
             for j in range(self.layers[i]):
                 yield from self.resnet(f"input_blocks.{index}.0", f"down_blocks.{i}.resnets.{j}", cin if j == 0 else out, out)
                 if attends:
-                    yield from self.transformer(f"input_blocks.{index}.1", f"down_blocks.{i}.attentions.{j}", out,
-                                                self.depth[i], self.cross[i])
+                    yield from self.transformer(
+                        f"input_blocks.{index}.1", f"down_blocks.{i}.attentions.{j}", out, self.depth[i], self.cross[i]
+                    )
                 index += 1
             if i < blocks - 1:
                 yield f"input_blocks.{index}.0.op", f"down_blocks.{i}.downsamplers.0.conv", (out, out, 3, 3), "conv"
@@ -208,11 +213,16 @@ class _UNetLayers:
                 cin = (previous if j == 0 else out) + skip
                 yield from self.resnet(f"output_blocks.{index}.0", f"up_blocks.{i}.resnets.{j}", cin, out)
                 if attends:
-                    yield from self.transformer(f"output_blocks.{index}.1", f"up_blocks.{i}.attentions.{j}", out,
-                                                depth[i], cross[i])
+                    yield from self.transformer(
+                        f"output_blocks.{index}.1", f"up_blocks.{i}.attentions.{j}", out, depth[i], cross[i]
+                    )
                 if j == count - 1 and i < blocks - 1:
-                    yield (f"output_blocks.{index}.{2 if attends else 1}.conv", f"up_blocks.{i}.upsamplers.0.conv",
-                           (out, out, 3, 3), "conv")
+                    yield (
+                        f"output_blocks.{index}.{2 if attends else 1}.conv",
+                        f"up_blocks.{i}.upsamplers.0.conv",
+                        (out, out, 3, 3),
+                        "conv",
+                    )
                 index += 1
 
 
@@ -253,10 +263,25 @@ def _open_clip(config: Mapping[str, Any]) -> Iterator[Layer]:
         attention = f"{name}_attn"
         yield Layer(attention, TEXT_2, f"{path}.self_attn", square, "attention", f"{original}.attn")
         for projection in ("q_proj", "k_proj", "v_proj"):
-            yield Layer(f"{attention}_{projection}", TEXT_2, f"{path}.self_attn.{projection}", square, "linear",
-                        f"{original}.attn.in_proj_weight", attention=attention, listed=False)
-        yield Layer(f"{attention}_out_proj", TEXT_2, f"{path}.self_attn.out_proj", square, "linear",
-                    f"{original}.attn.out_proj", attention=attention)
+            yield Layer(
+                f"{attention}_{projection}",
+                TEXT_2,
+                f"{path}.self_attn.{projection}",
+                square,
+                "linear",
+                f"{original}.attn.in_proj_weight",
+                attention=attention,
+                listed=False,
+            )
+        yield Layer(
+            f"{attention}_out_proj",
+            TEXT_2,
+            f"{path}.self_attn.out_proj",
+            square,
+            "linear",
+            f"{original}.attn.out_proj",
+            attention=attention,
+        )
         yield Layer(f"{name}_mlp_c_fc", TEXT_2, f"{path}.mlp.fc1", (mlp, width), "linear", f"{original}.mlp.c_fc")
         yield Layer(f"{name}_mlp_c_proj", TEXT_2, f"{path}.mlp.fc2", (width, mlp), "linear", f"{original}.mlp.c_proj")
         for ln, norm in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2")):

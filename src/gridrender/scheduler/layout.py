@@ -15,6 +15,7 @@ The layout of DESIGN.md, the same under a local folder and an S3 prefix:
 
 Nothing else in gridrender spells a key.
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -108,8 +109,10 @@ _PROGRESS_FIELDS_BEFORE_SEQUENCES = _PROGRESS_FIELDS - 1
 
 
 def progress(name: str, partition: str, fields: ProgressKey) -> str:
-    return (f"{progress_prefix(name, partition)}{fields.chunk_id}.{fields.sequence:0{SEQUENCE_DIGITS}d}."
-            f"{fields.stored}.{fields.failed}.{fields.submission_id}.json")
+    return (
+        f"{progress_prefix(name, partition)}{fields.chunk_id}.{fields.sequence:0{SEQUENCE_DIGITS}d}."
+        f"{fields.stored}.{fields.failed}.{fields.submission_id}.json"
+    )
 
 
 def parse_progress(key: str) -> ProgressKey | None:

@@ -12,6 +12,7 @@ submission is recorded as failed instead of being sent again.
 A worker's name is unique per boot (`…@host#<boot>`): a container restarted in
 place keeps its pid and host name, and must not pass for the worker that died.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -119,13 +120,19 @@ class Heartbeat:
 
     def hold(self, message: dict[str, Any], queue: str, task_id: str) -> None:
         """Say which chunk this worker renders. Best effort: without it, the visibility timeout still recovers it."""
-        entry = {"message": message, "queue": queue, "task": task_id, "chunk": message.get("chunk"),
-                 "job": message.get("job"), "submission": message.get("submission"), "since": time.time()}
+        entry = {
+            "message": message,
+            "queue": queue,
+            "task": task_id,
+            "chunk": message.get("chunk"),
+            "job": message.get("job"),
+            "submission": message.get("submission"),
+            "since": time.time(),
+        }
         try:
             self.client.hset(HELD, self.name, json.dumps(entry))
         except redis.RedisError as exc:
-            log.warning("cannot record the chunk held (%s); a crash would wait for the visibility timeout",
-                        redact(str(exc)))
+            log.warning("cannot record the chunk held (%s); a crash would wait for the visibility timeout", redact(str(exc)))
 
     def release(self) -> None:
         try:
@@ -189,8 +196,13 @@ def reap(client: redis.Redis, send: Send, poisoned: Poison) -> list[Reaped]:
             reaped.append(done)
         except Exception as exc:  # noqa: BLE001  (each entry stands alone: whatever fails on one leaves the others)
             client.delete(lock)  # the next pass (here or in another reaper) tries again; the kill is counted once
-            log.error("cannot reap chunk %s of %s held by %s (will retry): %s", entry.get("chunk"), entry.get("job"),
-                      name, redact(str(exc)) or type(exc).__name__)
+            log.error(
+                "cannot reap chunk %s of %s held by %s (will retry): %s",
+                entry.get("chunk"),
+                entry.get("job"),
+                name,
+                redact(str(exc)) or type(exc).__name__,
+            )
     return reaped
 
 
@@ -200,19 +212,29 @@ def _reap_one(kills: KillCounts, name: str, entry: dict[str, Any], send: Send, p
     chunk = entry.get("chunk") or entry["task"]
     killed = kills.add(str(message.get("job")), str(message.get("submission")), chunk, f"{name}/{entry['task']}")
     if killed >= POISON_KILLS:
-        log.error("chunk %s of %s killed %d workers (last: %s); recording it as failed",
-                  chunk, entry.get("job"), killed, name)
+        log.error("chunk %s of %s killed %d workers (last: %s); recording it as failed", chunk, entry.get("job"), killed, name)
         poisoned(message, killed, name)
     else:
-        log.warning("worker %s stopped heartbeating holding chunk %s of %s; re-enqueueing it on %s",
-                    name, chunk, entry.get("job"), entry["queue"])
+        log.warning(
+            "worker %s stopped heartbeating holding chunk %s of %s; re-enqueueing it on %s",
+            name,
+            chunk,
+            entry.get("job"),
+            entry["queue"],
+        )
         send(message, entry["queue"])
     return Reaped(name, chunk, killed < POISON_KILLS)
 
 
 def send_chunk(app: Any, message: dict[str, Any], queue: str) -> None:
-    app.send_task(RENDER_TASK, args=[message], queue=queue, retry=False,
-                  argsrepr=f"[chunk {message.get('chunk')} of {message.get('job')}]", kwargsrepr="{}")
+    app.send_task(
+        RENDER_TASK,
+        args=[message],
+        queue=queue,
+        retry=False,
+        argsrepr=f"[chunk {message.get('chunk')} of {message.get('job')}]",
+        kwargsrepr="{}",
+    )
 
 
 def record_poisoned(client: redis.Redis, message: dict[str, Any], kills: int, last: str, deadline: float = 60) -> None:
@@ -224,13 +246,17 @@ def record_poisoned(client: redis.Redis, message: dict[str, Any], kills: int, la
 
 def reap_dead(client: redis.Redis, app: Any, storage_deadline: float = 60) -> list[Reaped]:
     """The reaper as workers and `submit --wait` run it."""
-    return reap(client, lambda message, queue: send_chunk(app, message, queue),
-                lambda message, kills, last: record_poisoned(client, message, kills, last, storage_deadline))
+    return reap(
+        client,
+        lambda message, queue: send_chunk(app, message, queue),
+        lambda message, kills, last: record_poisoned(client, message, kills, last, storage_deadline),
+    )
 
 
 class Reaper(Loop):
     """The reaper on a thread of its own: a slow store or broker never delays a heartbeat."""
 
     def __init__(self, client: redis.Redis, app: Any, settings: Settings):
-        super().__init__("gridrender-reaper", settings.heartbeat_interval,
-                         lambda: reap_dead(client, app, settings.storage_deadline))
+        super().__init__(
+            "gridrender-reaper", settings.heartbeat_interval, lambda: reap_dead(client, app, settings.storage_deadline)
+        )

@@ -1,4 +1,5 @@
 """Finding a job by NAME under an output root, or by the path of its job file."""
+
 from __future__ import annotations
 
 import re

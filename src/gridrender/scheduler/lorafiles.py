@@ -20,6 +20,7 @@ name diffusers modules directly; A1111 does not read them, gridrender applies th
 module by module with the same math (alpha from `.alpha` keys or the
 `lora_adapter_metadata` diffusers writes, else 1).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,16 +34,30 @@ from .layers import TEXT, TEXT_2, UNET, Layer, LayerTable
 SUPPORTED = ("lora", "hada", "lokr", "full")
 # A1111's other module types: gridrender does not apply them (the LoRA is refused, never half-applied).
 UNSUPPORTED = {"ia3": "IA3", "norm": "norm-layer", "glora": "GLoRA", "oft": "OFT"}
-_PEFT = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+?)\."
-                   r"(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|"
-                   r"lora_magnitude_vector(?:\.weight)?|alpha)$")
-_PEFT_PARTS = {"lora_A.weight": "lora_down.weight", "lora.down.weight": "lora_down.weight",
-               "lora_B.weight": "lora_up.weight", "lora.up.weight": "lora_up.weight",
-               "lora_magnitude_vector": "magnitude", "lora_magnitude_vector.weight": "magnitude", "alpha": "alpha"}
+_PEFT = re.compile(
+    r"^(unet|text_encoder|text_encoder_2)\.(.+?)\."
+    r"(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|"
+    r"lora_magnitude_vector(?:\.weight)?|alpha)$"
+)
+_PEFT_PARTS = {
+    "lora_A.weight": "lora_down.weight",
+    "lora.down.weight": "lora_down.weight",
+    "lora_B.weight": "lora_up.weight",
+    "lora.up.weight": "lora_up.weight",
+    "lora_magnitude_vector": "magnitude",
+    "lora_magnitude_vector.weight": "magnitude",
+    "alpha": "alpha",
+}
 _X_PROJ = re.compile(r"(.*)_([qkv]_proj)$")  # networks.py re_x_proj
 _DIGITS = re.compile(r"\d+")
-_RESNET_SUFFIX = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0", "norm2": "out_layers_0",
-                  "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
+_RESNET_SUFFIX = {
+    "conv1": "in_layers_2",
+    "conv2": "out_layers_3",
+    "norm1": "in_layers_0",
+    "norm2": "out_layers_0",
+    "time_emb_proj": "emb_layers_1",
+    "conv_shortcut": "skip_connection",
+}
 
 
 @dataclass(frozen=True)
@@ -96,8 +111,10 @@ class LoraFit:
             return f"it is an {self.family[0]} LoRA ({self.family[1]}); the model is {family}"
         if self.unsupported:
             key, kind = next(iter(self.unsupported.items()))
-            return (f"it holds {kind} modules ({len(self.unsupported)} layers, e.g. {key}), which gridrender "
-                    "does not apply (LoRA, LoCon, LoHa, LoKr, full-weight diffs and DoRA are applied)")
+            return (
+                f"it holds {kind} modules ({len(self.unsupported)} layers, e.g. {key}), which gridrender "
+                "does not apply (LoRA, LoCon, LoHa, LoKr, full-weight diffs and DoRA are applied)"
+            )
         if self.modules:
             return None
         if self.skipped:
@@ -241,20 +258,35 @@ def _sdxl_open_clip(m: _Groups, _is_sd2: bool) -> str:
 _DIFFUSERS_TO_COMPVIS: tuple[tuple[re.Pattern[str], Callable[[_Groups, bool], str]], ...] = (
     (re.compile(r"lora_unet_conv_in(.*)"), lambda m, _: f"diffusion_model_input_blocks_0_0{m[0]}"),
     (re.compile(r"lora_unet_conv_out(.*)"), lambda m, _: f"diffusion_model_out_2{m[0]}"),
-    (re.compile(r"lora_unet_time_embedding_linear_(\d+)(.*)"),
-     lambda m, _: f"diffusion_model_time_embed_{int(m[0]) * 2 - 2}{m[1]}"),
-    (re.compile(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"),
-     lambda m, _: f"diffusion_model_input_blocks_{1 + int(m[0]) * 3 + int(m[2])}_{1 if m[1] == 'attentions' else 0}_"
-                  f"{_suffix(m[1], m[3])}"),
-    (re.compile(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)"),
-     lambda m, _: f"diffusion_model_middle_block_{1 if m[0] == 'attentions' else int(m[1]) * 2}_{_suffix(m[0], m[2])}"),
-    (re.compile(r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"),
-     lambda m, _: f"diffusion_model_output_blocks_{int(m[0]) * 3 + int(m[2])}_{1 if m[1] == 'attentions' else 0}_"
-                  f"{_suffix(m[1], m[3])}"),
-    (re.compile(r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv"),
-     lambda m, _: f"diffusion_model_input_blocks_{3 + int(m[0]) * 3}_0_op"),
-    (re.compile(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv"),
-     lambda m, _: f"diffusion_model_output_blocks_{2 + int(m[0]) * 3}_{2 if int(m[0]) > 0 else 1}_conv"),
+    (
+        re.compile(r"lora_unet_time_embedding_linear_(\d+)(.*)"),
+        lambda m, _: f"diffusion_model_time_embed_{int(m[0]) * 2 - 2}{m[1]}",
+    ),
+    (
+        re.compile(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"),
+        lambda m, _: (
+            f"diffusion_model_input_blocks_{1 + int(m[0]) * 3 + int(m[2])}_{1 if m[1] == 'attentions' else 0}_"
+            f"{_suffix(m[1], m[3])}"
+        ),
+    ),
+    (
+        re.compile(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)"),
+        lambda m, _: f"diffusion_model_middle_block_{1 if m[0] == 'attentions' else int(m[1]) * 2}_{_suffix(m[0], m[2])}",
+    ),
+    (
+        re.compile(r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"),
+        lambda m, _: (
+            f"diffusion_model_output_blocks_{int(m[0]) * 3 + int(m[2])}_{1 if m[1] == 'attentions' else 0}_{_suffix(m[1], m[3])}"
+        ),
+    ),
+    (
+        re.compile(r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv"),
+        lambda m, _: f"diffusion_model_input_blocks_{3 + int(m[0]) * 3}_0_op",
+    ),
+    (
+        re.compile(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv"),
+        lambda m, _: f"diffusion_model_output_blocks_{2 + int(m[0]) * 3}_{2 if int(m[0]) > 0 else 1}_conv",
+    ),
     (re.compile(r"lora_te_text_model_encoder_layers_(\d+)_(.+)"), _sd1_or_sd2_text),
     (re.compile(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)"), _sdxl_open_clip),
 )
@@ -269,8 +301,10 @@ _MODULE_TYPES: tuple[tuple[str, Callable[[set[str]], bool]], ...] = (
     ("lora", lambda p: {"lora_up.weight", "lora_down.weight"} <= p or {"lora_A.weight", "lora_B.weight"} <= p),
     ("hada", lambda p: {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= p),
     ("ia3", lambda p: "weight" in p),
-    ("lokr", lambda p: ("lokr_w1" in p or {"lokr_w1_a", "lokr_w1_b"} <= p)
-                       and ("lokr_w2" in p or {"lokr_w2_a", "lokr_w2_b"} <= p)),
+    (
+        "lokr",
+        lambda p: ("lokr_w1" in p or {"lokr_w1_a", "lokr_w1_b"} <= p) and ("lokr_w2" in p or {"lokr_w2_a", "lokr_w2_b"} <= p),
+    ),
     ("full", lambda p: "diff" in p),
     ("norm", lambda p: {"w_norm", "b_norm"} <= p),
     ("glora", lambda p: {"a1.weight", "a2.weight", "b1.weight", "b2.weight"} <= p),
@@ -453,8 +487,11 @@ def _whole_attentions(modules: list[Module]) -> tuple[list[Module], list[str]]:
             present.setdefault(module.layer.attention, set()).add(module.layer.path.rsplit(".", 1)[1])
     partial = {name for name, found in present.items() if found != {"q_proj", "k_proj", "v_proj", "out_proj"}}
     kept = [m for m in modules if m.layer.attention not in partial]
-    return kept, [f"{name}: A1111 leaves this attention alone unless the LoRA has q, k, v and out for it "
-                  f"(it has {', '.join(sorted(present[name]))})" for name in sorted(partial)]
+    return kept, [
+        f"{name}: A1111 leaves this attention alone unless the LoRA has q, k, v and out for it "
+        f"(it has {', '.join(sorted(present[name]))})"
+        for name in sorted(partial)
+    ]
 
 
 def _peft_alphas(metadata: Mapping[str, str]) -> dict[str, tuple[float, dict[str, float]]]:

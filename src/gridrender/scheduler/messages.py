@@ -5,6 +5,7 @@ refer to them by index, so a 100,000-cell grid is a few thousand small messages.
 The worker recomputes every cell id from its parameters, so a tampered message
 cannot make it write another cell's key.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,8 +33,9 @@ class ChunkMessage:
         first = self.cells[0]
         texts = list(dict.fromkeys(getattr(c, p.name) for c in self.cells for p in PER_CELL if p.text))
         index = {t: i for i, t in enumerate(texts)}
-        rows = [[c.id, *(index[getattr(c, p.name)] if p.text else p.pack(getattr(c, p.name)) for p in PER_CELL)]
-                for c in self.cells]
+        rows = [
+            [c.id, *(index[getattr(c, p.name)] if p.text else p.pack(getattr(c, p.name)) for p in PER_CELL)] for c in self.cells
+        ]
         return {
             "v": VERSION,
             "job": self.job,
@@ -67,7 +69,15 @@ class ChunkMessage:
                 cells.append(Cell(values, actual))
             if not cells:
                 raise ValueError("no cells")
-            return cls(message["job"], message["submission"], message["output"], int(message["batch_size"]),
-                       message["partition"], message["chunk"], cells, int(message.get("present", 0)))
+            return cls(
+                message["job"],
+                message["submission"],
+                message["output"],
+                int(message["batch_size"]),
+                message["partition"],
+                message["chunk"],
+                cells,
+                int(message.get("present", 0)),
+            )
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise InputError(f"malformed task message: {exc}") from None

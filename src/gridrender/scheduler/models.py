@@ -4,6 +4,7 @@ The scheduler must know a model's identity (it is part of every cell id), its fa
 (SD 1.x or SDXL, `families.py`) and its number of CLIP layers (to validate `clip_skip`)
 without torch: all come from config files, safetensors headers and the Hugging Face cache.
 """
+
 from __future__ import annotations
 
 import functools
@@ -84,10 +85,20 @@ class ModelSpec:
 
     def record(self) -> dict[str, Any]:
         """What a cell's record says about its model; `identity` is what reproduce compares."""
-        return {"source": self.source, "kind": self.kind, "identity": self.identity(), "revision": self.revision,
-                "sha256": self.sha256, "hash": self.short_hash(), "config": self.config,
-                "clip_layers": self.clip_layers, "family": self.family, "clip_layers_2": self.clip_layers_2,
-                "prediction": self.prediction, "zero_terminal_snr": self.zero_terminal_snr}
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "identity": self.identity(),
+            "revision": self.revision,
+            "sha256": self.sha256,
+            "hash": self.short_hash(),
+            "config": self.config,
+            "clip_layers": self.clip_layers,
+            "family": self.family,
+            "clip_layers_2": self.clip_layers_2,
+            "prediction": self.prediction,
+            "zero_terminal_snr": self.zero_terminal_snr,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
@@ -172,8 +183,7 @@ def _match_config(source: str, path: Path, shapes: dict[str, list[int]], family:
     if family == SDXL:
         encoders = families.xl_encoders(shapes)
     else:
-        prefix = next((p for p in families.SD1_TEXT if p + "embeddings.token_embedding.weight" in shapes),
-                      families.SD1_TEXT[0])
+        prefix = next((p for p in families.SD1_TEXT if p + "embeddings.token_embedding.weight" in shapes), families.SD1_TEXT[0])
         width = shapes.get(prefix + "embeddings.token_embedding.weight", [0, 0])[1]
         encoders = ((int(width), families.encoder_layers(shapes, prefix, r"encoder\.layers\.(\d+)\.")),)
     for config_dir in sorted(d for d in CONFIG_ROOT.iterdir() if (d / "model_index.json").is_file()):
@@ -184,14 +194,25 @@ def _match_config(source: str, path: Path, shapes: dict[str, list[int]], family:
         names = ["text_encoder", "text_encoder_2"][: len(encoders)]
         configs = [json.loads((config_dir / n / "config.json").read_text()) for n in names]
         if unet["block_out_channels"][0] == conv_in and all(
-                c["hidden_size"] == w and (c["num_hidden_layers"] == n or not n)
-                for c, (w, n) in zip(configs, encoders, strict=True)):
+            c["hidden_size"] == w and (c["num_hidden_layers"] == n or not n) for c, (w, n) in zip(configs, encoders, strict=True)
+        ):
             layers = [n or c["num_hidden_layers"] for c, (_, n) in zip(configs, encoders, strict=True)]
-            return ModelSpec(source, "file", str(path), None, file_sha256(path), layers[0], config_dir.name, family,
-                             layers[1] if family == SDXL else None)
+            return ModelSpec(
+                source,
+                "file",
+                str(path),
+                None,
+                file_sha256(path),
+                layers[0],
+                config_dir.name,
+                family,
+                layers[1] if family == SDXL else None,
+            )
     what = "SDXL" if family == SDXL else "SD 1.x"
-    raise ModelInputError(f"{source!r} is an {what} checkpoint whose text encoders and UNet (widths "
-                          f"{[w for w, _ in encoders]}, conv_in {conv_in}) match no shipped config (scheduler/modelconfigs)")
+    raise ModelInputError(
+        f"{source!r} is an {what} checkpoint whose text encoders and UNet (widths "
+        f"{[w for w, _ in encoders]}, conv_in {conv_in}) match no shipped config (scheduler/modelconfigs)"
+    )
 
 
 def safetensors_shapes(path: Path) -> dict[str, list[int]]:
@@ -215,8 +236,10 @@ def safetensors_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]
     if not isinstance(header, dict):
         raise ModelInputError(f"{str(path)!r} is not a safetensors file (its header is not a table)")
     metadata = header.get("__metadata__") or {}
-    return ({k: v["shape"] for k, v in header.items() if k != "__metadata__"},
-            {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {})
+    return (
+        {k: v["shape"] for k, v in header.items() if k != "__metadata__"},
+        {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {},
+    )
 
 
 def _resolve_hub(source: str, revision: str | None) -> ModelSpec:
@@ -256,8 +279,9 @@ def _hub_file(repo_id: str, commit: str, filename: str) -> Path:
     except (LocalEntryNotFoundError, OSError) as exc:  # not in the cache (offline), or the network failed
         raise ModelError(f"cannot read {filename} of hub model {repo_id!r} at {commit}: {exc}") from None
     except (EntryNotFoundError, RepositoryNotFoundError) as exc:
-        raise ModelInputError(f"hub model {repo_id!r} at {commit} has no {filename}: not a diffusers SD pipeline "
-                              f"({type(exc).__name__})") from None
+        raise ModelInputError(
+            f"hub model {repo_id!r} at {commit} has no {filename}: not a diffusers SD pipeline ({type(exc).__name__})"
+        ) from None
 
 
 def _clip_layers_from_config(path: Path) -> int:
@@ -362,13 +386,14 @@ def check_weights(spec: ModelSpec) -> None:
     except OSError as exc:
         raise ModelError(f"model {spec.source!r} ({path}) cannot be read: {exc}") from None
     if digest != spec.sha256:
-        raise ModelError(f"model {spec.source!r} ({path}) changed on disk: sha256 {digest} != {spec.sha256} "
-                         "(the submitted one); its cells fail rather than render other weights under their ids")
+        raise ModelError(
+            f"model {spec.source!r} ({path}) changed on disk: sha256 {digest} != {spec.sha256} "
+            "(the submitted one); its cells fail rather than render other weights under their ids"
+        )
 
 
 def config_dir(name: str) -> Path:
     return CONFIG_ROOT / name
-
 
 
 def model_config(model: ModelSpec, component: str) -> dict[str, Any]:

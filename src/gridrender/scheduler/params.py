@@ -8,6 +8,7 @@ here plus the code that uses the new value.
 Rows are in expansion order, outermost first: the call parameters come first, so a
 job's cells arrive grouped by pipeline call and can be chunked as they stream.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -32,8 +33,9 @@ REQUIRED = object()  # a Param default: every cell names it
 
 def short_model_name(source: str) -> str:
     """A label for a model: the file or folder stem, the hub id, or builtin:name."""
-    if source.startswith("builtin:") or ("/" in source and not source.startswith((".", "/", "~"))
-                                         and not source.endswith((".safetensors", ".ckpt"))):
+    if source.startswith("builtin:") or (
+        "/" in source and not source.startswith((".", "/", "~")) and not source.endswith((".safetensors", ".ckpt"))
+    ):
         return source
     path = PurePosixPath(source.rstrip("/"))
     return path.name.removesuffix(".safetensors").removesuffix(".ckpt") or source
@@ -78,8 +80,13 @@ def _loras_public(loras: tuple[LoraUse, ...]) -> list[dict[str, Any]]:
 
 
 def _loras_label(loras: list[dict[str, Any]]) -> str:
-    return ", ".join(f"{short_model_name(x['path'])}:{x['weight']:g}"
-                     + (f":{x['unet_weight']:g}" if "unet_weight" in x else "") for x in loras) or "none"
+    return (
+        ", ".join(
+            f"{short_model_name(x['path'])}:{x['weight']:g}" + (f":{x['unet_weight']:g}" if "unet_weight" in x else "")
+            for x in loras
+        )
+        or "none"
+    )
 
 
 def _loras_unpack(data: list[list[Any]]) -> tuple[LoraUse, ...]:
@@ -98,20 +105,49 @@ def _components_unpack(data: list[dict[str, Any]]) -> tuple[Component, ...]:
 
 
 PARAMS: tuple[Param, ...] = (
-    Param("model", "model", "model", call=True, identity=ModelSpec.identity, public=lambda m: m.source,
-          label=short_model_name, pack=ModelSpec.to_dict, unpack=ModelSpec.from_dict),
-    Param("vae", "vae", "vae", call=True, identity=lambda c: c.identity() if c else None,
-          public=lambda c: c.source if c else None, label=_vae_label, pack=lambda c: c.to_dict() if c else None,
-          unpack=lambda d: Component.from_dict(d) if d else None, default=None),
-    Param("loras", "loras", "loras", call=True, identity=_loras_identity, public=_loras_public,
-          label=_loras_label, pack=lambda loras: [use.pack() for use in loras], unpack=_loras_unpack, default=()),
+    Param(
+        "model",
+        "model",
+        "model",
+        call=True,
+        identity=ModelSpec.identity,
+        public=lambda m: m.source,
+        label=short_model_name,
+        pack=ModelSpec.to_dict,
+        unpack=ModelSpec.from_dict,
+    ),
+    Param(
+        "vae",
+        "vae",
+        "vae",
+        call=True,
+        identity=lambda c: c.identity() if c else None,
+        public=lambda c: c.source if c else None,
+        label=_vae_label,
+        pack=lambda c: c.to_dict() if c else None,
+        unpack=lambda d: Component.from_dict(d) if d else None,
+        default=None,
+    ),
+    Param(
+        "loras",
+        "loras",
+        "loras",
+        call=True,
+        identity=_loras_identity,
+        public=_loras_public,
+        label=_loras_label,
+        pack=lambda loras: [use.pack() for use in loras],
+        unpack=_loras_unpack,
+        default=(),
+    ),
     Param("dtype", "dtype", "dtype", call=True),
     Param("sampler", "sampler", "sampler", call=True, identity=samplers.identity),
     Param("schedule", "schedule", "schedule", call=True, identity=samplers.schedule_identity, default=samplers.AUTOMATIC),
     Param("rng", "rng", "rng", call=True, default=samplers.DEFAULT_RNG),
     # A1111's eta_noise_seed_delta; 0 leaves no trace in the id (ids stay as they were without it)
-    Param("eta_noise_seed_delta", "eta_noise_seed_delta", "eta_noise_seed_delta", call=True,
-          identity=lambda d: d or None, default=0),
+    Param(
+        "eta_noise_seed_delta", "eta_noise_seed_delta", "eta_noise_seed_delta", call=True, identity=lambda d: d or None, default=0
+    ),
     Param("steps", "steps", "steps", call=True),
     Param("guidance", "guidance", "guidance", call=True, label=lambda g: f"{g:g}"),
     Param("width", "size", "size", call=True),
@@ -121,26 +157,59 @@ PARAMS: tuple[Param, ...] = (
     Param("prompt", "prompts", "prompt", call=False, text=True),
     Param("negative_prompt", "negative_prompt", "negative_prompt", call=False, text=True),
     # (search, replacement) of A1111's Prompt S/R; the id holds the replaced texts instead
-    Param("prompt_sr", "prompt_sr", "prompt_sr", call=False, identity=_none, public=lambda sr: list(sr) if sr else None,
-          label=lambda sr: sr[1] if sr else "-", pack=lambda sr: list(sr) if sr else None,
-          unpack=lambda sr: tuple(sr) if sr else None, default=None),
+    Param(
+        "prompt_sr",
+        "prompt_sr",
+        "prompt_sr",
+        call=False,
+        identity=_none,
+        public=lambda sr: list(sr) if sr else None,
+        label=lambda sr: sr[1] if sr else "-",
+        pack=lambda sr: list(sr) if sr else None,
+        unpack=lambda sr: tuple(sr) if sr else None,
+        default=None,
+    ),
     Param("clip_skip", "clip_skip", "clip_skip", call=False),
     Param("seed", "seeds", "seed", call=False),
     # the textual-inversion embeddings the cell's texts trigger: derived, not a job axis
-    Param("embeddings", "embeddings", "", call=False,
-          identity=lambda es: sorted(c.identity()["sha256"] for c in es) or None,
-          public=lambda es: [c.name for c in es], label=lambda names: ", ".join(names) or "none",
-          pack=lambda es: [c.to_dict() for c in es], unpack=_components_unpack, default=()),
+    Param(
+        "embeddings",
+        "embeddings",
+        "",
+        call=False,
+        identity=lambda es: sorted(c.identity()["sha256"] for c in es) or None,
+        public=lambda es: [c.name for c in es],
+        label=lambda names: ", ".join(names) or "none",
+        pack=lambda es: [c.to_dict() for c in es],
+        unpack=_components_unpack,
+        default=(),
+    ),
     # img2img's init image: its sha256 is part of the id
-    Param("init_image", "init_images", "init_image", call=False, identity=lambda i: i.identity() if i else None,
-          public=lambda i: i.source if i else None, label=lambda s: PurePosixPath(s).name if s else "-",
-          pack=lambda i: i.to_dict() if i else None, unpack=lambda d: InitImage.from_dict(d) if d else None,
-          default=None),
+    Param(
+        "init_image",
+        "init_images",
+        "init_image",
+        call=False,
+        identity=lambda i: i.identity() if i else None,
+        public=lambda i: i.source if i else None,
+        label=lambda s: PurePosixPath(s).name if s else "-",
+        pack=lambda i: i.to_dict() if i else None,
+        unpack=lambda d: InitImage.from_dict(d) if d else None,
+        default=None,
+    ),
     # the hires fix, innermost: cells that differ only in it follow each other and share one first pass
-    Param("hires", "hires", "hires", call=False, identity=lambda h: h.identity() if h else None,
-          public=lambda h: h.public() if h else None, label=_hires_label,
-          pack=lambda h: h.to_dict() if h else None, unpack=lambda d: Hires.from_dict(d) if d else None,
-          default=None),
+    Param(
+        "hires",
+        "hires",
+        "hires",
+        call=False,
+        identity=lambda h: h.identity() if h else None,
+        public=lambda h: h.public() if h else None,
+        label=_hires_label,
+        pack=lambda h: h.to_dict() if h else None,
+        unpack=lambda d: Hires.from_dict(d) if d else None,
+        default=None,
+    ),
 )
 
 NAMES: tuple[str, ...] = tuple(p.name for p in PARAMS)
@@ -178,9 +247,7 @@ def _axes() -> dict[str, Axis]:
 
 AXES: dict[str, Axis] = _axes()
 # Every spelling a sheet layout may use for an axis: its name, its job-file key, its parameters.
-AXIS_NAMES: dict[str, str] = {
-    spelling: axis.name for axis in AXES.values() for spelling in (axis.name, axis.key, *axis.params)
-}
+AXIS_NAMES: dict[str, str] = {spelling: axis.name for axis in AXES.values() for spelling in (axis.name, axis.key, *axis.params)}
 
 
 def clip_skip_identity(model: ModelSpec, skip: int) -> Any:

@@ -3,6 +3,7 @@
 A plan never holds a job's cells: `cells()` and `chunks()` expand them anew each
 time, so a million-cell job costs memory for one chunk at a time.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -67,27 +68,38 @@ class Components:
         def components(pairs: Iterable[tuple[str | None, Component | InitImage | None]]) -> list[list[Any]]:
             return [[k, v.to_dict() if v else None] for k, v in pairs]
 
-        return {"models": [[k, m.to_dict()] for k, m in self.models.items()], "vaes": components(self.vaes.items()),
-                "loras": components(self.loras.items()), "embeddings": components(self.embeddings.items()),
-                "upscalers": components(self.upscalers.items()), "init_images": components(self.init_images.items())}
+        return {
+            "models": [[k, m.to_dict()] for k, m in self.models.items()],
+            "vaes": components(self.vaes.items()),
+            "loras": components(self.loras.items()),
+            "embeddings": components(self.embeddings.items()),
+            "upscalers": components(self.upscalers.items()),
+            "init_images": components(self.init_images.items()),
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Components:
         def components(pairs: list[list[Any]]) -> dict[str, Component]:  # none is None: only found ones are kept
             return {k: Component.from_dict(v) for k, v in pairs}
 
-        return cls({k: ModelSpec.from_dict(m) for k, m in data["models"]},
-                   {k: Component.from_dict(v) if v else None for k, v in data["vaes"]},
-                   components(data["loras"]), components(data["embeddings"]), components(data.get("upscalers", [])),
-                   {k: InitImage.from_dict(v) for k, v in data.get("init_images", [])})
+        return cls(
+            {k: ModelSpec.from_dict(m) for k, m in data["models"]},
+            {k: Component.from_dict(v) if v else None for k, v in data["vaes"]},
+            components(data["loras"]),
+            components(data["embeddings"]),
+            components(data.get("upscalers", [])),
+            {k: InitImage.from_dict(v) for k, v in data.get("init_images", [])},
+        )
 
     def identity(self) -> dict[str, dict[str, Any]]:
-        return {"models": {k: m.identity() for k, m in self.models.items()},
-                "vaes": {str(k): v.identity() if v else None for k, v in self.vaes.items()},
-                "loras": {k: v.identity() for k, v in self.loras.items()},
-                "embeddings": {k: v.identity() for k, v in self.embeddings.items()},
-                "upscalers": {k: v.identity() for k, v in self.upscalers.items()},
-                "init_images": {k: v.identity() for k, v in self.init_images.items()}}
+        return {
+            "models": {k: m.identity() for k, m in self.models.items()},
+            "vaes": {str(k): v.identity() if v else None for k, v in self.vaes.items()},
+            "loras": {k: v.identity() for k, v in self.loras.items()},
+            "embeddings": {k: v.identity() for k, v in self.embeddings.items()},
+            "upscalers": {k: v.identity() for k, v in self.upscalers.items()},
+            "init_images": {k: v.identity() for k, v in self.init_images.items()},
+        }
 
 
 @dataclass
@@ -118,8 +130,10 @@ class Plan:
             "model": self.models,
             "dtype": [self.dtype],
             "vae": [c.vaes[v] for v in self.job.vae],
-            "loras": [tuple(LoraUse(c.loras[path], w, w, c.loras[path].name) for path, w in combo)
-                      for combo in self.job.values_of("loras")],
+            "loras": [
+                tuple(LoraUse(c.loras[path], w, w, c.loras[path].name) for path, w in combo)
+                for combo in self.job.values_of("loras")
+            ],
             "init_image": [c.init_images[s] if s else None for s in self.job.values_of("init_images")],
             "hires": self.job.hires.values(c.upscalers) if self.job.hires else [None],
         }
@@ -152,8 +166,13 @@ class Plan:
 
     def resolved(self) -> dict[str, Any]:
         """What a stored plan needs to expand again without the model files (finalize, export)."""
-        return {"components": self.components.to_dict(), "dtype": self.dtype, "chunk_cells": self.chunk_cells,
-                "partition": self.partition, "cells": self.total}
+        return {
+            "components": self.components.to_dict(),
+            "dtype": self.dtype,
+            "chunk_cells": self.chunk_cells,
+            "partition": self.partition,
+            "cells": self.total,
+        }
 
     def keeping_chunks_of(self, earlier: dict[str, Any]) -> Plan:
         """This plan split as an earlier submission (its `resolved()`) split it, when nothing else changed.
@@ -170,8 +189,7 @@ class Plan:
 
     @classmethod
     def from_resolved(cls, job: Job, resolved: dict[str, Any]) -> Plan:
-        return cls(job, Components.from_dict(resolved["components"]), resolved["dtype"], [],
-                   int(resolved["chunk_cells"]))
+        return cls(job, Components.from_dict(resolved["components"]), resolved["dtype"], [], int(resolved["chunk_cells"]))
 
 
 class Derivation:
@@ -180,8 +198,9 @@ class Derivation:
     def __init__(self, components: Components):
         self.components = components
         # (prompt, negative prompt, search/replace, model) -> (LoRAs its tags name, embeddings its texts trigger)
-        self.cache: dict[tuple[str, str, tuple[str, str] | None, ModelSpec],
-                         tuple[tuple[LoraUse, ...], tuple[Component, ...]]] = {}
+        self.cache: dict[
+            tuple[str, str, tuple[str, str] | None, ModelSpec], tuple[tuple[LoraUse, ...], tuple[Component, ...]]
+        ] = {}
 
     def derive(self, slots: list[Any]) -> None:
         """Completes a cell's parameter slots (`grid.expand`'s order) with what its texts imply."""
@@ -192,8 +211,7 @@ class Derivation:
             if len(self.cache) > DERIVED_TEXTS_KEPT:
                 self.cache.clear()
             shown = search_replace(prompt, sr)
-            tagged = tuple(LoraUse(self.components.loras[tag.name], tag.te, tag.unet, tag.name)
-                           for tag in lora_tags(shown))
+            tagged = tuple(LoraUse(self.components.loras[tag.name], tag.te, tag.unet, tag.name) for tag in lora_tags(shown))
             used = self.embeddings(prompt, negative, sr, slots[_MODEL])
             found = self.cache[key] = (tagged, used)
         tagged, used = found
@@ -201,8 +219,7 @@ class Derivation:
             slots[_LORAS] = tagged + slots[_LORAS]
         slots[_EMBEDDINGS] = used
 
-    def embeddings(self, prompt: str, negative: str, sr: tuple[str, str] | None,
-                   model: ModelSpec) -> tuple[Component, ...]:
+    def embeddings(self, prompt: str, negative: str, sr: tuple[str, str] | None, model: ModelSpec) -> tuple[Component, ...]:
         """The embeddings a cell's texts trigger."""
         texts = [encoder_text(prompt, sr), encoder_text(negative, sr)]
         return embeddings_used(texts, self.components.embeddings, model)
@@ -214,8 +231,11 @@ def embeddings_used(texts: list[str], embeddings: dict[str, Component], model: M
         return ()
     tokenizer = tokenizer_for(model)
     if tokenizer is None:  # no tokenizer on this machine: whole words
-        return tuple(e for word, e in sorted(embeddings.items())
-                     if any(re.search(rf"(?<![\w]){re.escape(word)}(?![\w])", t) for t in texts))
+        return tuple(
+            e
+            for word, e in sorted(embeddings.items())
+            if any(re.search(rf"(?<![\w]){re.escape(word)}(?![\w])", t) for t in texts)
+        )
     ids = [ids for text in texts for ids in tokenizer.tokenize([text])]
     found = []
     for word, embedding in sorted(embeddings.items()):
@@ -246,8 +266,10 @@ def describe(plan: Plan) -> list[str]:
             for text in plan.job.values_of(key):
                 encoding = tokenizer.encode(encoder_text(text, sr))
                 chunks = len(encoding.chunks)
-                lines.append(f"  {key}: {encoding.token_count} tokens, {chunks} chunk{'s' if chunks > 1 else ''} "
-                             f"of 75: {search_replace(text, sr)[:60]!r}")
+                lines.append(
+                    f"  {key}: {encoding.token_count} tokens, {chunks} chunk{'s' if chunks > 1 else ''} "
+                    f"of 75: {search_replace(text, sr)[:60]!r}"
+                )
     return lines
 
 
@@ -263,8 +285,13 @@ def _describe_model(model: ModelSpec) -> str:
     return f"{model.source} ({what})"
 
 
-def prepare(job: Job | str | Path, cuda: bool | None = None, settings: Settings | None = None,
-            output: str | None = None, rate_of: RateOf | None = None) -> Plan:
+def prepare(
+    job: Job | str | Path,
+    cuda: bool | None = None,
+    settings: Settings | None = None,
+    output: str | None = None,
+    rate_of: RateOf | None = None,
+) -> Plan:
     """Validate everything that can be checked before rendering; raise JobError if not.
 
     `cuda` says what `dtype: auto` means: True/False for a local run, None for a
@@ -292,13 +319,17 @@ def prepare(job: Job | str | Path, cuda: bool | None = None, settings: Settings 
     return Plan(job, components, dtype, list(dict.fromkeys(warnings)), size)
 
 
-def measured_rate(job: Job, components: Components, dtype: str,
-                  rate_of: RateOf | None) -> tuple[float | None, float]:
+def measured_rate(job: Job, components: Components, dtype: str, rate_of: RateOf | None) -> tuple[float | None, float]:
     """(the slowest model's measured work/s, or None if any model has none yet; the job's costliest cell)."""
     values = job.grid_values()
     hires = job.hires.values(components.upscalers) if job.hires else [None]
-    work = max(cell_work(size, steps, denoise, h) for size in values["size"] for steps in values["steps"]
-               for denoise in values["denoise"] for h in hires)
+    work = max(
+        cell_work(size, steps, denoise, h)
+        for size in values["size"]
+        for steps in values["steps"]
+        for denoise in values["denoise"]
+        for h in hires
+    )
     rates = [rate_of(m, dtype) for m in components.models.values()] if rate_of else [None]
     return (None if None in rates else min(r for r in rates if r is not None)), work
 
@@ -315,11 +346,11 @@ def resolve_components(job: Job, settings: Settings, notes: list[Problem] | None
     loras = resolver.loras(list(resolved_models.values()))
     if any(_has_lora_tag(n) for n in job.negative_prompt):
         resolver.problems.append(job.problem("negative_prompt", "<lora:…> tags go in the prompt, not the negative prompt"))
-    embeddings = (resolver.attempt("embeddings", resolve_embeddings, job.embeddings, first, settings)
-                  if job.embeddings else {})
+    embeddings = resolver.attempt("embeddings", resolve_embeddings, job.embeddings, first, settings) if job.embeddings else {}
     upscalers = resolver.upscalers()
-    init_images = {source: resolver.attempt(f"init_images.{i}", resolve_init_image, source)
-                   for i, source in enumerate(job.init_images or [])}
+    init_images = {
+        source: resolver.attempt(f"init_images.{i}", resolve_init_image, source) for i, source in enumerate(job.init_images or [])
+    }
     if resolver.problems:
         raise job.error(list(dict.fromkeys(resolver.problems)))
     return Components(resolved_models, vaes, _found(loras), embeddings or {}, _found(upscalers), _found(init_images))
@@ -344,8 +375,12 @@ class _Resolver:
     def models(self) -> dict[str, ModelSpec]:
         """Job-file source -> model, with the job's prediction settings; any model not found ends here."""
         job = self.job
-        found = {source: self.attempt(f"model.{i}" if len(job.model) > 1 else "model", models.resolve, source,
-                                      job.revision, self.settings) for i, source in enumerate(job.model)}
+        found = {
+            source: self.attempt(
+                f"model.{i}" if len(job.model) > 1 else "model", models.resolve, source, job.revision, self.settings
+            )
+            for i, source in enumerate(job.model)
+        }
         if self.problems:
             raise job.error(self.problems)
         return {k: with_job_prediction(v, job) for k, v in found.items() if v is not None}
@@ -395,8 +430,11 @@ class _Resolver:
     def upscalers(self) -> dict[str, Component | None]:
         """Hires upscalers that are model files (the others are built in)."""
         names = self.job.hires.upscaler if self.job.hires else []
-        return {name: self.attempt(f"hires.upscaler.{i}", resolve_upscaler, name, self.settings)
-                for i, name in enumerate(names) if hires.is_model_file(name)}
+        return {
+            name: self.attempt(f"hires.upscaler.{i}", resolve_upscaler, name, self.settings)
+            for i, name in enumerate(names)
+            if hires.is_model_file(name)
+        }
 
 
 def _found(resolved: dict[Key, T | None]) -> dict[Key, T]:
@@ -413,11 +451,15 @@ def _named_twice(tags: list[LoraTag], listed: set[str]) -> str | None:
     names = [tag.name for tag in tags]
     for tag in tags:
         if names.count(tag.name) > 1:
-            return (f"{tag.written}: LoRA {tag.name!r} is named twice in the prompt; A1111 would apply it twice "
-                    "with the last tag's weights: name each LoRA once")
+            return (
+                f"{tag.written}: LoRA {tag.name!r} is named twice in the prompt; A1111 would apply it twice "
+                "with the last tag's weights: name each LoRA once"
+            )
         if tag.name in listed:
-            return (f"{tag.written}: LoRA {tag.name!r} is also in `loras:`; A1111 would apply it twice with one "
-                    "mention's weights: name each LoRA in one place")
+            return (
+                f"{tag.written}: LoRA {tag.name!r} is also in `loras:`; A1111 would apply it twice with one "
+                "mention's weights: name each LoRA in one place"
+            )
     return None
 
 
@@ -454,10 +496,14 @@ def check_axes(job: Job) -> list[Problem]:
     warnings = []
     for axis, values in job.axes().items():
         if len(values) > 1 and axis not in layout.values():
-            warnings.append(job.problem(
-                AXES[axis].key, f"{axis} varies ({len(values)} values) but is not a sheet axis "
-                f"(rows: {layout['rows']}, cols: {layout['cols']}, pages: {layout['pages']}); "
-                "each of its values gets separate sheets. Declare it with `sheet:` if that is intended."))
+            warnings.append(
+                job.problem(
+                    AXES[axis].key,
+                    f"{axis} varies ({len(values)} values) but is not a sheet axis "
+                    f"(rows: {layout['rows']}, cols: {layout['cols']}, pages: {layout['pages']}); "
+                    "each of its values gets separate sheets. Declare it with `sheet:` if that is intended.",
+                )
+            )
     return warnings
 
 
@@ -468,15 +514,20 @@ def check_against_model(job: Job, model: ModelSpec) -> tuple[list[Problem], list
     layers = "+".join(str(n) for n in model.encoder_layers())
     for skip in job.clip_skip:
         if skip > top:
-            errors.append(job.problem("clip_skip", f"{skip} is outside 1..{top} "
-                                      f"({model.source} has {layers} CLIP layers)"))
+            errors.append(job.problem("clip_skip", f"{skip} is outside 1..{top} ({model.source} has {layers} CLIP layers)"))
         elif skip > USUAL_MAX_CLIP_SKIP:
-            warnings.append(job.problem("clip_skip", f"{skip} skips {skip - 1} of {layers} layers; "
-                                        "images tend to look under-guided beyond 2"))
+            warnings.append(
+                job.problem("clip_skip", f"{skip} skips {skip - 1} of {layers} layers; images tend to look under-guided beyond 2")
+            )
     if model.family == families.SDXL and {1, 2} <= set(job.clip_skip):
-        warnings.append(job.problem("clip_skip", f"1 and 2 are one cell on {model.source} (SDXL): both read the "
-                                    "penultimate layer of both text encoders, as SDXL was trained; its images "
-                                    "are rendered once and shown under both"))
+        warnings.append(
+            job.problem(
+                "clip_skip",
+                f"1 and 2 are one cell on {model.source} (SDXL): both read the "
+                "penultimate layer of both text encoders, as SDXL was trained; its images "
+                "are rendered once and shown under both",
+            )
+        )
     return errors, warnings
 
 
@@ -485,12 +536,20 @@ def check_passes(job: Job) -> list[Problem]:
     if job.hires is None and job.init_images is None:
         return []
     key = "hires" if job.hires is not None else "init_images"
-    problems = [job.problem("sampler", f"{name!r} is a diffusers class; {key} runs A1111's samplers (A1111 names)")
-                for name in job.sampler if samplers.split_name(name)[0].family != "a1111"]
+    problems = [
+        job.problem("sampler", f"{name!r} is a diffusers class; {key} runs A1111's samplers (A1111 names)")
+        for name in job.sampler
+        if samplers.split_name(name)[0].family != "a1111"
+    ]
     for setting in job.hires.values() if job.hires else []:
         for width, height in job.sizes:
             target = setting.target(width, height)
             if target.width % 8 or target.height % 8 or min(target.final) <= 0:
-                problems.append(job.problem("hires", f"{width}x{height} upscaled by {setting.label()} is "
-                                            f"{target.width}x{target.height}: both sides must be multiples of 8"))
+                problems.append(
+                    job.problem(
+                        "hires",
+                        f"{width}x{height} upscaled by {setting.label()} is "
+                        f"{target.width}x{target.height}: both sides must be multiples of 8",
+                    )
+                )
     return problems

@@ -8,6 +8,7 @@ A1111 reference: modules/prompt_parser.py (parse_prompt_attention) and
 modules/sd_hijack_clip.py (tokenize_line), with its defaults: "Original" emphasis,
 comma padding backtrack 20, chunks of 75 tokens wrapped in BOS/EOS.
 """
+
 from __future__ import annotations
 
 import math
@@ -195,8 +196,7 @@ class _Chunker:
         while position < len(tokens):
             token = tokens[position]
             self._make_room(token)
-            match = next((m for m in self.lookup.get(token, ()) if tuple(tokens[position : position + len(m[0])]) == m[0]),
-                         None)
+            match = next((m for m in self.lookup.get(token, ()) if tuple(tokens[position : position + len(m[0])]) == m[0]), None)
             if match is None:
                 self.current.tokens.append(token)
                 self.current.weights.append(weight)
@@ -211,8 +211,11 @@ class _Chunker:
         current = self.current
         if token == self.vocab.comma:
             self.last_comma = len(current.tokens)
-        elif (len(current.tokens) == CHUNK_TOKENS and self.last_comma != -1
-              and len(current.tokens) - self.last_comma <= COMMA_BACKTRACK):
+        elif (
+            len(current.tokens) == CHUNK_TOKENS
+            and self.last_comma != -1
+            and len(current.tokens) - self.last_comma <= COMMA_BACKTRACK
+        ):
             cut = self.last_comma + 1
             moved_tokens, moved_weights = current.tokens[cut:], current.weights[cut:]
             current.tokens, current.weights = current.tokens[:cut], current.weights[:cut]
@@ -235,8 +238,9 @@ class _Chunker:
         return Encoding(self.chunks, self.token_count)
 
 
-def chunk_prompt(text: str, tokenize: Callable[[Sequence[str]], list[list[int]]], vocab: Vocabulary,
-                 embeddings: Triggers | None = None) -> Encoding:
+def chunk_prompt(
+    text: str, tokenize: Callable[[Sequence[str]], list[list[int]]], vocab: Vocabulary, embeddings: Triggers | None = None
+) -> Encoding:
     """A1111's tokenize_line: weighted segments -> chunks of 75 tokens + BOS/EOS.
 
     A chunk that fills up moves the words after its last comma (if that comma lies
@@ -308,8 +312,7 @@ def _multiplier(tag: str, value: str) -> float:
     if not math.isfinite(number):
         raise ValueError(f"{tag}: the weight must be a finite number, got {value!r}")
     if abs(number) > MAX_LORA_WEIGHT:
-        raise ValueError(f"{tag}: the weight must be between -{MAX_LORA_WEIGHT:g} and {MAX_LORA_WEIGHT:g}, "
-                         f"got {value!r}")
+        raise ValueError(f"{tag}: the weight must be between -{MAX_LORA_WEIGHT:g} and {MAX_LORA_WEIGHT:g}, got {value!r}")
     return number
 
 

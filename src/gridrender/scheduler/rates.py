@@ -11,6 +11,7 @@ chunks, kept a week); `measured` reads it. Torch-free: `submit` calls it. The ra
 work, not cells (`cell_work`: one unit is a 512² image at 20 steps, hires pass included), so
 a rate measured on small quick cells sizes a job of large hires cells by what they cost.
 """
+
 from __future__ import annotations
 
 import hashlib

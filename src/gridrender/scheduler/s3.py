@@ -4,6 +4,7 @@ The endpoint and credentials come from the standard AWS variables
 (`AWS_ENDPOINT_URL_S3`, `AWS_ACCESS_KEY_ID`, ...), so MinIO works unchanged.
 Cells are written with `IfNoneMatch="*"`: a 412 means another attempt wrote it first.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -47,8 +48,11 @@ class S3Store(Store):
             error = exc.response.get("Error", {})
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
             reason = f"{error.get('Code', '?')}: {error.get('Message', '')}"
-            transient = (status >= HTTPStatus.INTERNAL_SERVER_ERROR or status == HTTPStatus.TOO_MANY_REQUESTS
-                         or error.get("Code") in _THROTTLING)
+            transient = (
+                status >= HTTPStatus.INTERNAL_SERVER_ERROR
+                or status == HTTPStatus.TOO_MANY_REQUESTS
+                or error.get("Code") in _THROTTLING
+            )
         else:  # connection refused, reset or timed out
             reason, transient = type(exc).__name__, True
         return StorageError(f"cannot {action} {self.url(key)} ({reason})", transient=transient)

@@ -13,6 +13,7 @@ Two families:
 - diffusers class names ("EulerDiscreteScheduler"): that class, built on the model's
   own scheduler config, as diffusers' pipelines run it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -88,48 +89,103 @@ A1111 = [
     _a1111("LMS", "sample_lms", ("k_lms",)),
     _a1111("Heun", "sample_heun", ("k_heun",)),
     _a1111("DPM2", "sample_dpm_2", ("k_dpm_2",), discard_penultimate_sigma=True, default_schedule=KARRAS),
-    _a1111("DPM2 a", "sample_dpm_2_ancestral", ("k_dpm_2_a",), discard_penultimate_sigma=True, noise="ancestral",
-           default_schedule=KARRAS, uses_ensd=True),
-    _a1111("DPM++ 2S a", "sample_dpmpp_2s_ancestral", ("k_dpmpp_2s_a",), noise="ancestral", default_schedule=KARRAS,
-           uses_ensd=True),
+    _a1111(
+        "DPM2 a",
+        "sample_dpm_2_ancestral",
+        ("k_dpm_2_a",),
+        discard_penultimate_sigma=True,
+        noise="ancestral",
+        default_schedule=KARRAS,
+        uses_ensd=True,
+    ),
+    _a1111(
+        "DPM++ 2S a", "sample_dpmpp_2s_ancestral", ("k_dpmpp_2s_a",), noise="ancestral", default_schedule=KARRAS, uses_ensd=True
+    ),
     _a1111("DPM++ 2M", "sample_dpmpp_2m", ("k_dpmpp_2m",), default_schedule=KARRAS),
     _a1111("DPM++ SDE", "sample_dpmpp_sde", ("k_dpmpp_sde",), noise="brownian", default_schedule=KARRAS),
-    _a1111("DPM++ 2M SDE", "sample_dpmpp_2m_sde", ("k_dpmpp_2m_sde",), noise="brownian",
-           options={"solver_type": "midpoint"}, default_schedule=EXPONENTIAL),
-    _a1111("DPM++ 2M SDE Heun", "sample_dpmpp_2m_sde", ("k_dpmpp_2m_sde_heun",), noise="brownian",
-           options={"solver_type": "heun"}, default_schedule=EXPONENTIAL),
-    _a1111("DPM++ 3M SDE", "sample_dpmpp_3m_sde", ("k_dpmpp_3m_sde",), discard_penultimate_sigma=True,
-           noise="brownian", default_schedule=EXPONENTIAL),
+    _a1111(
+        "DPM++ 2M SDE",
+        "sample_dpmpp_2m_sde",
+        ("k_dpmpp_2m_sde",),
+        noise="brownian",
+        options={"solver_type": "midpoint"},
+        default_schedule=EXPONENTIAL,
+    ),
+    _a1111(
+        "DPM++ 2M SDE Heun",
+        "sample_dpmpp_2m_sde",
+        ("k_dpmpp_2m_sde_heun",),
+        noise="brownian",
+        options={"solver_type": "heun"},
+        default_schedule=EXPONENTIAL,
+    ),
+    _a1111(
+        "DPM++ 3M SDE",
+        "sample_dpmpp_3m_sde",
+        ("k_dpmpp_3m_sde",),
+        discard_penultimate_sigma=True,
+        noise="brownian",
+        default_schedule=EXPONENTIAL,
+    ),
 ]
 
 # The combined names A1111 had before 1.9 (its samplers_k_diffusion up to 1.8): written as
 # "Sampler:" so that those versions render the same image; every other pair is written
 # as A1111 1.9+ writes it, the sampler's name and "Schedule type".
-COMBINED_NAMES = frozenset({
-    ("LMS", "Karras"), ("DPM2", "Karras"), ("DPM2 a", "Karras"), ("DPM++ 2S a", "Karras"), ("DPM++ 2M", "Karras"),
-    ("DPM++ SDE", "Karras"), ("DPM++ 2M SDE", "Karras"), ("DPM++ 2M SDE", "Exponential"),
-    ("DPM++ 2M SDE Heun", "Karras"), ("DPM++ 2M SDE Heun", "Exponential"), ("DPM++ 3M SDE", "Karras"),
-    ("DPM++ 3M SDE", "Exponential"),
-})
+COMBINED_NAMES = frozenset(
+    {
+        ("LMS", "Karras"),
+        ("DPM2", "Karras"),
+        ("DPM2 a", "Karras"),
+        ("DPM++ 2S a", "Karras"),
+        ("DPM++ 2M", "Karras"),
+        ("DPM++ SDE", "Karras"),
+        ("DPM++ 2M SDE", "Karras"),
+        ("DPM++ 2M SDE", "Exponential"),
+        ("DPM++ 2M SDE Heun", "Karras"),
+        ("DPM++ 2M SDE Heun", "Exponential"),
+        ("DPM++ 3M SDE", "Karras"),
+        ("DPM++ 3M SDE", "Exponential"),
+    }
+)
 
 # diffusers classes accepted under their own names, with the model's own config.
 # DPMSolverSDEScheduler seeds one Brownian tree per call: one cell per call, seeded by it.
 DIFFUSERS = [
     Sampler(cls, "diffusers", cls, batch_invariant=cls != "DPMSolverSDEScheduler")
-    for cls in sorted([
-        "DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
-        "DPMSolverSDEScheduler", "DPMSolverSinglestepScheduler", "EulerAncestralDiscreteScheduler",
-        "EulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-        "KDPM2DiscreteScheduler", "LCMScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "TCDScheduler",
-        "UniPCMultistepScheduler",
-    ])
+    for cls in sorted(
+        [
+            "DDIMScheduler",
+            "DDPMScheduler",
+            "DEISMultistepScheduler",
+            "DPMSolverMultistepScheduler",
+            "DPMSolverSDEScheduler",
+            "DPMSolverSinglestepScheduler",
+            "EulerAncestralDiscreteScheduler",
+            "EulerDiscreteScheduler",
+            "HeunDiscreteScheduler",
+            "KDPM2AncestralDiscreteScheduler",
+            "KDPM2DiscreteScheduler",
+            "LCMScheduler",
+            "LMSDiscreteScheduler",
+            "PNDMScheduler",
+            "TCDScheduler",
+            "UniPCMultistepScheduler",
+        ]
+    )
 ]
 
 # Names A1111 users bring that gridrender cannot render as A1111 does.
 NOT_MATCHED = {
-    "ddim": "DDIMScheduler", "plms": "PNDMScheduler", "unipc": "UniPCMultistepScheduler",
-    "lcm": "LCMScheduler", "ddpm": "DDPMScheduler", "deis": "DEISMultistepScheduler",
-    "dpm fast": None, "dpm adaptive": None, "restart": None,
+    "ddim": "DDIMScheduler",
+    "plms": "PNDMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "lcm": "LCMScheduler",
+    "ddpm": "DDPMScheduler",
+    "deis": "DEISMultistepScheduler",
+    "dpm fast": None,
+    "dpm adaptive": None,
+    "restart": None,
 }
 
 
@@ -192,12 +248,16 @@ def canonical(name: str, schedule_label: str = AUTOMATIC) -> tuple[str, str]:
     chosen = schedule(schedule_label)
     if sampler.family == "diffusers":
         if chosen.label != AUTOMATIC:
-            raise ValueError(f"schedule {chosen.label!r} applies to A1111 sampler names; {sampler.name} "
-                             "uses the model's own scheduler config (write schedule: Automatic)")
+            raise ValueError(
+                f"schedule {chosen.label!r} applies to A1111 sampler names; {sampler.name} "
+                "uses the model's own scheduler config (write schedule: Automatic)"
+            )
         return sampler.name, AUTOMATIC
     if implied is not None and chosen.label not in (AUTOMATIC, implied.label):
-        raise ValueError(f"sampler {name!r} already names its schedule ({implied.label}) but schedule is "
-                         f"{chosen.label!r}; write sampler {sampler.name!r} with the schedule you want")
+        raise ValueError(
+            f"sampler {name!r} already names its schedule ({implied.label}) but schedule is "
+            f"{chosen.label!r}; write sampler {sampler.name!r} with the schedule you want"
+        )
     resolved = implied or (chosen if chosen.label != AUTOMATIC else schedule(sampler.default_schedule))
     return sampler.name, resolved.label
 
@@ -219,7 +279,7 @@ def schedule_identity(label: str) -> str | dict[str, str]:
 
 
 def infotext_name(name: str, schedule_label: str) -> str:
-    """"Sampler:" as both A1111 generations read it: the old combined name where one existed."""
+    """ "Sampler:" as both A1111 generations read it: the old combined name where one existed."""
     sampler = lookup(name)
     if (sampler.name, schedule_label) in COMBINED_NAMES:
         return f"{sampler.name} {schedule_label}"

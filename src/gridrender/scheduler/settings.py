@@ -3,6 +3,7 @@
 GRIDRENDER_* variables plus XDG_CACHE_HOME; the AWS variables are read by boto3
 itself (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...). README lists them all.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,6 +4,7 @@ Pillow only, with the font Pillow ships (no system fonts). Cells not rendered ye
 show as placeholders, so a sheet made mid-job is partial, never wrong. Sheets above
 a pixel cap are split into numbered parts.
 """
+
 from __future__ import annotations
 
 import io
@@ -104,8 +105,9 @@ class _Page:
     grid: Grid
 
 
-def build_sheets(store: Store, job_name: str, lines: list[dict[str, Any]], layout: dict[str, str] | None = None,
-                 max_pixels: int = MAX_PIXELS) -> list[Sheet]:
+def build_sheets(
+    store: Store, job_name: str, lines: list[dict[str, Any]], layout: dict[str, str] | None = None, max_pixels: int = MAX_PIXELS
+) -> list[Sheet]:
     layout = {**DEFAULT_LAYOUT, **(layout or {})}
     values = axis_values(lines)
     rows_axis, cols_axis, page_axis = layout["rows"], layout["cols"], layout["pages"]
@@ -154,7 +156,7 @@ def _geometry(frame: _Frame, grid: Grid) -> _Geometry:
     unit = max(12, min(28, cw // 12))
     label_w, label_h, header_h, pad = unit * 9, unit * 2, unit * 7, max(4, unit // 3)
     # the largest block of rows x columns that stays under the pixel cap
-    col_block = min(len(frame.cols), max(1, (int(frame.max_pixels ** 0.5) - label_w) // (cw + pad)))
+    col_block = min(len(frame.cols), max(1, (int(frame.max_pixels**0.5) - label_w) // (cw + pad)))
     width = max(label_w + col_block * (cw + pad) + pad, MIN_WIDTH)
     row_block = min(len(frame.rows), max(1, (frame.max_pixels // width - header_h - label_h) // (ch + pad)))
     return _Geometry(cw, ch, unit, label_w, label_h, header_h, pad, row_block, col_block)

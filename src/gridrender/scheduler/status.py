@@ -3,6 +3,7 @@
 Costs what the job costs: the newest submission record, a listing of the job's
 progress records and of its cancellations. Never a listing of `cells/`.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -59,16 +60,32 @@ def job_status(store: Store, name: str, now: float | None = None) -> Status:
         for body in ledger.failing(current, SHOWN_FAILURES):
             failures.update(itertools.islice(body["failed"].items(), SHOWN_FAILURES - len(failures)))
         poisoned = ledger.poisoned(record)
-    return Status(name, min(counts.stored, record.cells), record.cells, counts.failed, failures,
-                  counts.rate(now or time.time(), RATE_WINDOW), ledger.is_cancelled(record.id), poisoned)
+    return Status(
+        name,
+        min(counts.stored, record.cells),
+        record.cells,
+        counts.failed,
+        failures,
+        counts.rate(now or time.time(), RATE_WINDOW),
+        ledger.is_cancelled(record.id),
+        poisoned,
+    )
 
 
 # The polling options stay keyword arguments while cli.py (being rewritten in parallel) passes them so;
 # then they become one `Polling` object.
-def follow(store: Store, name: str, on_update: Callable[[Status], None], *, interval: float = 1.0,  # noqa: PLR0913
-           max_interval: float = 15.0, idle_timeout: float | None = None,
-           working: Callable[[], bool] = lambda: False, tick: Callable[[], None] = lambda: None,
-           until: Callable[[Status], bool] = lambda s: s.finished or s.cancelled) -> Status:
+def follow(  # noqa: PLR0913
+    store: Store,
+    name: str,
+    on_update: Callable[[Status], None],
+    *,
+    interval: float = 1.0,
+    max_interval: float = 15.0,
+    idle_timeout: float | None = None,
+    working: Callable[[], bool] = lambda: False,
+    tick: Callable[[], None] = lambda: None,
+    until: Callable[[Status], bool] = lambda s: s.finished or s.cancelled,
+) -> Status:
     """Poll the job's status until `until`; polling backs off while nothing changes.
 
     `working()` says whether a worker holds one of the job's chunks right now; with no
@@ -90,13 +107,16 @@ def follow(store: Store, name: str, on_update: Callable[[Status], None], *, inte
         status = now
         on_update(status)
         if idle_timeout is not None and time.monotonic() - last_change > idle_timeout:
-            raise Stalled(f"no worker took a chunk of {name} in {idle_timeout:.0f} s "
-                          f"({status.done:,}/{status.total:,} done); is a worker consuming its queue?")
+            raise Stalled(
+                f"no worker took a chunk of {name} in {idle_timeout:.0f} s "
+                f"({status.done:,}/{status.total:,} done); is a worker consuming its queue?"
+            )
     return status
 
 
-def wait(store: Store, name: str, idle_timeout: float | None, on_update: Callable[[Status], None],
-         settings: Settings | None = None) -> Status:
+def wait(
+    store: Store, name: str, idle_timeout: float | None, on_update: Callable[[Status], None], settings: Settings | None = None
+) -> Status:
     """`submit --wait`: follow the job, reaping dead workers' chunks, until it finishes or stalls."""
     from . import liveness
     from .broker import reaching_broker, shared_app

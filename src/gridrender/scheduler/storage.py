@@ -3,6 +3,7 @@
 The keys are `layout`'s. Cells are written once: `put_new` never replaces an
 object that exists. Large job files (manifests) stream in and out line by line.
 """
+
 from __future__ import annotations
 
 import logging
@@ -293,4 +294,3 @@ class RetryingStore(Store):
 
     def lines(self, key: str) -> Iterator[bytes]:
         return self.inner.lines(key)
-

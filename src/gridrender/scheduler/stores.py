@@ -3,6 +3,7 @@
 storage.py defines the Store interface and the local and in-memory stores; s3.py
 builds on it. Choosing between them lives here, so neither imports the other's user.
 """
+
 from __future__ import annotations
 
 from .storage import LocalStore, Store

@@ -6,6 +6,7 @@ complete is skipped without a storage request; the cells of the others are check
 one by one on a resubmit (cost bounded by the incomplete chunks), and on a first
 submit of a big job the workers check them instead.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -86,18 +87,38 @@ def submit(plan: Plan, store: Store, app: Celery, queue: str | None = None, sett
                     continue
                 record.enqueued_cells += len(missing)
                 record.enqueued_chunks += 1
-                message = ChunkMessage(name, record.id, plan.job.output, plan.job.batch_size, partition, chunk.id,
-                                       missing, len(chunk.cells) - len(missing)).to_message()
+                message = ChunkMessage(
+                    name,
+                    record.id,
+                    plan.job.output,
+                    plan.job.batch_size,
+                    partition,
+                    chunk.id,
+                    missing,
+                    len(chunk.cells) - len(missing),
+                ).to_message()
                 target = route(chunk.cells[0].model)
                 used[target] = route.count(target)
                 # argsrepr given: Celery would otherwise build a repr of every message for its logs.
-                app.send_task(RENDER_TASK, args=[message], queue=target, producer=producer,
-                              argsrepr=f"[chunk {chunk.id} of {name}: {len(missing)} cells]", kwargsrepr="{}")
+                app.send_task(
+                    RENDER_TASK,
+                    args=[message],
+                    queue=target,
+                    producer=producer,
+                    argsrepr=f"[chunk {chunk.id} of {name}: {len(missing)} cells]",
+                    kwargsrepr="{}",
+                )
             record.already_stored = plan.total - record.enqueued_cells
             record.queue = ", ".join(used) or None
             ledger.update(record)
-    return Submitted(record.id, used or {route(plan.model): route.count(route(plan.model))}, record.enqueued_cells,
-                     record.enqueued_chunks, record.already_stored, plan.total)
+    return Submitted(
+        record.id,
+        used or {route(plan.model): route.count(route(plan.model))},
+        record.enqueued_cells,
+        record.enqueued_chunks,
+        record.already_stored,
+        plan.total,
+    )
 
 
 @dataclass
@@ -114,8 +135,11 @@ def retry_poisoned(store: Store, name: str, app: Celery, settings: Settings | No
     """
     settings = settings or Settings()
     client = liveness.connect(settings)
-    with reaching_broker("enqueue"), app.producer_or_acquire() as producer, \
-            Ledger(store, name, settings, KillCounts(client) if client is not None else None) as ledger:
+    with (
+        reaching_broker("enqueue"),
+        app.producer_or_acquire() as producer,
+        Ledger(store, name, settings, KillCounts(client) if client is not None else None) as ledger,
+    ):
         producer.connection.ensure_connection(max_retries=2)
         record = ledger.current()
         poisoned = {p.chunk for p in ledger.poisoned(record)}
@@ -127,13 +151,33 @@ def retry_poisoned(store: Store, name: str, app: Celery, settings: Settings | No
                 continue
             stored = ledger.present(chunk.cells)
             missing = [cell for cell, ok in zip(chunk.cells, stored, strict=True) if not ok]
-            ledger.record(plan.partition, chunk.id, [c.id for c, ok in zip(chunk.cells, stored, strict=True) if ok], 0, {},
-                          record.id, "retry")  # clears the chunk's kill count
+            ledger.record(
+                plan.partition,
+                chunk.id,
+                [c.id for c, ok in zip(chunk.cells, stored, strict=True) if ok],
+                0,
+                {},
+                record.id,
+                "retry",
+            )  # clears the chunk's kill count
             if missing:
-                message = ChunkMessage(name, record.id, plan.job.output, plan.job.batch_size, plan.partition,
-                                       chunk.id, missing, len(chunk.cells) - len(missing)).to_message()
-                app.send_task(RENDER_TASK, args=[message], queue=route(chunk.cells[0].model), producer=producer,
-                              argsrepr=f"[chunk {chunk.id} of {name}: {len(missing)} cells, retried]",
-                              kwargsrepr="{}")
+                message = ChunkMessage(
+                    name,
+                    record.id,
+                    plan.job.output,
+                    plan.job.batch_size,
+                    plan.partition,
+                    chunk.id,
+                    missing,
+                    len(chunk.cells) - len(missing),
+                ).to_message()
+                app.send_task(
+                    RENDER_TASK,
+                    args=[message],
+                    queue=route(chunk.cells[0].model),
+                    producer=producer,
+                    argsrepr=f"[chunk {chunk.id} of {name}: {len(missing)} cells, retried]",
+                    kwargsrepr="{}",
+                )
             sent.chunks, sent.cells = sent.chunks + 1, sent.cells + len(missing)
     return sent

@@ -10,6 +10,7 @@ bpe_simple_vocab_16e6 the way CLIP's SimpleTokenizer builds it), so it needs no 
 and no Hugging Face cache. Where no tokenizer is at hand (a hub model not cached yet),
 counts are simply unavailable.
 """
+
 from __future__ import annotations
 
 import html
@@ -98,14 +99,19 @@ class ClipTokenizer:
     @classmethod
     def from_vocab(cls, vocab: dict[str, int], merges: list[str]) -> ClipTokenizer:
         pairs = [(a, b) for a, _, b in (m.partition(" ") for m in merges)]
-        model = BPE(vocab=vocab, merges=pairs, continuing_subword_prefix="",
-                    end_of_word_suffix="</w>", fuse_unk=False, unk_token=EOS)
+        model = BPE(
+            vocab=vocab, merges=pairs, continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False, unk_token=EOS
+        )
         tokenizer = Tokenizer(model)
         tokenizer.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(_SPLIT), behavior="removed", invert=True),
-             pre_tokenizers.ByteLevel(add_prefix_space=False)])
+            [
+                pre_tokenizers.Split(Regex(_SPLIT), behavior="removed", invert=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
+        )
         tokenizer.add_special_tokens([BOS, EOS])
         return cls(tokenizer)
 
@@ -132,8 +138,10 @@ def _files_of(model: ModelSpec) -> tuple[Path, Path] | None:
         return CLIP_VOCAB, CLIP_MERGES
     from huggingface_hub import try_to_load_from_cache
 
-    vocab, merges = (try_to_load_from_cache(model.location, f"tokenizer/{name}", revision=model.revision)
-                     for name in ("vocab.json", "merges.txt"))
+    vocab, merges = (
+        try_to_load_from_cache(model.location, f"tokenizer/{name}", revision=model.revision)
+        for name in ("vocab.json", "merges.txt")
+    )
     if isinstance(vocab, str) and isinstance(merges, str):
         return Path(vocab), Path(merges)
     return None

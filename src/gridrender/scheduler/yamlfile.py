@@ -4,6 +4,7 @@ Job files are user input: they are parsed with PyYAML's SafeLoader only (no tags
 that build Python objects), duplicate keys are errors rather than silent
 overwrites, and every key path keeps its line so validation errors can point at it.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -65,9 +66,7 @@ def _walk(node: yaml.Node, path: Path, lines: dict[Path, int], seen: list[int], 
             line = key_node.start_mark.line + 1
             if key in keys:
                 dotted = ".".join(str(p) for p in (*path, key))
-                raise JobError(
-                    [Problem(dotted, f"duplicate key (first written on line {keys[key]})", line)], source
-                )
+                raise JobError([Problem(dotted, f"duplicate key (first written on line {keys[key]})", line)], source)
             keys[key] = line
             lines[(*path, key)] = line
             _walk(value_node, (*path, key), lines, seen, source)

@@ -7,6 +7,7 @@ They exist so tests, demos and benchmarks run anywhere without downloading weigh
 Weights come from NumPy's PCG64 (stable across versions and machines), not from
 torch's initialisers, so `builtin:tiny` has the same bytes everywhere.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,9 +55,17 @@ def build(name: str, seed: int = SEED) -> Any:
         encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_json_file(src / "text_encoder_2" / "config.json"))
         _fill(encoder_2, rng)
         tokenizer_2 = CLIPTokenizer(vocab=byte_vocab(), merges=[], model_max_length=77, pad_token="!")
-        return StableDiffusionXLPipeline(vae=vae, text_encoder=encoder, text_encoder_2=encoder_2, tokenizer=tokenizer,
-                                         tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
-                                         force_zeros_for_empty_prompt=True, add_watermarker=False)
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=encoder,
+            text_encoder_2=encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=encoder,

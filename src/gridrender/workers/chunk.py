@@ -9,6 +9,7 @@ Used by `gridrender run` and by the Celery task alike:
 4. wait for every write: a failed upload fails its cell; nothing is dropped.
 A batch that runs out of GPU memory is split in half and retried.
 """
+
 from __future__ import annotations
 
 import logging
@@ -94,8 +95,9 @@ class ChunkJob:
     batch_size: int
 
 
-def render_and_store(renderer: Renderer, writer: Writer, store: Store, work: ChunkJob, *,
-                     on_batch: Callable[[int], None] = lambda _cells: None) -> ChunkResult:
+def render_and_store(
+    renderer: Renderer, writer: Writer, store: Store, work: ChunkJob, *, on_batch: Callable[[int], None] = lambda _cells: None
+) -> ChunkResult:
     result = ChunkResult()
     stored = writer.map(lambda c: store.exists(layout.cell_record(c.id)), work.cells)
     todo = [c for c, done in zip(work.cells, stored, strict=True) if not done]
@@ -119,8 +121,9 @@ def render_and_store(renderer: Renderer, writer: Writer, store: Store, work: Chu
         # taken minutes): a redelivered copy of this chunk may be storing the same cells.
         batch = _still_missing(writer, store, planned, copies, result)
         if len(batch) < len(planned):
-            log.info("%d cells of %s were stored by another copy of this chunk meanwhile; skipped",
-                     len(planned) - len(batch), work.job)
+            log.info(
+                "%d cells of %s were stored by another copy of this chunk meanwhile; skipped", len(planned) - len(batch), work.job
+            )
         if not batch:
             on_batch(len(planned))
             continue
@@ -136,9 +139,16 @@ def render_and_store(renderer: Renderer, writer: Writer, store: Store, work: Chu
         on_batch(len(planned))
     _wait_for_writes(pending, copies, result)
     result.encoder_passes = renderer.encoder_passes() - passes
-    log.info("chunk of %s: %d cells rendered, %d stored, %d already stored, %d failed; %d encoder pass(es); %s",
-             work.job, result.rendered, len(result.stored), result.present, len(result.failed), result.encoder_passes,
-             speed(result, renderer.device))
+    log.info(
+        "chunk of %s: %d cells rendered, %d stored, %d already stored, %d failed; %d encoder pass(es); %s",
+        work.job,
+        result.rendered,
+        len(result.stored),
+        result.present,
+        len(result.failed),
+        result.encoder_passes,
+        speed(result, renderer.device),
+    )
     return result
 
 
@@ -164,8 +174,7 @@ def speed(result: ChunkResult, device: torch.device) -> str:
     return text
 
 
-def _still_missing(writer: Writer, store: Store, batch: list[Cell], copies: Counter[str],
-                   result: ChunkResult) -> list[Cell]:
+def _still_missing(writer: Writer, store: Store, batch: list[Cell], copies: Counter[str], result: ChunkResult) -> list[Cell]:
     """The batch's cells not stored yet; those stored since the chunk started count as present."""
     stored = writer.map(lambda c: store.exists(layout.cell_record(c.id)), batch)
     result.present += sum(copies[c.id] for c, done in zip(batch, stored, strict=True) if done)

@@ -111,14 +111,15 @@ class PromptEncoder:
     def describe(self, skip: int) -> list[dict[str, Any]]:
         """What a record says about each encoder for this skip: its layer, of how many, and whether normed."""
         names = ["text_encoder", "text_encoder_2"][: len(self.encoders)]
-        return [{"encoder": name, "layer": layer, "layers": clip_layers(e), "final_layer_norm": not self.xl}
-                for name, e, layer in zip(names, self.encoders, self.layers_for(skip), strict=True)]
+        return [
+            {"encoder": name, "layer": layer, "layers": clip_layers(e), "final_layer_norm": not self.xl}
+            for name, e, layer in zip(names, self.encoders, self.layers_for(skip), strict=True)
+        ]
 
     def tokenize(self, texts: Sequence[str], encoder: int = 0) -> list[list[int]]:
         """Token ids of `texts` as encoder `encoder`'s tokenizer makes them in A1111 (CLEANERS)."""
         clean = CLEANERS[encoder]
-        ids: list[list[int]] = self.tokenizer([clean(t) for t in texts], truncation=False,
-                                              add_special_tokens=False)["input_ids"]
+        ids: list[list[int]] = self.tokenizer([clean(t) for t in texts], truncation=False, add_special_tokens=False)["input_ids"]
         return ids
 
     def chunk(self, text: str, embeddings: Mapping[str, Vectors] | None = None, encoder: int = 0) -> Encoding:
@@ -130,13 +131,17 @@ class PromptEncoder:
         GeneralConditioner.tokenize, the first embedder).
         """
         # slots: an SDXL embedding's clip_g count (textual_inversion.py: vectors = data['clip_g'].shape[0])
-        triggers = {tuple(ids): (word, len(_vectors_for(vectors, 1 if self.xl else 0, self.xl)))
-                    for word, vectors in (embeddings or {}).items() if (ids := self.tokenize([word])[0])}
+        triggers = {
+            tuple(ids): (word, len(_vectors_for(vectors, 1 if self.xl else 0, self.xl)))
+            for word, vectors in (embeddings or {}).items()
+            if (ids := self.tokenize([word])[0])
+        }
         return chunk_prompt(text, lambda pieces: self.tokenize(pieces, encoder), self.vocab, triggers)
 
     @torch.no_grad()
-    def encode(self, texts: Sequence[str], skips: set[int],
-               embeddings: Mapping[str, Vectors] | None = None) -> dict[tuple[str, int], Encoded]:
+    def encode(
+        self, texts: Sequence[str], skips: set[int], embeddings: Mapping[str, Vectors] | None = None
+    ) -> dict[tuple[str, int], Encoded]:
         """(text, clip skip) -> conditioning, for every text and skip, from one encoder pass.
 
         `embeddings` (trigger word -> vectors) are A1111's textual inversions: a trigger's
@@ -148,18 +153,23 @@ class PromptEncoder:
         encodings = [[self.chunk(text, embeddings, index) for text in texts] for index in range(len(self.encoders))]
         for text, *chunked in zip(texts, *encodings, strict=True):
             if len({len(e.chunks) for e in chunked}) > 1:  # A1111: torch.cat of the two states fails
-                raise RenderError(f"SDXL's two tokenizers split {text[:60]!r} into different numbers of 75-token "
-                                  "chunks (HTML entities that only OpenCLIP's tokenizer unescapes); A1111 cannot "
-                                  "render it either")
+                raise RenderError(
+                    f"SDXL's two tokenizers split {text[:60]!r} into different numbers of 75-token "
+                    "chunks (HTML entities that only OpenCLIP's tokenizer unescapes); A1111 cannot "
+                    "render it either"
+                )
         rows = [[chunk for encoding in per_encoder for chunk in encoding.chunks] for per_encoder in encodings]
-        weights = [torch.tensor([row.weights for row in rows_i], dtype=torch.float32, device=self.model.device)
-                   for rows_i in rows]
+        weights = [
+            torch.tensor([row.weights for row in rows_i], dtype=torch.float32, device=self.model.device) for rows_i in rows
+        ]
         states: list[dict[int, torch.Tensor]] = []
         pooled: torch.Tensor | None = None
         for index, encoder in enumerate(self.encoders):
             tokens = [row.tokens if index == 0 else self._pad_after_eos(row.tokens) for row in rows[index]]
-            fixes = [[(offset, _vectors_for((embeddings or {})[word], index, self.xl)) for offset, word in row.fixes]
-                     for row in rows[index]]
+            fixes = [
+                [(offset, _vectors_for((embeddings or {})[word], index, self.xl)) for offset, word in row.fixes]
+                for row in rows[index]
+            ]
             wanted = {self.layers_for(s)[index] for s in skips}
             pool = self.xl and index == 1
             hidden, pool_out = self._layers(encoder, tokens, wanted, fixes, pool)
@@ -189,8 +199,9 @@ class PromptEncoder:
         end = tokens.index(self.vocab.eos) + 1
         return tokens[:end] + [0] * (len(tokens) - end)
 
-    def _layers(self, encoder: torch.nn.Module, tokens: list[list[int]], wanted: set[int], fixes: list[list[Any]],
-                pool: bool) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    def _layers(
+        self, encoder: torch.nn.Module, tokens: list[list[int]], wanted: set[int], fixes: list[list[Any]], pool: bool
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
         """The outputs of the `wanted` 1-based encoder layers for rows of 77 token ids (and the pooled vectors)."""
         empty = [self.vocab.bos] + [self.vocab.eos] * (len(tokens[0]) - 1)
         if pool:
@@ -208,8 +219,9 @@ class PromptEncoder:
         hidden = {layer: torch.cat([part[layer] for part in parts]) for layer in wanted}
         return hidden, (torch.cat([part[0] for part in parts]) if pool else None)
 
-    def _pass(self, encoder: torch.nn.Module, tokens: list[list[int]], wanted: set[int],
-              fixes: list[list[Any]]) -> dict[int, torch.Tensor]:
+    def _pass(
+        self, encoder: torch.nn.Module, tokens: list[list[int]], wanted: set[int], fixes: list[list[Any]]
+    ) -> dict[int, torch.Tensor]:
         model = text_transformer(encoder)
         deepest = max(wanted)
         captured: dict[int, torch.Tensor] = {}

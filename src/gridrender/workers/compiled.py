@@ -9,6 +9,7 @@ restarted worker on the same GPU type loads its kernels instead of compiling the
 A module that fails to compile falls back to eager with the reason logged; it never
 fails a chunk.
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,8 +57,7 @@ class Compiled:
     def __init__(self, eager: Callable[..., Any], name: str, mode: str):
         self.eager, self.name, self.mode = eager, name, mode
         # dynamic=False: a second shape gets kernels of its own, not slower shape-generic ones.
-        self.compiled: Callable[..., Any] | None = torch.compile(eager, mode=None if mode == "default" else mode,
-                                                                 dynamic=False)
+        self.compiled: Callable[..., Any] | None = torch.compile(eager, mode=None if mode == "default" else mode, dynamic=False)
         self.failure: str | None = None
         self.shapes: set[tuple[tuple[int, ...], ...]] = set()
 
@@ -93,5 +93,8 @@ def cache_stats() -> dict[str, int]:
 
     inductor: Any = counters["inductor"]
     stats: Any = counters["stats"]
-    return {"fxgraph_cache_hit": int(inductor["fxgraph_cache_hit"]), "fxgraph_cache_miss": int(inductor["fxgraph_cache_miss"]),
-            "graphs": int(stats["unique_graphs"])}
+    return {
+        "fxgraph_cache_hit": int(inductor["fxgraph_cache_hit"]),
+        "fxgraph_cache_miss": int(inductor["fxgraph_cache_miss"]),
+        "graphs": int(stats["unique_graphs"]),
+    }

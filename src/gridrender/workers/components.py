@@ -9,6 +9,7 @@ are kept beside the model's own. Every file is found on this machine (at its pat
 or under GRIDRENDER_LORA_DIR / GRIDRENDER_MODEL_DIR) and must hash to the submitted
 sha256.
 """
+
 from __future__ import annotations
 
 import functools
@@ -56,8 +57,10 @@ def local_file(component: Component, settings: Settings | None = None) -> Path:
         path = candidate
     digest = folder_sha256(path) if path.is_dir() else file_sha256(path)
     if component.sha256 and digest != component.sha256:
-        raise ModelError(f"{component.kind} {component.source!r} on this worker ({path}) is not the submitted one: "
-                         f"sha256 {digest} != {component.sha256}")
+        raise ModelError(
+            f"{component.kind} {component.source!r} on this worker ({path}) is not the submitted one: "
+            f"sha256 {digest} != {component.sha256}"
+        )
     return path
 
 
@@ -120,13 +123,15 @@ def use_loras(pipe: Any, extras: Extras, loras: tuple[LoraUse, ...]) -> None:
     extras.active = key
     seconds = time.perf_counter() - start
     extras.merge_seconds += seconds
-    log.info("LoRA set %s merged: %d layers written in %.3fs",
-             ", ".join(f"{u.mention}:{u.te:g}" + (f":{u.unet:g}" if u.unet != u.te else "") for u in loras) or "none",
-             written, seconds)
+    log.info(
+        "LoRA set %s merged: %d layers written in %.3fs",
+        ", ".join(f"{u.mention}:{u.te:g}" + (f":{u.unet:g}" if u.unet != u.te else "") for u in loras) or "none",
+        written,
+        seconds,
+    )
 
 
-def vae_for(pipe: Any, extras: Extras, component: Component | None, config_folder: Callable[[], Path],
-            keep: int = 2) -> Any:
+def vae_for(pipe: Any, extras: Extras, component: Component | None, config_folder: Callable[[], Path], keep: int = 2) -> Any:
     """The AutoencoderKL to decode with: the model's own, or a VAE loaded once and kept.
 
     `config_folder` gives the model's VAE config, which a single-file VAE is loaded with.
@@ -142,11 +147,13 @@ def vae_for(pipe: Any, extras: Extras, component: Component | None, config_folde
         if component.sha256 is None:  # a hub VAE, pinned to its resolved commit
             vae = AutoencoderKL.from_pretrained(component.location, revision=component.revision, torch_dtype=dtype)
         else:
+
             def read(path: Path) -> Any:
                 if path.is_dir():
                     return AutoencoderKL.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
-                return AutoencoderKL.from_single_file(str(path), config=str(config_folder()), torch_dtype=dtype,
-                                                      local_files_only=True)
+                return AutoencoderKL.from_single_file(
+                    str(path), config=str(config_folder()), torch_dtype=dtype, local_files_only=True
+                )
 
             own_config = local_file(component).is_dir()
             vae = read_checked(component, read)
@@ -194,6 +201,7 @@ def embedding_vectors(extras: Extras, component: Component) -> Any:
     """
     key = component.sha256 or component.location
     if key not in extras.vectors:
+
         def read(path: Path) -> Any:
             if path.suffix == ".safetensors":
                 from safetensors.torch import load_file

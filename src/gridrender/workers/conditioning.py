@@ -9,6 +9,7 @@ and pooled (A1111's force_zero_negative_prompt), the size conditioning kept.
 A hires pass renders the same conditioning at another target size (A1111's
 calculate_hr_conds): `at_size`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -36,8 +37,9 @@ class Conditioning:
     time_ids: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, encoded: Sequence[Encoded], dtype: torch.dtype, width: int, height: int,
-           zero: Sequence[bool] = ()) -> Conditioning:
+    def of(
+        cls, encoded: Sequence[Encoded], dtype: torch.dtype, width: int, height: int, zero: Sequence[bool] = ()
+    ) -> Conditioning:
         """Stacked per-cell encodings; SDXL's gain the size ids and pooled vectors.
 
         `zero[i]`: cell i's text is an empty negative prompt, which SDXL conditions on as
@@ -67,20 +69,26 @@ class Conditioning:
         """The UNet's keyword arguments for this conditioning (diffusers' UNet2DConditionModel)."""
         if self.pooled is None:
             return {"encoder_hidden_states": self.states}
-        return {"encoder_hidden_states": self.states,
-                "added_cond_kwargs": {"text_embeds": self.pooled, "time_ids": self.time_ids}}
+        return {
+            "encoder_hidden_states": self.states,
+            "added_cond_kwargs": {"text_embeds": self.pooled, "time_ids": self.time_ids},
+        }
 
     def cat(self, other: Conditioning) -> Conditioning:
         """Two batches as one (cond and uncond in one UNet call)."""
         if self.pooled is None or other.pooled is None or self.time_ids is None or other.time_ids is None:
             return Conditioning(torch.cat([self.states, other.states]))
-        return Conditioning(torch.cat([self.states, other.states]), torch.cat([self.pooled, other.pooled]),
-                            torch.cat([self.time_ids, other.time_ids]))
+        return Conditioning(
+            torch.cat([self.states, other.states]),
+            torch.cat([self.pooled, other.pooled]),
+            torch.cat([self.time_ids, other.time_ids]),
+        )
 
     def at_size(self, width: int, height: int) -> Conditioning:
         """The same texts at another image size (a hires pass: A1111's calculate_hr_conds)."""
         if self.time_ids is None:
             return self
-        ids = torch.tensor([size_ids(width, height)] * self.states.shape[0], dtype=self.time_ids.dtype,
-                           device=self.time_ids.device)
+        ids = torch.tensor(
+            [size_ids(width, height)] * self.states.shape[0], dtype=self.time_ids.dtype, device=self.time_ids.device
+        )
         return replace(self, time_ids=ids)

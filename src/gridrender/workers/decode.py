@@ -4,6 +4,7 @@ A1111 raises "A tensor with all NaNs was produced" (devices.test_for_nans) for N
 latents and for a decode still NaN in float32; a content-addressed store must never
 keep such an image under a cell id, so those cells fail, alone.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,14 +23,17 @@ from .twopass import to_pil
 log = logging.getLogger(__name__)
 LARGE_IMAGE = 1024 * 1024  # pixels above which the VAE decodes in tiles (diffusers classes only)
 SLICED_BATCH = 8  # images in a batch above which the VAE decodes them one at a time
-UNET_NAN = ("the UNet produced NaN/inf latents ({stage}; A1111: \"A tensor with all NaNs was produced\"), e.g. "
-            "an emphasis weight or a conditioning that divides by zero, or a UNet overflowing in this dtype; "
-            "nothing is stored for this cell")
+UNET_NAN = (
+    'the UNet produced NaN/inf latents ({stage}; A1111: "A tensor with all NaNs was produced"), e.g. '
+    "an emphasis weight or a conditioning that divides by zero, or a UNet overflowing in this dtype; "
+    "nothing is stored for this cell"
+)
 VAE_NAN = "the VAE decoded NaN/inf even in float32; nothing is stored for this cell"
 
 
-def decode_latents(loaded: Loaded, latents: torch.Tensor, component: Component | None,
-                   truncate: bool) -> tuple[list[Image.Image | None], dict[str, Any]]:
+def decode_latents(
+    loaded: Loaded, latents: torch.Tensor, component: Component | None, truncate: bool
+) -> tuple[list[Image.Image | None], dict[str, Any]]:
     """VAE decode (the model's own or the cell's); A1111 truncates to uint8 (astype), diffusers rounds.
 
     A1111's samplers decode whole (no tiles). A decode with NaN or inf (a VAE overflowing
@@ -59,8 +63,9 @@ def decode_latents(loaded: Loaded, latents: torch.Tensor, component: Component |
         described = {"dtype": "float32", "redone_in_float32": True}
     each_finite = [finite(image) for image in decoded]
     if not all(each_finite):  # those cells fail; the others' pixels are fine
-        decoded = torch.where(torch.tensor(each_finite, device=decoded.device)[:, None, None, None], decoded,
-                              torch.zeros_like(decoded))
+        decoded = torch.where(
+            torch.tensor(each_finite, device=decoded.device)[:, None, None, None], decoded, torch.zeros_like(decoded)
+        )
     images = to_pil(decoded) if truncate else pipe.image_processor.postprocess(decoded, output_type="pil")
     return [image if ok else None for image, ok in zip(images, each_finite, strict=True)], described
 

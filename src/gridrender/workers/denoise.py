@@ -10,6 +10,7 @@
 - diffusers class names: the class on the model's own config, stepped exactly as
   StableDiffusionPipeline steps it.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -73,9 +74,18 @@ def img2img_steps(steps: int, denoise: float, fixed: int | None) -> tuple[int, i
 
 
 # Too many arguments: render.py calls it positionally; a parameter object follows render.py's rewrite.
-def a1111_sample(guided: Guided, model_sigmas: ModelSigmas, name: str, schedule: str,  # noqa: PLR0913, PLR0917
-                 steps: int, scale: float, noise: BatchNoise, seeds: list[int], start: Img2Img | None = None,
-                 v_prediction: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def a1111_sample(  # noqa: PLR0913, PLR0917
+    guided: Guided,
+    model_sigmas: ModelSigmas,
+    name: str,
+    schedule: str,
+    steps: int,
+    scale: float,
+    noise: BatchNoise,
+    seeds: list[int],
+    start: Img2Img | None = None,
+    v_prediction: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents, sigmas run) of an A1111 sampler; `noise` is the batch's generators (first draw: initial noise).
 
     The sigmas stay on the CPU, as A1111 keeps them; latents are float32 on the noise's device.
@@ -83,7 +93,7 @@ def a1111_sample(guided: Guided, model_sigmas: ModelSigmas, name: str, schedule:
     sampler = samplers.lookup(name)
     total, t_enc = img2img_steps(steps, start.denoise, start.steps) if start else (steps, steps - 1)
     sigmas = sigmas_for(schedule, total, model_sigmas, sampler.discard_penultimate_sigma)
-    run = sigmas[total - t_enc - 1:] if start else sigmas
+    run = sigmas[total - t_enc - 1 :] if start else sigmas
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         c_in = (1 / (sigma**2 + 1) ** 0.5)[:, None, None, None]
@@ -109,8 +119,14 @@ def a1111_sample(guided: Guided, model_sigmas: ModelSigmas, name: str, schedule:
 
 # Too many arguments: render.py calls it positionally; a parameter object follows render.py's rewrite.
 # `scheduler`: any diffusers scheduler class; their step() signatures differ (hence Any).
-def diffusers_sample(guided: Guided, scheduler: Any, steps: int, scale: float,  # noqa: PLR0913, PLR0917
-                     noise: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+def diffusers_sample(  # noqa: PLR0913, PLR0917
+    guided: Guided,
+    scheduler: Any,
+    steps: int,
+    scale: float,
+    noise: torch.Tensor,
+    generators: list[torch.Generator],
+) -> torch.Tensor:
     """StableDiffusionPipeline's loop: `noise` as its prepare_latents draws it (per-cell generators)."""
     device = noise.device
     scheduler.set_timesteps(steps, device=device)

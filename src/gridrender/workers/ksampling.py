@@ -11,6 +11,7 @@ a cell comes from that cell's own generator (ancestral samplers: `noise.BatchNoi
 or from a Brownian tree seeded with the cell's seed (SDE samplers), so a cell's
 image does not depend on the batch it is rendered in.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -53,8 +54,7 @@ class CellBrownianNoise:
     source, as A1111's patch of torchsde makes them: a seed means the same noise on any device.
     """
 
-    def __init__(self, seeds: list[int], shape: tuple[int, ...], sigmas: torch.Tensor, device: torch.device,
-                 source: str = "CPU"):
+    def __init__(self, seeds: list[int], shape: tuple[int, ...], sigmas: torch.Tensor, device: torch.device, source: str = "CPU"):
         sigmas = sigmas.cpu()
         t0, t1, self.sign = _sort(sigmas[sigmas > 0].min(), sigmas.max())
         w0 = torch.zeros(shape)
@@ -83,8 +83,9 @@ def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.
     return (x - denoised) / sigma.reshape(-1, *([1] * (x.ndim - 1))) if sigma.ndim else (x - denoised) / sigma
 
 
-def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor,
-                   eta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | float]:
+def ancestral_step(
+    sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | float]:
     """(sigma_down, sigma_up): where to step deterministically, and how much noise to add."""
     if not eta:
         return sigma_to, 0.0
@@ -94,8 +95,9 @@ def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor,
 
 
 @torch.no_grad()
-def sample_euler(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, _noise: Noise | None = None,
-                 _options: Options = A1111_OPTIONS) -> torch.Tensor:
+def sample_euler(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, _noise: Noise | None = None, _options: Options = A1111_OPTIONS
+) -> torch.Tensor:
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
@@ -105,8 +107,9 @@ def sample_euler(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, _noise:
 
 
 @torch.no_grad()
-def sample_euler_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise,
-                           options: Options = A1111_OPTIONS) -> torch.Tensor:
+def sample_euler_ancestral(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, options: Options = A1111_OPTIONS
+) -> torch.Tensor:
     eta, s_noise = options.eta, options.s_noise
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
@@ -120,8 +123,9 @@ def sample_euler_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
 
 
 @torch.no_grad()
-def sample_heun(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, _noise: Noise | None = None,
-                _options: Options = A1111_OPTIONS) -> torch.Tensor:
+def sample_heun(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, _noise: Noise | None = None, _options: Options = A1111_OPTIONS
+) -> torch.Tensor:
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
@@ -138,8 +142,9 @@ def sample_heun(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, _noise: 
 
 
 @torch.no_grad()
-def sample_dpm_2(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, _noise: Noise | None = None,
-                 _options: Options = A1111_OPTIONS) -> torch.Tensor:
+def sample_dpm_2(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, _noise: Noise | None = None, _options: Options = A1111_OPTIONS
+) -> torch.Tensor:
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
@@ -156,8 +161,9 @@ def sample_dpm_2(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, _noise:
 
 
 @torch.no_grad()
-def sample_dpm_2_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise,
-                           options: Options = A1111_OPTIONS) -> torch.Tensor:
+def sample_dpm_2_ancestral(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, options: Options = A1111_OPTIONS
+) -> torch.Tensor:
     eta, s_noise = options.eta, options.s_noise
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
@@ -189,8 +195,9 @@ def _lms_coefficient(order: int, t: npt.NDArray[np.floating[Any]], i: int, j: in
 
 
 @torch.no_grad()
-def sample_lms(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, _noise: Noise | None = None,
-               options: Options = A1111_OPTIONS) -> torch.Tensor:
+def sample_lms(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, _noise: Noise | None = None, options: Options = A1111_OPTIONS
+) -> torch.Tensor:
     order = options.order
     s_in = x.new_ones([x.shape[0]])
     sigmas_cpu = sigmas.detach().cpu().numpy()
@@ -215,8 +222,9 @@ def _t_fn(sigma: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_dpmpp_2s_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise,
-                              options: Options = A1111_OPTIONS) -> torch.Tensor:
+def sample_dpmpp_2s_ancestral(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, options: Options = A1111_OPTIONS
+) -> torch.Tensor:
     eta, s_noise = options.eta, options.s_noise
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
@@ -239,8 +247,9 @@ def sample_dpmpp_2s_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Te
 
 
 @torch.no_grad()
-def sample_dpmpp_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise,
-                     options: Options = A1111_OPTIONS) -> torch.Tensor:
+def sample_dpmpp_sde(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, options: Options = A1111_OPTIONS
+) -> torch.Tensor:
     eta, s_noise, r = options.eta, options.s_noise, options.r
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
@@ -267,8 +276,9 @@ def sample_dpmpp_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noi
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, _noise: Noise | None = None,
-                    _options: Options = A1111_OPTIONS) -> torch.Tensor:
+def sample_dpmpp_2m(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, _noise: Noise | None = None, _options: Options = A1111_OPTIONS
+) -> torch.Tensor:
     s_in = x.new_ones([x.shape[0]])
     old_denoised: Any = None
     for i in range(len(sigmas) - 1):
@@ -287,8 +297,9 @@ def sample_dpmpp_2m(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, _noi
 
 
 @torch.no_grad()
-def sample_dpmpp_2m_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise,
-                        options: Options = A1111_OPTIONS) -> torch.Tensor:
+def sample_dpmpp_2m_sde(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, options: Options = A1111_OPTIONS
+) -> torch.Tensor:
     eta, s_noise, solver_type = options.eta, options.s_noise, options.solver_type
     s_in = x.new_ones([x.shape[0]])
     old_denoised: Any = None  # the previous steps' values; None until there is one
@@ -317,8 +328,9 @@ def sample_dpmpp_2m_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, 
 
 
 @torch.no_grad()
-def sample_dpmpp_3m_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise,
-                        options: Options = A1111_OPTIONS) -> torch.Tensor:
+def sample_dpmpp_3m_sde(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, options: Options = A1111_OPTIONS
+) -> torch.Tensor:
     eta, s_noise = options.eta, options.s_noise
     s_in = x.new_ones([x.shape[0]])
     denoised_1: Any = None  # the previous steps' values; None until there are some
@@ -358,6 +370,17 @@ def sample_dpmpp_3m_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, 
 
 FUNCTIONS: dict[str, Sampling] = {
     f.__name__: f
-    for f in (sample_euler, sample_euler_ancestral, sample_heun, sample_dpm_2, sample_dpm_2_ancestral, sample_lms,
-              sample_dpmpp_2s_ancestral, sample_dpmpp_sde, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde)
+    for f in (
+        sample_euler,
+        sample_euler_ancestral,
+        sample_heun,
+        sample_dpm_2,
+        sample_dpm_2_ancestral,
+        sample_lms,
+        sample_dpmpp_2s_ancestral,
+        sample_dpmpp_sde,
+        sample_dpmpp_2m,
+        sample_dpmpp_2m_sde,
+        sample_dpmpp_3m_sde,
+    )
 }

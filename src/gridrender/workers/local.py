@@ -4,6 +4,7 @@ The same files as a distributed run: job.yaml, a submission record, a progress
 record per chunk, then the manifest, sheets and gallery; so `status`, `finalize`
 and a later `submit` of the same job all see what `run` did.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -37,8 +38,9 @@ class RunResult:
     interrupted: bool = False  # Ctrl-C: what was stored is kept, finalized, and skipped next time
 
 
-def start(job: Job | str | Path, output: str | None = None, renderer: Renderer | None = None,
-          settings: Settings | None = None) -> tuple[Started, Renderer]:
+def start(
+    job: Job | str | Path, output: str | None = None, renderer: Renderer | None = None, settings: Settings | None = None
+) -> tuple[Started, Renderer]:
     """Validate, open the output and count what is missing; nothing is rendered yet."""
     settings = settings or Settings()
     renderer = renderer or Renderer()
@@ -53,8 +55,7 @@ def start(job: Job | str | Path, output: str | None = None, renderer: Renderer |
     return Started(plan, store, todo, record.id), renderer
 
 
-def render_missing(started: Started, renderer: Renderer,
-                   on_batch: Callable[[int], None] = lambda _: None) -> ChunkResult:
+def render_missing(started: Started, renderer: Renderer, on_batch: Callable[[int], None] = lambda _: None) -> ChunkResult:
     """Render every chunk not yet complete, writing a progress record after each."""
     plan, store = started.plan, started.store
     total = ChunkResult()
@@ -66,16 +67,16 @@ def render_missing(started: Started, renderer: Renderer,
                     continue
                 work = ChunkJob(plan.job.name, chunk.cells[0].model, chunk.cells, plan.job.batch_size)
                 result = render_and_store(renderer, writer, store, work, on_batch=on_batch)
-                ledger.record(plan.partition, chunk.id, result.stored, result.present, result.failed,
-                              started.submission, "run")
+                ledger.record(plan.partition, chunk.id, result.stored, result.present, result.failed, started.submission, "run")
                 total.add(result)
     finally:
         writer.close()
     return total
 
 
-def finish(started: Started, renderer: Renderer, on_batch: Callable[[int], None] = lambda _: None,
-           settings: Settings | None = None) -> RunResult:
+def finish(
+    started: Started, renderer: Renderer, on_batch: Callable[[int], None] = lambda _: None, settings: Settings | None = None
+) -> RunResult:
     """Render what is missing, then write manifest, sheets and gallery (also after Ctrl-C)."""
     interrupted = False
     result = ChunkResult()
@@ -88,8 +89,13 @@ def finish(started: Started, renderer: Renderer, on_batch: Callable[[int], None]
     return RunResult(started, result, done, interrupted)
 
 
-def run_job(job: Job | str | Path, output: str | None = None, renderer: Renderer | None = None,
-            on_batch: Callable[[int], None] = lambda _: None, settings: Settings | None = None) -> RunResult:
+def run_job(
+    job: Job | str | Path,
+    output: str | None = None,
+    renderer: Renderer | None = None,
+    on_batch: Callable[[int], None] = lambda _: None,
+    settings: Settings | None = None,
+) -> RunResult:
     """Render the job's missing cells here, then write manifest, sheets and gallery."""
     started, renderer = start(job, output, renderer, settings)
     return finish(started, renderer, on_batch, settings)

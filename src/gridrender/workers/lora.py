@@ -16,6 +16,7 @@ the model's dtype, fp16 on most GPUs). A layer's base weight (and bias) is copie
 the first time a LoRA changes it and copied back when a set no longer needs it: bit for
 bit the base, so a resident pipeline never drifts, whatever sets came before.
 """
+
 from __future__ import annotations
 
 import logging
@@ -90,8 +91,7 @@ def _lora(t: Tensors, orig: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     shape = [up.size(0), down.size(1)]
     if "lora_mid.weight" in t:
         mid = t["lora_mid.weight"]
-        delta = torch.einsum("n m k l, i n, m j -> i j k l", mid, up.reshape(up.size(0), -1),
-                             down.reshape(down.size(0), -1))
+        delta = torch.einsum("n m k l, i n, m j -> i j k l", mid, up.reshape(up.size(0), -1), down.reshape(down.size(0), -1))
         return delta, [*shape, *mid.shape[2:]]
     if down.dim() == _CONV_DIMS:
         shape += list(down.shape[2:])
@@ -139,8 +139,7 @@ def _lokr(t: Tensors, orig: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     return torch.kron(w1, w2.contiguous()).reshape(shape), shape
 
 
-def _finalize(module: Module, t: Tensors, delta: torch.Tensor, orig: torch.Tensor,
-              shape: Sequence[int]) -> torch.Tensor:
+def _finalize(module: Module, t: Tensors, delta: torch.Tensor, orig: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """network.py finalize_updown (without the multiplier): fit the shape, scale, DoRA."""
     if len(shape) == _CONV_DIMS:
         delta = delta.reshape(list(shape))
@@ -168,8 +167,13 @@ def _a1111_dora(delta: torch.Tensor, orig: torch.Tensor, dora_scale: torch.Tenso
     """network.py apply_weight_decompose: W' = (W + ΔW) · dora_scale / ‖W + ΔW‖ per input column."""
     merged = delta + orig
     dims = orig.dim() - 1
-    norm = (merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
-            .reshape(merged.shape[1], *[1] * dims).transpose(0, 1))
+    norm = (
+        merged.transpose(0, 1)
+        .reshape(merged.shape[1], -1)
+        .norm(dim=1, keepdim=True)
+        .reshape(merged.shape[1], *[1] * dims)
+        .transpose(0, 1)
+    )
     updated: torch.Tensor = merged * (dora_scale / norm) - orig
     return updated
 

@@ -12,6 +12,7 @@
   `randn_local(seed, size)` of the chosen source (sd_samplers_common.replace_torchsde_browinan):
   `brownian_draws` does the same while a tree is built and read.
 """
+
 from __future__ import annotations
 
 import contextlib

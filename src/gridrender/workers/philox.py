@@ -12,6 +12,7 @@ The arithmetic follows A1111's numpy code exactly: 64-bit products for the round
 Box-Muller in float64 on float32 constants, rounded to float32 at the end. Vectorized
 with numpy: a 4x128x128 latent takes about a millisecond.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -7,6 +7,7 @@ its sigmas) is built once at load and lives with it. SD 1.x models load as
 StableDiffusionPipeline, SDXL-family ones as StableDiffusionXLPipeline; a single file
 of either loads offline from configs and CLIP's vocabulary shipped with gridrender.
 """
+
 from __future__ import annotations
 
 import logging
@@ -94,12 +95,16 @@ class Loaded:
     @classmethod
     def wrap(cls, pipe: Any, model: ModelSpec, dtype: str, load_seconds: float, compile_mode: str | None = None) -> Loaded:
         # What the model (or the job's override of it) says, whatever the shipped or saved config said.
-        config = {**dict(pipe.scheduler.config), "prediction_type": model.prediction,
-                  "rescale_betas_zero_snr": model.zero_terminal_snr}
+        config = {
+            **dict(pipe.scheduler.config),
+            "prediction_type": model.prediction,
+            "rescale_betas_zero_snr": model.zero_terminal_snr,
+        }
         try:
             cumprod = alphas_cumprod(config)
-            sigmas = ModelSigmas(rescale_zero_terminal_snr(cumprod) if model.zero_terminal_snr else cumprod,
-                                 xl=model.family == SDXL)
+            sigmas = ModelSigmas(
+                rescale_zero_terminal_snr(cumprod) if model.zero_terminal_snr else cumprod, xl=model.family == SDXL
+            )
         except (KeyError, ValueError):
             sigmas = None
         upcast_vae(pipe.vae, xl=model.family == SDXL)
@@ -120,8 +125,10 @@ class Loaded:
 
     def compile_state(self) -> dict[str, str]:
         """What a record says about compilation: the mode each module ran in."""
-        return {name: (module.state if isinstance(module, Compiled) else EAGER)
-                for name, module in (("unet", self.unet), ("vae_decode", self.decode))}
+        return {
+            name: (module.state if isinstance(module, Compiled) else EAGER)
+            for name, module in (("unet", self.unet), ("vae_decode", self.decode))
+        }
 
 
 # A resident pipeline's key: the model's identity as sorted (name, value) pairs, and the dtype.
@@ -143,8 +150,9 @@ class PipelineCache:
             compile_mode = settings.compile_mode if enabled(self.device, settings) else EAGER
         self.compile_mode = None if compile_mode == EAGER else compile_mode
         if self.compile_mode:
-            log.info("compiling the UNet and VAE decoder (mode %s); kernels cached in %s",
-                     self.compile_mode, use_cache_dir(settings))
+            log.info(
+                "compiling the UNet and VAE decoder (mode %s); kernels cached in %s", self.compile_mode, use_cache_dir(settings)
+            )
 
     def get(self, model: ModelSpec, dtype: str) -> Loaded:
         key = (json_key(model), dtype)

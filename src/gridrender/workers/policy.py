@@ -7,6 +7,7 @@
 - retries: one backoff for every retry of a chunk; a storage outage retries without
   spending the chunk's render retries.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,8 +41,9 @@ def retry(task: Task, message: dict[str, Any], failures: int) -> Exception:
     """
     try:
         # Celery is untyped. Task.retry raises its Retry itself (throw=True); with throw=False it would return it.
-        exc: Exception = task.retry(args=[message], kwargs={"failures": failures},
-                                    countdown=backoff(task.request.retries + 1), max_retries=None)
+        exc: Exception = task.retry(
+            args=[message], kwargs={"failures": failures}, countdown=backoff(task.request.retries + 1), max_retries=None
+        )
     except Reject as rejected:
         log.error("could not publish the retry of a chunk (%s): putting the message back on its queue", rejected.reason)
         requeued: Exception = Reject(rejected.reason, requeue=True)

@@ -1,4 +1,5 @@
 """A rendered cell becomes a PNG (with A1111 infotext) and a JSON record, written once."""
+
 from __future__ import annotations
 
 import hashlib
@@ -66,15 +67,13 @@ def build_record(rendered: Rendered, model: ModelSpec, image_sha256: str, device
         "texts": {"prompt": cell.text, "negative_prompt": cell.negative_text},  # as the text encoder read them
         "model": model.record(),
         "vae": cell.vae.record() if cell.vae else None,
-        "loras": [{**use.lora.record(), "weight": use.te, "unet_weight": use.unet, "mention": use.mention}
-                  for use in cell.loras],
+        "loras": [{**use.lora.record(), "weight": use.te, "unet_weight": use.unet, "mention": use.mention} for use in cell.loras],
         "embeddings": [e.record() for e in cell.embeddings],
         "hires": cell.hires.to_dict() if cell.hires else None,  # resolved: what reproduce renders again
         "init_image": cell.init_image.to_dict() if cell.init_image else None,
         "sampler": rendered.sampler,
         # every source is computed on the CPU (GPU and NV by emulation), whatever the worker's device
-        "generator": {"device": "cpu", "source": cell.rng, "seed": cell.seed,
-                      "eta_noise_seed_delta": cell.eta_noise_seed_delta},
+        "generator": {"device": "cpu", "source": cell.rng, "seed": cell.seed, "eta_noise_seed_delta": cell.eta_noise_seed_delta},
         "versions": versions(),
         "device": device_info(device),
         "timings": {k: round(v, 6) for k, v in rendered.timings.items()},

@@ -7,6 +7,7 @@ a batch, on any device. SD 1.x and SDXL share every step; what differs is the
 conditioning (`conditioning.Conditioning`, at each pass's size) and, for v-prediction
 models, the denoiser.
 """
+
 from __future__ import annotations
 
 import logging
@@ -119,12 +120,27 @@ class Renderer:
     def warm_up(self, model: ModelSpec, dtype: str, width: int, height: int, batch: int) -> float:
         """Render one throwaway batch at this shape: compiles (or loads compiled kernels) before real work."""
         start = time.perf_counter()
-        cells = [make_cell(model, prompt="", negative_prompt="", clip_skip=1, seed=seed, sampler="Euler", steps=1,
-                           guidance=7.0, width=width, height=height, dtype=dtype) for seed in range(batch)]
+        cells = [
+            make_cell(
+                model,
+                prompt="",
+                negative_prompt="",
+                clip_skip=1,
+                seed=seed,
+                sampler="Euler",
+                steps=1,
+                guidance=7.0,
+                width=width,
+                height=height,
+                dtype=dtype,
+            )
+            for seed in range(batch)
+        ]
         self.render(model, cells, pad_to=batch)
         seconds = time.perf_counter() - start
-        log.info("warm-up at %dx%d, batch %d: %.1fs (%s)", width, height, batch, seconds,
-                 self.cache.get(model, dtype).compile_state())
+        log.info(
+            "warm-up at %dx%d, batch %d: %.1fs (%s)", width, height, batch, seconds, self.cache.get(model, dtype).compile_state()
+        )
         return seconds
 
     def batches(self, cells: list[Cell], batch_size: int, embeddings: Embeddings) -> list[list[Cell]]:
@@ -144,8 +160,9 @@ class Renderer:
         return out
 
     @torch.inference_mode()
-    def render(self, model: ModelSpec, cells: list[Cell], embeddings: Embeddings | None = None,
-               pad_to: int | None = None) -> list[Rendered]:
+    def render(
+        self, model: ModelSpec, cells: list[Cell], embeddings: Embeddings | None = None, pad_to: int | None = None
+    ) -> list[Rendered]:
         """Render cells that share call parameters and prompt lengths in one call.
 
         `embeddings` from `encode` (for a whole chunk) saves the encoder pass here.
@@ -185,8 +202,9 @@ class Renderer:
 
         rendered = _rendered(call, passes, timings, decode_described)
         if passes.failed:
-            log.error("%d of %d cells produced NaN/inf and fail: %s", len(passes.failed), len(cells),
-                      next(iter(passes.failed.values())))
+            log.error(
+                "%d of %d cells produced NaN/inf and fail: %s", len(passes.failed), len(cells), next(iter(passes.failed.values()))
+            )
             raise CellsFailed({cells[i].id: why for i, why in sorted(passes.failed.items())}, rendered)
         return rendered
 
@@ -213,8 +231,9 @@ class Renderer:
         for setting, members in groups.items():
             group_latents = latents[[rows[i] for i in members]]
             if setting is not None:
-                group_latents, hires_described = self._hires_pass(call, [passes.cells[i] for i in members],
-                                                                  group_latents, setting)
+                group_latents, hires_described = self._hires_pass(
+                    call, [passes.cells[i] for i in members], group_latents, setting
+                )
                 for i in members:
                     passes.described[i] = {**passes.described[i], "hires": hires_described}
             for k, i in enumerate(members):
@@ -224,15 +243,20 @@ class Renderer:
                     passes.latents[i] = group_latents[k]
 
     @staticmethod
-    def _conditioning(call: _Call, cells: list[Cell], width: int, height: int,
-                      hires: Hires | None = None) -> tuple[Conditioning, Conditioning]:
+    def _conditioning(
+        call: _Call, cells: list[Cell], width: int, height: int, hires: Hires | None = None
+    ) -> tuple[Conditioning, Conditioning]:
         """cond and uncond of a pass; SDXL's size conditioning is the pass's size (A1111's calculate_hr_conds)."""
         dtype, embeddings = call.loaded.pipe.unet.dtype, call.embeddings
         texts = [hires_text(c, hires) for c in cells]
-        cond = Conditioning.of([embeddings[(t, c.clip_skip)] for t, c in zip(texts, cells, strict=True)], dtype,
-                               width, height)
-        uncond = Conditioning.of([embeddings[(c.negative_text, c.clip_skip)] for c in cells], dtype, width, height,
-                                 zero=[c.negative_is_empty for c in cells])
+        cond = Conditioning.of([embeddings[(t, c.clip_skip)] for t, c in zip(texts, cells, strict=True)], dtype, width, height)
+        uncond = Conditioning.of(
+            [embeddings[(c.negative_text, c.clip_skip)] for c in cells],
+            dtype,
+            width,
+            height,
+            zero=[c.negative_is_empty for c in cells],
+        )
         return cond, uncond
 
     def _first_pass(self, call: _Call, cells: list[Cell]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -254,14 +278,14 @@ class Renderer:
             images = [resize_image(load_init_image(c.init_image), c.width, c.height) for c in cells]
             vae = vae_for(loaded.pipe, loaded.extras, first.vae, loaded.vae_config_folder)
             start = Img2Img(encode(vae, images, seeds, self.device), float(first.denoise))
-        latents, described = self._a1111(loaded, cells, Guided(loaded.unet, cond, uncond, uncond_first=False), noise,
-                                         start)
+        latents, described = self._a1111(loaded, cells, Guided(loaded.unet, cond, uncond, uncond_first=False), noise, start)
         if start is not None:
             described["denoise"] = first.denoise
         return latents[:real], described
 
-    def _hires_pass(self, call: _Call, cells: list[Cell], latents: torch.Tensor,
-                    hires: Hires) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _hires_pass(
+        self, call: _Call, cells: list[Cell], latents: torch.Tensor, hires: Hires
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         """A1111's sample_hr_pass: upscale, fresh noise at the new size, img2img with the hires settings."""
         loaded, pad_to, real = call.loaded, call.pad, len(cells)
         if pad_to and real < pad_to:  # every step of the pass runs the call's shape
@@ -278,8 +302,7 @@ class Renderer:
             pixels, _ = decode_latents(loaded, latents, first.vae, truncate=True)
             if any(im is None for im in pixels):  # the cell fails as its hires latents do: made NaN here
                 raise RenderError(VAE_NAN + " (decoding the first pass for the hires upscaler)")
-            upscaled = [resize_image(im, width, height, hires, self.device)
-                        for im in pixels if im is not None]
+            upscaled = [resize_image(im, width, height, hires, self.device) for im in pixels if im is not None]
             samples = encode(vae, upscaled, seeds, self.device)
         samples = truncate(samples, cut_x, cut_y)
         cond, uncond = self._conditioning(call, cells, width, height, hires)
@@ -287,26 +310,49 @@ class Renderer:
         sampler, schedule = hires.sampler or first.sampler, hires.schedule or first.schedule
         assert loaded.sigmas is not None  # the first pass checked it
         guided = Guided(loaded.unet, cond, uncond, uncond_first=False)
-        out, sigmas = a1111_sample(guided, loaded.sigmas, sampler, schedule, first.steps, first.guidance, noise, seeds,
-                                   Img2Img(samples, hires.denoise, hires.steps or first.steps), loaded.v_prediction)
+        out, sigmas = a1111_sample(
+            guided,
+            loaded.sigmas,
+            sampler,
+            schedule,
+            first.steps,
+            first.guidance,
+            noise,
+            seeds,
+            Img2Img(samples, hires.denoise, hires.steps or first.steps),
+            loaded.v_prediction,
+        )
         described = describe_a1111(loaded, first, sampler, schedule, sigmas)
-        described.update(upscaler=hires.upscaler, target=[width, height], denoise=hires.denoise,
-                         steps=hires.steps or first.steps)
+        described.update(upscaler=hires.upscaler, target=[width, height], denoise=hires.denoise, steps=hires.steps or first.steps)
         return out[:real], described
 
     @staticmethod
-    def _a1111(loaded: Loaded, cells: list[Cell], guided: Guided, noise: BatchNoise,
-               start: Img2Img | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _a1111(
+        loaded: Loaded, cells: list[Cell], guided: Guided, noise: BatchNoise, start: Img2Img | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         first = cells[0]
         if loaded.sigmas is None:
-            raise RenderError(f"{first.sampler!r} needs a model with a standard (linear or scaled-linear) noise "
-                              f"schedule; use a diffusers scheduler class for {loaded.model.source}")
-        latents, sigmas = a1111_sample(guided, loaded.sigmas, first.sampler, first.schedule, first.steps,
-                                       first.guidance, noise, [c.seed for c in cells], start, loaded.v_prediction)
+            raise RenderError(
+                f"{first.sampler!r} needs a model with a standard (linear or scaled-linear) noise "
+                f"schedule; use a diffusers scheduler class for {loaded.model.source}"
+            )
+        latents, sigmas = a1111_sample(
+            guided,
+            loaded.sigmas,
+            first.sampler,
+            first.schedule,
+            first.steps,
+            first.guidance,
+            noise,
+            [c.seed for c in cells],
+            start,
+            loaded.v_prediction,
+        )
         return latents, describe_a1111(loaded, first, first.sampler, first.schedule, sigmas)
 
-    def _diffusers(self, loaded: Loaded, cells: list[Cell], cond: Conditioning, uncond: Conditioning,
-                   noise: BatchNoise) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _diffusers(
+        self, loaded: Loaded, cells: list[Cell], cond: Conditioning, uncond: Conditioning, noise: BatchNoise
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         import diffusers
 
         first, dtype = cells[0], loaded.pipe.unet.dtype
@@ -317,8 +363,9 @@ class Renderer:
         # the scheduler's own step noise takes torch generators: the cells' CPU generators
         generators = [torch.Generator("cpu").manual_seed(c.seed) for c in cells]
         if initial is None:  # CPU: prepare_latents' draw, in the UNet's dtype, as diffusers makes it
-            initial = torch.cat([torch.randn((1, *noise.images[0].shape), generator=g, dtype=dtype)
-                                 for g in generators]).to(self.device)
+            initial = torch.cat([torch.randn((1, *noise.images[0].shape), generator=g, dtype=dtype) for g in generators]).to(
+                self.device
+            )
         guided = Guided(loaded.unet, cond, uncond, uncond_first=True)
         latents = diffusers_sample(guided, scheduler, first.steps, first.guidance, initial, generators)
         return latents, describe_diffusers(first, scheduler)
@@ -351,8 +398,7 @@ def _decode(call: _Call, passes: _Passes, truncate: bool) -> dict[str, Any]:
     return decode_described
 
 
-def _rendered(call: _Call, passes: _Passes, timings: dict[str, float],
-              decode_described: dict[str, Any]) -> list[Rendered]:
+def _rendered(call: _Call, passes: _Passes, timings: dict[str, float], decode_described: dict[str, Any]) -> list[Rendered]:
     """The cells that did not fail, with what their records say."""
     cells = passes.cells
     per_cell = {k: v / len(cells) for k, v in timings.items()}
@@ -362,9 +408,21 @@ def _rendered(call: _Call, passes: _Passes, timings: dict[str, float],
         if i in passes.failed or image is None:
             continue
         encoders = call.loaded.encoder.describe(cell.clip_skip)
-        rendered.append(Rendered(cell, image, encoders[0]["layer"], encoders[0]["layers"], cell_described,
-                                 token_counts(call.embeddings, cell), dict(per_cell),
-                                 max(call.pad or 0, passes.first_passes), compile_state, encoders, decode_described))
+        rendered.append(
+            Rendered(
+                cell,
+                image,
+                encoders[0]["layer"],
+                encoders[0]["layers"],
+                cell_described,
+                token_counts(call.embeddings, cell),
+                dict(per_cell),
+                max(call.pad or 0, passes.first_passes),
+                compile_state,
+                encoders,
+                decode_described,
+            )
+        )
     return rendered
 
 

@@ -1,4 +1,5 @@
 """`gridrender reproduce RECORD`: render a cell again from its record alone."""
+
 from __future__ import annotations
 
 import io
@@ -59,8 +60,10 @@ def _again(recorded: dict[str, Any], resolve: Callable[[str], Component]) -> Com
     """A recorded component found again; a file that changed since is refused."""
     component = resolve(recorded["location"] if Path(recorded["location"]).exists() else recorded["source"])
     if component.identity() != recorded["identity"]:
-        raise InputError(f"the {recorded['kind']} {recorded['source']!r} found now is not the recorded one: "
-                         f"{component.identity()} != {recorded['identity']}")
+        raise InputError(
+            f"the {recorded['kind']} {recorded['source']!r} found now is not the recorded one: "
+            f"{component.identity()} != {recorded['identity']}"
+        )
     return component
 
 
@@ -84,16 +87,24 @@ def recorded_cell(record: dict[str, Any], ref: str = "record") -> tuple[ModelSpe
         raise InputError(f"{ref} is not a gridrender cell record (missing {exc})") from None
     model = models.resolve(recorded["source"], recorded.get("revision") if recorded.get("kind") == "hub" else None)
     # a job's prediction / noise-schedule override, as recorded
-    model = model.with_prediction(Prediction(recorded.get("prediction", model.prediction),
-                                             recorded.get("zero_terminal_snr", model.zero_terminal_snr)))
+    model = model.with_prediction(
+        Prediction(recorded.get("prediction", model.prediction), recorded.get("zero_terminal_snr", model.zero_terminal_snr))
+    )
     if model.identity() != identity:
         raise InputError(f"the model found now is not the recorded one: {model.identity()} != {identity}")
     params["vae"] = _again(record["vae"], lambda s: resolve_vae(s, model, settings)) if record.get("vae") else None
-    params["loras"] = tuple(LoraUse(_again(x, lambda s: resolve_lora(s, model, settings)), float(x["weight"]),
-                                    float(x.get("unet_weight", x["weight"])), str(x.get("mention", x["name"])))
-                            for x in record.get("loras", []))
-    params["embeddings"] = tuple(_again(e, lambda s: next(iter(resolve_embeddings([s], model, settings).values())))
-                                 for e in record.get("embeddings", []))
+    params["loras"] = tuple(
+        LoraUse(
+            _again(x, lambda s: resolve_lora(s, model, settings)),
+            float(x["weight"]),
+            float(x.get("unet_weight", x["weight"])),
+            str(x.get("mention", x["name"])),
+        )
+        for x in record.get("loras", [])
+    )
+    params["embeddings"] = tuple(
+        _again(e, lambda s: next(iter(resolve_embeddings([s], model, settings).values()))) for e in record.get("embeddings", [])
+    )
     params["prompt_sr"] = tuple(params["prompt_sr"]) if params.get("prompt_sr") else None
     params["hires"] = _hires_again(record["hires"], settings) if record.get("hires") else None
     params["init_image"] = InitImage.from_dict(record["init_image"]) if record.get("init_image") else None

@@ -5,6 +5,7 @@ over the model's `alphas_cumprod`, with continuous timesteps between them (A1111
 "quantization" option is off by default). The schedule functions are A1111's
 (modules/sd_schedulers.py) with its default options.
 """
+
 from __future__ import annotations
 
 import math

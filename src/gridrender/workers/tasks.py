@@ -9,6 +9,7 @@
 Anything that fails in 3-5 is a retry: failed cells and a failed progress write
 spend the chunk's render retries, a storage outage spends none.
 """
+
 from __future__ import annotations
 
 import logging
@@ -76,8 +77,10 @@ def local_model(spec: ModelSpec) -> ModelSpec:
         source = spec.location if Path(spec.location).exists() else spec.source
         found = models.resolve(source, spec.revision, _settings)
         if found.identity() != spec.identity():
-            raise ModelError(f"{spec.source!r} on this worker ({found.location}) is not the submitted model: "
-                             f"sha256 {found.sha256} != {spec.sha256}")
+            raise ModelError(
+                f"{spec.source!r} on this worker ({found.location}) is not the submitted model: "
+                f"sha256 {found.sha256} != {spec.sha256}"
+            )
         spec = found
     _local_models[key] = spec
     return spec
@@ -111,8 +114,15 @@ def _run(task: Task, ledger: Ledger, chunk: ChunkMessage, message: dict[str, Any
             raise policy.retry(task, message, attempt)
         if result.failed:
             log.error("chunk of %s: %d cells failed after %d attempts", chunk.job, len(result.failed), attempt)
-        ledger.record(chunk.partition, chunk.chunk, result.stored, chunk.present + result.present, result.failed,
-                      chunk.submission, liveness.worker_name())
+        ledger.record(
+            chunk.partition,
+            chunk.chunk,
+            result.stored,
+            chunk.present + result.present,
+            result.failed,
+            chunk.submission,
+            liveness.worker_name(),
+        )
     except StorageError as exc:
         if exc.transient:
             # Storage still unreachable after the deadline: keep the chunk (it comes back later, its
@@ -132,8 +142,13 @@ def _run(task: Task, ledger: Ledger, chunk: ChunkMessage, message: dict[str, Any
             raise policy.retry(task, message, failures + 1) from None
         raise
     publish_rate(chunk, result)  # after the record: a rate is advice, never a reason to lose a chunk
-    return {"rendered": result.rendered, "stored": len(result.stored), "present": result.present,
-            "failed": len(result.failed), "oom_splits": result.oom_splits}
+    return {
+        "rendered": result.rendered,
+        "stored": len(result.stored),
+        "present": result.present,
+        "failed": len(result.failed),
+        "oom_splits": result.oom_splits,
+    }
 
 
 def publish_rate(chunk: ChunkMessage, result: ChunkResult) -> None:

@@ -5,6 +5,7 @@ modules/images.py (resize_image, mode 0 "Just resize"), modules/upscaler.py (Ups
 UpscalerLanczos/Nearest), modules/upscaler_utils.py (ESRGAN models through spandrel),
 modules/sd_samplers_common.py (images_tensor_to_samples), LDM's DiagonalGaussianDistribution.
 """
+
 from __future__ import annotations
 
 import io
@@ -46,8 +47,9 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arrays]
 
 
-def resize_image(image: Image.Image, width: int, height: int, hires: Hires | None = None,
-                 device: torch.device | None = None) -> Image.Image:
+def resize_image(
+    image: Image.Image, width: int, height: int, hires: Hires | None = None, device: torch.device | None = None
+) -> Image.Image:
     """images.resize_image(0, ...): "Just resize", through the hires fix's upscaler when the image grows."""
     upscaler, model = (hires.upscaler, hires.model) if hires is not None else ("None", None)
     if upscaler == "None" and model is None:
@@ -60,8 +62,9 @@ def resize_image(image: Image.Image, width: int, height: int, hires: Hires | Non
     return image
 
 
-def _upscale(image: Image.Image, scale: float, upscaler: str, model: Component | None,
-             device: torch.device | None) -> Image.Image:
+def _upscale(
+    image: Image.Image, scale: float, upscaler: str, model: Component | None, device: torch.device | None
+) -> Image.Image:
     """Upscaler.upscale: up to three passes of the upscaler until the size is reached, then LANCZOS to it."""
     dest_w, dest_h = int((image.width * scale) // 8 * 8), int((image.height * scale) // 8 * 8)
     for _ in range(3):
@@ -93,12 +96,12 @@ def _upscaler_model(location: str, _sha256: str, device: str) -> Any:
 def esrgan_upscale(model: Component, image: Image.Image, device: torch.device | None = None) -> Image.Image:
     """One pass of an ESRGAN-family model (spandrel) as A1111's ESRGAN upscaler runs it: in tiles."""
     descriptor = _upscaler_model(model.location, model.sha256 or "", str(device or torch.device("cpu")))
-    return upscale_in_tiles(lambda tile: _model_on_patch(descriptor, tile, device), image,
-                            ESRGAN_TILE, ESRGAN_TILE_OVERLAP)
+    return upscale_in_tiles(lambda tile: _model_on_patch(descriptor, tile, device), image, ESRGAN_TILE, ESRGAN_TILE_OVERLAP)
 
 
-def _model_on_patch(model: Callable[[torch.Tensor], torch.Tensor], image: Image.Image,
-                    device: torch.device | None) -> Image.Image:
+def _model_on_patch(
+    model: Callable[[torch.Tensor], torch.Tensor], image: Image.Image, device: torch.device | None
+) -> Image.Image:
     """upscaler_utils.upscale_pil_patch: RGB to BGR in [0, 1], the model, clamped, rounded, back to RGB."""
     array = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1].transpose(2, 0, 1)) / 255
     tensor = torch.from_numpy(array).unsqueeze(0).float().to(device or torch.device("cpu"))
@@ -108,8 +111,7 @@ def _model_on_patch(model: Callable[[torch.Tensor], torch.Tensor], image: Image.
     return Image.fromarray(np.ascontiguousarray(arr), "RGB")
 
 
-def upscale_in_tiles(patch: Callable[[Image.Image], Image.Image], image: Image.Image, tile: int,
-                     overlap: int) -> Image.Image:
+def upscale_in_tiles(patch: Callable[[Image.Image], Image.Image], image: Image.Image, tile: int, overlap: int) -> Image.Image:
     """upscaler_utils.upscale_with_model: cut the image as images.split_grid does, upscale each tile,
     and put them together as images.combine_grid does (linear masks across each overlap).
 
@@ -166,8 +168,9 @@ def encode(vae: Any, images: list[Image.Image], seeds: list[int], device: torch.
     pixels = torch.from_numpy(arrays).to(device, dtype=vae.dtype) * 2 - 1
     vae.disable_tiling()
     dist = vae.encode(pixels).latent_dist
-    noise = torch.cat([torch.randn((1, *dist.mean.shape[1:]), generator=torch.Generator("cpu").manual_seed(seed))
-                       for seed in seeds]).to(device=dist.mean.device, dtype=dist.mean.dtype)
+    noise = torch.cat(
+        [torch.randn((1, *dist.mean.shape[1:]), generator=torch.Generator("cpu").manual_seed(seed)) for seed in seeds]
+    ).to(device=dist.mean.device, dtype=dist.mean.dtype)
     latents = dist.mean + dist.std * noise
     scaled: torch.Tensor = (latents * vae.config.scaling_factor).float()  # the VAE's outputs type as Any
     return scaled

@@ -5,6 +5,7 @@ queue (`--model`), or only the shared queue (bare): every submitted chunk finds 
 worker. While it runs it heartbeats to Redis and reaps the chunks of workers that
 stopped heartbeating (the reaper, on a thread of its own).
 """
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """The job file as a pydantic model (`extra="forbid"`), one part per concern."""
+
 from .components import ComponentFields, LoraEntry
 from .fields import MAX_SEED, RANDOM_SEED
 from .model import Job
@@ -6,5 +7,18 @@ from .output import NAME_PATTERN, SHEET_AXES, OutputFields, SheetLayout
 from .prompts import PromptFields, PromptSamples
 from .sampling import SamplingFields, SeedRange
 
-__all__ = ["MAX_SEED", "NAME_PATTERN", "RANDOM_SEED", "SHEET_AXES", "ComponentFields", "Job", "LoraEntry", "OutputFields",
-           "PromptFields", "PromptSamples", "SamplingFields", "SeedRange", "SheetLayout"]
+__all__ = [
+    "MAX_SEED",
+    "NAME_PATTERN",
+    "RANDOM_SEED",
+    "SHEET_AXES",
+    "ComponentFields",
+    "Job",
+    "LoraEntry",
+    "OutputFields",
+    "PromptFields",
+    "PromptSamples",
+    "SamplingFields",
+    "SeedRange",
+    "SheetLayout",
+]

@@ -1,4 +1,5 @@
 """What the job renders with: checkpoints, VAEs, LoRAs, embeddings, and the dtype they run in."""
+
 from __future__ import annotations
 
 import re

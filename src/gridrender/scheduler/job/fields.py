@@ -1,4 +1,5 @@
 """What every part of the job model shares: one-or-many axis values and their checks."""
+
 from __future__ import annotations
 
 from typing import Annotated, Any
@@ -17,6 +18,7 @@ _WIDTH_AND_HEIGHT = 2
 def is_one_size(value: Any) -> bool:
     """`[512, 768]` (a width and a height) where a list of sizes may stand: one size, not two."""
     return isinstance(value, list) and len(value) == _WIDTH_AND_HEIGHT and all(isinstance(v, int) for v in value)
+
 
 Positive = Annotated[int, Field(ge=1)]
 Weight = Annotated[float, Field(ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT, allow_inf_nan=False)]  # a LoRA's

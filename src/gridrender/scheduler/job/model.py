@@ -1,4 +1,5 @@
 """The job file's model: the parts by concern, and the views the rest of the scheduler reads."""
+
 from __future__ import annotations
 
 import itertools

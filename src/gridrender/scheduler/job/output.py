@@ -1,4 +1,5 @@
 """Where a job's files go and how its sheets are laid out."""
+
 from __future__ import annotations
 
 from typing import Annotated

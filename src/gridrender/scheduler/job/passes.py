@@ -1,4 +1,5 @@
 """A1111's second passes: hires fix (`hires:`) and img2img (`init_images:` with `denoise:`)."""
+
 from __future__ import annotations
 
 import itertools
@@ -84,12 +85,15 @@ class HiresFields(BaseModel):
 
     def values(self, models: dict[str, Any] | None = None) -> list[Hires]:
         """Every combination of the listed values, unresolved (sampler and schedule as written)."""
-        sizes: list[tuple[float, int, int]] = ([(2.0, 0, 0)] if self.scale is None and self.resize is None else
-                                               [(s, 0, 0) for s in self.scale or []] +
-                                               [(2.0, w, h) for w, h in self.resize or []])
+        sizes: list[tuple[float, int, int]] = (
+            [(2.0, 0, 0)]
+            if self.scale is None and self.resize is None
+            else [(s, 0, 0) for s in self.scale or []] + [(2.0, w, h) for w, h in self.resize or []]
+        )
         out = []
         for (scale, rx, ry), upscaler, steps, denoise, sampler, schedule, prompt in itertools.product(
-                sizes, self.upscaler, self.steps, self.denoise, self.sampler, self.schedule, self.prompt):
+            sizes, self.upscaler, self.steps, self.denoise, self.sampler, self.schedule, self.prompt
+        ):
             model = (models or {}).get(upscaler)
             name = model.name if model is not None else upscaler
             out.append(Hires(name, denoise, steps, scale, rx, ry, sampler, schedule, prompt, model))

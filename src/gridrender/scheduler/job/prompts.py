@@ -1,4 +1,5 @@
 """The job's texts: prompts, negative prompts, CLIP skip, Prompt S/R and dynamic-prompt sampling."""
+
 from __future__ import annotations
 
 import re

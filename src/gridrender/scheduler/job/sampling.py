@@ -1,4 +1,5 @@
 """How each image is sampled: seeds, sampler and schedule, steps, guidance, size, batch."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -141,7 +142,8 @@ class SamplingFields(BaseModel):
                     raise PydanticCustomError(
                         "sampler_schedule",
                         f"sampler {name!r} with schedule {label!r} is the same as {seen[pair][0]!r} with "
-                        f"{seen[pair][1]!r} ({pair[0]}, {pair[1]}); list each combination once")
+                        f"{seen[pair][1]!r} ({pair[0]}, {pair[1]}); list each combination once",
+                    )
                 seen[pair] = (name, label)
         return self
 

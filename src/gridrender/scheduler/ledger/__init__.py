@@ -1,4 +1,5 @@
 """A job's ledger: every record a job leaves in its output store (see book.py)."""
+
 from __future__ import annotations
 
 from .book import Ledger, Poisoned

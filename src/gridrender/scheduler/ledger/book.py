@@ -6,6 +6,7 @@ counts of chunks that took workers down. `submit`, `run`, the worker task, the
 reaper, `status`, `finalize`, `export` and `retry` all read and write through it,
 so a record is spelled and interpreted in one place.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -92,8 +93,9 @@ class Ledger:
         """A new submission: job.yaml, what it expands to, its record (counts filled in by `update`)."""
         record = Submission(new_id(), kind, queue, plan.total, 0, 0, 0, 0, plan.resolved(), time.time())
         self.store.put(layout.job_file(self.job), job_yaml(plan), "application/yaml")
-        self.store.put(layout.expansion(self.job, record.id), json.dumps(Expansion.of(plan).to_dict()).encode(),
-                       "application/json")
+        self.store.put(
+            layout.expansion(self.job, record.id), json.dumps(Expansion.of(plan).to_dict()).encode(), "application/json"
+        )
         self.update(record)
         return record
 
@@ -190,8 +192,17 @@ class Ledger:
 
     # Keeps the positional signature workers/tasks.py calls (being rewritten in parallel): to take an
     # `Attempt` once it is free.
-    def record(self, partition: str, chunk: str, stored: Iterable[str], present: int,  # noqa: PLR0913, PLR0917
-               failed: dict[str, str], submission: str, by: str, poisoned: PoisonNote | None = None) -> None:
+    def record(  # noqa: PLR0913, PLR0917
+        self,
+        partition: str,
+        chunk: str,
+        stored: Iterable[str],
+        present: int,
+        failed: dict[str, str],
+        submission: str,
+        by: str,
+        poisoned: PoisonNote | None = None,
+    ) -> None:
         """A chunk's outcome; `present` counts cells found stored before this attempt.
 
         A chunk whose every cell is stored forgets the workers it killed.
@@ -204,11 +215,21 @@ class Ledger:
     def record_poisoned(self, chunk: ChunkMessage, kills: int, last: str) -> None:
         """A chunk that killed workers: its cells not stored yet are recorded as failed."""
         stored = self.present(chunk.cells)
-        error = (f"the chunk killed {kills} workers (last: {last}; out of memory, or a crash in the GPU driver?); "
-                 f"`gridrender retry {self.job}` renders it again")
+        error = (
+            f"the chunk killed {kills} workers (last: {last}; out of memory, or a crash in the GPU driver?); "
+            f"`gridrender retry {self.job}` renders it again"
+        )
         failed = {c.id: error for c, ok in zip(chunk.cells, stored, strict=True) if not ok}
-        self.record(chunk.partition, chunk.chunk, [c.id for c, ok in zip(chunk.cells, stored, strict=True) if ok],
-                    chunk.present, failed, chunk.submission, "reaper", {"kills": kills, "last": last, "error": error})
+        self.record(
+            chunk.partition,
+            chunk.chunk,
+            [c.id for c, ok in zip(chunk.cells, stored, strict=True) if ok],
+            chunk.present,
+            failed,
+            chunk.submission,
+            "reaper",
+            {"kills": kills, "last": last, "error": error},
+        )
 
     def kill_count(self, submission: str, chunk: str) -> int:
         return 0 if self.kills is None else self.kills.get(self.job, submission, chunk)
@@ -223,6 +244,8 @@ class Ledger:
     def poisoned(self, submission: Submission, limit: int = 1000) -> list[Poisoned]:
         """The submission's chunks given up on as poison (their newest record says so)."""
         current = [r for r in self.progress(submission.partition).values() if r.submission == submission.id]
-        return [Poisoned(body["chunk"], body["submission"], len(body["failed"]), body["poisoned"]["kills"],
-                         body["poisoned"]["error"])
-                for body in self.failing(current, limit) if body.get("poisoned")]
+        return [
+            Poisoned(body["chunk"], body["submission"], len(body["failed"]), body["poisoned"]["kills"], body["poisoned"]["error"])
+            for body in self.failing(current, limit)
+            if body.get("poisoned")
+        ]

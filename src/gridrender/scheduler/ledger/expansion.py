@@ -7,6 +7,7 @@ as expanded, the embeddings each (prompt, negative prompt, S/R, model) triggers
 and the partition; `finalize`, `export` and `retry` replay the record, so a
 torch-free CLI host writes the manifest the submitting host would.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -91,4 +92,3 @@ class RecordedDerivation(Derivation):
     def embeddings(self, prompt: str, negative: str, sr: tuple[Any, ...] | None, model: ModelSpec) -> tuple[Component, ...]:
         words = self.table.get((prompt, negative, sr, model.source), [])
         return tuple(self.components.embeddings[word] for word in words)
-

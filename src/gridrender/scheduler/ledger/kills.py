@@ -5,6 +5,7 @@ zero, a stored chunk clears its count, `gridrender retry` clears it on purpose.
 Each death is counted once however many reapers notice it (a set of the dead
 workers' task ids), so a reaper that fails half-way and tries again counts nothing twice.
 """
+
 from __future__ import annotations
 
 import logging

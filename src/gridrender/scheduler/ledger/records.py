@@ -8,6 +8,7 @@ many jobs share. A chunk's newest record is the one with the highest sequence,
 never the store's LastModified (one second granularity on S3: a stale failure
 written in the same second as a success could hide it).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -83,12 +84,21 @@ class Attempt:
 def write(store: Store, job: str, partition: str, chunk: str, attempt: Attempt) -> str:
     """Record a chunk's outcome. Returns the key."""
     sequence = SEQUENCE.next()
-    body = {"job": job, "chunk": chunk, "partition": partition, "submission": attempt.submission,
-            "sequence": sequence, "stored": attempt.stored, "present": attempt.present, "failed": attempt.failed,
-            "by": attempt.by, "host": socket.gethostname(), "at": time.time(),
-            **({"poisoned": attempt.poisoned} if attempt.poisoned else {})}
-    counts = layout.ProgressKey(chunk, sequence, len(attempt.stored) + attempt.present, len(attempt.failed),
-                                attempt.submission)
+    body = {
+        "job": job,
+        "chunk": chunk,
+        "partition": partition,
+        "submission": attempt.submission,
+        "sequence": sequence,
+        "stored": attempt.stored,
+        "present": attempt.present,
+        "failed": attempt.failed,
+        "by": attempt.by,
+        "host": socket.gethostname(),
+        "at": time.time(),
+        **({"poisoned": attempt.poisoned} if attempt.poisoned else {}),
+    }
+    counts = layout.ProgressKey(chunk, sequence, len(attempt.stored) + attempt.present, len(attempt.failed), attempt.submission)
     key = layout.progress(job, partition, counts)
     store.put(key, json.dumps(body, ensure_ascii=False).encode(), "application/json")
     return key

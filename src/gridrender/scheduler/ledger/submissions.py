@@ -4,6 +4,7 @@ Each `submit` or `run` writes `jobs/<name>/submissions/<id>.json`; ids sort by t
 so the newest is the last key. The record carries what `status` and `finalize`
 need without the model files: the total, the partition into chunks, the model.
 """
+
 from __future__ import annotations
 
 import json

@@ -234,3 +234,23 @@ def test_gpus_flag_starts_one_worker_process_per_gpu(cluster, tmp_path):
         assert {n[-4:] for n in names} == {"gpu0", "gpu1"}
     finally:
         assert proc.stop() == 0
+
+
+def test_a_model_worker_warms_up_every_sdxl_shape_before_it_is_ready(cluster, tmp_path):
+    """`--warmup` repeats: an SDXL worker meets several aspect buckets, each a shape of its own to compile."""
+    worker = cluster.worker(
+        None,
+        "--model",
+        "builtin:tiny-sdxl",
+        "--warmup",
+        "64x64:2",
+        "--warmup",
+        "64x96:1",
+        "--no-compile",
+        GRIDRENDER_AUTO_DTYPE="float32",
+        GRIDRENDER_READY_FILE=str(tmp_path / "ready"),
+    )
+    text = worker.text()
+    assert "warm-up at 64x64, batch 2" in text and "warm-up at 64x96, batch 1" in text, text
+    assert text.index("warm-up at 64x96") < text.index(" ready.")  # before it takes a task
+    assert (tmp_path / "ready").read_text() == "builtin:tiny-sdxl float32\n"

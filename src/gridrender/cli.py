@@ -244,8 +244,11 @@ def worker(  # noqa: PLR0913, PLR0917  (typer: the parameters are the command's 
     model: str | None = typer.Option(None, "--model", help="Load this model before taking tasks and consume its queue too."),
     preload: str | None = typer.Option(None, "--preload", hidden=True),
     gpus: str | None = typer.Option(None, "--gpus", help="Start one worker process per GPU, e.g. 0,1,2,3."),
-    warmup: str | None = typer.Option(
-        None, "--warmup", help="With --model: compile for WxH:B (e.g. 512x512:8) before taking tasks."
+    warmup: list[str] | None = typer.Option(
+        None,
+        "--warmup",
+        help="With --model: compile for WxH:B (e.g. 512x512:8) before taking tasks; repeat it for more shapes "
+        "(SDXL: 1024x1024:4 --warmup 832x1216:4).",
     ),
     no_compile: bool = typer.Option(False, "--no-compile", help="Run the UNet and VAE eager (default: compiled on CUDA)."),
     loglevel: str = typer.Option("INFO", "--loglevel"),
@@ -258,8 +261,8 @@ def worker(  # noqa: PLR0913, PLR0917  (typer: the parameters are the command's 
     if warmup and not (model or preload):
         raise fail(InputError("--warmup needs --model: the model to compile"))
     names = exits(queues_for)([q for q in (queues or "").split(",") if q], model, Settings())
-    shape = exits(parse_warmup)(warmup) if warmup else None
-    options = Options(loglevel.upper(), model or preload, shape, not no_compile)
+    shapes = tuple(exits(parse_warmup)(text) for text in warmup or ())
+    options = Options(loglevel.upper(), model or preload, shapes, not no_compile)
     raise typer.Exit(run_worker(names, gpus.split(",") if gpus else None, options))
 
 

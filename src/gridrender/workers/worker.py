@@ -43,7 +43,8 @@ def queues_for(queues: list[str], model: str | None, settings: Settings) -> list
 class Options:
     loglevel: str = "INFO"
     preload: str | None = None  # a model to load before taking tasks
-    warmup: tuple[int, int, int] | None = None  # (width, height, batch) to compile for before taking tasks
+    # (width, height, batch) shapes to compile for before taking tasks: SDXL jobs mix aspect buckets
+    warmup: tuple[tuple[int, int, int], ...] = ()
     compile: bool = True  # False: `--no-compile`, eager everywhere
 
     def argv(self) -> list[str]:
@@ -51,8 +52,8 @@ class Options:
         args = ["--loglevel", self.loglevel]
         if self.preload:
             args += ["--preload", self.preload]
-        if self.warmup:
-            args += ["--warmup", "{}x{}:{}".format(*self.warmup)]
+        for shape in self.warmup:
+            args += ["--warmup", "{}x{}:{}".format(*shape)]
         return args + ([] if self.compile else ["--no-compile"])
 
 
@@ -84,8 +85,9 @@ def _preload(options: Options, settings: Settings) -> None:
     dtype = settings.auto_dtype  # what `dtype: auto` means for the cells submit sends
     model = tasks.local_model(resolve(options.preload, settings=settings))
     renderer.cache.get(model, dtype)
+    for shape in options.warmup:
+        renderer.warm_up(model, dtype, *shape)
     if options.warmup:
-        renderer.warm_up(model, dtype, *options.warmup)
         log.info("compile cache: %s", cache_stats())
     with open(settings.ready_file, "w") as f:
         f.write(f"{options.preload} {dtype}\n")

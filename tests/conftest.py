@@ -19,6 +19,28 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# The files that take minutes (inductor compiles, worker fleets, fresh-process renders), longest first:
+# under pytest-xdist each file runs whole on one process, so starting them first keeps the other
+# process busy with the short files instead of leaving one long file to run alone at the end.
+LONGEST_FIRST = (
+    "test_compile.py",
+    "test_lora.py",
+    "test_faults.py",
+    "test_a1111.py",
+    "test_sdxl.py",
+    "test_recovery.py",
+    "test_static.py",
+    "test_a1111_rng.py",
+    "test_distributed.py",
+    "test_models.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
     """Builtin models are written into a cache of the test session's own."""

@@ -87,7 +87,10 @@ def test_worker_killed_mid_chunk_loses_nothing_and_overwrites_nothing(cluster, j
     path = job_file(output=cluster.output, **{**JOB, "prompts": ["a cow"], "seeds": list(range(6)), "batch_size": 1, "steps": 6})
     timeout = {"GRIDRENDER_VISIBILITY_TIMEOUT": "8"}
     first = cluster.worker(QUEUE, **timeout)
-    assert submitted(cluster.cli("submit", str(path), **timeout)) == (12, 1)
+    # A chunk longer than the visibility timeout on purpose (Redis must redeliver it): a stated fast rate
+    # keeps submit from sizing chunks to a quarter of those 8 s.
+    fast = {**timeout, "GRIDRENDER_WORKER_RATE": "100"}
+    assert submitted(cluster.cli("submit", str(path), **fast)) == (12, 1)
     wait_for(lambda: len([k for k in cluster.keys() if k.endswith(".json")]) >= 2, 90, "the first cells")  # noqa: SIM118  (the cluster's method)
     first.kill()
     stored_before = {k: v for k, v in cluster.versions("grid/cells/").items()}

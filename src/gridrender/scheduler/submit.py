@@ -66,11 +66,7 @@ class Router:
 
 def submit(plan: Plan, store: Store, app: Celery, queue: str | None = None, settings: Settings | None = None) -> Submitted:
     settings = settings or Settings()
-    with Ledger(store, plan.job.name, settings) as ledger:
-        earlier = ledger.latest()
-    if earlier is not None:
-        plan = plan.keeping_chunks_of(earlier.resolved)
-    name, partition = plan.job.name, plan.partition
+    name = plan.job.name
     # One producer (one connection, one channel) for every message: per-call connection
     # checkout is what makes naive fan-out slow. An unreachable broker fails here, before
     # anything is written.
@@ -79,6 +75,10 @@ def submit(plan: Plan, store: Store, app: Celery, queue: str | None = None, sett
         route = Router(queue, settings)
         used: dict[str, int] = {}
         with Ledger(store, name, settings) as ledger:
+            earlier = ledger.latest()
+            if earlier is not None:
+                plan = plan.keeping_chunks_of(earlier.resolved)
+            partition = plan.partition
             check_each = ledger.worth_checking(plan)
             record = ledger.begin(plan, "broker")
             for chunk, missing in ledger.pending(plan, check_each, record.id):

@@ -14,7 +14,6 @@ import argparse
 import cProfile
 import itertools
 import math
-import os
 import pstats
 import subprocess
 import sys
@@ -22,11 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import redis
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
-from scale import start_moto
+from scale import start_services
 
 TARGET = 5.0  # seconds for 100,000 cells, the whole process
 
@@ -41,19 +39,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     broker = f"{args.redis}/{args.redis_db}"
-    client = redis.Redis.from_url(broker)
-    client.flushdb()
-    moto, endpoint = start_moto()
-    env = {
-        **os.environ,
-        "AWS_ENDPOINT_URL_S3": endpoint,
-        "AWS_ACCESS_KEY_ID": "bench",
-        "AWS_SECRET_ACCESS_KEY": "bench",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "GRIDRENDER_BROKER_URL": broker,
-        "HF_HUB_OFFLINE": "1",
-    }
-    os.environ.update(env)
+    moto, client, env = start_services(broker)
     import boto3
 
     s3 = boto3.client("s3")

@@ -92,20 +92,12 @@ class Requests:
         return counts
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--cells", type=int, default=1_000_000)
-    parser.add_argument("--other-cells", type=int, default=100_000)
-    parser.add_argument("--redis-db", type=int, default=14)
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379", help="a Redis server (its --redis-db is used)")
-    parser.add_argument("--rate", type=float, default=0.1, help="img/s of a slow worker: the chunk duration it implies")
-    args = parser.parse_args()
-
-    import boto3
+def start_services(broker: str) -> tuple[subprocess.Popen, Any, dict[str, str]]:
+    """A moto S3 server, the broker's Redis DB flushed, and the environment (also this process's) that
+    points gridrender at both: (moto, redis client, env)."""
     import redis
 
     moto, endpoint = start_moto()
-    broker = f"{args.redis}/{args.redis_db}"
     client = redis.Redis.from_url(broker)
     client.flushdb()
     env = {
@@ -118,6 +110,21 @@ def main() -> None:
         "HF_HUB_OFFLINE": "1",
     }
     os.environ.update(env)
+    return moto, client, env
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cells", type=int, default=1_000_000)
+    parser.add_argument("--other-cells", type=int, default=100_000)
+    parser.add_argument("--redis-db", type=int, default=14)
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379", help="a Redis server (its --redis-db is used)")
+    parser.add_argument("--rate", type=float, default=0.1, help="img/s of a slow worker: the chunk duration it implies")
+    args = parser.parse_args()
+
+    import boto3
+
+    moto, client, env = start_services(f"{args.redis}/{args.redis_db}")
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="scale-bench")
     try:

@@ -22,9 +22,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
-def probes(tmp_path_factory, private_cache):
+def probes(tmp_path_factory, private_cache, tiny_folder):
     """Two fresh processes compiling the same chunk with one cache directory."""
+    from tests.support.components import write_lora
+
     folder = tmp_path_factory.mktemp("compile")
+    lora = write_lora(folder / "detail.safetensors", tiny_folder, seed=1, kohya=True)
     env = {
         "GRIDRENDER_CACHE_DIR": str(folder / "cache"),
         "XDG_CACHE_HOME": str(private_cache),
@@ -35,7 +38,7 @@ def probes(tmp_path_factory, private_cache):
     for n in range(2):
         out = folder / f"probe{n}.npz"
         result = subprocess.run(
-            [sys.executable, "-m", "tests.support.compile_probe", str(out)],
+            [sys.executable, "-m", "tests.support.compile_probe", str(out), str(lora)],
             cwd=ROOT,
             env=env,
             capture_output=True,
@@ -71,6 +74,17 @@ def test_a_second_process_with_the_same_cache_skips_compilation(probes):
     assert warm["after_first"]["fxgraph_cache_hit"] >= 1 and warm["after_first"]["fxgraph_cache_miss"] == 0
     assert warm["first_seconds"] < cold["first_seconds"] / 2
     assert np.array_equal(cold_images["first"], warm_images["first"])
+
+
+def test_merged_loras_run_in_the_compiled_unet_without_recompiling(probes):
+    """Weights change in place, so the compiled graphs stay valid: no recompile, the eager images."""
+    for report, images in probes:
+        assert report["lora_state"]["unet"] == "default", report
+        assert set(report["lora_graphs"]) == {report["end"]["graphs"]}, report  # no LoRA set compiled a graph
+        compiled, eager = images["lora_compiled"].astype(int), images["lora_eager"].astype(int)
+        assert np.abs(compiled - eager).max() <= 1
+        assert np.abs(compiled[1] - compiled[0]).max() > 3 and np.abs(compiled[2] - compiled[1]).max() > 0
+        assert np.array_equal(compiled[3], compiled[0])  # unloaded: the base image again
 
 
 def test_no_compile_runs_eager_even_where_compiling_is_forced(cluster, job_file):

@@ -737,64 +737,6 @@ def test_validate_lists_the_keys_a1111_would_not_match(loaded, job_file, tmp_pat
     ) in result.stderr
 
 
-COMPILED_SWITCHING = """
-import json, sys
-import numpy as np
-from gridrender.scheduler.components import LoraUse, resolve_lora
-from gridrender.scheduler.grid import make_cell
-from gridrender.scheduler.models import resolve
-from gridrender.scheduler.settings import Settings
-from gridrender.workers.compiled import cache_stats
-from gridrender.workers.render import Renderer
-
-model = resolve("builtin:tiny")
-lora = resolve_lora(sys.argv[1], model, Settings())
-sets = [(), (LoraUse(lora, 1.0, 1.0, "x"),), (LoraUse(lora, 0.4, 0.4, "x"),), ()]
-cells = [make_cell(model, prompt="a cow standing in a field", negative_prompt="lowres", clip_skip=1, seed=5,
-                   sampler="Euler", steps=3, guidance=7.0, width=64, height=64, dtype="float32", loras=s) for s in sets]
-compiled = Renderer(compile_mode="default")
-images, graphs = [], []
-for cell in cells:
-    images.append(np.asarray(compiled.render(model, [cell])[0].image))
-    graphs.append(cache_stats()["graphs"])
-eager = Renderer(compile_mode="eager")
-reference = [np.asarray(eager.render(model, [cell])[0].image) for cell in cells]
-np.savez(sys.argv[2], compiled=np.stack(images), eager=np.stack(reference))
-print(json.dumps({"graphs": graphs, "state": compiled.cache.get(model, "float32").compile_state()}))
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)  # inductor compiles the UNet and the VAE decoder on CPU first
-def test_merged_loras_run_in_the_compiled_unet_without_recompiling(tmp_path, tiny_folder, private_cache):
-    """Weights change in place, so the compiled graphs stay valid: no recompile, the eager images."""
-    import os
-    import subprocess
-
-    from tests.conftest import ROOT
-    from tests.support.components import write_lora
-
-    path = write_lora(tmp_path / "detail.safetensors", tiny_folder, seed=1, kohya=True)
-    env = {**os.environ, "GRIDRENDER_CACHE_DIR": str(tmp_path / "cache"), "XDG_CACHE_HOME": str(private_cache)}
-    result = subprocess.run(
-        [sys.executable, "-c", COMPILED_SWITCHING, str(path), str(tmp_path / "out.npz")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["state"]["unet"] == "default" and len(set(report["graphs"])) == 1, report  # compiled once
-    images = np.load(tmp_path / "out.npz")
-    compiled, eager = images["compiled"].astype(int), images["eager"].astype(int)
-    assert np.abs(compiled - eager).max() <= 1
-    assert np.abs(compiled[1] - compiled[0]).max() > 3 and np.abs(compiled[2] - compiled[1]).max() > 0
-    assert np.array_equal(compiled[3], compiled[0])  # unloaded: the base image again
-
-
 # builtin:tiny-sdxl: blocks (32, 64), DownBlock2D then CrossAttnDownBlock2D (transformer depth 2),
 # so SGM's input_blocks 4-5 are down block 1, output_blocks 0-2 up block 0 (upsampler: 2.2).
 XL_BUILTIN_UNET = {

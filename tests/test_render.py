@@ -9,8 +9,10 @@ the tolerance `gridrender reproduce` accepts, and what these tests hold the rend
 With GPU noise the same seeds draw other latents, and one of them (seed 107) lands
 where this random tiny UNet amplifies rounding: its first UNet call, on bit-identical
 input, differs by 2e-3 between batch shapes (8e-6 for the other seeds), and about 10%
-of the image's values differ by 1/255. Measured, not fitted: the GPU case asserts that
-the input is identical and allows that share for it alone.
+of the image's values differ: by 1/255 where the CPU's kernels are AVX2 ones, by up to
+2/255 where they are AVX-512 ones (other blockings; measured 2026-12-02, 10.8% of values).
+Measured, not fitted: the GPU case asserts that the input is identical and allows that
+share and that step for it alone.
 """
 
 from __future__ import annotations
@@ -74,9 +76,10 @@ def test_with_gpu_noise_a_cell_alone_equals_the_same_cell_in_a_batch_of_8(render
     monkeypatch.setattr(denoise.Guided, "__call__", spy)
     measured = _alone_and_in_a_batch_of_8(renderer, tiny, sampler, "GPU")
     for index, (largest, share) in zip((0, 3, 5, 7), measured, strict=True):
-        assert largest <= 1, f"cell {index} differs by {largest}/255 between batch and single render"
         # seed 107 (cell 7): this random UNet amplifies the batch's rounding (module docstring)
-        assert share < (0.15 if index == 7 else 0.05), f"cell {index}: {share:.1%} of values differ"
+        amplified = index == 7
+        assert largest <= (2 if amplified else 1), f"cell {index} differs by {largest}/255 between batch and single render"
+        assert share < (0.15 if amplified else 0.05), f"cell {index}: {share:.1%} of values differ"
     # the UNet's first input (the initial noise) of every cell is the same bits alone and in the batch
     batch_first = inputs[0]
     alone_firsts = [x for x in inputs if x.shape[0] == 1][::3]  # both samplers: one UNet call per step, 3 steps

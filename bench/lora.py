@@ -170,7 +170,8 @@ def main() -> None:
 
     from gridrender.scheduler.components import Component, LoraUse
     from gridrender.scheduler.grid import make_cell
-    from gridrender.scheduler.models import ModelSpec, file_sha256
+    from gridrender.scheduler.models import ModelSpec
+    from gridrender.scheduler.weightfiles import file_sha256
     from gridrender.workers.components import use_loras
     from gridrender.workers.render import Renderer
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image, PngImagePlugin
 
-from gridrender.scheduler import importer
+from gridrender.scheduler import importer, infotext
 from gridrender.scheduler.finalize import read_manifest
 from gridrender.scheduler.jobfile import parse_job
 from gridrender.scheduler.plan import prepare
@@ -119,7 +119,7 @@ UNSUPPORTED = [set(), set(), {"Downcast alphas_cumprod"}, {"ADetailer model", "A
 @pytest.mark.parametrize("index", range(len(INFOTEXTS)))
 def test_a1111_infotexts_import_to_the_settings_they_state(index, tmp_path):
     text, expected = INFOTEXTS[index]
-    imported = importer.to_job(importer.parse_generation_parameters(text), "img", importer.HashIndex(None))
+    imported = importer.to_job(infotext.parse_generation_parameters(text), "img", importer.HashIndex(None))
     job = imported.job
     for key, value in expected.items():
         if key == "rng":
@@ -150,7 +150,7 @@ def test_a1111_infotexts_import_to_the_settings_they_state(index, tmp_path):
 
 
 def _import(text: str) -> importer.Imported:
-    return importer.to_job(importer.parse_generation_parameters(text), "img", importer.HashIndex(None))
+    return importer.to_job(infotext.parse_generation_parameters(text), "img", importer.HashIndex(None))
 
 
 def _cell(job: dict, tmp_path):
@@ -272,13 +272,13 @@ def test_the_model_is_found_by_its_hash_in_the_model_dir(tmp_path):
     weights = folder / "sub" / "anything-v5.safetensors"
     weights.parent.mkdir()
     weights.write_bytes(b"\0" * (0x110000 + 17))
-    from gridrender.scheduler.models import file_sha256
+    from gridrender.scheduler.weightfiles import file_sha256
 
     index = importer.HashIndex(str(folder))
     assert index.find(file_sha256(weights)[:10]) == weights
     assert index.find(importer._legacy_hash(weights)) == weights  # A1111's old 8-digit hash
     assert index.find("ffffffffff") is None
-    params = importer.parse_generation_parameters(INFOTEXTS[0][0].replace("6ce0161689", file_sha256(weights)[:10]))
+    params = infotext.parse_generation_parameters(INFOTEXTS[0][0].replace("6ce0161689", file_sha256(weights)[:10]))
     assert importer.to_job(params, "img", index).job["model"] == str(weights)
 
 
@@ -289,7 +289,7 @@ def test_exif_user_comment_of_a_jpeg_is_read():
     exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + text.encode("utf-16-be")
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", exif=exif)
-    assert importer.read_parameters(buffer.getvalue()) == text
+    assert infotext.read_parameters(buffer.getvalue()) == text
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from gridrender.scheduler.layers import TEXT, TEXT_2, UNET, LayerTable, layer_table
-from gridrender.scheduler.lorafiles import a1111_layer, fit_lora
+from gridrender.scheduler.lorafiles import fit_lora
+from gridrender.scheduler.loranames import a1111_layer
 
 MODULES = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
 

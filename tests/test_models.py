@@ -123,21 +123,21 @@ def test_bad_model_references_name_the_model_key(job_file):
 
 
 def test_file_hashes_are_cached_on_disk_per_size_and_mtime(tmp_path, monkeypatch):
-    from gridrender.scheduler import models
+    from gridrender.scheduler import weightfiles
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(models, "_HASH_CACHE", None)
+    monkeypatch.setattr(weightfiles, "_HASH_CACHE", None)
     weights = tmp_path / "m.safetensors"
     weights.write_bytes(b"x" * 100)
-    first = models.file_sha256(weights)
+    first = weightfiles.file_sha256(weights)
     assert first == hashlib.sha256(b"x" * 100).hexdigest()
     assert first in (tmp_path / "cache" / "gridrender" / "sha256.json").read_text()
-    monkeypatch.setattr(models, "_HASH_CACHE", None)  # a new process reads the file
-    monkeypatch.setattr(models, "_hash_file", lambda _p: pytest.fail("hashed again"))
-    assert models.file_sha256(weights) == first
+    monkeypatch.setattr(weightfiles, "_HASH_CACHE", None)  # a new process reads the file
+    monkeypatch.setattr(weightfiles, "_hash_file", lambda _p: pytest.fail("hashed again"))
+    assert weightfiles.file_sha256(weights) == first
     weights.write_bytes(b"y" * 100)  # changed content, new size/mtime: hashed anew
-    monkeypatch.setattr(models, "_hash_file", lambda _p: "new")
-    assert models.file_sha256(weights) == "new"
+    monkeypatch.setattr(weightfiles, "_hash_file", lambda _p: "new")
+    assert weightfiles.file_sha256(weights) == "new"
 
 
 def test_a_folder_laid_out_by_other_tools_loads(renderer, tiny, tiny_folder, tmp_path):

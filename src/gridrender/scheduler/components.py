@@ -17,16 +17,9 @@ from .errors import ModelInputError, StorageError
 from .families import SDXL
 from .layers import LayerTable, layer_table
 from .lorafiles import LoraFit, fit_lora
-from .models import (
-    ModelSpec,
-    file_sha256,
-    folder_sha256,
-    model_config,
-    safetensors_data_sha256,
-    safetensors_header,
-    safetensors_shapes,
-)
+from .models import ModelSpec, model_config
 from .settings import Settings
+from .weightfiles import file_sha256, folder_sha256, safetensors_data_sha256, safetensors_header, safetensors_shapes
 
 if TYPE_CHECKING:
     from .hires import InitImage

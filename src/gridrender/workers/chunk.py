@@ -28,8 +28,9 @@ from gridrender.scheduler.grid import Cell
 from gridrender.scheduler.models import ModelSpec
 from gridrender.scheduler.storage import Store
 
+from .passes import Embeddings
 from .records import save
-from .render import CellsFailed, Embeddings, Rendered, Renderer
+from .render import CellsFailed, Rendered, Renderer
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")

@@ -25,8 +25,8 @@ import torch
 from gridrender.scheduler.components import Component, LoraUse
 from gridrender.scheduler.errors import ModelError
 from gridrender.scheduler.layers import TEXT, TEXT_2, UNET, LayerTable, layer_table
-from gridrender.scheduler.models import file_sha256, folder_sha256
 from gridrender.scheduler.settings import Settings
+from gridrender.scheduler.weightfiles import file_sha256, folder_sha256
 
 from . import lora
 from .clip import EMBEDDING_KEYS, text_transformer

@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 from gridrender.scheduler.layers import LayerTable
-from gridrender.scheduler.lorafiles import LoraFit, Module, fit_lora, lora_parts
-from gridrender.scheduler.models import safetensors_header
+from gridrender.scheduler.lorafiles import LoraFit, Module, fit_lora
+from gridrender.scheduler.lorashapes import lora_parts
+from gridrender.scheduler.weightfiles import safetensors_header
 
 log = logging.getLogger(__name__)
 Tensors = Mapping[str, torch.Tensor]

@@ -15,9 +15,11 @@ from typing import Any
 
 from .. import yamlfile
 from ..components import Component
+from ..derivation import Derivation
 from ..job import Job
 from ..models import ModelSpec
-from ..plan import Components, Derivation, Plan
+from ..plan import Plan
+from ..resolution import Components
 
 # (prompt index, negative index, S/R index, model source, trigger words): the embeddings one text combination triggers
 EmbeddingUse = tuple[int, int, int, str, list[str]]

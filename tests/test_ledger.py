@@ -146,6 +146,32 @@ def test_the_reaper_survives_a_broker_error_and_a_storage_error_and_never_delays
         broker.close()
 
 
+def test_a_worker_back_from_a_stall_keeps_the_chunk_it_holds_now_when_its_old_one_is_reaped(redis_url):
+    """Old code: the reaper HDEL'd the worker's name after re-enqueueing, deleting whatever it held by then."""
+    client = redis.Redis.from_url(redis_url)
+    name = "gridrender-1@host#stalled"
+    old = {"message": {"job": "t", "submission": "s1", "chunk": "c1"}, "queue": "gridrender", "task": "t1", "chunk": "c1"}
+    new = {**old, "message": {**old["message"], "chunk": "c2"}, "task": "t2", "chunk": "c2"}
+    client.hset(liveness.HELD, name, json.dumps(old))  # its heartbeat key has expired: the reaper takes c1
+
+    def send(message, _queue):  # meanwhile the worker wakes, finishes c1 and holds c2
+        client.hset(liveness.HELD, name, json.dumps(new))
+        sent.append(message["chunk"])
+
+    sent: list[str] = []
+    try:
+        reaped = liveness.reap(client, send, lambda *_: pytest.fail("not poison"))
+        assert [r.chunk for r in reaped] == ["c1"] and sent == ["c1"]
+        assert held(client) == {name: new}  # c2 still held: if this worker dies now, c2 is reaped too
+        # its heartbeat still lapsed, the next pass reaps c2 too: once, then the entry is gone
+        assert [r.chunk for r in liveness.reap(client, lambda m, _q: sent.append(m["chunk"]), lambda *_: None)] == ["c2"]
+        assert held(client) == {} and sent == ["c1", "c2"]
+    finally:
+        client.delete(
+            liveness.HELD, liveness.WORKER + "other", *client.keys(liveness.LOCK + "*"), *client.keys("gridrender:kills:*")
+        )
+
+
 def test_a_stale_failure_never_hides_a_newer_success_written_in_the_same_second(in_process):
     """Old code chose the newest record by LastModified (1 s on S3), ties by listing order: "c.9.3" > "c.12.0"."""
     from gridrender.scheduler.s3 import S3Store

@@ -44,6 +44,11 @@ WORKER = PREFIX + "worker:"  # + name: {"queues": [...], "host": ..., "pid": ...
 HELD = PREFIX + "held"  # hash: worker name -> {"message", "queue", "task", "chunk", "job", "submission"}
 LOCK = PREFIX + "reap:"  # + worker name + task id: one reaper re-enqueues it
 LOCK_TTL = 3600
+# Forget a held entry only if it is still the one the reaper read: a worker whose heartbeat lapsed
+# (a stalled host, a long GC) may have come back and hold its next chunk under the same name.
+_FORGET_IF_UNCHANGED = (
+    "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0"
+)
 
 
 def connect(settings: Settings) -> redis.Redis | None:
@@ -186,13 +191,13 @@ def reap(client: redis.Redis, send: Send, poisoned: Poison) -> list[Reaped]:
             lock = f"{LOCK}{name}:{entry['task']}"
         except (ValueError, KeyError, TypeError) as exc:
             log.error("dropping an unreadable held entry of %s: %s", name, exc)
-            client.hdel(HELD, name)
+            _forget(client, raw_name, raw)
             continue
         if not client.set(lock, b"1", nx=True, ex=LOCK_TTL):
             continue  # another reaper has it
         try:
             done = _reap_one(kills, name, entry, send, poisoned)
-            client.hdel(HELD, name)
+            _forget(client, raw_name, raw)
             reaped.append(done)
         except Exception as exc:  # noqa: BLE001  (each entry stands alone: whatever fails on one leaves the others)
             client.delete(lock)  # the next pass (here or in another reaper) tries again; the kill is counted once
@@ -204,6 +209,10 @@ def reap(client: redis.Redis, send: Send, poisoned: Poison) -> list[Reaped]:
                 redact(str(exc)) or type(exc).__name__,
             )
     return reaped
+
+
+def _forget(client: redis.Redis, name: bytes, raw: bytes) -> None:
+    client.eval(_FORGET_IF_UNCHANGED, 1, HELD, name, raw)
 
 
 def _reap_one(kills: KillCounts, name: str, entry: dict[str, Any], send: Send, poisoned: Poison) -> Reaped:

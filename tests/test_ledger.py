@@ -172,6 +172,33 @@ def test_a_worker_back_from_a_stall_keeps_the_chunk_it_holds_now_when_its_old_on
         )
 
 
+def test_finding_poisoned_chunks_reads_only_their_records_however_many_chunks_fail():
+    """Old code: every `status` poll of a job with failing cells GETs up to 1,000 failing records' bodies."""
+    from gridrender.scheduler.ledger.submissions import Submission
+    from gridrender.scheduler.storage import MemoryStore
+
+    class Counting(MemoryStore):
+        gets = 0
+
+        def get(self, key: str) -> bytes:
+            Counting.gets += 1
+            return super().get(key)
+
+    store = Counting()
+    ledger = Ledger(store, "t")
+    submission = Submission("s1", "broker", "gridrender", 600, 300, 600, 300, 0, {"partition": "p0"}, 0.0)
+    for n in range(300):  # a prompt every cell of which fails: every chunk has failed cells
+        ledger.record("p0", f"c{n:03d}", [f"a{n}"], 0, {f"b{n}": "NaN"}, "s1", "w1")
+    poison = {"kills": 2, "last": "w9", "error": "the chunk killed 2 workers"}
+    ledger.record("p0", "c007", ["a7"], 0, {"b7": "killed"}, "s1", "reaper", poison)  # later: a7 found stored
+    Counting.gets = 0
+    (found,) = ledger.poisoned(submission)
+    assert (found.chunk, found.kills, found.failed) == ("c007", 2, 1)
+    assert Counting.gets == 1  # the poisoned record's body alone
+    ledger.record("p0", "c007", ["a7", "b7"], 0, {}, "s1", "w2")  # `retry` rendered it: no longer poisoned
+    assert ledger.poisoned(submission) == []
+
+
 def test_a_stale_failure_never_hides_a_newer_success_written_in_the_same_second(in_process):
     """Old code chose the newest record by LastModified (1 s on S3), ties by listing order: "c.9.3" > "c.12.0"."""
     from gridrender.scheduler.s3 import S3Store

@@ -102,16 +102,18 @@ class ProgressKey(NamedTuple):
     stored: int  # cells stored
     failed: int  # cells failed
     submission_id: str
+    poisoned: bool = False  # the reaper gave up on the chunk: `status` reads only these records' bodies
 
 
-_PROGRESS_FIELDS = len(ProgressKey._fields)
+_PROGRESS_FIELDS = len(ProgressKey._fields) - 1  # `poisoned` is a suffix, present or not
 _PROGRESS_FIELDS_BEFORE_SEQUENCES = _PROGRESS_FIELDS - 1
+_POISONED = "poisoned"
 
 
 def progress(name: str, partition: str, fields: ProgressKey) -> str:
     return (
         f"{progress_prefix(name, partition)}{fields.chunk_id}.{fields.sequence:0{SEQUENCE_DIGITS}d}."
-        f"{fields.stored}.{fields.failed}.{fields.submission_id}.json"
+        f"{fields.stored}.{fields.failed}.{fields.submission_id}{'.' + _POISONED if fields.poisoned else ''}.json"
     )
 
 
@@ -121,11 +123,14 @@ def parse_progress(key: str) -> ProgressKey | None:
     Keys written before sequences existed (`<chunk>.<stored>.<failed>.<submission>.json`) read as sequence 0.
     """
     parts = leaf(key, ".json").split(".")
+    poisoned = len(parts) > _PROGRESS_FIELDS_BEFORE_SEQUENCES and parts[-1] == _POISONED
+    if poisoned:
+        parts.pop()
     if len(parts) == _PROGRESS_FIELDS_BEFORE_SEQUENCES:
         parts.insert(1, "0")
     if len(parts) != _PROGRESS_FIELDS or not all(p.isdigit() for p in parts[1:4]):
         return None
-    return ProgressKey(parts[0], int(parts[1]), int(parts[2]), int(parts[3]), parts[4])
+    return ProgressKey(parts[0], int(parts[1]), int(parts[2]), int(parts[3]), parts[4], poisoned)
 
 
 def leaf(key: str, suffix: str = "") -> str:

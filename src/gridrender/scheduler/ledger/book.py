@@ -243,7 +243,7 @@ class Ledger:
 
     def poisoned(self, submission: Submission, limit: int = 1000) -> list[Poisoned]:
         """The submission's chunks given up on as poison (their newest record says so)."""
-        current = [r for r in self.progress(submission.partition).values() if r.submission == submission.id]
+        current = [r for r in self.progress(submission.partition).values() if r.submission == submission.id and r.poisoned]
         return [
             Poisoned(body["chunk"], body["submission"], len(body["failed"]), body["poisoned"]["kills"], body["poisoned"]["error"])
             for body in self.failing(current, limit)

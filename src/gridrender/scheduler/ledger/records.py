@@ -31,6 +31,7 @@ class ChunkProgress:
     stored: int
     failed: int
     submission: str  # whose attempt it records: failures of older submissions are being retried
+    poisoned: bool  # the reaper gave up on the chunk (its key says so: no GET to find out)
     at: float  # when the record was written (the store's time: for the rate only)
     key: str
 
@@ -98,7 +99,9 @@ def write(store: Store, job: str, partition: str, chunk: str, attempt: Attempt) 
         "at": time.time(),
         **({"poisoned": attempt.poisoned} if attempt.poisoned else {}),
     }
-    counts = layout.ProgressKey(chunk, sequence, len(attempt.stored) + attempt.present, len(attempt.failed), attempt.submission)
+    counts = layout.ProgressKey(
+        chunk, sequence, len(attempt.stored) + attempt.present, len(attempt.failed), attempt.submission, bool(attempt.poisoned)
+    )
     key = layout.progress(job, partition, counts)
     store.put(key, json.dumps(body, ensure_ascii=False).encode(), "application/json")
     return key

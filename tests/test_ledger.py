@@ -280,6 +280,34 @@ def test_finalize_and_export_on_a_host_with_other_wildcards_give_the_submitting_
         assert {r["caption"] for r in rows} == {"a cow in a field", "a horse in a field"}
 
 
+def test_a_host_that_matches_embeddings_otherwise_replays_the_submitting_hosts_ids(job_file, tmp_path, monkeypatch):
+    """Old code: finalize/export matched embeddings anew; a host without the model's tokenizer matches whole words."""
+    from gridrender.scheduler import derivation
+    from gridrender.scheduler.plan import prepare
+    from gridrender.scheduler.storage import LocalStore
+    from tests.support.components import write_embedding
+
+    embeddings = tmp_path / "embeddings"
+    write_embedding(embeddings / "cow.safetensors", width=32, vectors=1, seed=5)
+    write_embedding(embeddings / "sharp.safetensors", width=32, vectors=1, seed=6)
+    prompts = ["a Cow at dusk", "a cow in a field", "a horse"]  # CLIP lowercases: "Cow" is cow's tokens, not the word
+    negatives = ["blurry", "sharp, lowres"]
+    path = job_file(**{**SMALL, "prompts": prompts, "negative_prompt": negatives, "embeddings": str(embeddings)}, seeds=[1])
+    plan = prepare(path, cuda=None, output=str(tmp_path / "out"))
+    submitted = {c.id: [e.name for e in c.embeddings] for c in plan.cells()}
+    assert sorted(map(tuple, submitted.values())) == [(), ("cow",), ("cow",), ("cow", "sharp"), ("cow", "sharp"), ("sharp",)]
+    with Ledger(LocalStore(tmp_path / "out"), "t") as ledger:
+        ledger.begin(plan, "local")
+        stored = json.loads((tmp_path / "out" / "jobs" / "t" / "expansions").glob("*.json").__next__().read_text())
+        # a row per text that triggers any (3 of the 5 texts), not per (prompt, negative) pair (5 of 6)
+        assert sorted(text for text, _, _ in stored["text_embeddings"]) == ["a Cow at dusk", "a cow in a field", "sharp, lowres"]
+        monkeypatch.setattr(derivation, "tokenizer_for", lambda _model: None)  # this host: whole words only
+        here = [[e.name for e in c.embeddings] for c in prepare(path, cuda=None).cells()]
+        assert here != list(submitted.values()), here  # expanded anew here: other embeddings, other ids
+        replayed = {c.id: [e.name for e in c.embeddings] for c in ledger.plan().cells()}
+    assert replayed == submitted
+
+
 def test_a_failed_progress_write_is_retried_not_acknowledged(cluster, job_file, tmp_path):
     """Old code: the progress write sat outside the task's try; the chunk was acked, pending forever."""
     output = tmp_path / "out"

@@ -6,12 +6,14 @@ The layout of DESIGN.md, the same under a local folder and an S3 prefix:
     jobs/<name>/job.yaml, manifest.jsonl, index.html, sheets/<file>.png
     jobs/<name>/submissions/<id>.json     one per submit or run (what was sent where)
     jobs/<name>/submission.json           a copy of the newest: status reads it without a listing
-    jobs/<name>/expansions/<id>.json      what a submission expanded the job into: prompts, embedding
-                                          sets, partition (finalize and export never re-derive ids)
+    jobs/<name>/expansions/<id>.json      what a submission expanded the job into: prompts, the
+                                          embeddings each text triggers, partition (finalize and
+                                          export never re-derive ids)
     jobs/<name>/cancelled/<id>            a submission that workers must drop
-    jobs/<name>/progress/<partition>/<chunk_id>.<sequence>.<stored>.<failed>.<submission>.json
+    jobs/<name>/progress/<partition>/<chunk_id>.<sequence>.<stored>.<failed>.<submission>[.poisoned].json
                                           what a chunk stored and failed (counts in the key); the
-                                          highest sequence is the chunk's newest record
+                                          highest sequence is the chunk's newest record; `.poisoned`
+                                          when the reaper gave up on it
 
 Nothing else in gridrender spells a key.
 """

@@ -15,45 +15,49 @@ from typing import Any
 
 from .. import yamlfile
 from ..components import Component
-from ..derivation import Derivation
+from ..derivation import Derivation, embeddings_used
 from ..job import Job
 from ..models import ModelSpec
 from ..plan import Plan
+from ..prompts import encoder_text
 from ..resolution import Components
 
-# (prompt index, negative index, S/R index, model source, trigger words): the embeddings one text combination triggers
-EmbeddingUse = tuple[int, int, int, str, list[str]]
+# (text as the encoder reads it, model source, trigger words): the embeddings one text triggers
+TextEmbeddings = tuple[str, str, list[str]]
 
 
 @dataclass
 class Expansion:
+    """Recorded per text, not per (prompt, negative, S/R) combination: a cell's embeddings are the union of
+    its texts' (`derivation.embeddings_used`), so the record grows with the texts, not with their product."""
+
     prompts: list[str]  # the prompts as expanded: wildcards and templates resolved on the submitting host
-    embeddings: list[EmbeddingUse]  # non-empty uses only
+    embeddings: list[TextEmbeddings]  # texts that trigger any
     partition: str
 
     @classmethod
     def of(cls, plan: Plan) -> Expansion:
-        job, derivation = plan.job, plan.derivation()
+        job = plan.job
         prompts = list(job.values_of("prompts"))
-        triggers = {id(e): word for word, e in plan.components.embeddings.items()}
-        table: list[EmbeddingUse] = []
+        found = plan.components.embeddings
+        triggers = {id(e): word for word, e in found.items()}
+        table: list[TextEmbeddings] = []
         if triggers:  # without embeddings there is nothing a host could match differently
-            negatives, srs = list(job.values_of("negative_prompt")), list(job.values_of("prompt_sr"))
-            for p, prompt in enumerate(prompts):
-                for n, negative in enumerate(negatives):
-                    for s, sr in enumerate(srs):
-                        for model in plan.models:
-                            used = derivation.embeddings(prompt, negative, sr, model)
-                            if used:
-                                table.append((p, n, s, model.source, [triggers[id(e)] for e in used]))
+            srs = list(job.values_of("prompt_sr"))
+            written = [*prompts, *job.values_of("negative_prompt")]
+            texts = dict.fromkeys(encoder_text(text, sr) for text in written for sr in srs)
+            for text in texts:
+                for model in plan.models:
+                    if used := embeddings_used([text], found, model):
+                        table.append((text, model.source, [triggers[id(e)] for e in used]))
         return cls(prompts, table, plan.partition)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"prompts": self.prompts, "embeddings": self.embeddings, "partition": self.partition}
+        return {"prompts": self.prompts, "text_embeddings": self.embeddings, "partition": self.partition}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Expansion:
-        uses = [(int(p), int(n), int(s), str(source), list(words)) for p, n, s, source, words in data["embeddings"]]
+        uses = [(str(text), str(source), list(words)) for text, source, words in data["text_embeddings"]]
         return cls(list(data["prompts"]), uses, str(data["partition"]))
 
 
@@ -78,19 +82,14 @@ class RecordedPlan(Plan):
 
     def derivation(self) -> Derivation:
         assert self.expansion is not None
-        return RecordedDerivation(self.components, self.job, self.expansion)
+        return RecordedDerivation(self.components, self.expansion)
 
 
 class RecordedDerivation(Derivation):
-    def __init__(self, components: Components, job: Job, expansion: Expansion):
+    def __init__(self, components: Components, expansion: Expansion):
         super().__init__(components)
-        self.table = self._index(job, expansion)
-
-    @staticmethod
-    def _index(job: Job, expansion: Expansion) -> dict[tuple[str, str, Any, str], list[str]]:
-        prompts, negatives, srs = expansion.prompts, job.values_of("negative_prompt"), job.values_of("prompt_sr")
-        return {(prompts[p], negatives[n], srs[s], source): words for p, n, s, source, words in expansion.embeddings}
+        self.table = {(text, source): words for text, source, words in expansion.embeddings}
 
     def embeddings(self, prompt: str, negative: str, sr: tuple[Any, ...] | None, model: ModelSpec) -> tuple[Component, ...]:
-        words = self.table.get((prompt, negative, sr, model.source), [])
-        return tuple(self.components.embeddings[word] for word in words)
+        words = {word for text in (prompt, negative) for word in self.table.get((encoder_text(text, sr), model.source), [])}
+        return tuple(self.components.embeddings[word] for word in sorted(words))  # embeddings_used's order

@@ -145,6 +145,8 @@ def test_status_and_finalize_by_name(job_file, tmp_path):
     assert cli("run", str(path)).returncode == 0
     status = cli("status", "t", "--output", str(tmp_path / "out"))
     assert status.returncode == 0 and "4/4 done" in status.stdout
+    watched = cli("status", str(path), "--watch")  # a finished job: one line, no waiting for a change
+    assert watched.returncode == 0 and watched.stdout.count("4/4 done") == 1, watched.stdout + watched.stderr
     final = cli("finalize", str(path))
     assert final.returncode == 0 and "4/4" in final.stdout
     missing = cli("status", "nope", "--output", str(tmp_path / "out"))

@@ -146,11 +146,11 @@ def status(
 ) -> None:
     """Done / total, failures, rate and ETA. Exit 1 when cells failed."""
     from gridrender.scheduler.locate import locate
-    from gridrender.scheduler.status import follow, job_status
+    from gridrender.scheduler.status import Polling, follow, job_status
 
     store, job_name = locate(name, output)
     if watch:
-        st = follow(store, job_name, lambda s: say(status_line(s)), interval=5.0, max_interval=30.0)
+        st = follow(store, job_name, lambda s: say(status_line(s)), Polling(interval=5.0, max_interval=30.0))
     else:
         st = job_status(store, job_name)
         say(status_line(st))

@@ -72,16 +72,22 @@ def job_status(store: Store, name: str, now: float | None = None) -> Status:
     )
 
 
-# The polling options stay keyword arguments while cli.py (being rewritten in parallel) passes them so;
-# then they become one `Polling` object.
-def follow(  # noqa: PLR0913
+@dataclass(frozen=True)
+class Polling:
+    """How `follow` polls: from `interval` seconds, backing off to `max_interval` while nothing changes;
+    with no progress and no worker holding a chunk for `idle_timeout` seconds, the job has stalled."""
+
+    interval: float = 1.0
+    max_interval: float = 15.0
+    idle_timeout: float | None = None
+
+
+def follow(  # noqa: PLR0913  (the hooks are keyword-only, each with a default)
     store: Store,
     name: str,
     on_update: Callable[[Status], None],
+    polling: Polling = Polling(),
     *,
-    interval: float = 1.0,
-    max_interval: float = 15.0,
-    idle_timeout: float | None = None,
     working: Callable[[], bool] = lambda: False,
     tick: Callable[[], None] = lambda: None,
     until: Callable[[Status], bool] = lambda s: s.finished or s.cancelled,
@@ -89,21 +95,21 @@ def follow(  # noqa: PLR0913
     """Poll the job's status until `until`; polling backs off while nothing changes.
 
     `working()` says whether a worker holds one of the job's chunks right now; with no
-    progress and no such worker for `idle_timeout` seconds, raises Stalled. `tick()`
+    progress and no such worker for `polling.idle_timeout` seconds, raises Stalled. `tick()`
     runs every poll (`submit --wait` reaps dead workers' chunks there).
     """
     status = job_status(store, name)
     on_update(status)
     last_change = time.monotonic()
-    delay = interval
+    delay, idle_timeout = polling.interval, polling.idle_timeout
     while not until(status):
         time.sleep(delay)
         tick()
         now = job_status(store, name)
         if (now.done, now.failed) != (status.done, status.failed) or working():
-            last_change, delay = time.monotonic(), interval
+            last_change, delay = time.monotonic(), polling.interval
         else:
-            delay = min(delay * 1.5, max_interval)
+            delay = min(delay * 1.5, polling.max_interval)
         status = now
         on_update(status)
         if idle_timeout is not None and time.monotonic() - last_change > idle_timeout:
@@ -135,4 +141,4 @@ def wait(
         with reaching_broker("list the workers"):
             return liveness.held_by_job(client, name) > 0
 
-    return follow(store, name, on_update, idle_timeout=idle_timeout, working=working, tick=tick)
+    return follow(store, name, on_update, Polling(idle_timeout=idle_timeout), working=working, tick=tick)

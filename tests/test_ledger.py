@@ -174,7 +174,7 @@ def test_a_worker_back_from_a_stall_keeps_the_chunk_it_holds_now_when_its_old_on
 
 def test_finding_poisoned_chunks_reads_only_their_records_however_many_chunks_fail():
     """Old code: every `status` poll of a job with failing cells GETs up to 1,000 failing records' bodies."""
-    from gridrender.scheduler.ledger.submissions import Submission
+    from gridrender.scheduler.ledger.submissions import FORMAT, Submission
     from gridrender.scheduler.storage import MemoryStore
 
     class Counting(MemoryStore):
@@ -186,7 +186,7 @@ def test_finding_poisoned_chunks_reads_only_their_records_however_many_chunks_fa
 
     store = Counting()
     ledger = Ledger(store, "t")
-    submission = Submission("s1", "broker", "gridrender", 600, 300, 600, 300, 0, {"partition": "p0"}, 0.0)
+    submission = Submission("s1", "broker", "gridrender", 600, 300, 600, 300, 0, {"partition": "p0"}, 0.0, FORMAT)
     for n in range(300):  # a prompt every cell of which fails: every chunk has failed cells
         ledger.record("p0", f"c{n:03d}", [f"a{n}"], 0, {f"b{n}": "NaN"}, "s1", "w1")
     poison = {"kills": 2, "last": "w9", "error": "the chunk killed 2 workers"}
@@ -197,6 +197,13 @@ def test_finding_poisoned_chunks_reads_only_their_records_however_many_chunks_fa
     assert Counting.gets == 1  # the poisoned record's body alone
     ledger.record("p0", "c007", ["a7", "b7"], 0, {}, "s1", "w2")  # `retry` rendered it: no longer poisoned
     assert ledger.poisoned(submission) == []
+    # A submission from before poison was marked in keys: its failing records are read, as then.
+    ledger.record("p0", "c009", ["a9"], 0, {"b9": "killed"}, "s1", "reaper", poison)
+    (marked,) = [k for k in store.objects if "/c009." in k and k.endswith(".poisoned.json")]
+    store.put(marked.removesuffix(".poisoned.json") + ".json", store.objects.pop(marked))  # as the old code wrote it
+    assert ledger.poisoned(submission) == []  # a current submission trusts the keys
+    old = Submission(**{**submission.__dict__, "format": 1})
+    assert [p.chunk for p in ledger.poisoned(old)] == ["c009"]
 
 
 def test_a_stale_failure_never_hides_a_newer_success_written_in_the_same_second(in_process):
@@ -305,7 +312,14 @@ def test_a_host_that_matches_embeddings_otherwise_replays_the_submitting_hosts_i
         here = [[e.name for e in c.embeddings] for c in prepare(path, cuda=None).cells()]
         assert here != list(submitted.values()), here  # expanded anew here: other embeddings, other ids
         replayed = {c.id: [e.name for e in c.embeddings] for c in ledger.plan().cells()}
-    assert replayed == submitted
+        assert replayed == submitted
+        # An expansion recorded before per-text rows: one row per (prompt, negative, S/R, model) that triggers any
+        (recorded,) = (tmp_path / "out" / "jobs" / "t" / "expansions").glob("*.json")
+        combinations = [[0, 0, 0, "builtin:tiny", ["cow"]], [0, 1, 0, "builtin:tiny", ["cow", "sharp"]]]
+        combinations += [[1, 0, 0, "builtin:tiny", ["cow"]], [1, 1, 0, "builtin:tiny", ["cow", "sharp"]]]
+        combinations += [[2, 1, 0, "builtin:tiny", ["sharp"]]]
+        recorded.write_text(json.dumps({"prompts": prompts, "embeddings": combinations, "partition": stored["partition"]}))
+        assert {c.id: [e.name for e in c.embeddings] for c in ledger.plan().cells()} == submitted
 
 
 def test_a_failed_progress_write_is_retried_not_acknowledged(cluster, job_file, tmp_path):

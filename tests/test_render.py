@@ -8,11 +8,14 @@ the tolerance `gridrender reproduce` accepts, and what these tests hold the rend
 
 With GPU noise the same seeds draw other latents, and one of them (seed 107) lands
 where this random tiny UNet amplifies rounding: its first UNet call, on bit-identical
-input, differs by 2e-3 between batch shapes (8e-6 for the other seeds), and about 10%
-of the image's values differ: by 1/255 where the CPU's kernels are AVX2 ones, by up to
-2/255 where they are AVX-512 ones (other blockings; measured 2026-12-02, 10.8% of values).
-Measured, not fitted: the GPU case asserts that the input is identical and allows that
-share and that step for it alone.
+input, differs by 2e-3 between batch shapes (8e-6 for the other seeds), and how much of
+its image differs depends on the machine's kernels. Measured 2026-12-02 on one AVX-512
+host, its kernels held to each instruction set in turn (ATEN_CPU_CAPABILITY,
+ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS), one thread, Euler a / DPM++ 2M Karras:
+AVX-512 2/255 on 11% / 9% of values; ATen alone at AVX2 2/255 on 14% / 13%; all at AVX2
+1/255 on 5% / 4%; all at SSE4 4/255 on 35% / 32%. The GPU case asserts that every noise
+draw of every cell is the same bits alone and in the batch (the property GPU noise must
+have), and allows that cell alone the spread measured: at most 4/255, on under 40%.
 """
 
 from __future__ import annotations
@@ -64,28 +67,41 @@ def test_a_cell_alone_equals_the_same_cell_in_a_batch_of_8(renderer, tiny, sampl
 
 @pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M Karras"])
 def test_with_gpu_noise_a_cell_alone_equals_the_same_cell_in_a_batch_of_8(renderer, tiny, sampler, monkeypatch):
-    from gridrender.workers import denoise
+    from gridrender.workers import denoise, noise
 
     inputs: list[torch.Tensor] = []
-    call = denoise.Guided.__call__
+    draws: list[torch.Tensor] = []
+    call, draw = denoise.Guided.__call__, noise.BatchNoise.next
 
     def spy(self, x, t):
         inputs.append(x.detach().clone())
         return call(self, x, t)
 
+    def spy_draw(self):
+        draws.append(draw(self).clone())
+        return draws[-1]
+
     monkeypatch.setattr(denoise.Guided, "__call__", spy)
+    monkeypatch.setattr(noise.BatchNoise, "next", spy_draw)
     measured = _alone_and_in_a_batch_of_8(renderer, tiny, sampler, "GPU")
     for index, (largest, share) in zip((0, 3, 5, 7), measured, strict=True):
-        # seed 107 (cell 7): this random UNet amplifies the batch's rounding (module docstring)
+        # seed 107 (cell 7): this random UNet amplifies the batch's rounding, by the machine's kernels (docstring)
         amplified = index == 7
-        assert largest <= (2 if amplified else 1), f"cell {index} differs by {largest}/255 between batch and single render"
-        assert share < (0.15 if amplified else 0.05), f"cell {index}: {share:.1%} of values differ"
-    # the UNet's first input (the initial noise) of every cell is the same bits alone and in the batch
+        assert largest <= (4 if amplified else 1), f"cell {index} differs by {largest}/255 between batch and single render"
+        assert share < (0.40 if amplified else 0.05), f"cell {index}: {share:.1%} of values differ"
+    # every noise draw of every cell (the initial noise; Euler a's draw at each step) is the same bits alone and in the batch
+    in_batch = [d for d in draws if d.shape[0] == 8]
+    alone = [d for d in draws if d.shape[0] == 1]
+    assert in_batch and len(alone) == 4 * len(in_batch)
+    for k, index in enumerate((0, 3, 5, 7)):
+        for batch_draw, alone_draw in zip(in_batch, alone[k * len(in_batch) : (k + 1) * len(in_batch)], strict=True):
+            assert torch.equal(batch_draw[index], alone_draw[0])
+    # and so is the UNet's first input (the initial noise, scaled)
     batch_first = inputs[0]
     alone_firsts = [x for x in inputs if x.shape[0] == 1][::3]  # both samplers: one UNet call per step, 3 steps
     assert len(alone_firsts) == 4
-    for index, alone in zip((0, 3, 5, 7), alone_firsts, strict=True):
-        assert torch.equal(batch_first[index], alone[0])
+    for index, alone_first in zip((0, 3, 5, 7), alone_firsts, strict=True):
+        assert torch.equal(batch_first[index], alone_first[0])
 
 
 def test_batch_order_does_not_matter_beyond_rounding(renderer, tiny):

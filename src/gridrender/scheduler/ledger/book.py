@@ -29,7 +29,7 @@ from . import records
 from .expansion import Expansion, RecordedPlan, recorded_job
 from .kills import POISON_KILLS, KillCounts
 from .records import Attempt, ChunkProgress, PoisonNote
-from .submissions import Submission, new_id
+from .submissions import FORMAT, Submission, new_id
 
 if TYPE_CHECKING:
     from ..grid import Cell
@@ -91,7 +91,7 @@ class Ledger:
 
     def begin(self, plan: Plan, kind: str, queue: str | None = None) -> Submission:
         """A new submission: job.yaml, what it expands to, its record (counts filled in by `update`)."""
-        record = Submission(new_id(), kind, queue, plan.total, 0, 0, 0, 0, plan.resolved(), time.time())
+        record = Submission(new_id(), kind, queue, plan.total, 0, 0, 0, 0, plan.resolved(), time.time(), FORMAT)
         self.store.put(layout.job_file(self.job), job_yaml(plan), "application/yaml")
         self.store.put(
             layout.expansion(self.job, record.id), json.dumps(Expansion.of(plan).to_dict()).encode(), "application/json"
@@ -243,7 +243,9 @@ class Ledger:
 
     def poisoned(self, submission: Submission, limit: int = 1000) -> list[Poisoned]:
         """The submission's chunks given up on as poison (their newest record says so)."""
-        current = [r for r in self.progress(submission.partition).values() if r.submission == submission.id and r.poisoned]
+        marked = submission.format >= FORMAT  # else written before progress keys said so: read the failing ones
+        records_ = self.progress(submission.partition).values()
+        current = [r for r in records_ if r.submission == submission.id and (r.poisoned or not marked)]
         return [
             Poisoned(body["chunk"], body["submission"], len(body["failed"]), body["poisoned"]["kills"], body["poisoned"]["error"])
             for body in self.failing(current, limit)

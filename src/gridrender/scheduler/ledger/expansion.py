@@ -34,6 +34,8 @@ class Expansion:
     prompts: list[str]  # the prompts as expanded: wildcards and templates resolved on the submitting host
     embeddings: list[TextEmbeddings]  # texts that trigger any
     partition: str
+    # Recorded before per-text rows: (prompt index, negative index, S/R index, model source, trigger words)
+    combinations: list[tuple[int, int, int, str, list[str]]] | None = None
 
     @classmethod
     def of(cls, plan: Plan) -> Expansion:
@@ -57,8 +59,12 @@ class Expansion:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Expansion:
+        prompts, partition = list(data["prompts"]), str(data["partition"])
+        if "text_embeddings" not in data:  # recorded per combination
+            old = [(int(p), int(n), int(s), str(source), list(words)) for p, n, s, source, words in data["embeddings"]]
+            return cls(prompts, [], partition, old)
         uses = [(str(text), str(source), list(words)) for text, source, words in data["text_embeddings"]]
-        return cls(list(data["prompts"]), uses, str(data["partition"]))
+        return cls(prompts, uses, partition)
 
 
 def recorded_job(raw: bytes, source: str, expansion: Expansion) -> Job:
@@ -82,14 +88,21 @@ class RecordedPlan(Plan):
 
     def derivation(self) -> Derivation:
         assert self.expansion is not None
-        return RecordedDerivation(self.components, self.expansion)
+        return RecordedDerivation(self.components, self.job, self.expansion)
 
 
 class RecordedDerivation(Derivation):
-    def __init__(self, components: Components, expansion: Expansion):
+    def __init__(self, components: Components, job: Job, expansion: Expansion):
         super().__init__(components)
         self.table = {(text, source): words for text, source, words in expansion.embeddings}
+        self.combinations: dict[tuple[str, str, Any, str], list[str]] | None = None
+        if expansion.combinations is not None:
+            prompts, negatives, srs = expansion.prompts, job.values_of("negative_prompt"), job.values_of("prompt_sr")
+            self.combinations = {(prompts[p], negatives[n], srs[s], m): w for p, n, s, m, w in expansion.combinations}
 
     def embeddings(self, prompt: str, negative: str, sr: tuple[Any, ...] | None, model: ModelSpec) -> tuple[Component, ...]:
-        words = {word for text in (prompt, negative) for word in self.table.get((encoder_text(text, sr), model.source), [])}
+        if self.combinations is not None:
+            words = set(self.combinations.get((prompt, negative, sr, model.source), []))
+        else:
+            words = {w for text in (prompt, negative) for w in self.table.get((encoder_text(text, sr), model.source), [])}
         return tuple(self.components.embeddings[word] for word in sorted(words))  # embeddings_used's order

@@ -26,6 +26,8 @@ class Submission:
     already_stored: int
     resolved: dict[str, Any]  # Plan.resolved(): model, dtype, chunk size, partition
     at: float
+    # 2: its poisoned chunks' progress keys say so (`records.write`); 1 (records from before): read the bodies
+    format: int = 1
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -37,6 +39,9 @@ class Submission:
     @property
     def partition(self) -> str:
         return str(self.resolved["partition"])
+
+
+FORMAT = 2  # what a new submission writes: see `Submission.format`
 
 
 def new_id() -> str:

@@ -28,6 +28,7 @@ class ChunkMessage:
     chunk: str  # the chunk's id: its progress record's name
     cells: list[Cell]  # the cells to render (all of the chunk, or those missing at submit)
     present: int = 0  # cells of the chunk that the submit found stored already
+    retry: str | None = None  # the `gridrender retry` that sent it: earlier copies of the chunk are dropped
 
     def to_message(self) -> dict[str, Any]:
         first = self.cells[0]
@@ -48,6 +49,7 @@ class ChunkMessage:
             "call": {p.name: p.pack(getattr(first, p.name)) for p in CALL},
             "texts": texts,
             "cells": rows,
+            **({"retry": self.retry} if self.retry else {}),
         }
 
     @classmethod
@@ -78,6 +80,7 @@ class ChunkMessage:
                 message["chunk"],
                 cells,
                 int(message.get("present", 0)),
+                str(message["retry"]) if message.get("retry") else None,
             )
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise InputError(f"malformed task message: {exc}") from None

@@ -15,7 +15,7 @@ from celery import Celery
 
 from . import liveness
 from .broker import RENDER_TASK, SHARED_QUEUE, model_queue, reaching_broker
-from .ledger import KillCounts, Ledger
+from .ledger import KillCounts, Ledger, new_id
 from .messages import ChunkMessage
 from .models import ModelSpec
 from .plan import Plan
@@ -128,17 +128,22 @@ class Retried:
 
 
 def retry_poisoned(store: Store, name: str, app: Celery, settings: Settings | None = None) -> Retried:
-    """`gridrender retry`: clear the kill counts of the newest submission's poisoned chunks and send them again.
+    """`gridrender retry`: send the newest submission's poisoned chunks again, their kill counts cleared.
 
     Under the same submission (a cancel still stops them), expanded as that submission
-    recorded; each chunk gets a record without failures, so `status` counts it pending again.
+    recorded. Each chunk is first marked with this retry's id, so the copies the killed
+    workers left unacknowledged are dropped when they come back; then its count is cleared,
+    the chunk sent, and a record without failures written (`status` counts it pending again).
+    A send that fails leaves the chunk poisoned: `retry` again.
     """
     settings = settings or Settings()
     client = liveness.connect(settings)
+    kills = KillCounts(client) if client is not None else None
+    retry = new_id()
     with (
         reaching_broker("enqueue"),
         app.producer_or_acquire() as producer,
-        Ledger(store, name, settings, KillCounts(client) if client is not None else None) as ledger,
+        Ledger(store, name, settings, kills) as ledger,
     ):
         producer.connection.ensure_connection(max_retries=2)
         record = ledger.current()
@@ -151,16 +156,10 @@ def retry_poisoned(store: Store, name: str, app: Celery, settings: Settings | No
                 continue
             stored = ledger.present(chunk.cells)
             missing = [cell for cell, ok in zip(chunk.cells, stored, strict=True) if not ok]
-            ledger.record(
-                plan.partition,
-                chunk.id,
-                [c.id for c, ok in zip(chunk.cells, stored, strict=True) if ok],
-                0,
-                {},
-                record.id,
-                "retry",
-            )  # clears the chunk's kill count
             if missing:
+                if kills is not None:
+                    kills.mark_retried(name, record.id, chunk.id, retry)
+                    kills.clear(name, record.id, chunk.id)
                 message = ChunkMessage(
                     name,
                     record.id,
@@ -170,6 +169,7 @@ def retry_poisoned(store: Store, name: str, app: Celery, settings: Settings | No
                     chunk.id,
                     missing,
                     len(chunk.cells) - len(missing),
+                    retry,
                 ).to_message()
                 app.send_task(
                     RENDER_TASK,
@@ -179,5 +179,7 @@ def retry_poisoned(store: Store, name: str, app: Celery, settings: Settings | No
                     argsrepr=f"[chunk {chunk.id} of {name}: {len(missing)} cells, retried]",
                     kwargsrepr="{}",
                 )
+            stored_ids = [c.id for c, ok in zip(chunk.cells, stored, strict=True) if ok]
+            ledger.record(plan.partition, chunk.id, stored_ids, 0, {}, record.id, "retry")  # clears the kill count too
             sent.chunks, sent.cells = sent.chunks + 1, sent.cells + len(missing)
     return sent

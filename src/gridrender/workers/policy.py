@@ -2,8 +2,9 @@
 
 - holding: while a chunk runs, the worker's heartbeat names it (Celery's task_prerun
   and task_postrun signals), so the reaper can re-enqueue it if the worker dies;
-- gates: a chunk of a cancelled submission is dropped, a chunk that killed
-  POISON_KILLS workers is recorded as failed, before any GPU work;
+- gates: a chunk of a cancelled submission is dropped, so is a copy that a retry
+  superseded; a chunk that killed POISON_KILLS workers is recorded as failed; all before
+  any GPU work;
 - retries: one backoff for every retry of a chunk; a storage outage retries without
   spending the chunk's render retries.
 """
@@ -72,7 +73,7 @@ def hold_chunks(task: Task, heartbeat: Heartbeat) -> Callable[[], None]:
     return disconnect
 
 
-Ended = dict[str, int]  # the task's result for a chunk ended before rendering: {"cancelled" or "poisoned": cells}
+Ended = dict[str, int]  # the task's result for a chunk ended before rendering: {"cancelled", ... : cells}
 Gate = Callable[[Ledger, ChunkMessage], "Ended | None"]
 
 
@@ -92,7 +93,14 @@ def poisoned(ledger: Ledger, chunk: ChunkMessage) -> Ended | None:
     return None
 
 
-GATES: tuple[Gate, ...] = (cancelled, poisoned)
+def superseded(ledger: Ledger, chunk: ChunkMessage) -> Ended | None:
+    if ledger.superseded(chunk):
+        log.info("chunk %s of %s was sent again by `gridrender retry`: dropping this earlier copy", chunk.chunk, chunk.job)
+        return {"superseded": len(chunk.cells)}
+    return None
+
+
+GATES: tuple[Gate, ...] = (cancelled, superseded, poisoned)
 
 
 def gate(ledger: Ledger, chunk: ChunkMessage, gates: tuple[Gate, ...] = GATES) -> Ended | None:

@@ -5,6 +5,6 @@ from __future__ import annotations
 from .book import Ledger, Poisoned
 from .kills import POISON_KILLS, KillCounts
 from .records import ChunkProgress, Tally, tally
-from .submissions import Submission
+from .submissions import Submission, new_id
 
-__all__ = ["POISON_KILLS", "ChunkProgress", "KillCounts", "Ledger", "Poisoned", "Submission", "Tally", "tally"]
+__all__ = ["POISON_KILLS", "ChunkProgress", "KillCounts", "Ledger", "Poisoned", "Submission", "Tally", "new_id", "tally"]

@@ -234,6 +234,11 @@ class Ledger:
     def kill_count(self, submission: str, chunk: str) -> int:
         return 0 if self.kills is None else self.kills.get(self.job, submission, chunk)
 
+    def superseded(self, chunk: ChunkMessage) -> bool:
+        """Whether a later `gridrender retry` sent this chunk again: this copy is an earlier one."""
+        latest = None if self.kills is None else self.kills.retried(self.job, chunk.submission, chunk.chunk)
+        return latest is not None and chunk.retry != latest
+
     def poisoned_by_kills(self, submission: str, chunk: str) -> bool:
         return self.kill_count(submission, chunk) >= POISON_KILLS
 

@@ -4,6 +4,10 @@ A count belongs to one submission's attempt at a chunk: a resubmit starts from
 zero, a stored chunk clears its count, `gridrender retry` clears it on purpose.
 Each death is counted once however many reapers notice it (a set of the dead
 workers' task ids), so a reaper that fails half-way and tries again counts nothing twice.
+
+A retry also marks the chunk with its id: the copies of the chunk that the killed workers
+left unacknowledged come back when the visibility timeout passes, and are dropped rather
+than rendered beside the retried one (or, if the chunk kills again, counted against it).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ log = logging.getLogger(__name__)
 
 KILLS = "gridrender:kills:"  # + job:submission:chunk -> set of "<worker>/<task>" that died holding it
 KILLS_TTL = 7 * 24 * 3600  # a submission's counts outlive any run of it; then they go
+RETRIED = "gridrender:retried:"  # + job:submission:chunk -> the id of the retry that sent it last
 POISON_KILLS = 2
 
 
@@ -48,3 +53,15 @@ class KillCounts:
             self.client.delete(self.key(job, submission, chunk))
         except redis.RedisError as exc:  # best effort: the count expires anyway
             log.warning("cannot clear the kill count of chunk %s: %s", chunk, exc)
+
+    def mark_retried(self, job: str, submission: str, chunk: str, retry: str) -> None:
+        """From now on only the message of `retry` renders this chunk (kept as long as kill counts)."""
+        self.client.set(f"{RETRIED}{job}:{submission}:{chunk}", retry, ex=KILLS_TTL)
+
+    def retried(self, job: str, submission: str, chunk: str) -> str | None:
+        """The retry that sent the chunk last, if any (None when Redis cannot say: render it)."""
+        try:
+            value = self.client.get(f"{RETRIED}{job}:{submission}:{chunk}")
+        except redis.RedisError:
+            return None
+        return value.decode() if isinstance(value, bytes) else None

@@ -8,6 +8,7 @@ twice, no chunk stuck.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -320,6 +321,52 @@ def test_a_host_that_matches_embeddings_otherwise_replays_the_submitting_hosts_i
         combinations += [[2, 1, 0, "builtin:tiny", ["sharp"]]]
         recorded.write_text(json.dumps({"prompts": prompts, "embeddings": combinations, "partition": stored["partition"]}))
         assert {c.id: [e.name for e in c.embeddings] for c in ledger.plan().cells()} == submitted
+
+
+def test_a_retry_whose_send_fails_leaves_the_chunk_poisoned_for_the_next_retry(job_file, tmp_path, redis_url, monkeypatch):
+    """A retry that cleared the chunk's record and then could not send it would leave it pending forever."""
+    from kombu.exceptions import OperationalError
+
+    from gridrender.scheduler.broker import make_app
+    from gridrender.scheduler.errors import BrokerError
+    from gridrender.scheduler.plan import prepare
+    from gridrender.scheduler.storage import LocalStore
+    from gridrender.scheduler.submit import retry_poisoned
+
+    monkeypatch.setenv("GRIDRENDER_BROKER_URL", redis_url)
+    settings = Settings()
+    client, store = redis.Redis.from_url(redis_url), LocalStore(tmp_path / "out")
+    kills = KillCounts(client)
+    plan = prepare(job_file(**SMALL, seeds=[1, 2]), cuda=None, output=str(tmp_path / "out"))
+    (chunk,) = plan.chunks()
+    with Ledger(store, "t", settings, kills) as ledger:
+        record = ledger.begin(plan, "broker", "gridrender")
+        message = ChunkMessage("t", record.id, plan.job.output, 4, plan.partition, chunk.id, chunk.cells)
+        for death in ("w1/t1", "w2/t2"):
+            kills.add("t", record.id, chunk.id, death)
+        ledger.record_poisoned(message, 2, "w2")
+    app = make_app(settings)
+
+    def broker_gone(*_args, **_kwargs):
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(app, "send_task", broker_gone)
+    with pytest.raises(BrokerError):
+        retry_poisoned(store, "t", app, settings)
+    with Ledger(store, "t", settings, kills) as ledger:
+        assert [p.chunk for p in ledger.poisoned(record)] == [chunk.id]  # still poisoned: `retry` again
+        assert ledger.superseded(message)  # the killed workers' copies, when they come back, are dropped
+    monkeypatch.undo()
+    monkeypatch.setenv("GRIDRENDER_BROKER_URL", redis_url)
+    try:
+        assert retry_poisoned(store, "t", app, settings).chunks == 1
+        with Ledger(store, "t", settings, kills) as ledger:
+            assert ledger.poisoned(record) == [] and ledger.kill_count(record.id, chunk.id) == 0
+        queued = [json.loads(m) for m in client.lrange("gridrender", 0, -1)]
+        (sent,) = [json.loads(base64.b64decode(m["body"]))[0][0] for m in queued]
+        assert sent["chunk"] == chunk.id and not Ledger(store, "t", settings, kills).superseded(ChunkMessage.from_message(sent))
+    finally:
+        client.delete("gridrender", *client.keys("gridrender:*"))
 
 
 def test_a_failed_progress_write_is_retried_not_acknowledged(cluster, job_file, tmp_path):

@@ -328,7 +328,7 @@ def test_a_retry_whose_send_fails_leaves_the_chunk_poisoned_for_the_next_retry(j
     from kombu.exceptions import OperationalError
 
     from gridrender.scheduler.broker import make_app
-    from gridrender.scheduler.errors import BrokerError
+    from gridrender.scheduler.errors import BrokerError, InputError
     from gridrender.scheduler.plan import prepare
     from gridrender.scheduler.storage import LocalStore
     from gridrender.scheduler.submit import retry_poisoned
@@ -350,9 +350,14 @@ def test_a_retry_whose_send_fails_leaves_the_chunk_poisoned_for_the_next_retry(j
     def broker_gone(*_args, **_kwargs):
         raise OperationalError("connection refused")
 
+    client.set("gridrender:retrying:t", "another")  # a retry of this job running elsewhere
+    with pytest.raises(InputError, match="another `gridrender retry t` is running"):
+        retry_poisoned(store, "t", app, settings)
+    client.delete("gridrender:retrying:t")
     monkeypatch.setattr(app, "send_task", broker_gone)
     with pytest.raises(BrokerError):
         retry_poisoned(store, "t", app, settings)
+    assert not client.exists("gridrender:retrying:t")  # its lock released
     with Ledger(store, "t", settings, kills) as ledger:
         assert [p.chunk for p in ledger.poisoned(record)] == [chunk.id]  # still poisoned: `retry` again
         assert ledger.superseded(message)  # the killed workers' copies, when they come back, are dropped

@@ -9,6 +9,7 @@ submit of a big job the workers check them instead.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from celery import Celery
@@ -142,6 +143,7 @@ def retry_poisoned(store: Store, name: str, app: Celery, settings: Settings | No
     retry = new_id()
     with (
         reaching_broker("enqueue"),
+        kills.retrying(name, retry) if kills is not None else contextlib.nullcontext(),
         app.producer_or_acquire() as producer,
         Ledger(store, name, settings, kills) as ledger,
     ):
@@ -158,8 +160,7 @@ def retry_poisoned(store: Store, name: str, app: Celery, settings: Settings | No
             missing = [cell for cell, ok in zip(chunk.cells, stored, strict=True) if not ok]
             if missing:
                 if kills is not None:
-                    kills.mark_retried(name, record.id, chunk.id, retry)
-                    kills.clear(name, record.id, chunk.id)
+                    kills.supersede(name, record.id, chunk.id, retry)
                 message = ChunkMessage(
                     name,
                     record.id,

@@ -24,6 +24,7 @@ from typing import ParamSpec, TypeVar
 import torch
 
 from gridrender.scheduler import layout
+from gridrender.scheduler.errors import StorageError
 from gridrender.scheduler.grid import Cell
 from gridrender.scheduler.models import ModelSpec
 from gridrender.scheduler.storage import Store
@@ -154,13 +155,24 @@ def render_and_store(
 
 
 def _wait_for_writes(pending: list[tuple[Cell, Future[bool]]], copies: Counter[str], result: ChunkResult) -> None:
-    """Every write finished: a stored cell counts once per copy, a failed write fails its cell."""
+    """Every write finished: a stored cell counts once per copy, a failed write fails its cell.
+
+    Storage unreachable past its deadline is not the cell's fault: raised once every write has
+    ended, so the chunk is retried later (its stored cells found) without spending a render retry.
+    """
+    outage: StorageError | None = None
     for cell, future in pending:
         try:
             future.result()
             result.stored += [cell.id] * copies[cell.id]
+        except StorageError as exc:
+            if not exc.transient:
+                result.failed[cell.id] = f"{type(exc).__name__}: {exc}"
+            outage = outage or (exc if exc.transient else None)
         except Exception as exc:  # noqa: BLE001  (an upload or PNG error of any kind fails its cell, never the chunk)
             result.failed[cell.id] = f"{type(exc).__name__}: {exc}"
+    if outage is not None:
+        raise outage
 
 
 def speed(result: ChunkResult, device: torch.device) -> str:

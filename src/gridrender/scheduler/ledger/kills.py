@@ -12,15 +12,22 @@ than rendered beside the retried one (or, if the chunk kills again, counted agai
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import redis
+
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
 KILLS = "gridrender:kills:"  # + job:submission:chunk -> set of "<worker>/<task>" that died holding it
 KILLS_TTL = 7 * 24 * 3600  # a submission's counts outlive any run of it; then they go
 RETRIED = "gridrender:retried:"  # + job:submission:chunk -> the id of the retry that sent it last
+RETRYING = "gridrender:retrying:"  # + job -> the id of the `gridrender retry` running now
+RETRYING_TTL = 600  # a retry sends a few chunks; a crashed one's lock goes after this
+_DELETE_IF_OURS = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 POISON_KILLS = 2
 
 
@@ -54,9 +61,13 @@ class KillCounts:
         except redis.RedisError as exc:  # best effort: the count expires anyway
             log.warning("cannot clear the kill count of chunk %s: %s", chunk, exc)
 
-    def mark_retried(self, job: str, submission: str, chunk: str, retry: str) -> None:
-        """From now on only the message of `retry` renders this chunk (kept as long as kill counts)."""
-        self.client.set(f"{RETRIED}{job}:{submission}:{chunk}", retry, ex=KILLS_TTL)
+    def supersede(self, job: str, submission: str, chunk: str, retry: str) -> None:
+        """From now on only the message of `retry` renders this chunk, its kill count cleared; one transaction,
+        raising when Redis fails (a count left behind would drop the retried message as poison)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(f"{RETRIED}{job}:{submission}:{chunk}", retry, ex=KILLS_TTL)
+        pipe.delete(self.key(job, submission, chunk))
+        pipe.execute()
 
     def retried(self, job: str, submission: str, chunk: str) -> str | None:
         """The retry that sent the chunk last, if any (None when Redis cannot say: render it)."""
@@ -64,4 +75,16 @@ class KillCounts:
             value = self.client.get(f"{RETRIED}{job}:{submission}:{chunk}")
         except redis.RedisError:
             return None
-        return value.decode() if isinstance(value, bytes) else None
+        return value.decode() if isinstance(value, bytes) else value if isinstance(value, str) else None
+
+    @contextlib.contextmanager
+    def retrying(self, job: str, retry: str) -> Iterator[None]:
+        """One `gridrender retry` of a job at a time: two at once could each supersede the other's message."""
+        key = f"{RETRYING}{job}"
+        if not self.client.set(key, retry, nx=True, ex=RETRYING_TTL):
+            raise InputError(f"another `gridrender retry {job}` is running; try again when it has finished")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(redis.RedisError):  # the lock expires anyway
+                self.client.eval(_DELETE_IF_OURS, 1, key, retry)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
@@ -34,7 +34,9 @@ class Submission:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Submission:
-        return cls(**json.loads(raw))
+        data = json.loads(raw)
+        # Fields a newer gridrender added are left out: a record it wrote still reads here.
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
     @property
     def partition(self) -> str:

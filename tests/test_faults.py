@@ -6,9 +6,11 @@ checks the promises: no cell lost, none rendered twice, nothing overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import time
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -80,17 +82,28 @@ def test_redis_flushed_mid_job_then_resubmit_finishes_only_the_missing(cluster, 
     print(f"redis flush: {stored} cells stored at the flush, status said {reported}, resubmit enqueued {enqueued}")
 
 
-def test_s3_down_for_20_seconds_mid_job(cluster, job_file):
-    """Uploads retry with backoff through a 20 s outage; no cell is rendered twice."""
-    port = int(cluster.env["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1])
-    proxy = TcpProxy(port)
+@contextlib.contextmanager
+def s3_down_mid_job(cluster, job_file, chunk_cells: int, after: int, **worker_env: str) -> Iterator[tuple]:
+    """An 80-cell job whose CLI and worker reach S3 through a proxy, taken down once `after` cells are stored.
+
+    Yields (proxy, worker, env): the test brings S3 back with `proxy.up()`; `env` routes a CLI through the proxy.
+    """
+    proxy = TcpProxy(int(cluster.env["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1]))
     try:
-        env = {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}", "GRIDRENDER_CHUNK_CELLS": "40"}
+        env = {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}", "GRIDRENDER_CHUNK_CELLS": str(chunk_cells)}
         path = job_file(output=cluster.output, **SMALL, seeds={"start": 0, "count": 20})
         cluster.cli("submit", str(path), **env)
-        worker = cluster.worker(**env)
-        wait_for(lambda: done(cluster) >= 10, 120, "10 cells")
+        worker = cluster.worker(**env, **worker_env)
+        wait_for(lambda: done(cluster) >= after, 120, f"{after} cells")
         proxy.down()
+        yield proxy, worker, env
+    finally:
+        proxy.close()
+
+
+def test_s3_down_for_20_seconds_mid_job(cluster, job_file):
+    """Uploads retry with backoff through a 20 s outage; no cell is rendered twice."""
+    with s3_down_mid_job(cluster, job_file, chunk_cells=40, after=10) as (proxy, worker, _env):
         time.sleep(20)
         proxy.up()
         wait_for(lambda: done(cluster) == 80, 240, "all 80 cells")
@@ -100,22 +113,13 @@ def test_s3_down_for_20_seconds_mid_job(cluster, job_file):
         assert rendered == 80, f"{rendered} renders for 80 cells"
         assert "failed after" not in log
         print(f"s3 outage: 80 cells, {rendered} GPU renders, {log.count('retrying in')} storage retries logged")
-    finally:
-        proxy.close()
 
 
 def test_s3_down_past_the_storage_deadline_retries_the_chunk_and_loses_nothing(cluster, job_file):
     """Uploads give up after GRIDRENDER_STORAGE_DEADLINE: the chunk is retried (not acknowledged and forgotten),
     and once S3 is back every cell is stored exactly once and the job finishes."""
-    port = int(cluster.env["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1])
-    proxy = TcpProxy(port)
-    try:
-        env = {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}", "GRIDRENDER_CHUNK_CELLS": "80"}
-        path = job_file(output=cluster.output, **SMALL, seeds={"start": 0, "count": 20})
-        cluster.cli("submit", str(path), **env)
-        worker = cluster.worker(**env, GRIDRENDER_STORAGE_DEADLINE="3")
-        wait_for(lambda: done(cluster) >= 8, 120, "8 cells")
-        proxy.down()
+    outage = s3_down_mid_job(cluster, job_file, chunk_cells=80, after=8, GRIDRENDER_STORAGE_DEADLINE="3")
+    with outage as (proxy, worker, env):
         assert done(cluster) < 80, "the chunk finished before the outage: nothing was tested"
         wait_for(lambda: "storage unreachable" in worker.text(), 60, "the uploads to give up")
         time.sleep(5)  # the chunk's retry meets the outage too, and is retried again
@@ -130,8 +134,6 @@ def test_s3_down_past_the_storage_deadline_retries_the_chunk_and_loses_nothing(c
         (finished,) = re.findall(r"chunk of t: (\d+) cells rendered, \d+ stored, (\d+) already stored", log)
         assert int(finished[0]) + int(finished[1]) == 80
         print(f"s3 outage past the deadline: the chunk's last attempt rendered {finished[0]}, found {finished[1]} stored")
-    finally:
-        proxy.close()
 
 
 def test_out_of_memory_splits_the_batch_and_the_worker_lives(renderer, tiny, tmp_path):

@@ -249,8 +249,8 @@ class Ledger:
     def poisoned(self, submission: Submission, limit: int = 1000) -> list[Poisoned]:
         """The submission's chunks given up on as poison (their newest record says so)."""
         marked = submission.format >= FORMAT  # else written before progress keys said so: read the failing ones
-        records_ = self.progress(submission.partition).values()
-        current = [r for r in records_ if r.submission == submission.id and (r.poisoned or not marked)]
+        newest = self.progress(submission.partition).values()
+        current = [r for r in newest if r.submission == submission.id and (r.poisoned or not marked)]
         return [
             Poisoned(body["chunk"], body["submission"], len(body["failed"]), body["poisoned"]["kills"], body["poisoned"]["error"])
             for body in self.failing(current, limit)
